@@ -1,0 +1,255 @@
+"""The HTTP receiver: routes, and the one place where a rejected callback becomes an HTTP answer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from receiver.errors import (
+    BadCallback,
+    BodyTooLarge,
+    CallbackRejected,
+    NotTrusted,
+    Unavailable,
+    UnsupportedMediaType,
+)
+from receiver.intake import Intake
+from receiver.keys import TrustedKey
+from receiver.logs import log
+from receiver.metrics import ReceiverMetrics
+from receiver.order import build_updates, is_error_object, parse_order
+from receiver.rediskeys import RedisKeys
+from receiver.settings import Settings
+from receiver.verify import NoKeyVerifies, Verified, strict_json, verify_local, verify_remote
+
+CALLBACK_PATH = "/callbacks/intergiro"
+ACCEPTED_TYPES = ("application/jwt", "application/json")
+ERROR_NOTES_KEPT = 1000
+# Fields of an Intergiro Error object worth keeping: its `content` may carry a 3-D Secure `pareq`,
+# which embeds the card number, so only these are ever logged or stored.
+ERROR_FIELDS = ("status", "type", "error", "description", "id")
+ERROR_CONTENT_FIELDS = ("property", "type", "description")
+
+SETTINGS = web.AppKey("settings", Settings)
+REDIS = web.AppKey("redis", Redis)
+INTAKE = web.AppKey("intake", Intake)
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+METRICS = web.AppKey("metrics", ReceiverMetrics)
+KEYS = web.AppKey("keys", RedisKeys)
+TRUSTED_KEYS = web.AppKey("trusted_keys", tuple[TrustedKey, ...])
+ORDER_ID = web.RequestKey("order_id", str)
+
+
+def json_response(
+    body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@web.middleware
+async def answer_rejections(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Turn a CallbackRejected raised anywhere below into its HTTP answer, log and count it."""
+    try:
+        return await handler(request)
+    except CallbackRejected as exc:
+        request.app[METRICS].callbacks.labels(outcome=f"rejected_{exc.status}").inc()
+        log.info("callback rejected", status=exc.status, reason=exc.reason, order=request.get(ORDER_ID))
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
+        return json_response(
+            {"status": "rejected", "error": exc.error, "reason": exc.reason}, exc.status, headers
+        )
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"body is larger than {limit} bytes")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLarge(f"body is larger than {limit} bytes") from None
+
+
+async def verify_callback(app: web.Application, body: bytes, content_type: str) -> Verified:
+    """Local, remote, or local-then-remote, as INTERGIRO_VERIFY says; times each method."""
+    settings = app[SETTINGS]
+    metrics = app[METRICS]
+    if content_type == "application/jwt" and settings.intergiro_verify != "remote":
+        keys: tuple[TrustedKey, ...] = app[TRUSTED_KEYS]
+        started = time.perf_counter()
+        try:
+            return verify_local(body, keys, settings.expected_audience)
+        except NoKeyVerifies:
+            if settings.intergiro_verify == "local":
+                raise
+        finally:
+            metrics.verification_seconds.labels(method="local").observe(time.perf_counter() - started)
+    if not settings.remote_verification:
+        raise NotTrusted("unsigned JSON orders are trusted only with remote verification")
+    started = time.perf_counter()
+    try:
+        return await verify_remote(
+            app[HTTP],
+            body,
+            content_type,
+            api_url=settings.intergiro_api_url,
+            api_key=settings.intergiro_api_key,
+            timeout_seconds=settings.intergiro_api_timeout_seconds,
+        )
+    finally:
+        metrics.verification_seconds.labels(method="remote").observe(time.perf_counter() - started)
+
+
+async def note_error_object(app: web.Application, error: dict[str, Any], received_at: str) -> None:
+    """Keep an Intergiro Error object (safe fields only) in a capped list for ops."""
+    raw_content = error.get("content")
+    content: dict[str, Any] = raw_content if isinstance(raw_content, dict) else {}
+    note: dict[str, Any] = {k: error[k] for k in ERROR_FIELDS if isinstance(error.get(k), str | int)}
+    note["content"] = {k: content[k] for k in ERROR_CONTENT_FIELDS if isinstance(content.get(k), str)}
+    note["received_at"] = received_at
+    key = app[KEYS].error_notes
+    try:
+        async with app[REDIS].pipeline(transaction=True) as pipe:
+            pipe.lpush(key, orjson.dumps(note))
+            pipe.ltrim(key, 0, ERROR_NOTES_KEPT - 1)
+            await pipe.execute()
+    except RedisError:
+        raise Unavailable("redis not reachable") from None
+    app[METRICS].error_objects.inc()
+    log.warning(
+        "intergiro error object received", error_status=note.get("status"), error_type=note.get("type")
+    )
+
+
+async def receive_callback(request: web.Request) -> web.Response:
+    """POST /callbacks/intergiro: verify, normalize, dedup + enqueue; 200 only once it is in Redis."""
+    app = request.app
+    settings = app[SETTINGS]
+    content_type = request.content_type.lower()
+    if content_type not in ACCEPTED_TYPES:
+        raise UnsupportedMediaType("send application/jwt (or application/json)")
+    body = (await read_body(request, settings.max_body_bytes)).strip()
+    received_at = utc_now()
+    if content_type == "application/json":
+        try:
+            parsed = strict_json(body)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise BadCallback("body is not JSON") from None
+        if is_error_object(parsed):
+            await note_error_object(app, parsed, received_at)
+            app[METRICS].callbacks.labels(outcome="error_noted").inc()
+            return json_response({"status": "error-noted"})
+    verified = await verify_callback(app, body, content_type)
+    order = parse_order(verified.order)
+    request[ORDER_ID] = order["id"]
+    updates = build_updates(order, received_at=received_at, verified_by=verified.verified_by)
+    try:
+        queued = await app[INTAKE].store(updates)
+    except RedisError:
+        raise Unavailable("redis not reachable; nothing was stored") from None
+    outcome = "accepted" if queued else "duplicate"
+    app[METRICS].callbacks.labels(outcome=outcome).inc()
+    app[METRICS].updates_queued.inc(len(queued))
+    log.info(
+        "callback", order=order["id"], outcome=outcome, queued=len(queued), verified_by=verified.verified_by
+    )
+    if not queued:
+        return json_response({"status": "duplicate", "order": order["id"]})
+    return json_response(
+        {
+            "status": "accepted",
+            "order": order["id"],
+            "queued": queued,
+            "duplicates": len(updates) - len(queued),
+        }
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    try:
+        await request.app[REDIS].ping()
+    except RedisError:
+        return json_response({"status": "unavailable", "redis": "not reachable"}, 503)
+    return json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    app = request.app
+    try:
+        async with app[REDIS].pipeline(transaction=False) as pipe:
+            pipe.llen(app[KEYS].rq_queue)
+            pipe.hlen(app[KEYS].dead_letters)
+            depth, dead = await pipe.execute()
+        app[METRICS].queue_depth.set(depth)
+        app[METRICS].dead_letter_depth.set(dead)
+    except RedisError:
+        pass  # the gauges keep their last value; /readyz tells that Redis is gone
+    return web.Response(
+        body=generate_latest(app[METRICS].registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+def redis_client(settings: Settings) -> Redis:
+    return Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    redis = redis_client(settings)
+    app[REDIS] = redis
+    app[INTAKE] = Intake(redis, app[KEYS], settings.dedup_ttl_seconds)
+    app[HTTP] = aiohttp.ClientSession()
+    yield
+    await app[HTTP].close()
+    await redis.aclose()
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The receiver's aiohttp application, with its Redis client and HTTP session opened on startup."""
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[answer_rejections])
+    app[SETTINGS] = settings
+    app[METRICS] = ReceiverMetrics()
+    app[KEYS] = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+    app[TRUSTED_KEYS] = settings.trusted_keys
+    app.cleanup_ctx.append(_resources)
+    app.router.add_post(CALLBACK_PATH, receive_callback)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def serve(settings: Settings) -> None:
+    log.info(
+        "receiver starting",
+        host=settings.receiver_host,
+        port=settings.receiver_port,
+        verify=settings.intergiro_verify,
+    )
+    web.run_app(
+        create_app(settings),
+        host=settings.receiver_host,
+        port=settings.receiver_port,
+        access_log=None,
+        print=None,
+    )

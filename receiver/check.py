@@ -1,0 +1,61 @@
+"""`intergiro-receiver check`: can this configuration work? One line per problem, exit 1 if any."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from receiver.settings import Settings
+
+
+async def find_problems(settings: Settings) -> list[str]:
+    problems = []
+    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3)
+    try:
+        await redis.ping()
+    except RedisError as exc:
+        problems.append(f"REDIS_URL: cannot reach Redis ({type(exc).__name__})")
+    finally:
+        await redis.aclose()
+    if settings.remote_verification:
+        url = f"{settings.intergiro_api_url}/v1/worker-order/order/verify"
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    url,
+                    data=b"check",
+                    headers={
+                        "Content-Type": "application/jwt",
+                        "Authorization": f"Bearer {settings.intergiro_api_key}",
+                    },
+                    timeout=aiohttp.ClientTimeout(total=settings.intergiro_api_timeout_seconds),
+                ) as answer,
+            ):
+                if answer.status in (401, 403):
+                    problems.append(
+                        f"INTERGIRO_API_KEY: the verify endpoint refused the key ({answer.status})"
+                    )
+                elif answer.status >= 500:
+                    problems.append(f"INTERGIRO_API_URL: the verify endpoint answered {answer.status}")
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            problems.append(f"INTERGIRO_API_URL: cannot reach the verify endpoint ({type(exc).__name__})")
+    if not settings.merchant_webhook_url and not settings.merchant_handler:
+        problems.append(
+            "MERCHANT_WEBHOOK_URL or MERCHANT_HANDLER: set at least one, or workers have nowhere to deliver"
+        )
+    return problems
+
+
+def run_check(settings: Settings) -> int:
+    problems = asyncio.run(find_problems(settings))
+    for problem in problems:
+        print(f"problem: {problem}")
+    if not problems:
+        print(
+            f"ok: Redis reachable, verification {settings.intergiro_verify}, environment {settings.intergiro_environment}"
+        )
+    return 1 if problems else 0

@@ -1,0 +1,57 @@
+"""The few exceptions of the package: a rejected callback maps to exactly one HTTP answer."""
+
+from __future__ import annotations
+
+
+class ConfigError(Exception):
+    """Settings that cannot work: one line per problem, each naming its variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class CallbackRejected(Exception):
+    """A callback that is not stored; `status` is the HTTP answer, `reason` is safe to show the sender."""
+
+    status = 400
+    error = "bad request"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class BadCallback(CallbackRejected):
+    """The body is not a JWT, not JSON, or not an order."""
+
+    status = 400
+    error = "bad request"
+
+
+class NotTrusted(CallbackRejected):
+    """Signature, algorithm, issuer or audience not acceptable, or remote verification refused it."""
+
+    status = 401
+    error = "not authorized"
+
+
+class BodyTooLarge(CallbackRejected):
+    status = 413
+    error = "payload too large"
+
+
+class UnsupportedMediaType(CallbackRejected):
+    status = 415
+    error = "unsupported media type"
+
+
+class Unavailable(CallbackRejected):
+    """Redis or the remote verify endpoint cannot be reached: nothing was stored, the sender should retry."""
+
+    status = 503
+    error = "unavailable"
+
+    def __init__(self, reason: str, retry_after: int = 5) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after

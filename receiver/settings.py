@@ -1,0 +1,258 @@
+"""Every setting of the product, read once from the environment (and `.env`) and validated together.
+
+This is the only module that reads `os.environ`; everything else gets a `Settings` passed down.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+from receiver.errors import ConfigError
+from receiver.keys import INTERGIRO_ENVIRONMENTS, TrustedKey, intergiro_key, load_public_key, split_key_list
+
+VERIFY_MODES = ("local", "remote", "local-then-remote")
+LOG_FORMATS = ("json", "console")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://localhost:6379/0"
+    redis_key_prefix: str = "igr:"
+    receiver_host: str = "0.0.0.0"  # noqa: S104 - a receiver listens for the outside world
+    receiver_port: int = 8080
+    intergiro_environment: str = "production"
+    intergiro_public_keys: tuple[TrustedKey, ...] = ()
+    intergiro_verify: str = "local"
+    intergiro_api_url: str = "https://merchant.intergiro.com"
+    intergiro_api_key: str = field(default="", repr=False)
+    intergiro_api_timeout_seconds: float = 10.0
+    dedup_ttl_seconds: int = 34_560_000
+    queue_name: str = "order-updates"
+    merchant_webhook_url: str = ""
+    merchant_webhook_secret: str = field(default="", repr=False)
+    merchant_handler: str = ""
+    delivery_max_attempts: int = 8
+    delivery_backoff_seconds: float = 2.0
+    delivery_timeout_seconds: float = 10.0
+    max_body_bytes: int = 262_144
+    reconcile_interval_seconds: int = 0
+    reconcile_lookback_seconds: int = 172_800
+    log_format: str = "json"
+    log_level: str = "INFO"
+
+    @property
+    def trusted_keys(self) -> tuple[TrustedKey, ...]:
+        """Intergiro's key for the configured environment first, then the configured ones."""
+        return (intergiro_key(self.intergiro_environment), *self.intergiro_public_keys)
+
+    @property
+    def expected_audience(self) -> str:
+        return self.intergiro_environment
+
+    @property
+    def remote_verification(self) -> bool:
+        """Whether any callback may be sent to Intergiro's verify endpoint."""
+        return self.intergiro_verify != "local"
+
+    def with_changes(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Settings:
+        """Build and validate settings; raises ConfigError listing every bad variable."""
+        if env is None:
+            env = dict(os.environ)
+            if dotenv and os.path.exists(".env"):
+                from dotenv import dotenv_values
+
+                env = {**{k: v for k, v in dotenv_values(".env").items() if v is not None}, **env}
+        return _Reader(env).settings()
+
+
+class _Reader:
+    """Reads variables, collecting one problem per bad one instead of stopping at the first."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def get(self, name: str, default: T, parse: Callable[[str], T]) -> T:
+        raw = self.env.get(name, "").strip()
+        if raw == "":
+            return default
+        try:
+            return parse(raw)
+        except (ValueError, OSError) as exc:
+            self.problems.append(f"{name}: {exc}")
+            return default
+
+    def settings(self) -> Settings:
+        d = Settings()
+        s = Settings(
+            redis_url=self.get("REDIS_URL", d.redis_url, _redis_url),
+            redis_key_prefix=self.get("REDIS_KEY_PREFIX", d.redis_key_prefix, _key_prefix),
+            receiver_host=self.get("RECEIVER_HOST", d.receiver_host, str),
+            receiver_port=self.get("RECEIVER_PORT", d.receiver_port, _int_between(0, 65535)),
+            intergiro_environment=self.get(
+                "INTERGIRO_ENVIRONMENT", d.intergiro_environment, _choice(INTERGIRO_ENVIRONMENTS)
+            ),
+            intergiro_public_keys=self.get("INTERGIRO_PUBLIC_KEYS", d.intergiro_public_keys, _keys),
+            intergiro_verify=self.get("INTERGIRO_VERIFY", d.intergiro_verify, _choice(VERIFY_MODES)),
+            intergiro_api_url=self.get("INTERGIRO_API_URL", d.intergiro_api_url, _http_url),
+            intergiro_api_key=self.get("INTERGIRO_API_KEY", d.intergiro_api_key, str),
+            intergiro_api_timeout_seconds=self.get(
+                "INTERGIRO_API_TIMEOUT_SECONDS", d.intergiro_api_timeout_seconds, _positive_float
+            ),
+            dedup_ttl_seconds=self.get(
+                "DEDUP_TTL_SECONDS", d.dedup_ttl_seconds, _int_between(1, 10 * 365 * 86400)
+            ),
+            queue_name=self.get("QUEUE_NAME", d.queue_name, _queue_name),
+            merchant_webhook_url=self.get("MERCHANT_WEBHOOK_URL", d.merchant_webhook_url, _http_url),
+            merchant_webhook_secret=self.get(
+                "MERCHANT_WEBHOOK_SECRET", d.merchant_webhook_secret, _webhook_secret
+            ),
+            merchant_handler=self.get("MERCHANT_HANDLER", d.merchant_handler, _handler_path),
+            delivery_max_attempts=self.get(
+                "DELIVERY_MAX_ATTEMPTS", d.delivery_max_attempts, _int_between(1, 100)
+            ),
+            delivery_backoff_seconds=self.get(
+                "DELIVERY_BACKOFF_SECONDS", d.delivery_backoff_seconds, _nonnegative_float
+            ),
+            delivery_timeout_seconds=self.get(
+                "DELIVERY_TIMEOUT_SECONDS", d.delivery_timeout_seconds, _positive_float
+            ),
+            max_body_bytes=self.get("MAX_BODY_BYTES", d.max_body_bytes, _int_between(1024, 64 * 1024 * 1024)),
+            reconcile_interval_seconds=self.get(
+                "RECONCILE_INTERVAL_SECONDS", d.reconcile_interval_seconds, _int_between(0, 86400 * 7)
+            ),
+            reconcile_lookback_seconds=self.get(
+                "RECONCILE_LOOKBACK_SECONDS", d.reconcile_lookback_seconds, _int_between(60, 86400 * 400)
+            ),
+            log_format=self.get("LOG_FORMAT", d.log_format, _choice(LOG_FORMATS)),
+            log_level=self.get("LOG_LEVEL", d.log_level, _log_level),
+        )
+        if s.remote_verification and not s.intergiro_api_key:
+            self.problems.append(f"INTERGIRO_API_KEY: required when INTERGIRO_VERIFY={s.intergiro_verify}")
+        if s.merchant_webhook_url and not s.merchant_webhook_secret:
+            self.problems.append("MERCHANT_WEBHOOK_SECRET: required when MERCHANT_WEBHOOK_URL is set")
+        if self.problems:
+            raise ConfigError(self.problems)
+        return s
+
+
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise ValueError(f"{value} is outside {low}..{high}")
+        return value
+
+    return parse
+
+
+def _float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{raw!r} is not a finite number")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = _float(raw)
+    if value <= 0:
+        raise ValueError(f"{raw!r} must be greater than 0")
+    return value
+
+
+def _nonnegative_float(raw: str) -> float:
+    value = _float(raw)
+    if value < 0:
+        raise ValueError(f"{raw!r} must not be negative")
+    return value
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in options:
+            raise ValueError(f"{raw!r} is not one of {', '.join(options)}")
+        return raw
+
+    return parse
+
+
+def _redis_url(raw: str) -> str:
+    if urlparse(raw).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    return raw
+
+
+def _http_url(raw: str) -> str:
+    parsed = urlparse(raw)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError("must be an http:// or https:// URL")
+    return raw.rstrip("/")
+
+
+def _key_prefix(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.:{}-]{1,64}", raw):
+        raise ValueError("use letters, digits and _ . : { } - (at most 64)")
+    return raw
+
+
+def _queue_name(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", raw):
+        raise ValueError("use letters, digits and _ . - (at most 100)")
+    return raw
+
+
+def _webhook_secret(raw: str) -> str:
+    import base64
+    import binascii
+
+    body = raw.removeprefix("whsec_")
+    try:
+        decoded = base64.b64decode(body, validate=True)
+    except binascii.Error:
+        raise ValueError("must be a Standard Webhooks secret: whsec_ followed by base64") from None
+    if len(decoded) < 24:
+        raise ValueError("secret is too short (24 bytes at least)")
+    return raw
+
+
+def _handler_path(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", raw):
+        raise ValueError("must be module:function")
+    return raw
+
+
+def _keys(raw: str) -> tuple[TrustedKey, ...]:
+    try:
+        parts = split_key_list(raw)
+    except OSError as exc:
+        raise ValueError(f"cannot read key file ({exc.strerror})") from None
+    keys = []
+    for number, part in enumerate(parts, start=1):
+        try:
+            keys.append(load_public_key(part))
+        except ValueError as exc:
+            raise ValueError(f"key {number}: {exc}") from None
+    return tuple(keys)
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError(f"{raw!r} is not DEBUG, INFO, WARNING or ERROR")
+    return level

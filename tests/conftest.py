@@ -1,0 +1,162 @@
+"""Fixtures: a real Redis the suite owns, real aiohttp servers, keys to sign test callbacks, and
+Intergiro's real captured callbacks as data."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from receiver.app import create_app
+from receiver.keys import load_public_key
+from receiver.settings import Settings
+from tests.redis_server import RedisServer, usable_external_url
+
+SHARED = Path(os.environ.get("INTERGIRO_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+INTERGIRO = SHARED / "intergiro"
+
+
+def real_callbacks(kind: str | None = None) -> list[dict[str, Any]]:
+    lines = [
+        json.loads(line) for line in (INTERGIRO / "real-callbacks.jsonl").read_text().splitlines() if line
+    ]
+    return [line for line in lines if kind is None or line["kind"] == kind]
+
+
+@pytest.fixture(scope="session")
+def redis_url_base() -> Iterator[str]:
+    external = usable_external_url()
+    if external:
+        yield external
+        redis.Redis.from_url(external).flushdb()
+        return
+    server = RedisServer()
+    server.start()
+    yield server.url
+    server.cleanup()
+
+
+@pytest.fixture
+def redis_url(redis_url_base: str) -> Iterator[str]:
+    """The suite's own Redis, emptied before each test (it holds nothing but what the tests wrote)."""
+    client = redis.Redis.from_url(redis_url_base)
+    client.flushdb()
+    client.close()
+    yield redis_url_base
+
+
+@pytest.fixture
+def sync_redis(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def pem_public(private_key: Any) -> str:
+    return (
+        private_key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+@pytest.fixture(scope="session")
+def rsa_key() -> rsa.RSAPrivateKey:
+    """A signing key the test receivers trust (configured through INTERGIRO_PUBLIC_KEYS)."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="session")
+def ec_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+@pytest.fixture(scope="session")
+def stranger_key() -> rsa.RSAPrivateKey:
+    """A well-formed key nobody trusts."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture
+def make_settings(redis_url: str, rsa_key: Any, ec_key: Any) -> Callable[..., Settings]:
+    def make(**changes: Any) -> Settings:
+        base = Settings(
+            redis_url=redis_url,
+            intergiro_public_keys=(load_public_key(pem_public(rsa_key)), load_public_key(pem_public(ec_key))),
+            log_format="console",
+        )
+        return base.with_changes(**changes)
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+async def receiver(aiohttp_client: Any, settings: Settings) -> Any:
+    """A test client of a receiver running with `settings` (production audience, test keys trusted)."""
+    return await aiohttp_client(create_app(settings))
+
+
+@pytest.fixture
+def make_receiver(aiohttp_client: Any, make_settings: Callable[..., Settings]) -> Callable[..., Any]:
+    async def make(**changes: Any) -> Any:
+        return await aiohttp_client(create_app(make_settings(**changes)))
+
+    return make
+
+
+@pytest.fixture
+def queue(sync_redis: redis.Redis, settings: Settings) -> Queue:
+    return Queue(settings.queue_name, connection=sync_redis, serializer=JSONSerializer)
+
+
+def queued_updates(client: redis.Redis, settings: Settings) -> list[dict[str, Any]]:
+    """Every update job in Redis (queued or waiting behind its order's head), read the way RQ reads it."""
+    from rq.job import Job
+
+    ids = [k.decode().removeprefix("rq:job:") for k in client.scan_iter("rq:job:*")]
+    return [Job.fetch(i, connection=client, serializer=JSONSerializer).args[0] for i in sorted(ids)]
+
+
+def jwt_post_headers() -> dict[str, str]:
+    return {"Content-Type": "application/jwt; charset=utf-8"}
+
+
+@pytest.fixture
+async def fake_intergiro(aiohttp_server: Any) -> AsyncIterator[Any]:
+    """A fake of Intergiro's verify endpoint: answers the order for tokens it was told about."""
+    from aiohttp import web
+
+    state: dict[str, Any] = {"orders": {}, "status": None, "calls": 0, "auth": []}
+
+    async def verify(request: web.Request) -> web.Response:
+        state["calls"] += 1
+        state["auth"].append(request.headers.get("Authorization"))
+        if state["status"] is not None:
+            return web.json_response({"status": state["status"], "type": "fake"}, status=state["status"])
+        if request.headers.get("Authorization") != "Bearer test-api-key":
+            return web.json_response({"status": 401, "type": "not authorized"}, status=401)
+        body = (await request.read()).strip()
+        order = state["orders"].get(body)
+        if order is None:
+            return web.json_response({"status": 400, "type": "malformed content"}, status=400)
+        return web.json_response(order)
+
+    app = web.Application()
+    app.router.add_post("/v1/worker-order/order/verify", verify)
+    server = await aiohttp_server(app)
+    server.state = state
+    yield server

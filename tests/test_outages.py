@@ -1,0 +1,126 @@
+"""When Redis or Intergiro's verify endpoint is gone: 503 with Retry-After, and nothing kept."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from receiver.app import create_app
+from tests.conftest import queued_updates
+from tests.helpers import JWT, card_order, token
+from tests.redis_server import RedisServer
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis this test may stop and start."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+async def test_redis_down_answers_503_and_the_same_post_is_accepted_once_it_is_back(
+    aiohttp_client: Any, make_settings: Any, own_redis: RedisServer, rsa_key: Any
+) -> None:
+    settings = make_settings(redis_url=own_redis.url)
+    receiver = await aiohttp_client(create_app(settings))
+    body = token(card_order(events=("order", "charge")), rsa_key)
+    own_redis.stop()
+    answer = await receiver.post("/callbacks/intergiro", data=body, headers=JWT)
+    assert answer.status == 503
+    assert int(answer.headers["Retry-After"]) > 0
+    assert (await receiver.get("/readyz")).status == 503
+    own_redis.start()
+    client = redis.Redis.from_url(own_redis.url)
+    assert list(client.scan_iter("*")) == []  # nothing half-written
+    again = await receiver.post("/callbacks/intergiro", data=body, headers=JWT)
+    assert again.status == 200
+    assert (await again.json())["queued"] == ["TestOrder0000001-0-order", "TestOrder0000001-1-charge"]
+    assert len(queued_updates(client, settings)) == 2
+    client.close()
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 429])
+async def test_verify_endpoint_failing_answers_503_and_keeps_nothing(
+    make_receiver: Any, fake_intergiro: Any, sync_redis: Any, rsa_key: Any, status: int
+) -> None:
+    fake_intergiro.state["status"] = status
+    receiver = await make_receiver(
+        intergiro_verify="remote",
+        intergiro_api_url=str(fake_intergiro.make_url("")).rstrip("/"),
+        intergiro_api_key="test-api-key",
+    )
+    answer = await receiver.post("/callbacks/intergiro", data=token(card_order(), rsa_key), headers=JWT)
+    assert answer.status == 503
+    assert "Retry-After" in answer.headers
+    assert list(sync_redis.scan_iter("*")) == []
+
+
+async def test_verify_endpoint_refusing_answers_401(
+    make_receiver: Any, fake_intergiro: Any, sync_redis: Any, rsa_key: Any
+) -> None:
+    fake_intergiro.state["status"] = 401
+    receiver = await make_receiver(
+        intergiro_verify="remote",
+        intergiro_api_url=str(fake_intergiro.make_url("")).rstrip("/"),
+        intergiro_api_key="test-api-key",
+    )
+    answer = await receiver.post("/callbacks/intergiro", data=token(card_order(), rsa_key), headers=JWT)
+    assert answer.status == 401
+    assert list(sync_redis.scan_iter("*")) == []
+
+
+async def test_verify_endpoint_unreachable_answers_503(
+    make_receiver: Any, sync_redis: Any, stranger_key: Any
+) -> None:
+    from tests.redis_server import free_port
+
+    receiver = await make_receiver(
+        intergiro_verify="local-then-remote",
+        intergiro_api_url=f"http://127.0.0.1:{free_port()}",
+        intergiro_api_key="k",
+    )
+    # signed by no trusted key, so local-then-remote asks the (dead) endpoint
+    answer = await receiver.post("/callbacks/intergiro", data=token(card_order(), stranger_key), headers=JWT)
+    assert answer.status == 503
+    assert list(sync_redis.scan_iter("*")) == []
+
+
+async def test_local_then_remote_does_not_call_the_endpoint_when_a_local_key_verifies(
+    make_receiver: Any, fake_intergiro: Any, rsa_key: Any
+) -> None:
+    receiver = await make_receiver(
+        intergiro_verify="local-then-remote",
+        intergiro_api_url=str(fake_intergiro.make_url("")).rstrip("/"),
+        intergiro_api_key="test-api-key",
+    )
+    answer = await receiver.post("/callbacks/intergiro", data=token(card_order(), rsa_key), headers=JWT)
+    assert answer.status == 200
+    assert fake_intergiro.state["calls"] == 0
+
+
+async def test_verify_endpoint_too_slow_answers_503(
+    aiohttp_server: Any, make_receiver: Any, sync_redis: Any, stranger_key: Any
+) -> None:
+    import asyncio
+
+    from aiohttp import web
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/v1/worker-order/order/verify", slow)
+    server = await aiohttp_server(app)
+    receiver = await make_receiver(
+        intergiro_verify="remote", intergiro_api_url=str(server.make_url("")).rstrip("/"), intergiro_api_key="k",
+        intergiro_api_timeout_seconds=0.3,
+    )  # fmt: skip
+    answer = await receiver.post("/callbacks/intergiro", data=token(card_order(), stranger_key), headers=JWT)
+    assert answer.status == 503
+    assert list(sync_redis.scan_iter("*")) == []

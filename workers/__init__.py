@@ -1,0 +1,1 @@
+"""RQ side of intergiro-receiver: deliver order-status updates to the merchant."""
