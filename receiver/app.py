@@ -199,9 +199,11 @@ async def metrics(request: web.Request) -> web.Response:
         async with app[REDIS].pipeline(transaction=False) as pipe:
             pipe.llen(app[KEYS].rq_queue)
             pipe.hlen(app[KEYS].dead_letters)
-            depth, dead = await pipe.execute()
+            pipe.hgetall(app[KEYS].metrics)
+            depth, dead, shared = await pipe.execute()
         app[METRICS].queue_depth.set(depth)
         app[METRICS].dead_letter_depth.set(dead)
+        app[METRICS].shared.update(shared)
     except RedisError:
         pass  # the gauges keep their last value; /readyz tells that Redis is gone
     return web.Response(

@@ -1,8 +1,111 @@
-"""Prometheus metrics of the receiver, in a registry of its own (one per app, so tests can run many)."""
+"""Prometheus metrics.
+
+The receiver's own metrics live in a registry per app. Metrics of other processes (workers,
+reconcile) are kept in one Redis hash so that any number of processes on any number of hosts add up,
+and the receiver's `/metrics` serves them: Prometheus scrapes one place.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from receiver.rediskeys import RedisKeys
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+# Metrics shared through Redis: name -> (kind, help, label names).
+SHARED_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "intergiro_deliveries_total": (
+        "counter",
+        "Deliveries of updates to the merchant, by outcome.",
+        ("outcome",),
+    ),
+    "intergiro_delivery_attempts_total": ("counter", "Delivery attempts, by result.", ("result",)),
+    "intergiro_delivery_seconds": ("histogram", "Time of one delivery attempt.", ()),
+    "intergiro_reconcile_runs_total": ("counter", "Reconcile runs, by outcome.", ("outcome",)),
+    "intergiro_reconcile_orders_scanned_total": ("counter", "Orders listed by reconcile.", ()),
+    "intergiro_reconcile_missed_events_total": (
+        "counter",
+        "Events queued by reconcile because their callback never arrived.",
+        (),
+    ),
+    "intergiro_reconcile_watermark_timestamp_seconds": (
+        "gauge",
+        "End of the last window reconcile completed (Unix time).",
+        (),
+    ),
+}
+
+
+def _field(name: str, labels: Mapping[str, str]) -> str:
+    return name + "".join(f"|{k}={v}" for k, v in sorted(labels.items()))
+
+
+def count(redis: Any, keys: RedisKeys, name: str, amount: float = 1, **labels: str) -> Any:
+    """Add to a shared counter (works on a client or a pipeline, sync or async)."""
+    return redis.hincrbyfloat(keys.metrics, _field(name, labels), amount)
+
+
+def set_gauge(redis: Any, keys: RedisKeys, name: str, value: float, **labels: str) -> Any:
+    return redis.hset(keys.metrics, _field(name, labels), value)
+
+
+def observe(redis: Any, keys: RedisKeys, name: str, seconds: float, **labels: str) -> None:
+    """Record one observation of a shared histogram (on a pipeline, so it is one round trip)."""
+    for bound in LATENCY_BUCKETS:
+        if seconds <= bound:
+            redis.hincrbyfloat(keys.metrics, _field(name + "_bucket", {**labels, "le": str(bound)}), 1)
+    redis.hincrbyfloat(keys.metrics, _field(name + "_bucket", {**labels, "le": "+Inf"}), 1)
+    redis.hincrbyfloat(keys.metrics, _field(name + "_sum", labels), seconds)
+    redis.hincrbyfloat(keys.metrics, _field(name + "_count", labels), 1)
+
+
+class SharedMetrics(Collector):
+    """Renders a snapshot of the shared Redis hash as Prometheus metric families."""
+
+    def __init__(self) -> None:
+        self.snapshot: dict[str, float] = {}
+
+    def update(self, raw: Mapping[bytes | str, bytes | str]) -> None:
+        self.snapshot = {
+            (k.decode() if isinstance(k, bytes) else k): float(v.decode() if isinstance(v, bytes) else v)
+            for k, v in raw.items()
+        }
+
+    def collect(self) -> Iterable[Any]:
+        parsed: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for field, value in self.snapshot.items():
+            name, *pairs = field.split("|")
+            labels = dict(pair.split("=", 1) for pair in pairs)
+            parsed.setdefault(name, []).append((labels, value))
+        for name, (kind, help_text, label_names) in SHARED_METRICS.items():
+            if kind == "counter":
+                family: Any = CounterMetricFamily(name, help_text, labels=label_names)
+                for labels, value in parsed.get(name, []):
+                    family.add_metric([labels.get(n, "") for n in label_names], value)
+            elif kind == "gauge":
+                family = GaugeMetricFamily(name, help_text, labels=label_names)
+                for labels, value in parsed.get(name, []):
+                    family.add_metric([labels.get(n, "") for n in label_names], value)
+            else:
+                family = HistogramMetricFamily(name, help_text, labels=label_names)
+                groups: dict[tuple[str, ...], dict[str, Any]] = {}
+                for labels, value in parsed.get(name + "_bucket", []):
+                    key = tuple(labels.get(n, "") for n in label_names)
+                    groups.setdefault(key, {"buckets": {}, "sum": 0.0})["buckets"][labels["le"]] = value
+                for labels, value in parsed.get(name + "_sum", []):
+                    key = tuple(labels.get(n, "") for n in label_names)
+                    groups.setdefault(key, {"buckets": {}, "sum": 0.0})["sum"] = value
+                for key, group in groups.items():
+                    bounds = [str(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+                    buckets = [(b, group["buckets"].get(b, 0.0)) for b in bounds]
+                    family.add_metric(list(key), buckets, group["sum"])
+            yield family
 
 
 class ReceiverMetrics:
@@ -35,3 +138,5 @@ class ReceiverMetrics:
         self.dead_letter_depth = Gauge(
             "intergiro_dead_letter_depth", "Updates in the dead-letter queue.", registry=self.registry
         )
+        self.shared = SharedMetrics()
+        self.registry.register(self.shared)

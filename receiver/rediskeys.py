@@ -32,7 +32,13 @@ class RedisKeys:
 
     @property
     def dead_letters(self) -> str:
+        """Hash of dead-lettered updates: update id -> JSON entry (update, attempts, last error, time)."""
         return f"{self.prefix}dlq"
+
+    @property
+    def metrics(self) -> str:
+        """Hash of metrics shared by every process (see receiver.metrics)."""
+        return f"{self.prefix}metrics"
 
     @property
     def rq_queue(self) -> str:

@@ -334,3 +334,22 @@ async def test_health_readiness_and_metrics_answer(receiver: Any, rsa_key: Any) 
     assert 'intergiro_callbacks_total{outcome="accepted"} 1.0' in text
     assert "intergiro_queue_depth 1.0" in text
     assert "intergiro_verification_seconds_count" in text
+
+
+async def test_metrics_of_other_processes_are_served_by_the_receiver(
+    receiver: Any, sync_redis: Any, settings: Any
+) -> None:
+    from receiver.metrics import count, observe
+    from receiver.rediskeys import RedisKeys
+
+    keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+    count(sync_redis, keys, "intergiro_deliveries_total", outcome="delivered")
+    count(sync_redis, keys, "intergiro_deliveries_total", 2, outcome="delivered")
+    pipe = sync_redis.pipeline()
+    observe(pipe, keys, "intergiro_delivery_seconds", 0.07)
+    pipe.execute()
+    text = await (await receiver.get("/metrics")).text()
+    assert 'intergiro_deliveries_total{outcome="delivered"} 3.0' in text
+    assert 'intergiro_delivery_seconds_bucket{le="0.1"} 1.0' in text
+    assert 'intergiro_delivery_seconds_bucket{le="0.05"} 0.0' in text
+    assert "intergiro_delivery_seconds_count 1.0" in text
