@@ -45,6 +45,7 @@ class Server:
     process: subprocess.Popen[bytes]
     results: list[LoadResult] = field(default_factory=list)
     cpu_per_request_us: list[float] = field(default_factory=list)
+    redis_cpu_per_request_us: list[float] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -148,16 +149,15 @@ def load(server: Server, args: argparse.Namespace, tokens: list[bytes], tokens_f
 
 
 def run_once(server: Server, args: argparse.Namespace, tokens: list[bytes], tokens_file: Path,
-             client: redis.Redis) -> tuple[LoadResult, str]:  # fmt: skip
+             client: redis.Redis, redis_pid: int) -> tuple[LoadResult, str]:  # fmt: skip
     """Warm up, empty Redis, load, check the queue; returns the result and the check's verdict."""
     run_asyncio(server.url, tokens[: args.connections * 4], 2.0, args.connections)
     client.flushdb()
-    cpu_before = cpu_seconds(server.process.pid)
+    cpu_before, redis_before = cpu_seconds(server.process.pid), cpu_seconds(redis_pid)
     result = load(server, args, tokens, tokens_file)
-    if result.requests:
-        server.cpu_per_request_us.append(
-            (cpu_seconds(server.process.pid) - cpu_before) / result.requests * 1e6
-        )
+    requests = max(result.requests, 1)
+    server.cpu_per_request_us.append((cpu_seconds(server.process.pid) - cpu_before) / requests * 1e6)
+    server.redis_cpu_per_request_us.append((cpu_seconds(redis_pid) - redis_before) / requests * 1e6)
     if server.name == "ceiling":
         return result, ""
     return result, check_queue(client, result)
@@ -173,14 +173,15 @@ def print_table(servers: dict[str, Server]) -> None:
     p99 = {n: median([r.p99_ms for r in s.results]) for n, s in servers.items()}
     print()
     cpu = {n: median(s.cpu_per_request_us) for n, s in servers.items()}
+    redis_cpu = {n: median(s.redis_cpu_per_request_us) for n, s in servers.items()}
     print(f"{'system':<24} {'callbacks/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'vs (a)':>7} {'vs (b)':>7}"
-          f" {'p99 vs (a)':>10} {'server CPU/callback':>20}")  # fmt: skip
+          f" {'p99 vs (a)':>10} {'CPU/callback: server':>21} {'Redis':>7}")  # fmt: skip
     for name in SYSTEMS:
         vs_a = rate[name] / rate["ceiling"] if rate["ceiling"] else 0
         vs_b = rate[name] / rate["baseline"] if rate["baseline"] else 0
         p99_a = p99[name] / p99["ceiling"] if p99["ceiling"] else 0
         print(f"{LABELS[name]:<24} {rate[name]:>11,.0f} {p50[name]:>8.2f} {p99[name]:>8.2f} {vs_a:>6.0%}"
-              f" {vs_b:>6.1f}x {p99_a:>9.1f}x {cpu[name]:>17.0f} us")  # fmt: skip
+              f" {vs_b:>6.1f}x {p99_a:>9.1f}x {cpu[name]:>18.0f} us {redis_cpu[name]:>4.0f} us")  # fmt: skip
     ok_a = rate["receiver"] >= 0.25 * rate["ceiling"]
     ok_b = rate["receiver"] >= 5 * rate["baseline"]
     ok_p99 = p99["receiver"] <= 4 * p99["ceiling"]
@@ -217,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         for round_number in range(1, args.rounds + 1):
             for name in SYSTEMS:
                 server = servers[name]
-                result, verdict = run_once(server, args, tokens, tokens_file, client)
+                assert redis_server.process is not None
+                result, verdict = run_once(
+                    server, args, tokens, tokens_file, client, redis_server.process.pid
+                )
                 server.results.append(result)
                 failures += verdict.startswith("QUEUE CHECK FAILED")
                 note = (
@@ -227,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(f"round {round_number} {LABELS[name]:<24} {result.accepted_per_second:>9,.0f}/s"
                       f"  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms"
-                      f"  CPU {server.cpu_per_request_us[-1]:4.0f} us/callback  {verdict}{note}", flush=True)  # fmt: skip
+                      f"  CPU/callback {server.cpu_per_request_us[-1]:4.0f} us + Redis {server.redis_cpu_per_request_us[-1]:3.0f} us"
+                      f"  {verdict}{note}", flush=True)  # fmt: skip
         print_table(servers)
     finally:
         for server in servers.values():
