@@ -116,7 +116,11 @@ def parse_order(body: Any) -> dict[str, Any]:
     _check_items(order["items"], "items")
     _require(isinstance(order.get("payment"), dict), "order payment is not an object")
     _require(isinstance(order["payment"].get("type"), str), "order payment.type is not a string")
-    for name in ("number", "created", "client", "category"):
+    _require(
+        order.get("category") in (None, "purchase", "withdrawal"),
+        "order category is not purchase or withdrawal",
+    )
+    for name in ("number", "created", "client"):
         _require(order.get(name) is None or isinstance(order[name], str), f"order {name} is not a string")
     _require(
         order.get("customer") is None or isinstance(order["customer"], str | dict),
