@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,6 +23,7 @@ from aiohttp import web
 from receiver.app import redis_client
 from receiver.cli import build_parser
 from receiver.logs import configure_logging
+from receiver.metrics import SHARED_METRICS
 from receiver.order import update_id
 from receiver.reconcile import (
     BUSY,
@@ -351,3 +355,51 @@ def test_reconcile_without_an_api_key_exits_2_with_one_line(redis_url: str, tmp_
     )
     assert done.returncode == 2
     assert done.stderr.strip() == "intergiro-receiver reconcile: INTERGIRO_API_KEY: required to list orders"
+
+
+async def test_reconcile_every_runs_as_its_own_process_and_stops_cleanly_on_sigterm(
+    order_api: Any, api_settings: Settings, redis_url: str, sync_redis: Any, tmp_path: Any
+) -> None:
+    today = datetime.now(UTC).date()
+    order_api.state["orders"] = shop_orders((today,))[:2]
+    env = {
+        "PATH": os.environ["PATH"],
+        "REDIS_URL": redis_url,
+        "INTERGIRO_API_URL": api_settings.intergiro_api_url,
+        "INTERGIRO_API_KEY": "test-api-key",
+        "RECONCILE_INTERVAL_SECONDS": "3600",
+        "LOG_FORMAT": "console",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "receiver", "reconcile", "--every", env=env, cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        for _ in range(600):  # until its first run completed (the watermark is written last)
+            if sync_redis.exists(RedisKeys().reconcile_watermark) or process.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert sync_redis.exists(RedisKeys().reconcile_watermark)
+        assert len(job_ids(sync_redis)) == 4
+        process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err.decode()
+    assert b"reconcile run" in err
+    assert not sync_redis.exists(RedisKeys().reconcile_lock)
+
+
+def test_the_alert_rules_use_only_metrics_the_receiver_serves() -> None:
+    rules = (Path(__file__).resolve().parents[1] / "deploy/prometheus/reconcile-alerts.yml").read_text()
+    used = {
+        name for line in rules.splitlines() if "expr:" in line for name in re.findall(r"intergiro_\w+", line)
+    }
+    assert used == {
+        "intergiro_reconcile_missed_events_total",
+        "intergiro_reconcile_watermark_timestamp_seconds",
+        "intergiro_reconcile_runs_total",
+    }
+    assert used <= set(SHARED_METRICS)
