@@ -344,6 +344,13 @@ class Reconciler:
             summary.malformed.append(_safe_order_id(raw))
             log.warning("malformed order in the order list", order=_safe_order_id(raw), reason=exc.reason)
             return
+        except (TypeError, ValueError, KeyError, ArithmeticError) as exc:
+            # parse_order should have refused it; one odd order must still not stop the whole run
+            summary.malformed.append(_safe_order_id(raw))
+            log.error(
+                "unreadable order in the order list", order=_safe_order_id(raw), error=type(exc).__name__
+            )
+            return
         if self.dry_run:
             fields = [event_key(u["event"]["sequence"], u["event"]["type"]) for u in updates]
             seen = await self.redis.hmget(self.keys.seen(updates[0]["order_id"]), fields)

@@ -62,6 +62,7 @@ async def order_api(aiohttp_server: Any) -> AsyncIterator[Any]:
         "paging": None,  # None (one array), "link", "next-url" or "continuation"
         "page_size": 1000,
         "gate": None,  # an asyncio.Event every request waits for
+        "hang": 0,  # how many requests get no answer at all
         "requests": [],
     }
 
@@ -74,6 +75,9 @@ async def order_api(aiohttp_server: Any) -> AsyncIterator[Any]:
         state["requests"].append(dict(request.query))
         if state["gate"] is not None:
             await state["gate"].wait()
+        if state["hang"]:
+            state["hang"] -= 1
+            await asyncio.Event().wait()
         if request.headers.get("Authorization") != "Bearer test-api-key":
             return web.json_response({"status": 401, "type": "not authorized"}, status=401)
         if state["failures"]:
@@ -271,6 +275,17 @@ async def test_an_api_answering_503_twice_then_200_is_waited_for_as_retry_after_
     assert await reconcile(api_settings, *WINDOW, retry=RetryPolicy(sleep=sleep)) == 0
     assert waited == [2.0, 2.0]
     assert summary_numbers(capsys.readouterr().out)["events queued now"] == 6
+    assert len(job_ids(sync_redis)) == 6
+
+
+async def test_an_api_request_that_times_out_is_retried(
+    order_api: Any, api_settings: Settings, sync_redis: Any
+) -> None:
+    order_api.state["orders"] = shop_orders()[:3]
+    order_api.state["hang"] = 1
+    impatient = api_settings.with_changes(intergiro_api_timeout_seconds=0.2)
+    assert await reconcile(impatient, *WINDOW) == 0
+    assert len(order_api.state["requests"]) == len(DAYS) + 1
     assert len(job_ids(sync_redis)) == 6
 
 
