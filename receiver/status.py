@@ -1,0 +1,370 @@
+"""An order's status after each of its events, computed as Intergiro's own model does.
+
+Pure: the decoded order JSON in, `Decimal` amounts per status out. The rules are in
+`../shared/intergiro/README.md`, "How Intergiro computes an order's status": every unit starts at
+`created` and the events are applied in list order; the status the callback itself carries is ignored.
+
+The `created` bucket is listed like any other: present when non-zero, absent when zero.
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import (
+    ROUND_FLOOR,
+    ROUND_HALF_EVEN,
+    Context,
+    Decimal,
+    DecimalException,
+    DivisionByZero,
+    Inexact,
+    InvalidOperation,
+    Overflow,
+    localcontext,
+)
+from typing import Any, Protocol, TypeGuard
+
+STATUS_ORDER: tuple[str, ...] = (
+    "created",
+    "deferred",
+    "pending",
+    "denied",
+    "ordered",
+    "cancelled",
+    "charged",
+    "paid",
+    "refunded",
+    "settled",
+    "synchronized",
+)
+
+MAX_UNITS = 10_000
+"""Most units (and most item lines) an order may have."""
+MAX_EVENTS = 1_000
+"""Most events an order may have."""
+MAX_EVENT_LINES = 10_000
+"""Most item lines all of an order's events may list together."""
+
+# event type -> (statuses a unit can take it from, status it moves to); `synchronize` takes any status
+# and `settle`, `fail` move no unit, so neither is here.
+_MOVES: dict[str, tuple[frozenset[str], str]] = {
+    "defer": (frozenset({"synchronized", "created", "pending"}), "deferred"),
+    "pend": (frozenset({"synchronized", "created", "deferred"}), "pending"),
+    "deny": (frozenset({"synchronized", "created", "deferred", "pending"}), "denied"),
+    "order": (frozenset({"synchronized", "created", "deferred", "pending"}), "ordered"),
+    "cancel": (frozenset({"synchronized", "created", "deferred", "pending", "ordered"}), "cancelled"),
+    "charge": (frozenset({"synchronized", "ordered"}), "charged"),
+    "pay": (frozenset({"synchronized", "charged"}), "paid"),
+    "refund": (frozenset({"synchronized", "charged", "paid"}), "refunded"),
+}
+
+_ZERO_DECIMAL_CURRENCIES = frozenset(
+    {"BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "UYI", "VND", "VUV"}
+    | {"XAF", "XOF", "XPF"}
+)
+_THREE_DECIMAL_CURRENCIES = frozenset({"BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"})
+
+# Sums are exact or refused: an amount too large to add up exactly raises instead of drifting.
+_EXACT = Context(prec=60, Emin=-99, Emax=99, traps=[InvalidOperation, Inexact, Overflow, DivisionByZero])
+_ROUNDING = Context(prec=60, Emin=-99, Emax=99, traps=[InvalidOperation, Overflow, DivisionByZero])
+
+
+class StatusError(ValueError):
+    """The order's statuses cannot be computed: malformed amounts or quantities, or too much work."""
+
+
+def change(status: str, event_type: str) -> str | None:
+    """The status a unit in `status` moves to on `event_type`, or None when it cannot take it."""
+    if status not in STATUS_ORDER:
+        return None
+    if event_type == "synchronize":
+        return "synchronized"
+    rule = _MOVES.get(event_type)
+    if rule is None or status not in rule[0]:
+        return None
+    return rule[1]
+
+
+def status_history(order: Mapping[str, Any]) -> list[tuple[str, dict[str, Decimal]]]:
+    """For each event of order["event"] in list order: (the update's status, the status map right after that event).
+
+    Raises StatusError for an order whose statuses cannot be computed.
+    """
+    try:
+        with localcontext(_EXACT):
+            return _history(order)
+    except StatusError:
+        raise
+    except (DecimalException, ValueError, TypeError, KeyError, AttributeError, IndexError) as error:
+        # Backstop: the checks above should name the problem first, but bad data never escapes as another type.
+        raise StatusError(f"cannot compute the order's status: {error!r}") from error
+
+
+def _history(order: Mapping[str, Any]) -> list[tuple[str, dict[str, Decimal]]]:
+    if not isinstance(order, Mapping):
+        raise StatusError("the order is not an object")
+    places = _minor_unit_places(order.get("currency"))
+    events = _events(order.get("event"))
+    items = order.get("items")
+    buckets: _Buckets = (
+        _AmountBuckets(_amount(items, "items", places))
+        if _is_number(items)
+        else _UnitBuckets(_lines(items, "items"))
+    )
+    result: list[tuple[str, dict[str, Decimal]]] = []
+    previous = "created"
+    settled = Decimal(0)
+    for event in events:
+        event_type = event.get("type")
+        if event_type == "settle":
+            settled += _number(event.get("net"), "settle net")
+            previous = "settled"
+        elif isinstance(event_type, str) and event_type != "fail":
+            previous = buckets.apply(event_type, event.get("items"), places) or previous
+        statuses = {**_round_to_total(buckets.exact(), places), "settled": _round(settled, places)}
+        result.append(
+            (previous, {status: statuses[status] for status in STATUS_ORDER if statuses.get(status)})
+        )
+    return result
+
+
+def _events(value: object) -> list[Mapping[str, Any]]:
+    if value is None:
+        return []
+    if not _is_list(value):
+        raise StatusError("the order's event is not a list")
+    if len(value) > MAX_EVENTS:
+        raise StatusError(f"the order has {len(value)} events, more than {MAX_EVENTS}")
+    if not all(isinstance(event, Mapping) for event in value):
+        raise StatusError("an event is not an object")
+    lines = sum(len(items) for event in value if _is_list(items := event.get("items")))
+    if lines > MAX_EVENT_LINES:
+        raise StatusError(f"the order's events list {lines} item lines, more than {MAX_EVENT_LINES}")
+    return list(value)
+
+
+@dataclass(frozen=True)
+class _Line:
+    """One item line: what identifies it to an event, how many units it has and what each is worth."""
+
+    key: tuple[object, ...]
+    quantity: int
+    unit_amount: Decimal
+
+
+_KEY_FIELDS = ("number", "name", "price", "unit", "vat", "rebate")
+
+
+def _lines(value: object, what: str) -> list[_Line]:
+    """The lines of an Item, an Item[], or a number standing for the line `{price: n}`."""
+    if _is_number(value):
+        value = {"price": value}
+    if isinstance(value, Mapping):
+        return [_line(value, what)]
+    if _is_list(value):
+        if len(value) > MAX_UNITS:
+            raise StatusError(f"{what} has {len(value)} lines, more than {MAX_UNITS}")
+        return [
+            _line({"price": item} if _is_number(item) else item, f"{what}[{i}]")
+            for i, item in enumerate(value)
+        ]
+    raise StatusError(f"{what} is neither a number, an item nor a list of items")
+
+
+def _line(item: object, what: str) -> _Line:
+    if not isinstance(item, Mapping):
+        raise StatusError(f"{what} is not an item")
+    price = _number(item.get("price"), f"{what} price")
+    unit_amount = (
+        price
+        - _optional_number(item.get("rebate"), f"{what} rebate")
+        + _optional_number(item.get("vat"), f"{what} vat")
+    )
+    if unit_amount < 0:
+        raise StatusError(f"{what} is worth {unit_amount} per unit, less than nothing")
+    return _Line(
+        key=tuple(_key_field(item.get(name), f"{what} {name}") for name in _KEY_FIELDS),
+        quantity=_quantity(item.get("quantity"), f"{what} quantity"),
+        unit_amount=unit_amount,
+    )
+
+
+def _key_field(value: object, what: str) -> object:
+    """A field as lines are compared: absent and null alike, numbers by value (1 == 1.0)."""
+    if value is None or isinstance(value, str):
+        return value
+    if _is_number(value):
+        return _number(value, what)
+    raise StatusError(f"{what} is neither a string nor a number")
+
+
+def _quantity(value: object, what: str) -> int:
+    if value is None:
+        return 1
+    quantity = _number(value, what)
+    if quantity < 0 or quantity != quantity.to_integral_value():
+        raise StatusError(f"{what} {value!r} is not a whole number of units")
+    return int(quantity)
+
+
+class _Buckets(Protocol):
+    """Where the order's amount stands, status by status, as events are applied."""
+
+    def apply(self, event_type: str, event_items: object, places: int) -> str | None:
+        """Apply one event that may move units; the status it moved them to, or None when none could take it."""
+
+    def exact(self) -> dict[str, Decimal]:
+        """The amount per status, exact (not yet rounded to the currency's minor unit)."""
+
+
+class _AmountBuckets:
+    """`items` is a number: each event moves (part of) the first bucket that can take it."""
+
+    def __init__(self, amount: Decimal) -> None:
+        self._amounts = {"created": amount}
+
+    def apply(self, event_type: str, event_items: object, places: int) -> str | None:
+        wanted = self._event_amount(event_items, places)
+        for status in STATUS_ORDER:
+            target = change(status, event_type)
+            held = self._amounts.get(status, Decimal(0))
+            if target is not None and (held >= wanted if wanted else held > 0):
+                moved = wanted or held
+                self._amounts[status] = held - moved
+                self._amounts[target] = self._amounts.get(target, Decimal(0)) + moved
+                return target
+        return None
+
+    @staticmethod
+    def _event_amount(event_items: object, places: int) -> Decimal | None:
+        """What the event covers; None (or zero, as in Intergiro's model) means a whole bucket."""
+        if event_items is None:
+            return None
+        if _is_number(event_items):
+            return _amount(event_items, "event items", places)
+        lines = _lines(event_items, "event items")
+        return _round(sum((line.unit_amount * line.quantity for line in lines), Decimal(0)), places)
+
+    def exact(self) -> dict[str, Decimal]:
+        return dict(self._amounts)
+
+
+class _UnitBuckets:
+    """`items` is an Item or Item[]: every unit has its own status.
+
+    Lines equal for events (same number, name, price, unit, vat, rebate) share one group whose units
+    are the lines' units in order, so "first units first" holds across them. A group's statuses are kept
+    as runs of (status, count), which keeps a line of 10,000 units as cheap as a line of one.
+    """
+
+    def __init__(self, lines: list[_Line]) -> None:
+        units = sum(line.quantity for line in lines)
+        if units > MAX_UNITS:
+            raise StatusError(f"the order has {units} units, more than {MAX_UNITS}")
+        self._lines = lines
+        self._runs: dict[tuple[object, ...], list[tuple[str, int]]] = {}
+        self._unit_amounts: dict[tuple[object, ...], Decimal] = {}
+        for line in lines:
+            self._unit_amounts[line.key] = line.unit_amount
+            if line.quantity:
+                self._runs.setdefault(line.key, []).append(("created", line.quantity))
+        self._amounts = {"created": sum((line.unit_amount * line.quantity for line in lines), Decimal(0))}
+
+    def apply(self, event_type: str, event_items: object, places: int) -> str | None:
+        offers = self._lines if event_items is None else _lines(event_items, "event items")
+        target = None
+        for offer in offers:
+            for status, count in self._take(offer.key, event_type, offer.quantity):
+                target = change(status, event_type)
+                assert target is not None
+                moved = self._unit_amounts[offer.key] * count
+                self._amounts[status] -= moved
+                self._amounts[target] = self._amounts.get(target, Decimal(0)) + moved
+        return target
+
+    def _take(self, key: tuple[object, ...], event_type: str, quantity: int) -> list[tuple[str, int]]:
+        """Move the group's first `quantity` units that can take the event; (status, count) moved from."""
+        runs = self._runs.get(key)
+        if not runs or not quantity:
+            return []
+        moved: list[tuple[str, int]] = []
+        after: list[tuple[str, int]] = []
+        for status, count in runs:
+            target = change(status, event_type) if quantity else None
+            if target is None:
+                _append_run(after, status, count)
+                continue
+            taken = min(count, quantity)
+            quantity -= taken
+            moved.append((status, taken))
+            _append_run(after, target, taken)
+            if count > taken:
+                _append_run(after, status, count - taken)
+        self._runs[key] = after
+        return moved
+
+    def exact(self) -> dict[str, Decimal]:
+        return dict(self._amounts)
+
+
+def _append_run(runs: list[tuple[str, int]], status: str, count: int) -> None:
+    if runs and runs[-1][0] == status:
+        runs[-1] = (status, runs[-1][1] + count)
+    else:
+        runs.append((status, count))
+
+
+def _round_to_total(exact: Mapping[str, Decimal], places: int) -> dict[str, Decimal]:
+    """The non-zero buckets rounded to the minor unit so that they still add up to the rounded total.
+
+    Rounding each bucket alone could lose or gain a cent against the order amount when unit prices
+    carry more decimals than the currency; the cents left over go to the largest remainders.
+    """
+    total = int(sum(exact.values(), Decimal(0)).scaleb(places).to_integral_value(ROUND_HALF_EVEN, _ROUNDING))
+    scaled = {status: exact[status].scaleb(places) for status in STATUS_ORDER if status in exact}
+    cents = {status: int(value.to_integral_value(ROUND_FLOOR, _ROUNDING)) for status, value in scaled.items()}
+    left_over = total - sum(cents.values())
+    for status in sorted(scaled, key=lambda s: scaled[s] - cents[s], reverse=True)[:left_over]:
+        cents[status] += 1
+    return {status: Decimal(count).scaleb(-places) for status, count in cents.items() if count}
+
+
+def _minor_unit_places(currency: object) -> int:
+    code = currency.upper() if isinstance(currency, str) else ""
+    if code in _ZERO_DECIMAL_CURRENCIES:
+        return 0
+    if code in _THREE_DECIMAL_CURRENCIES:
+        return 3
+    return 2
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float, Decimal)) and not isinstance(value, bool)
+
+
+def _is_list(value: object) -> TypeGuard[Sequence[Any]]:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray))
+
+
+def _number(value: object, what: str) -> Decimal:
+    """A JSON number as the decimal it was written as (0.1 stays 0.1, never 0.1000000000000000055...)."""
+    if not _is_number(value):
+        raise StatusError(f"{what} is not a number: {value!r}")
+    number = value if isinstance(value, Decimal) else Decimal(str(value))
+    if not number.is_finite():
+        raise StatusError(f"{what} is not a finite number: {value!r}")
+    return number
+
+
+def _optional_number(value: object, what: str) -> Decimal:
+    return Decimal(0) if value is None else _number(value, what)
+
+
+def _amount(value: object, what: str, places: int) -> Decimal:
+    amount = _round(_number(value, what), places)
+    if amount < 0:
+        raise StatusError(f"{what} {value!r} is negative")
+    return amount
+
+
+def _round(value: Decimal, places: int) -> Decimal:
+    return value.quantize(Decimal(1).scaleb(-places), ROUND_HALF_EVEN, _ROUNDING)
