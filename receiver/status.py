@@ -252,53 +252,75 @@ class _UnitBuckets:
     """`items` is an Item or Item[]: every unit has its own status.
 
     Lines equal for events (same number, name, price, unit, vat, rebate) share one group whose units
-    are the lines' units in order, so "first units first" holds across them. A group's statuses are kept
-    as runs of (status, count), which keeps a line of 10,000 units as cheap as a line of one.
+    are the lines' units in order, so "first units first" holds across them. A group keeps its units as
+    runs of (label, count), and each label stands for a status through `_LabelTable`: an event without
+    items then relabels at most eleven statuses instead of visiting every line, so the work per event
+    stays small however many units the order has.
     """
 
     def __init__(self, lines: list[_Line]) -> None:
         units = sum(line.quantity for line in lines)
         if units > MAX_UNITS:
             raise StatusError(f"the order has {units} units, more than {MAX_UNITS}")
-        self._lines = lines
-        self._runs: dict[tuple[object, ...], list[tuple[str, int]]] = {}
+        self._labels = _LabelTable()
+        created = self._labels.label("created")
+        self._runs: dict[tuple[object, ...], list[tuple[int, int]]] = {}
         self._unit_amounts: dict[tuple[object, ...], Decimal] = {}
         for line in lines:
             self._unit_amounts[line.key] = line.unit_amount
             if line.quantity:
-                self._runs.setdefault(line.key, []).append(("created", line.quantity))
+                _append_run(self._runs.setdefault(line.key, []), created, line.quantity)
+        self._units = {"created": units}
         self._amounts = {"created": sum((line.unit_amount * line.quantity for line in lines), Decimal(0))}
 
     def apply(self, event_type: str, event_items: object, places: int) -> str | None:
-        offers = self._lines if event_items is None else _lines(event_items, "event items")
+        if event_items is None:
+            return self._apply_to_every_unit(event_type)
         target = None
-        for offer in offers:
+        for offer in _lines(event_items, "event items"):
             for status, count in self._take(offer.key, event_type, offer.quantity):
-                target = change(status, event_type)
-                assert target is not None
-                moved = self._unit_amounts[offer.key] * count
-                self._amounts[status] -= moved
-                self._amounts[target] = self._amounts.get(target, Decimal(0)) + moved
+                target = self._move(status, event_type, count, self._unit_amounts[offer.key] * count)
+        return target
+
+    def _apply_to_every_unit(self, event_type: str) -> str | None:
+        target = None
+        for status in STATUS_ORDER:
+            if self._units.get(status) and change(status, event_type) is not None:
+                target = self._move(status, event_type, self._units[status], self._amounts[status])
+                self._labels.relabel(status, target)
+        return target
+
+    def _move(self, status: str, event_type: str, units: int, amount: Decimal) -> str:
+        target = change(status, event_type)
+        assert target is not None
+        self._units[status] -= units
+        self._units[target] = self._units.get(target, 0) + units
+        self._amounts[status] -= amount
+        self._amounts[target] = self._amounts.get(target, Decimal(0)) + amount
         return target
 
     def _take(self, key: tuple[object, ...], event_type: str, quantity: int) -> list[tuple[str, int]]:
-        """Move the group's first `quantity` units that can take the event; (status, count) moved from."""
+        """Relabel the group's first `quantity` units that can take the event; (status, count) they left."""
         runs = self._runs.get(key)
         if not runs or not quantity:
             return []
         moved: list[tuple[str, int]] = []
-        after: list[tuple[str, int]] = []
-        for status, count in runs:
-            target = change(status, event_type) if quantity else None
+        after: list[tuple[int, int]] = []
+        for index, (label, count) in enumerate(runs):
+            if not quantity:
+                after.extend(runs[index:])
+                break
+            status = self._labels.status(label)
+            target = change(status, event_type)
             if target is None:
-                _append_run(after, status, count)
+                _append_run(after, label, count)
                 continue
             taken = min(count, quantity)
             quantity -= taken
             moved.append((status, taken))
-            _append_run(after, target, taken)
+            _append_run(after, self._labels.label(target), taken)
             if count > taken:
-                _append_run(after, status, count - taken)
+                _append_run(after, label, count - taken)
         self._runs[key] = after
         return moved
 
@@ -306,11 +328,54 @@ class _UnitBuckets:
         return dict(self._amounts)
 
 
-def _append_run(runs: list[tuple[str, int]], status: str, count: int) -> None:
-    if runs and runs[-1][0] == status:
-        runs[-1] = (status, runs[-1][1] + count)
+class _LabelTable:
+    """Labels for unit statuses, so that every unit in one status can change status in one step.
+
+    Each status has at most one live label; relabelling a status to one that already has a label
+    merges the two (union-find), so a run's label always leads to its units' current status.
+    """
+
+    def __init__(self) -> None:
+        self._parent: list[int] = []
+        self._status: list[str] = []
+        self._label_of: dict[str, int] = {}
+
+    def label(self, status: str) -> int:
+        """The live label of `status`, made when it has none."""
+        if status not in self._label_of:
+            self._label_of[status] = len(self._parent)
+            self._parent.append(len(self._parent))
+            self._status.append(status)
+        return self._label_of[status]
+
+    def status(self, label: int) -> str:
+        return self._status[self._root(label)]
+
+    def relabel(self, status: str, target: str) -> None:
+        """Every unit now in `status` is in `target`."""
+        if status == target or status not in self._label_of:
+            return
+        label = self._label_of.pop(status)
+        if target in self._label_of:
+            self._parent[label] = self._label_of[target]
+        else:
+            self._label_of[target] = label
+            self._status[label] = target
+
+    def _root(self, label: int) -> int:
+        root = label
+        while self._parent[root] != root:
+            root = self._parent[root]
+        while self._parent[label] != root:  # path compression keeps later look-ups short
+            self._parent[label], label = root, self._parent[label]
+        return root
+
+
+def _append_run(runs: list[tuple[int, int]], label: int, count: int) -> None:
+    if runs and runs[-1][0] == label:
+        runs[-1] = (label, runs[-1][1] + count)
     else:
-        runs.append((status, count))
+        runs.append((label, count))
 
 
 def _round_to_total(exact: Mapping[str, Decimal], places: int) -> dict[str, Decimal]:
