@@ -106,7 +106,7 @@ def _history(order: Mapping[str, Any]) -> list[tuple[str, dict[str, Decimal]]]:
     events = _events(order.get("event"))
     items = order.get("items")
     buckets: _Buckets = (
-        _AmountBuckets(_amount(items, "items", places))
+        _AmountBuckets(_amount(items, "items", places), places)
         if _is_number(items)
         else _UnitBuckets(_lines(items, "items"))
     )
@@ -119,7 +119,7 @@ def _history(order: Mapping[str, Any]) -> list[tuple[str, dict[str, Decimal]]]:
             settled += _number(event.get("net"), "settle net")
             previous = "settled"
         elif isinstance(event_type, str) and event_type != "fail":
-            previous = buckets.apply(event_type, event.get("items"), places) or previous
+            previous = buckets.apply(event_type, event.get("items")) or previous
         statuses = {**_round_to_total(buckets.exact(), places), "settled": _round(settled, places)}
         result.append(
             (previous, {status: statuses[status] for status in STATUS_ORDER if statuses.get(status)})
@@ -209,7 +209,7 @@ def _quantity(value: object, what: str) -> int:
 class _Buckets(Protocol):
     """Where the order's amount stands, status by status, as events are applied."""
 
-    def apply(self, event_type: str, event_items: object, places: int) -> str | None:
+    def apply(self, event_type: str, event_items: object) -> str | None:
         """Apply one event that may move units; the status it moved them to, or None when none could take it."""
 
     def exact(self) -> dict[str, Decimal]:
@@ -219,11 +219,12 @@ class _Buckets(Protocol):
 class _AmountBuckets:
     """`items` is a number: each event moves (part of) the first bucket that can take it."""
 
-    def __init__(self, amount: Decimal) -> None:
+    def __init__(self, amount: Decimal, places: int) -> None:
         self._amounts = {"created": amount}
+        self._places = places
 
-    def apply(self, event_type: str, event_items: object, places: int) -> str | None:
-        wanted = self._event_amount(event_items, places)
+    def apply(self, event_type: str, event_items: object) -> str | None:
+        wanted = self._event_amount(event_items)
         for status in STATUS_ORDER:
             target = change(status, event_type)
             held = self._amounts.get(status, Decimal(0))
@@ -234,15 +235,14 @@ class _AmountBuckets:
                 return target
         return None
 
-    @staticmethod
-    def _event_amount(event_items: object, places: int) -> Decimal | None:
+    def _event_amount(self, event_items: object) -> Decimal | None:
         """What the event covers; None (or zero, as in Intergiro's model) means a whole bucket."""
         if event_items is None:
             return None
         if _is_number(event_items):
-            return _amount(event_items, "event items", places)
+            return _amount(event_items, "event items", self._places)
         lines = _lines(event_items, "event items")
-        return _round(sum((line.unit_amount * line.quantity for line in lines), Decimal(0)), places)
+        return _round(sum((line.unit_amount * line.quantity for line in lines), Decimal(0)), self._places)
 
     def exact(self) -> dict[str, Decimal]:
         return dict(self._amounts)
@@ -273,7 +273,7 @@ class _UnitBuckets:
         self._units = {"created": units}
         self._amounts = {"created": sum((line.unit_amount * line.quantity for line in lines), Decimal(0))}
 
-    def apply(self, event_type: str, event_items: object, places: int) -> str | None:
+    def apply(self, event_type: str, event_items: object) -> str | None:
         if event_items is None:
             return self._apply_to_every_unit(event_type)
         target = None
@@ -382,15 +382,15 @@ def _round_to_total(exact: Mapping[str, Decimal], places: int) -> dict[str, Deci
     """The non-zero buckets rounded to the minor unit so that they still add up to the rounded total.
 
     Rounding each bucket alone could lose or gain a cent against the order amount when unit prices
-    carry more decimals than the currency; the cents left over go to the largest remainders.
+    carry more decimals than the currency; the minor units left over go to the largest remainders.
     """
     total = int(sum(exact.values(), Decimal(0)).scaleb(places).to_integral_value(ROUND_HALF_EVEN, _ROUNDING))
     scaled = {status: exact[status].scaleb(places) for status in STATUS_ORDER if status in exact}
-    cents = {status: int(value.to_integral_value(ROUND_FLOOR, _ROUNDING)) for status, value in scaled.items()}
-    left_over = total - sum(cents.values())
-    for status in sorted(scaled, key=lambda s: scaled[s] - cents[s], reverse=True)[:left_over]:
-        cents[status] += 1
-    return {status: Decimal(count).scaleb(-places) for status, count in cents.items() if count}
+    minor = {status: int(value.to_integral_value(ROUND_FLOOR, _ROUNDING)) for status, value in scaled.items()}
+    left_over = total - sum(minor.values())
+    for status in sorted(scaled, key=lambda s: scaled[s] - minor[s], reverse=True)[:left_over]:
+        minor[status] += 1
+    return {status: Decimal(count).scaleb(-places) for status, count in minor.items() if count}
 
 
 def _minor_unit_places(currency: object) -> int:
