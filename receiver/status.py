@@ -7,7 +7,7 @@ Pure: the decoded order JSON in, `Decimal` amounts per status out. The rules are
 The `created` bucket is listed like any other: present when non-zero, absent when zero.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import (
     ROUND_FLOOR,
@@ -21,7 +21,7 @@ from decimal import (
     Overflow,
     localcontext,
 )
-from typing import Any, Protocol, TypeGuard
+from typing import Any, Protocol, TypeGuard, TypeVar
 
 STATUS_ORDER: tuple[str, ...] = (
     "created",
@@ -89,27 +89,62 @@ def status_history(order: Mapping[str, Any]) -> list[tuple[str, dict[str, Decima
 
     Raises StatusError for an order whose statuses cannot be computed.
     """
+    return _guarded(_history, order)
+
+
+def order_amount(order: Mapping[str, Any]) -> Decimal:
+    """The order's amount (its items' total) in the currency's minor unit; StatusError when it has none."""
+    return _guarded(_amount_of, order)
+
+
+def minor_units(currency: str) -> int:
+    """How many decimals the currency's amounts have: 2 unless ISO 4217 says 0 (JPY, KRW, ISK...) or 3."""
+    code = currency.upper() if isinstance(currency, str) else ""
+    if code in _ZERO_DECIMAL_CURRENCIES:
+        return 0
+    if code in _THREE_DECIMAL_CURRENCIES:
+        return 3
+    return 2
+
+
+_T = TypeVar("_T")
+
+
+def _guarded(compute: Callable[[Mapping[str, Any]], _T], order: Mapping[str, Any]) -> _T:
+    """Compute with exact decimals, and let bad data out only as StatusError."""
     try:
+        if not isinstance(order, Mapping):
+            raise StatusError("the order is not an object")
         with localcontext(_EXACT):
-            return _history(order)
+            return compute(order)
     except StatusError:
         raise
     except (DecimalException, ValueError, TypeError, KeyError, AttributeError, IndexError) as error:
-        # Backstop: the checks above should name the problem first, but bad data never escapes as another type.
+        # Backstop: the checks should name the problem first, but bad data never escapes as another type.
         raise StatusError(f"cannot compute the order's status: {error!r}") from error
 
 
-def _history(order: Mapping[str, Any]) -> list[tuple[str, dict[str, Decimal]]]:
-    if not isinstance(order, Mapping):
-        raise StatusError("the order is not an object")
-    places = _minor_unit_places(order.get("currency"))
-    events = _events(order.get("event"))
+def _places(order: Mapping[str, Any]) -> int:
+    return minor_units(order.get("currency", ""))
+
+
+def _buckets(order: Mapping[str, Any], places: int) -> "_Buckets":
+    """The order's amount, all of it still `created`."""
     items = order.get("items")
-    buckets: _Buckets = (
-        _AmountBuckets(_amount(items, "items", places), places)
-        if _is_number(items)
-        else _UnitBuckets(_lines(items, "items"))
-    )
+    if _is_number(items):
+        return _AmountBuckets(_amount(items, "items", places), places)
+    return _UnitBuckets(_lines(items, "items"))
+
+
+def _amount_of(order: Mapping[str, Any]) -> Decimal:
+    places = _places(order)
+    return _round(_buckets(order, places).total(), places)
+
+
+def _history(order: Mapping[str, Any]) -> list[tuple[str, dict[str, Decimal]]]:
+    places = _places(order)
+    events = _events(order.get("event"))
+    buckets = _buckets(order, places)
     result: list[tuple[str, dict[str, Decimal]]] = []
     previous = "created"
     settled = Decimal(0)
@@ -215,6 +250,9 @@ class _Buckets(Protocol):
     def exact(self) -> dict[str, Decimal]:
         """The amount per status, exact (not yet rounded to the currency's minor unit)."""
 
+    def total(self) -> Decimal:
+        """The order's amount, exact."""
+
 
 class _AmountBuckets:
     """`items` is a number: each event moves (part of) the first bucket that can take it."""
@@ -246,6 +284,9 @@ class _AmountBuckets:
 
     def exact(self) -> dict[str, Decimal]:
         return dict(self._amounts)
+
+    def total(self) -> Decimal:
+        return sum(self._amounts.values(), Decimal(0))
 
 
 class _UnitBuckets:
@@ -327,6 +368,9 @@ class _UnitBuckets:
     def exact(self) -> dict[str, Decimal]:
         return dict(self._amounts)
 
+    def total(self) -> Decimal:
+        return sum(self._amounts.values(), Decimal(0))
+
 
 class _LabelTable:
     """Labels for unit statuses, so that every unit in one status can change status in one step.
@@ -391,15 +435,6 @@ def _round_to_total(exact: Mapping[str, Decimal], places: int) -> dict[str, Deci
     for status in sorted(scaled, key=lambda s: scaled[s] - minor[s], reverse=True)[:left_over]:
         minor[status] += 1
     return {status: Decimal(count).scaleb(-places) for status, count in minor.items() if count}
-
-
-def _minor_unit_places(currency: object) -> int:
-    code = currency.upper() if isinstance(currency, str) else ""
-    if code in _ZERO_DECIMAL_CURRENCIES:
-        return 0
-    if code in _THREE_DECIMAL_CURRENCIES:
-        return 3
-    return 2
 
 
 def _is_number(value: object) -> bool:

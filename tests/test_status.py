@@ -20,6 +20,8 @@ from receiver.status import (
     STATUS_ORDER,
     StatusError,
     change,
+    minor_units,
+    order_amount,
     status_history,
 )
 
@@ -305,6 +307,17 @@ def test_amounts_are_rounded_to_the_currencys_minor_unit(currency: str, expected
     assert str(statuses["ordered"]) == expected
 
 
+@pytest.mark.parametrize(("currency", "places"), [("SEK", 2), ("EUR", 2), ("jpy", 0), ("ISK", 0), ("KWD", 3)])
+def test_minor_units_are_the_currencys_decimals(currency: str, places: int) -> None:
+    assert minor_units(currency) == places
+
+
+def test_order_amount_is_the_items_total_refused_like_the_history() -> None:
+    assert order_amount({"currency": "SEK", "items": [T_SHIRT, TROUSERS]}) == Decimal("899.50")
+    with pytest.raises(StatusError):
+        order_amount({"currency": "SEK", "items": {"price": 10, "quantity": -1}})
+
+
 def test_rounded_buckets_still_add_up_to_the_order_amount() -> None:
     # Three units of 0.005: every bucket alone would round to 0.00 or 0.01.
     items = {"name": "screw", "price": 0.005, "quantity": 3}
@@ -474,6 +487,7 @@ def test_real_callback_is_one_ordered_update_for_the_whole_amount(order: dict[st
     )
 
     assert status_history(order) == [("ordered", {"ordered": amount})]
+    assert order_amount(order) == amount
     assert amount in {Decimal("448.5"), Decimal(1000), Decimal("228.5"), Decimal(500)}
 
 
@@ -514,7 +528,7 @@ def orders(draw: st.DrawFn) -> dict[str, Any]:
     return {"currency": draw(st.sampled_from(["SEK", "JPY", "BHD"])), "items": items, "event": events}
 
 
-def order_amount(order: Mapping[str, Any]) -> Decimal:
+def expected_amount(order: Mapping[str, Any]) -> Decimal:
     places = {"SEK": Decimal("0.01"), "JPY": Decimal(1), "BHD": Decimal("0.001")}[order["currency"]]
     items = order["items"]
     if isinstance(items, float):
