@@ -30,6 +30,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from receiver.connections import async_redis
 from receiver.errors import BadCallback
 from receiver.intake import Intake
 from receiver.logs import log
@@ -555,9 +556,7 @@ async def reconcile_command(
         lookback = parse_duration(args.since) if args.since else None
     except ValueError as exc:
         return _usage_error(str(exc))
-    from receiver.app import redis_client
-
-    redis = redis_client(settings)
+    redis = async_redis(settings)
     try:
         async with aiohttp.ClientSession() as session:
             api = OrderApi(session, settings, retry)

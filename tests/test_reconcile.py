@@ -20,8 +20,8 @@ import pytest
 import structlog
 from aiohttp import web
 
-from receiver.app import redis_client
 from receiver.cli import build_parser
+from receiver.connections import async_redis
 from receiver.logs import configure_logging
 from receiver.metrics import SHARED_METRICS
 from receiver.order import update_id
@@ -235,7 +235,7 @@ async def test_two_periodic_reconcilers_started_at_once_queue_each_missed_event_
     settings = api_settings.with_changes(reconcile_interval_seconds=3600)
 
     async with aiohttp.ClientSession() as one, aiohttp.ClientSession() as two:
-        redis_one, redis_two = redis_client(settings), redis_client(settings)
+        redis_one, redis_two = async_redis(settings), async_redis(settings)
         first = PeriodicReconcile(redis_one, settings, OrderApi(one, settings, NO_WAIT))
         second = PeriodicReconcile(redis_two, settings, OrderApi(two, settings, NO_WAIT))
         tasks = [asyncio.create_task(first.tick()), asyncio.create_task(second.tick())]
