@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {round_number} {LABELS[name]:<24} {result.accepted_per_second:>9,.0f}/s"
                       f"  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms"
                       f"  CPU/callback {server.cpu_per_request_us[-1]:4.0f} us + Redis {server.redis_cpu_per_request_us[-1]:3.0f} us"
-                      f"  {verdict}{note}", flush=True)  # fmt: skip
+                      f"  {verdict}{note}".rstrip(), flush=True)  # fmt: skip
         print_table(servers)
     finally:
         for server in servers.values():
