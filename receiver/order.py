@@ -208,6 +208,11 @@ def build_updates(order: Mapping[str, Any], *, received_at: str, verified_by: st
         amount = order_amount(order)
     except (StatusError, ArithmeticError) as exc:
         raise BadCallback(f"order amounts cannot be computed: {exc}") from None
+    # An item may carry a discount, but no amount an update reports can be less than nothing.
+    _require(
+        amount >= 0 and all(value >= 0 for _, buckets in history for value in buckets.values()),
+        "order amounts are negative",
+    )
     places = minor_units(order["currency"])
     base: dict[str, Any] = {
         "version": UPDATE_VERSION,

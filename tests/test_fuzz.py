@@ -46,6 +46,7 @@ from tests.helpers import JSON, JWT, assert_valid_update, card_order, token
 PATH = "/callbacks/intergiro"
 CASES: Counter[str] = Counter()
 PURE = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+NORMALIZE = settings(PURE, max_examples=400)  # the richest inputs: orders through the status model
 HTTP = settings(
     max_examples=60,
     deadline=None,
@@ -60,11 +61,14 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=20,
 )
-numbers = (
+moderate_numbers = st.integers(min_value=-100, max_value=10**6) | st.floats(min_value=-100, max_value=1e6)
+extreme_numbers = (
     st.integers(min_value=-(10**30), max_value=10**30)
     | st.floats(allow_nan=True, allow_infinity=True)
-    | st.sampled_from([0, 1, 0.005, 1e-320, 1e308, -1, 10**400])
+    | st.sampled_from([0, 0.005, 1e-320, 1e308, -1e-9, 10**400])
 )
+# mostly numbers an order could carry, so that most generated orders get past parsing into the status model
+numbers = moderate_numbers | moderate_numbers | extreme_numbers
 item_like = st.fixed_dictionaries(
     {"price": numbers},
     optional={
@@ -75,7 +79,8 @@ item_like = st.fixed_dictionaries(
         "name": st.text(max_size=4),
     },
 )
-event_types = st.sampled_from(sorted(EVENT_TYPES)) | st.text(max_size=10)
+known_event_types = st.sampled_from(sorted(EVENT_TYPES))
+event_types = known_event_types | known_event_types | known_event_types | st.text(max_size=10)
 events = st.lists(
     st.fixed_dictionaries(
         {"type": event_types, "date": st.just("2020-09-03T11:26:20.000Z")},
@@ -117,15 +122,21 @@ def with_value(path: tuple[str | int, ...], value: Any) -> dict[str, Any]:
 
 
 mutated_orders = st.builds(with_value, st.sampled_from(ORDER_PATHS), json_values)
+# Plausible orders (known event types, item lists, odd amounts): these reach the status model.
 generated_orders = st.fixed_dictionaries(
     {
-        "id": st.just("FuzzOrder0000001") | st.from_regex(r"[A-Za-z0-9_-]{1,70}", fullmatch=True),
-        "currency": st.sampled_from(["SEK", "EUR", "JPY", "KWD", "sek"]),
-        "items": numbers | item_like | st.lists(item_like, max_size=4),
+        "id": st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True),
+        "currency": st.sampled_from(["SEK", "EUR", "JPY", "KWD"]),
+        "items": st.lists(item_like, min_size=1, max_size=4) | item_like | moderate_numbers,
         "payment": st.fixed_dictionaries({"type": st.just("card")}, optional={"card": st.just("tok")}),
         "event": events,
     },
-    optional={"customer": json_values, "meta": json_values, "category": json_values, "number": json_values},
+    optional={
+        "customer": st.text(max_size=16) | st.dictionaries(st.text(max_size=8), st.text(max_size=8)),
+        "meta": json_values,
+        "category": st.sampled_from(["purchase", "withdrawal"]),
+        "number": st.text(max_size=8),
+    },
 )
 orders = mutated_orders | generated_orders | json_values
 
@@ -266,7 +277,7 @@ def test_parse_order_returns_the_order_or_raises_bad_callback(order: Any) -> Non
         pass
 
 
-@PURE
+@NORMALIZE
 @given(orders)
 def test_build_updates_of_a_parsed_order_are_valid_against_the_schema_or_bad_callback(order: Any) -> None:
     CASES["build_updates"] += 1
@@ -279,9 +290,10 @@ def test_build_updates_of_a_parsed_order_are_valid_against_the_schema_or_bad_cal
     assert len(updates) == max(1, len(order.get("event") or []))
     for update in updates:
         assert_valid_update(update)
+    CASES["build_updates gave updates"] += 1
 
 
-@PURE
+@NORMALIZE
 @given(orders)
 def test_status_history_of_a_parsed_order_has_one_known_status_per_event_or_raises_status_error(
     order: Any,
