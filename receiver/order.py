@@ -107,7 +107,7 @@ def _check_items(items: Any, where: str) -> None:
     elif isinstance(items, dict):
         _check_item(items, where)
     elif isinstance(items, list):
-        _require(0 < len(items) <= MAX_ITEMS, f"{where} must hold 1 to {MAX_ITEMS} items")
+        _require(len(items) <= MAX_ITEMS, f"{where} holds more than {MAX_ITEMS} items")
         for index, item in enumerate(items):
             _check_item(item, f"{where}[{index}]")
     else:
