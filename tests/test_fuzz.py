@@ -387,11 +387,13 @@ def store(redis_url_base: str) -> Iterator[redis.Redis]:
 @pytest.fixture(scope="module", autouse=True)
 def report_case_counts(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None and CASES:
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if reporter is not None and capture is not None and CASES:
         counts = ", ".join(f"{name} {n}" for name, n in sorted(CASES.items()))
         total = sum(n for name, n in CASES.items() if "gave" not in name)  # "gave" counts a subset
-        reporter.write_line(f"\nfuzz cases run: {total} ({counts})")
+        with capture.global_and_fixture_disabled():  # teardown output is captured otherwise
+            reporter.write_line(f"\nfuzz cases run: {total} ({counts})")
 
 
 def assert_refused_without_a_trace(status: int, body: bytes, store: redis.Redis) -> None:
