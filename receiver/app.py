@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from redis.exceptions import RedisError
 from receiver.connections import async_redis
 from receiver.errors import (
     BadCallback,
+    BodyTimeout,
     BodyTooLarge,
     CallbackRejected,
     NotTrusted,
@@ -35,6 +37,7 @@ from receiver.verify import NoKeyVerifies, Verified, strict_json, verify_local, 
 CALLBACK_PATH = "/callbacks/intergiro"
 ACCEPTED_TYPES = ("application/jwt", "application/json")
 ERROR_NOTES_KEPT = 1000
+LINGER_SECONDS = 1.0
 # Fields of an Intergiro Error object worth keeping: its `content` may carry a 3-D Secure `pareq`,
 # which embeds the card number, so only these are ever logged or stored.
 ERROR_FIELDS = ("status", "type", "error", "description", "id")
@@ -73,18 +76,25 @@ async def answer_rejections(
         request.app[METRICS].callbacks.labels(outcome=f"rejected_{exc.status}").inc()
         log.info("callback rejected", status=exc.status, reason=exc.reason, order=request.get(ORDER_ID))
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
-        return json_response(
+        response = json_response(
             {"status": "rejected", "error": exc.error, "reason": exc.reason}, exc.status, headers
         )
+        if isinstance(exc, BodyTimeout):
+            response.force_close()  # the rest of a stalled body is not worth waiting for
+        return response
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, timeout_seconds: float) -> bytes:
+    """The whole body, which must arrive within `timeout_seconds` (a slow-loris client gets 408)."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"body is larger than {limit} bytes")
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout_seconds):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise BodyTooLarge(f"body is larger than {limit} bytes") from None
+    except TimeoutError:
+        raise BodyTimeout(f"body did not arrive within {timeout_seconds:g} seconds") from None
 
 
 async def verify_callback(app: web.Application, body: bytes, content_type: str) -> Verified:
@@ -145,7 +155,7 @@ async def receive_callback(request: web.Request) -> web.Response:
     content_type = request.content_type.lower()
     if content_type not in ACCEPTED_TYPES:
         raise UnsupportedMediaType("send application/jwt (or application/json)")
-    body = (await read_body(request, settings.max_body_bytes)).strip()
+    body = (await read_body(request, settings.max_body_bytes, settings.receiver_body_timeout_seconds)).strip()
     received_at = utc_now()
     if content_type == "application/json":
         try:
@@ -242,6 +252,18 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+def server_options(settings: Settings) -> dict[str, Any]:
+    """aiohttp server options (for `run_app` and `AppRunner`): a connection without a complete request
+    (idle, or headers trickled in slowly) is closed after the idle timeout, where aiohttp's default
+    would keep it for an hour; after an early answer (408, 413) what the client still sends is read
+    and dropped for at most LINGER_SECONDS, so it sees the answer rather than a reset."""
+    return {
+        "keepalive_timeout": settings.receiver_idle_timeout_seconds,
+        "lingering_time": LINGER_SECONDS,
+        "access_log": None,
+    }
+
+
 def serve(settings: Settings) -> None:
     log.info(
         "receiver starting",
@@ -253,6 +275,6 @@ def serve(settings: Settings) -> None:
         create_app(settings),
         host=settings.receiver_host,
         port=settings.receiver_port,
-        access_log=None,
         print=None,
+        **server_options(settings),
     )

@@ -41,6 +41,13 @@ class BodyTooLarge(CallbackRejected):
     error = "payload too large"
 
 
+class BodyTimeout(CallbackRejected):
+    """The body did not arrive in time (a slow or stalled client): answered, then the connection closed."""
+
+    status = 408
+    error = "request timeout"
+
+
 class UnsupportedMediaType(CallbackRejected):
     status = 415
     error = "unsupported media type"

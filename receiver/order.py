@@ -7,7 +7,6 @@ Pure functions: no I/O. Intergiro writes orders in camelCase (2020 tokens) or sn
 from __future__ import annotations
 
 import functools
-import math
 import re
 from collections.abc import Mapping
 from decimal import Decimal
@@ -24,23 +23,23 @@ EVENT_TYPES = frozenset(
 CREATED_EVENT = "created"
 MAX_EVENTS = 1000
 MAX_ITEMS = 1000
+# Larger numbers are no real price or quantity, and would overflow floats and Decimal's precision.
+MAX_NUMBER = 1e12
+MAX_DEPTH = 32  # of nested objects and lists anywhere in an order (`meta` included)
 _ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _CURRENCY = re.compile(r"[A-Z]{3}")
 _CAMEL = re.compile(r"(?<=[a-z0-9])([A-Z])")
-# Payment fields an update carries: an allowlist, so a card token or a new secret field never leaks.
-PAYMENT_FIELDS = ("type", "service", "status", "scheme", "iin", "last4", "expires", "reference", "method")
-EVENT_FIELDS = (
-    "reference",
-    "original",
-    "error",
-    "descriptor",
-    "period",
-    "payout",
-    "gross",
-    "fee",
-    "net",
-    "currency",
-)
+# Payment fields an update carries, with the JSON type the update schema promises: an allowlist, so a
+# card token or a new secret field never leaks.
+PAYMENT_FIELDS = {
+    "type": "string", "service": "string", "status": "string", "scheme": "string", "iin": "string",
+    "last4": "string", "expires": "array", "reference": "string", "method": "string",
+}  # fmt: skip
+EVENT_FIELDS = {
+    "reference": "string", "original": "string", "error": "object", "descriptor": "string", "period": "any",
+    "payout": "any", "gross": "number", "fee": "number", "net": "number", "currency": "string",
+}  # fmt: skip
+CATEGORIES = (None, "purchase", "withdrawal")
 
 
 @functools.lru_cache(maxsize=4096)  # a few dozen names recur in every order; the regex is the cost
@@ -71,7 +70,22 @@ def is_error_object(body: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and -MAX_NUMBER <= value <= MAX_NUMBER
+    )
+
+
+def _nested_within(value: Any, limit: int) -> bool:
+    """Whether no object or list sits deeper than `limit` (iterative: a hostile depth cannot recurse)."""
+    stack = [(value, 0)]
+    while stack:
+        current, depth = stack.pop()
+        if isinstance(current, dict | list):
+            if depth >= limit:
+                return False
+            children = current.values() if isinstance(current, dict) else current
+            stack.extend((child, depth + 1) for child in children)
+    return True
 
 
 def _require(condition: bool, reason: str) -> None:
@@ -106,6 +120,8 @@ def parse_order(body: Any) -> dict[str, Any]:
     """Check that a trusted JSON value is an order we can normalize; raises BadCallback naming the field."""
     _require(isinstance(body, dict), "body is not an order object")
     order: dict[str, Any] = body
+    # Deeper JSON than this cannot be serialized into the job (orjson stops at 255 levels).
+    _require(_nested_within(order, MAX_DEPTH), f"order is nested more than {MAX_DEPTH} levels deep")
     _require(
         isinstance(order.get("id"), str) and bool(_ORDER_ID.fullmatch(order["id"])),
         "order id is missing or malformed",
@@ -118,12 +134,9 @@ def parse_order(body: Any) -> dict[str, Any]:
     _check_items(order["items"], "items")
     _require(isinstance(order.get("payment"), dict), "order payment is not an object")
     _require(isinstance(order["payment"].get("type"), str), "order payment.type is not a string")
-    _require(
-        order.get("category") in (None, "purchase", "withdrawal"),
-        "order category is not purchase or withdrawal",
-    )
     for name in ("number", "created", "client"):
         _require(order.get(name) is None or isinstance(order[name], str), f"order {name} is not a string")
+    _require(order.get("category") in CATEGORIES, "order category is not purchase or withdrawal")
     _require(
         order.get("customer") is None or isinstance(order["customer"], str | dict),
         "order customer is not an id or a contact",
@@ -134,7 +147,10 @@ def parse_order(body: Any) -> dict[str, Any]:
     for index, event in enumerate(events):
         where = f"event[{index}]"
         _require(isinstance(event, dict), f"{where} is not an object")
-        _require(event.get("type") in EVENT_TYPES, f"{where}.type is not a known event type")
+        _require(
+            isinstance(event.get("type"), str) and event["type"] in EVENT_TYPES,
+            f"{where}.type is not a known event type",
+        )
         _require(isinstance(event.get("date"), str), f"{where}.date is not a string")
         if "items" in event:
             _check_items(event["items"], f"{where}.items")
@@ -160,18 +176,31 @@ def _money(value: Decimal) -> float | int:
     return int(value) if value == value.to_integral_value() else float(value)
 
 
+def _is_json_type(value: Any, kind: str) -> bool:
+    return {
+        "string": isinstance(value, str),
+        "array": isinstance(value, list),
+        "object": isinstance(value, dict),
+        "number": _is_number(value),
+        "any": True,
+    }[kind]
+
+
+def _carried(source: Mapping[str, Any], fields: Mapping[str, str], where: str) -> dict[str, Any]:
+    """The allowlisted fields of a snake_cased object, each of the type the update schema promises."""
+    carried = {name: source[name] for name in fields if source.get(name) is not None}
+    for name, value in carried.items():
+        _require(_is_json_type(value, fields[name]), f"{where}.{name} is not a {fields[name]}")
+    return carried
+
+
 def _payment(payment: Mapping[str, Any]) -> dict[str, Any]:
-    normalized = {snake(str(k)): v for k, v in payment.items()}
-    return {name: normalized[name] for name in PAYMENT_FIELDS if normalized.get(name) is not None}
+    return _carried({snake(str(k)): v for k, v in payment.items()}, PAYMENT_FIELDS, "payment")
 
 
 def _event(event: Mapping[str, Any], sequence: int) -> dict[str, Any]:
-    normalized = snake_keys(dict(event))
-    result: dict[str, Any] = {"type": event["type"], "date": event["date"], "sequence": sequence}
-    for name in EVENT_FIELDS:
-        if normalized.get(name) is not None:
-            result[name] = normalized[name]
-    return result
+    carried = _carried(snake_keys(dict(event)), EVENT_FIELDS, f"event[{sequence}]")
+    return {"type": event["type"], "date": event["date"], "sequence": sequence, **carried}
 
 
 def build_updates(order: Mapping[str, Any], *, received_at: str, verified_by: str) -> list[dict[str, Any]]:
@@ -179,8 +208,13 @@ def build_updates(order: Mapping[str, Any], *, received_at: str, verified_by: st
     try:
         history = status_history(order)
         amount = order_amount(order)
-    except StatusError as exc:
+    except (StatusError, ArithmeticError) as exc:
         raise BadCallback(f"order amounts cannot be computed: {exc}") from None
+    # An item may carry a discount, but no amount an update reports can be less than nothing.
+    _require(
+        amount >= 0 and all(value >= 0 for _, buckets in history for value in buckets.values()),
+        "order amounts are negative",
+    )
     places = minor_units(order["currency"])
     base: dict[str, Any] = {
         "version": UPDATE_VERSION,

@@ -28,6 +28,8 @@ class Settings:
     redis_sentinel_master: str = "mymaster"
     receiver_host: str = "0.0.0.0"  # noqa: S104 - a receiver listens for the outside world
     receiver_port: int = 8080
+    receiver_idle_timeout_seconds: float = 15.0
+    receiver_body_timeout_seconds: float = 10.0
     intergiro_environment: str = "production"
     intergiro_public_keys: tuple[TrustedKey, ...] = ()
     intergiro_verify: str = "local"
@@ -103,6 +105,12 @@ class _Reader:
             redis_sentinel_master=self.get("REDIS_SENTINEL_MASTER", d.redis_sentinel_master, _queue_name),
             receiver_host=self.get("RECEIVER_HOST", d.receiver_host, str),
             receiver_port=self.get("RECEIVER_PORT", d.receiver_port, _int_between(0, 65535)),
+            receiver_idle_timeout_seconds=self.get(
+                "RECEIVER_IDLE_TIMEOUT_SECONDS", d.receiver_idle_timeout_seconds, _positive_float
+            ),
+            receiver_body_timeout_seconds=self.get(
+                "RECEIVER_BODY_TIMEOUT_SECONDS", d.receiver_body_timeout_seconds, _positive_float
+            ),
             intergiro_environment=self.get(
                 "INTERGIRO_ENVIRONMENT", d.intergiro_environment, _choice(INTERGIRO_ENVIRONMENTS)
             ),

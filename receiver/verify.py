@@ -46,13 +46,17 @@ class Verified:
     verified_by: str
 
 
+class DuplicateKey(ValueError):
+    """JSON that names one key twice: two parsers could read two different values."""
+
+
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result = dict(pairs)  # in C; a shorter dict than list means a key came twice
     if len(result) != len(pairs):
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise ValueError(f"duplicate key {key!r}")
+                raise DuplicateKey(f"duplicate key {key!r}")
             seen.add(key)
     return result
 
@@ -86,6 +90,9 @@ def _b64url_json(segment: bytes, what: str) -> dict[str, Any]:
     try:
         raw = _base64url_decode(segment)
         value = strict_json(raw)
+    except DuplicateKey:
+        # A header read one way by us and another by PyJWT (`alg` twice) is an attack, not a typo.
+        raise NotTrusted(f"token {what} repeats a key") from None
     except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
         raise BadCallback(f"token {what} is not base64url JSON") from None
     if not isinstance(value, dict):
@@ -94,17 +101,21 @@ def _b64url_json(segment: bytes, what: str) -> dict[str, Any]:
 
 
 def read_header(token: bytes) -> dict[str, Any]:
-    """The JOSE header of a compact JWS; raises BadCallback when the body is not a JWT at all."""
+    """The JOSE header of a compact JWS; raises BadCallback when the body is not a JWT at all, and
+    NotTrusted when it is a token but not one signed payload with one signature."""
     parts = token.split(b".")
-    if len(parts) != 3 or not all(parts[:2]):
+    if len(parts) < 2 or not parts[0]:
         raise BadCallback("body is not a JWT (expected three dot-separated parts)")
-    return _b64url_json(parts[0], "header")
+    header = _b64url_json(parts[0], "header")
+    if len(parts) != 3 or not parts[1]:
+        raise NotTrusted("token is not one payload with one signature")
+    return header
 
 
 def check_header(header: dict[str, Any]) -> str:
     """The token's algorithm, when it is on the allowlist and the header names no key of its own."""
     alg = header.get("alg")
-    if alg not in ALLOWED_ALGORITHMS:
+    if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
         raise NotTrusted(f"algorithm {alg!r} is not accepted (RS256 or ES256 only)")
     named = FORBIDDEN_HEADERS.intersection(header)
     if named:
@@ -123,8 +134,9 @@ def check_claims(claims: dict[str, Any], audience: str, now: float | None = None
     for name in ("iat", "nbf", "exp"):
         if name in claims:
             value = claims[name]
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise NotTrusted(f"claim {name} is not a number")
+            # the range also refuses NaN, infinities and integers too large to divide into a float
+            if isinstance(value, bool) or not isinstance(value, int | float) or not -1e18 < value < 1e18:
+                raise NotTrusted(f"claim {name} is not a plausible time")
             if value > 1e12:  # Intergiro's tokens carry milliseconds
                 value = value / 1000
             if name in ("iat", "nbf") and value > now + CLOCK_SKEW_SECONDS:
@@ -178,7 +190,7 @@ def verify_local(token: bytes, keys: Sequence[TrustedKey], audience: str) -> Ver
         try:
             claims = strict_json(payload)
         except (ValueError, UnicodeDecodeError, RecursionError):
-            raise NotTrusted("token payload is not a JSON object") from None
+            raise NotTrusted("token payload is not a JSON object (or repeats a key)") from None
         if not isinstance(claims, dict):
             raise NotTrusted("token payload is not a JSON object")
         check_claims(claims, audience)
