@@ -18,17 +18,19 @@ from receiver.order import event_key
 from receiver.rediskeys import RQ_QUEUES, RedisKeys
 from workers.jobs import DELIVER_UPDATE, job_hash_template
 
-# KEYS: seen hash, order head, order waiting list, RQ queue, RQ queue set, then one RQ job key per update.
-# ARGV: dedup TTL, created_at, n template fields*2, template..., then per update: event key, id, data.
+# KEYS: seen hash, order head, order waiting list, RQ queue, RQ queue set, active orders set, then one RQ
+# job key per update.
+# ARGV: dedup TTL, created_at, order id, n template fields*2, template..., then per update: event key, id,
+# data.
 # Per order, only the first undelivered update is pushed to the RQ queue (the "head"); the others wait
 # in event order and the worker that finishes the head pushes the next, so one order's updates reach
 # the merchant in sequence however many workers run.
 INTAKE_SCRIPT = """
-local seen, head, waiting, queue, queues = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local ttl, created_at, nfields = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local seen, head, waiting, queue, queues, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local ttl, created_at, order_id, nfields = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local fields = {}
-for i = 1, nfields do fields[i] = ARGV[3 + i] end
-local first = 4 + nfields
+for i = 1, nfields do fields[i] = ARGV[4 + i] end
+local first = 5 + nfields
 local queued = {}
 local n = (#ARGV - first + 1) / 3
 for i = 0, n - 1 do
@@ -37,11 +39,12 @@ for i = 0, n - 1 do
     local status = 'deferred'
     if redis.call('SET', head, id, 'NX') then
       redis.call('RPUSH', queue, id)
+      redis.call('SADD', active, order_id)
       status = 'queued'
     else
       redis.call('RPUSH', waiting, id)
     end
-    redis.call('HSET', KEYS[6 + i], 'data', data, 'status', status, 'created_at', created_at,
+    redis.call('HSET', KEYS[7 + i], 'data', data, 'status', status, 'created_at', created_at,
       'enqueued_at', created_at, 'description', 'deliver_update(' .. id .. ')', unpack(fields))
     queued[#queued + 1] = id
   end
@@ -84,9 +87,10 @@ class Intake:
             self.keys.order_waiting(order_id),
             self.keys.rq_queue,
             RQ_QUEUES,
+            self.keys.active_orders,
             *(self.keys.rq_job(u["id"]) for u in updates),
         ]
-        args: list[Any] = [self.ttl, rq_timestamp(), *self._fields]
+        args: list[Any] = [self.ttl, rq_timestamp(), order_id, *self._fields]
         for update in updates:
             args += [
                 event_key(update["event"]["sequence"], update["event"]["type"]),
