@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 RQ_QUEUES = "rq:queues"
 RQ_JOB_PREFIX = "rq:job:"
-RQ_WORKER_PREFIX = "rq:worker:"
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ class RedisKeys:
 
     @property
     def rq_workers(self) -> str:
-        """RQ's set of the workers listening on the queue (a member is alive while its key exists)."""
+        """RQ's set of the keys of the workers listening on the queue (alive while that key exists)."""
         return f"rq:workers:{self.queue_name}"
 
     @staticmethod

@@ -215,9 +215,17 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> None:
     settings, keys, redis = ctx.settings, ctx.keys, ctx.redis
     record = keys.delivery(update["id"])
     with redis.pipeline(transaction=True) as pipe:
+        pipe.get(keys.order_head(update["order_id"]))
         pipe.hincrby(record, "attempts", 1)
         pipe.hgetall(record)
-        attempt, fields = pipe.execute()
+        head, attempt, fields = pipe.execute()
+    if head != update["id"].encode():
+        # Every update a worker runs is its order's head (see workers.ordering); one that is not was
+        # finished already and runs again because its worker died before RQ recorded the end.
+        redis.delete(record)
+        count(redis, keys, "intergiro_deliveries_total", outcome="duplicate_skipped")
+        log.info("update already finished, not delivered again", update=update["id"])
+        return
     done = {k.decode() for k in fields if k.startswith(b"done:")}
     if attempt > settings.delivery_max_attempts:
         # Only after attempts that never reported back (their worker died): give up like any last attempt.

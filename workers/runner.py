@@ -38,7 +38,7 @@ MAX_SCHEDULER_SLEEP_SECONDS = 1.0
 
 def job_timeout_seconds(settings: Settings) -> int:
     """How long one attempt may run: a POST's connect + read timeouts plus a handler's share, and slack."""
-    return math.ceil(2 * settings.delivery_timeout_seconds) + 5
+    return math.ceil(2 * settings.delivery_timeout_seconds) + 2
 
 
 class DeliveryWorker(SimpleWorker):
@@ -49,10 +49,26 @@ class DeliveryWorker(SimpleWorker):
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         job.timeout = self.job_timeout
+        forget_dead_executions(job)
         super().execute_job(job, queue)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.job_timeout + 2
+
+
+def forget_dead_executions(job: Job) -> None:
+    """Drop the executions of dead workers from the job's execution registry.
+
+    RQ 3.0 keeps an execution's id in the job's registry 60 s longer than the execution's own hash; a
+    job re-queued after its worker died and finished within that minute then fails in RQ's cleanup
+    ("Execution ... not found in Redis") and RQ runs it again and again.
+    """
+    registry = job.execution_registry
+    connection = registry.connection
+    for raw in connection.zrange(registry.key, 0, -1):
+        execution_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if not connection.exists(f"rq:execution:{job.id}:{execution_id}"):
+            connection.zrem(registry.key, execution_id)
 
 
 class Maintenance(threading.Thread):
@@ -92,13 +108,15 @@ class Maintenance(threading.Thread):
 
     def recover_abandoned(self) -> None:
         """Re-queue attempts whose worker died (RQ does it for jobs with retries left; see jobs.py).
-        RQ's own maintenance lock keeps two processes from re-queueing the same job."""
-        if not self.queue.acquire_maintenance_lock():
+        RQ's maintenance lock keeps two processes from re-queueing the same job; we take it with a short
+        expiry, so a worker killed while holding it does not stop recovery for RQ's usual 15 minutes."""
+        lock = self.queue.registry_cleaning_key
+        if not self.redis.set(lock, 1, nx=True, ex=math.ceil(self.recovery_seconds) + 5):
             return
         try:
             StartedJobRegistry(self.queue.name, connection=self.redis, serializer=JSONSerializer).cleanup()
         finally:
-            self.queue.release_maintenance_lock()  # type: ignore[no-untyped-call]
+            self.redis.delete(lock)
 
 
 def work(settings: Settings, burst: bool) -> int:
