@@ -44,7 +44,8 @@ async def store_orders(url: str, orders: int) -> None:
 
 
 def delete_all_but_markers(client: redis.Redis) -> int:
-    deleted = 0
+    # what delivery leaves behind: jobs, order chains and the set of orders with a pending head are gone
+    deleted = int(client.unlink(RedisKeys().active_orders))
     for pattern in ("rq:*", "igr:order:*"):
         batch = []
         for key in client.scan_iter(pattern, count=10_000):

@@ -211,8 +211,10 @@ async def metrics(request: web.Request) -> web.Response:
             pipe.llen(app[KEYS].rq_queue)
             pipe.hlen(app[KEYS].dead_letters)
             pipe.hgetall(app[KEYS].metrics)
-            depth, dead, shared = await pipe.execute()
+            pipe.smembers(app[KEYS].rq_workers)
+            depth, dead, shared, workers = await pipe.execute()
         app[METRICS].queue_depth.set(depth)
+        app[METRICS].workers_alive.set(await workers_alive(app[REDIS], workers))
         app[METRICS].dead_letter_depth.set(dead)
         app[METRICS].shared.update(shared)
     except RedisError:
@@ -220,6 +222,12 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(
         body=generate_latest(app[METRICS].registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
+
+
+async def workers_alive(redis: Redis, names: set[bytes]) -> int:
+    """Members of RQ's set whose key (`rq:worker:<name>`) still exists: a dead worker stays in the set
+    until some worker's maintenance prunes it, but its key expires."""
+    return int(await redis.exists(*names)) if names else 0
 
 
 def redis_client(settings: Settings) -> Redis:

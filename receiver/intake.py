@@ -20,18 +20,19 @@ from receiver.order import event_key
 from receiver.rediskeys import RQ_QUEUES, RedisKeys
 from workers.jobs import DELIVER_UPDATE, job_hash_template
 
-# KEYS: seen hash, order head, order waiting list, RQ queue, RQ queue set, then one RQ job key per update.
-# ARGV: dedup TTL, created_at, then per update: event key, id, data.
+# KEYS: seen hash, order head, order waiting list, RQ queue, RQ queue set, active orders set (swept by the
+# workers for stale heads), then one RQ job key per update.
+# ARGV: dedup TTL, created_at, order id, then per update: event key, id, data.
 # The job fields every update shares are written into the script's text once (`JOB_FIELDS`) rather than
 # sent with every call: packing twenty constant arguments per callback was most of redis-py's cost.
 # Per order, only the first undelivered update is pushed to the RQ queue (the "head"); the others wait
 # in event order and the worker that finishes the head pushes the next, so one order's updates reach
 # the merchant in sequence however many workers run.
 INTAKE_SCRIPT = """
-local seen, head, waiting, queue, queues = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local ttl, created_at = ARGV[1], ARGV[2]
+local seen, head, waiting, queue, queues, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local ttl, created_at, order_id = ARGV[1], ARGV[2], ARGV[3]
 local fields = {JOB_FIELDS}
-local first = 3
+local first = 4
 local queued = {}
 local n = (#ARGV - first + 1) / 3
 for i = 0, n - 1 do
@@ -40,11 +41,12 @@ for i = 0, n - 1 do
     local status = 'deferred'
     if redis.call('SET', head, id, 'NX') then
       redis.call('RPUSH', queue, id)
+      redis.call('SADD', active, order_id)
       status = 'queued'
     else
       redis.call('RPUSH', waiting, id)
     end
-    redis.call('HSET', KEYS[6 + i], 'data', data, 'status', status, 'created_at', created_at,
+    redis.call('HSET', KEYS[7 + i], 'data', data, 'status', status, 'created_at', created_at,
       'enqueued_at', created_at, 'description', 'deliver_update(' .. id .. ')', unpack(fields))
     queued[#queued + 1] = id
   end
@@ -102,9 +104,10 @@ class Intake:
             self.keys.order_waiting(order_id),
             self.keys.rq_queue,
             RQ_QUEUES,
+            self.keys.active_orders,
             *(self.keys.rq_job(u["id"]) for u in updates),
         ]
-        args: list[Any] = [self.ttl, rq_timestamp()]
+        args: list[Any] = [self.ttl, rq_timestamp(), order_id]
         for update in updates:
             args += [
                 event_key(update["event"]["sequence"], update["event"]["type"]),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 RQ_QUEUES = "rq:queues"
+RQ_JOB_PREFIX = "rq:job:"
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,25 @@ class RedisKeys:
     def order_waiting(self, order_id: str) -> str:
         """List of this order's update ids waiting for the head to be delivered, in event order."""
         return f"{self.prefix}order:{order_id}:waiting"
+
+    @property
+    def active_orders(self) -> str:
+        """Set of order ids that have a head: the workers sweep it for heads whose job is gone."""
+        return f"{self.prefix}orders:active"
+
+    def delivery(self, update_id: str) -> str:
+        """Hash of one undelivered update's attempts: count, last error and its time, targets done."""
+        return f"{self.prefix}delivery:{update_id}"
+
+    @property
+    def retry_schedule(self) -> str:
+        """Sorted set of updates waiting for their next attempt: update id -> due time (Unix seconds)."""
+        return f"{self.prefix}retry:due"
+
+    @property
+    def retry_jobs(self) -> str:
+        """Hash of the RQ job data of the updates in `retry_schedule`: update id -> job data."""
+        return f"{self.prefix}retry:jobs"
 
     @property
     def error_notes(self) -> str:
@@ -54,6 +74,11 @@ class RedisKeys:
     def rq_queue(self) -> str:
         return f"rq:queue:{self.queue_name}"
 
+    @property
+    def rq_workers(self) -> str:
+        """RQ's set of the keys of the workers listening on the queue (alive while that key exists)."""
+        return f"rq:workers:{self.queue_name}"
+
     @staticmethod
     def rq_job(job_id: str) -> str:
-        return f"rq:job:{job_id}"
+        return f"{RQ_JOB_PREFIX}{job_id}"

@@ -1,0 +1,30 @@
+"""MERCHANT_HANDLER functions for the worker tests; they count their calls in the suite's Redis."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import redis
+
+from workers.delivery import PermanentDeliveryError
+
+CALLS = "test:handler:calls"
+DELIVERED = "test:handler:delivered"
+
+
+def _client() -> redis.Redis:
+    return redis.Redis.from_url(os.environ["REDIS_URL"])
+
+
+def flaky(update: dict[str, Any]) -> None:
+    """Raises on its first two calls, then takes the update."""
+    client = _client()
+    if client.incr(CALLS) <= 2:
+        raise ConnectionError("merchant database not reachable")
+    client.rpush(DELIVERED, update["id"])
+
+
+def refuses(update: dict[str, Any]) -> None:
+    _client().incr(CALLS)
+    raise PermanentDeliveryError("unknown order number")

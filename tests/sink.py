@@ -1,0 +1,105 @@
+"""A merchant endpoint for the worker tests: a real aiohttp server that records every POST and answers
+as the test tells it, and helpers to run `intergiro-receiver worker` as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Received:
+    at: float
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def update(self) -> dict[str, Any]:
+        return dict(json.loads(self.body))
+
+
+@dataclass
+class Sink:
+    """`answer(update_id, attempt_number)` gives (status, headers, delay seconds) for each POST."""
+
+    answer: Callable[[str, int], tuple[int, dict[str, str], float]] = lambda _id, _n: (200, {}, 0.0)
+    received: list[Received] = field(default_factory=list)
+    url: str = ""
+
+    def app(self) -> web.Application:
+        async def post(request: web.Request) -> web.Response:
+            body = await request.read()
+            update_id = request.headers.get("webhook-id", "")
+            got = Received(time.time(), dict(request.headers), body)
+            self.received.append(got)
+            attempt = sum(1 for r in self.received if r.headers.get("webhook-id") == update_id)
+            status, headers, delay = self.answer(update_id, attempt)
+            if delay:
+                await asyncio.sleep(delay)
+            return web.Response(status=status, headers=headers, text="ok" if status < 300 else "no")
+
+        app = web.Application()
+        app.router.add_post("/hooks", post)
+        return app
+
+    def attempts(self, update_id: str) -> list[Received]:
+        return [r for r in self.received if r.headers.get("webhook-id") == update_id]
+
+
+def worker_env(redis_url: str, **settings: Any) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MERCHANT_", "DELIVERY_", "QUEUE_"))}
+    env.update(REDIS_URL=redis_url, LOG_FORMAT="json", LOG_LEVEL="INFO", DELIVERY_TIMEOUT_SECONDS="1")
+    env.update({k.upper(): str(v) for k, v in settings.items()})
+    return env
+
+
+def start_worker(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "receiver", "worker", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("ab"),
+    )
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+def log_events(log: Path, event: str) -> list[dict[str, Any]]:
+    lines = []
+    for line in log.read_text().splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            if record.get("event") == event:
+                lines.append(record)
+    return lines
+
+
+async def wait_for(condition: Callable[[], bool], seconds: float = 30.0, what: str = "condition") -> None:
+    """Poll until `condition()` holds; fails (with `what`) after `seconds`, a guard against a hang."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)

@@ -1,0 +1,204 @@
+"""Delivery to the merchant: real worker processes, a real Redis, a real aiohttp sink."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from standardwebhooks.webhooks import Webhook
+
+from receiver.app import CALLBACK_PATH
+from receiver.rediskeys import RedisKeys
+from tests.conftest import queued_updates
+from tests.helpers import JWT, card_order, token
+from tests.merchant_handlers import CALLS, DELIVERED
+from tests.sink import ROOT, SECRET, Sink, log_events, start_worker, stop, wait_for, worker_env
+from workers.delivery import backoff_delay, parse_retry_after
+from workers.ordering import OrderChains
+
+EVENTS = ("order", "charge", "refund")
+
+
+@pytest.fixture
+async def sink(aiohttp_server: Any) -> Sink:
+    sink = Sink()
+    server = await aiohttp_server(sink.app())
+    sink.url = str(server.make_url("/hooks"))
+    return sink
+
+
+@pytest.fixture
+def workers(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Starts `intergiro-receiver worker` processes with the given settings; stops them after the test."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, **settings: Any) -> subprocess.Popen[bytes]:
+        process = start_worker(worker_env(redis_url, **settings), tmp_path / "worker.log", *args)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        stop(process)
+
+
+def webhook_settings(sink: Sink, **more: Any) -> dict[str, Any]:
+    return {"merchant_webhook_url": sink.url, "merchant_webhook_secret": SECRET, **more}
+
+
+async def post_order(
+    receiver: Any, key: Any, order_id: str, events: tuple[str, ...] = ("order",)
+) -> list[str]:
+    response = await receiver.post(CALLBACK_PATH, data=token(card_order(order_id, events), key), headers=JWT)
+    assert response.status == 200, await response.text()
+    return list((await response.json())["queued"])
+
+
+async def test_every_delivery_is_signed_with_the_secret_and_carries_the_queued_update(
+    receiver: Any, rsa_key: Any, sink: Sink, workers: Any, sync_redis: Any, settings: Any
+) -> None:
+    ids = await post_order(receiver, rsa_key, "SignedOrder00001", EVENTS[:2])
+    queued = {u["id"]: u for u in queued_updates(sync_redis, settings)}
+    workers(**webhook_settings(sink))
+    await wait_for(lambda: len(sink.received) == 2, what="two deliveries")
+    verifier = Webhook(SECRET)
+    for received in sink.received:
+        assert verifier.verify(received.body, received.headers) == queued[received.headers["webhook-id"]]
+        assert received.headers["Idempotency-Key"] == received.headers["webhook-id"]
+    assert [r.headers["webhook-id"] for r in sink.received] == ids
+    metrics = await (await receiver.get("/metrics")).text()
+    assert 'intergiro_deliveries_total{outcome="delivered"} 2.0' in metrics
+    assert "intergiro_workers_alive 1.0" in metrics
+
+
+async def test_a_sink_answering_500_twice_is_delivered_on_the_third_attempt_after_the_backoff(
+    receiver: Any, rsa_key: Any, sink: Sink, workers: Any, tmp_path: Path
+) -> None:
+    sink.answer = lambda _id, n: (500 if n <= 2 else 200, {}, 0.0)
+    [update_id] = await post_order(receiver, rsa_key, "FlakyOrder000001")
+    base = 0.05
+    workers(**webhook_settings(sink, delivery_backoff_seconds=base))
+    await wait_for(lambda: len(sink.received) == 3, what="three attempts")
+    await wait_for(lambda: len(log_events(tmp_path / "worker.log", "delivery retry scheduled")) == 2)
+    attempts = sink.attempts(update_id)
+    assert [a.headers["webhook-id"] for a in attempts] == [update_id] * 3
+    retries = log_events(tmp_path / "worker.log", "delivery retry scheduled")
+    for number, (retry, before, after) in enumerate(zip(retries, attempts, attempts[1:], strict=False), 1):
+        assert retry["attempt"] == number
+        assert 0 <= retry["retry_in"] <= base * 2 ** (number - 1)  # full jitter under the exponential cap
+        assert after.at - before.at >= retry["retry_in"] - 0.001  # never sooner than scheduled
+    assert len(sink.received) == 3
+
+
+async def test_retry_after_on_a_429_is_honoured(
+    receiver: Any, rsa_key: Any, sink: Sink, workers: Any
+) -> None:
+    sink.answer = lambda _id, n: (429, {"Retry-After": "1"}, 0.0) if n == 1 else (200, {}, 0.0)
+    await post_order(receiver, rsa_key, "BusyOrder0000001")
+    workers(**webhook_settings(sink, delivery_backoff_seconds=0.01))
+    await wait_for(lambda: len(sink.received) == 2, what="the retry")
+    assert sink.received[1].at - sink.received[0].at >= 1.0
+
+
+async def test_updates_of_an_order_arrive_in_sequence_with_four_workers_and_nothing_twice(
+    receiver: Any, rsa_key: Any, sink: Sink, workers: Any
+) -> None:
+    orders = [f"Interleaved{n:05d}" for n in range(200)]
+    for round_ in range(1, 4):  # every order's callback grows by one event per round, as Intergiro sends
+        for order_id in orders:
+            assert len(await post_order(receiver, rsa_key, order_id, EVENTS[:round_])) == 1
+    workers("--processes", "4", **webhook_settings(sink))
+    await wait_for(lambda: len(sink.received) >= 600, seconds=120, what="600 deliveries")
+    ids = [r.headers["webhook-id"] for r in sink.received]
+    assert len(ids) == len(set(ids)) == 600
+    by_order: dict[str, list[int]] = {}
+    for received in sink.received:
+        update = received.update
+        by_order.setdefault(update["order_id"], []).append(update["event"]["sequence"])
+    assert by_order == {order_id: [0, 1, 2] for order_id in orders}
+
+
+async def test_a_worker_killed_mid_delivery_loses_nothing(
+    receiver: Any, rsa_key: Any, sink: Sink, workers: Any, sync_redis: Any
+) -> None:
+    sink.answer = lambda _id, n: (200, {}, 5.0 if n == 1 else 0.0)
+    [update_id] = await post_order(receiver, rsa_key, "KilledOrder00001")
+    settings = webhook_settings(sink, delivery_timeout_seconds=1)
+    first = workers(**settings)
+    await wait_for(lambda: len(sink.received) == 1, what="the slow first attempt")
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(5)
+    workers(**settings)
+    await wait_for(lambda: len(sink.attempts(update_id)) >= 2, seconds=60, what="redelivery")
+    await wait_for(lambda: not sync_redis.exists(RedisKeys().order_head("KilledOrder00001")))
+    assert len(sink.attempts(update_id)) == 2
+
+
+async def test_a_handler_raising_twice_is_called_three_times_and_done(
+    receiver: Any, rsa_key: Any, workers: Any, sync_redis: Any
+) -> None:
+    [update_id] = await post_order(receiver, rsa_key, "HandledOrder0001")
+    workers(merchant_handler="tests.merchant_handlers:flaky", delivery_backoff_seconds=0.01)
+    await wait_for(lambda: sync_redis.llen(DELIVERED) == 1, what="the handler to take the update")
+    assert int(sync_redis.get(CALLS)) == 3
+    assert sync_redis.lrange(DELIVERED, 0, -1) == [update_id.encode()]
+    assert sync_redis.hlen(RedisKeys().dead_letters) == 0
+
+
+async def test_a_handler_raising_permanent_delivery_error_dead_letters_at_once(
+    receiver: Any, rsa_key: Any, workers: Any, sync_redis: Any
+) -> None:
+    [update_id] = await post_order(receiver, rsa_key, "RefusedOrder0001")
+    workers(merchant_handler="tests.merchant_handlers:refuses")
+    await wait_for(lambda: sync_redis.hexists(RedisKeys().dead_letters, update_id), what="the dead letter")
+    assert int(sync_redis.get(CALLS)) == 1
+
+
+def test_a_worker_with_neither_url_nor_handler_refuses_to_start_with_one_line(redis_url: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "receiver", "worker"],
+        env=worker_env(redis_url),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "MERCHANT_WEBHOOK_URL" in lines[0] and "MERCHANT_HANDLER" in lines[0]
+
+
+async def test_a_head_whose_job_was_deleted_releases_its_order(
+    receiver: Any, rsa_key: Any, sync_redis: Any, settings: Any
+) -> None:
+    first, second = await post_order(receiver, rsa_key, "StaleOrder000001", EVENTS[:2])
+    keys = RedisKeys()
+    sync_redis.delete(keys.rq_job(first))  # e.g. purged by hand from rq-dashboard
+    sync_redis.delete(keys.rq_queue)
+    assert OrderChains(sync_redis, keys).release_stale_heads() == 1
+    assert sync_redis.get(keys.order_head("StaleOrder000001")) == second.encode()
+    assert sync_redis.lrange(keys.rq_queue, 0, -1) == [second.encode()]
+    assert sync_redis.hget(keys.rq_job(second), "status") == b"queued"
+
+
+def test_backoff_is_full_jitter_under_a_doubling_cap_of_one_hour() -> None:
+    assert backoff_delay(1, 2.0, rng=lambda: 1.0) == 2.0
+    assert backoff_delay(4, 2.0, rng=lambda: 1.0) == 16.0
+    assert backoff_delay(4, 2.0, rng=lambda: 0.25) == 4.0
+    assert backoff_delay(40, 2.0, rng=lambda: 1.0) == 3600.0
+    assert backoff_delay(1, 2.0, retry_after=30, rng=lambda: 0.5) == 30.0
+
+
+def test_retry_after_is_read_as_seconds_or_an_http_date() -> None:
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after((now + timedelta(seconds=90)).strftime("%a, %d %b %Y %H:%M:%S GMT"), now) == 90.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None

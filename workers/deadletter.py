@@ -1,0 +1,94 @@
+"""The dead-letter queue: updates that failed for good, kept for ops to inspect, requeue or purge.
+
+One Redis hash (`igr:dlq`): update id -> JSON entry {id, order_id, update, attempts, last_error,
+last_error_at, dead_lettered_at}. `requeue` puts the update back into its order's chain with the same
+id (see workers.ordering.REQUEUE), so it is delivered again, after whatever is its order's head then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import orjson
+from redis import Redis
+
+from receiver.intake import job_data
+from receiver.rediskeys import RedisKeys
+from receiver.settings import Settings
+from workers.ordering import OrderChains
+
+
+class DeadLetters:
+    def __init__(self, redis: Redis, keys: RedisKeys) -> None:
+        self.redis = redis
+        self.keys = keys
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every entry, oldest dead-lettered first."""
+        raw = self.redis.hgetall(self.keys.dead_letters)
+        entries = [orjson.loads(v) for v in raw.values()]
+        return sorted(entries, key=lambda e: (e.get("dead_lettered_at", ""), e["id"]))
+
+    def get(self, update_id: str) -> dict[str, Any] | None:
+        raw = self.redis.hget(self.keys.dead_letters, update_id)
+        return None if raw is None else dict(orjson.loads(raw))
+
+    def ids(self) -> list[str]:
+        return sorted(
+            k.decode() if isinstance(k, bytes) else k for k in self.redis.hkeys(self.keys.dead_letters)
+        )
+
+    def requeue(self, update_id: str) -> bool:
+        """Back through delivery, same id, through its order's chain; False when not dead-lettered."""
+        entry = self.get(update_id)
+        if entry is None:
+            return False
+        update = entry["update"]
+        return OrderChains(self.redis, self.keys).requeue(update, job_data(update))
+
+    def purge(self, update_id: str) -> bool:
+        return bool(self.redis.hdel(self.keys.dead_letters, update_id))
+
+
+def run_dlq_command(settings: Settings, args: argparse.Namespace) -> int:
+    """`intergiro-receiver dlq list|show|requeue|purge`: 0 when done, 1 when an id is not there."""
+    redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    dlq = DeadLetters(redis, RedisKeys(settings.redis_key_prefix, settings.queue_name))
+    try:
+        return _run(dlq, args)
+    finally:
+        redis.close()
+
+
+def _run(dlq: DeadLetters, args: argparse.Namespace) -> int:
+    command = args.dlq_command
+    if command == "list":
+        entries = dlq.entries()
+        if args.json:
+            print(orjson.dumps(entries, option=orjson.OPT_INDENT_2).decode())
+            return 0
+        for e in entries:
+            print(f"{e['id']}  attempts={e['attempts']}  at={e['dead_lettered_at']}  error={e['last_error']}")
+        print(f"{len(entries)} dead-lettered update(s)")
+        return 0
+    if command == "show":
+        entry = dlq.get(args.id)
+        if entry is None:
+            print(f"dlq: {args.id} is not in the dead-letter queue", file=sys.stderr)
+            return 1
+        print(orjson.dumps(entry, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    act = dlq.requeue if command == "requeue" else dlq.purge
+    done_word = "requeued" if command == "requeue" else "purged"
+    ids = dlq.ids() if args.all else [args.id]
+    missing = [i for i in ids if not act(i)]
+    for i in ids:
+        if i not in missing:
+            print(f"{done_word} {i}")
+    for i in missing:
+        print(f"dlq: {i} is not in the dead-letter queue", file=sys.stderr)
+    if args.all:
+        print(f"{len(ids) - len(missing)} update(s) {done_word}")
+    return 1 if missing else 0

@@ -1,0 +1,305 @@
+"""One delivery attempt of an order-status update, and what its outcome means.
+
+Targets: a Standard Webhooks-signed POST to MERCHANT_WEBHOOK_URL and/or MERCHANT_HANDLER, a Python
+function. 2xx (or a handler that returns) is done; a network error, a timeout, 408, 429 and 5xx (or a
+handler's exception) are retried with exponential backoff and full jitter, honouring Retry-After; any
+other answer (or PermanentDeliveryError from a handler) dead-letters the update at once, as does the
+last of DELIVERY_MAX_ATTEMPTS attempts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import orjson
+import urllib3
+from redis import Redis
+from standardwebhooks.webhooks import Webhook
+
+from receiver.intake import job_data
+from receiver.logs import log
+from receiver.metrics import count, observe
+from receiver.rediskeys import RedisKeys
+from receiver.settings import Settings
+from workers.ordering import OrderChains
+
+MAX_BACKOFF_SECONDS = 3600.0
+USER_AGENT = "intergiro-receiver"
+
+
+class DeliveryError(Exception):
+    """A failed delivery attempt; `retryable` says whether another attempt may succeed."""
+
+    retryable = True
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentDeliveryError(DeliveryError):
+    """Raise from a MERCHANT_HANDLER to dead-letter the update at once instead of retrying it."""
+
+    retryable = False
+
+
+class TargetNotConfigured(Exception):
+    """Neither MERCHANT_WEBHOOK_URL nor MERCHANT_HANDLER is set, or the handler cannot be imported."""
+
+
+def backoff_delay(
+    attempt: int, base: float, retry_after: float | None = None, rng: Callable[[], float] = random.random
+) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1-based): full jitter over base * 2^(n-1),
+    capped at one hour, and never sooner than the merchant's Retry-After (itself capped at one hour)."""
+    ceiling = min(MAX_BACKOFF_SECONDS, base * 2 ** min(attempt - 1, 64))
+    delay = rng() * ceiling
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, MAX_BACKOFF_SECONDS))
+    return float(delay)
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Retry-After in seconds, from delta-seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, (moment - (now or datetime.now(UTC))).total_seconds())
+
+
+def is_retryable_status(status: int) -> bool:
+    return status in (408, 429) or status >= 500
+
+
+class WebhookTarget:
+    """POSTs the update to the merchant, signed per Standard Webhooks; keeps connections alive."""
+
+    name = "webhook"
+
+    def __init__(self, url: str, secret: str, timeout_seconds: float) -> None:
+        self.url = url
+        self.signer = Webhook(secret)
+        self.http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=timeout_seconds, read=timeout_seconds),
+            retries=False,
+            maxsize=4,
+        )
+
+    def __call__(self, update: dict[str, Any]) -> None:
+        body = orjson.dumps(update)
+        sent_at = datetime.now(UTC)
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            "webhook-id": update["id"],
+            "webhook-timestamp": str(int(sent_at.timestamp())),
+            "webhook-signature": self.signer.sign(update["id"], sent_at, body.decode()),
+            "Idempotency-Key": update["id"],
+        }
+        try:
+            response = self.http.request("POST", self.url, body=body, headers=headers, redirect=False)
+        except urllib3.exceptions.HTTPError as exc:
+            raise DeliveryError(f"POST failed: {type(exc).__name__}: {_reason(exc)}") from None
+        status = response.status
+        if 200 <= status < 300:
+            return
+        message = f"merchant answered HTTP {status}"
+        if is_retryable_status(status):
+            raise DeliveryError(message, parse_retry_after(response.headers.get("Retry-After")))
+        raise PermanentDeliveryError(message)
+
+
+class HandlerTarget:
+    """Calls MERCHANT_HANDLER (`module:function`) with the update dict."""
+
+    name = "handler"
+
+    def __init__(self, path: str) -> None:
+        module_name, _, function_name = path.partition(":")
+        try:
+            function = getattr(importlib.import_module(module_name), function_name)
+        except (ImportError, AttributeError) as exc:
+            raise TargetNotConfigured(f"MERCHANT_HANDLER: cannot import {path}: {exc}") from None
+        if not callable(function):
+            raise TargetNotConfigured(f"MERCHANT_HANDLER: {path} is not callable")
+        self.function: Callable[[dict[str, Any]], Any] = function
+
+    def __call__(self, update: dict[str, Any]) -> None:
+        try:
+            self.function(update)
+        except DeliveryError:
+            raise
+        except Exception as exc:  # any exception of the merchant's code is a retryable failure
+            raise DeliveryError(f"handler raised {type(exc).__name__}: {exc}") from None
+
+
+def build_targets(settings: Settings) -> list[WebhookTarget | HandlerTarget]:
+    """The configured targets, webhook first; raises TargetNotConfigured when there is none."""
+    targets: list[WebhookTarget | HandlerTarget] = []
+    if settings.merchant_webhook_url:
+        targets.append(
+            WebhookTarget(
+                settings.merchant_webhook_url,
+                settings.merchant_webhook_secret,
+                settings.delivery_timeout_seconds,
+            )
+        )
+    if settings.merchant_handler:
+        targets.append(HandlerTarget(settings.merchant_handler))
+    if not targets:
+        raise TargetNotConfigured(
+            "set MERCHANT_WEBHOOK_URL (with MERCHANT_WEBHOOK_SECRET) or MERCHANT_HANDLER"
+        )
+    return targets
+
+
+@dataclass
+class DeliveryContext:
+    """What a worker process needs to deliver: built once per process and reused by every job."""
+
+    settings: Settings
+    redis: Redis
+    keys: RedisKeys
+    chains: OrderChains
+    targets: list[WebhookTarget | HandlerTarget]
+
+    @classmethod
+    def create(cls, settings: Settings) -> DeliveryContext:
+        redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+        return cls(settings, redis, keys, OrderChains(redis, keys), build_targets(settings))
+
+
+_context: DeliveryContext | None = None
+
+
+def use_context(context: DeliveryContext) -> None:
+    """Set this process's delivery context (the worker runner does it before working)."""
+    global _context
+    _context = context
+
+
+def current_context() -> DeliveryContext:
+    if _context is None:  # a plain `rq worker` imported us: build from the environment
+        use_context(DeliveryContext.create(Settings.from_env()))
+    assert _context is not None
+    return _context
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def deliver_from_job(update: dict[str, Any]) -> None:
+    """One attempt at delivering `update`; records the outcome in Redis and never raises for the
+    merchant's failures (the outcome is a retry or a dead letter, both kept in Redis)."""
+    deliver(current_context(), update)
+
+
+def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> None:
+    settings, keys, redis = ctx.settings, ctx.keys, ctx.redis
+    record = keys.delivery(update["id"])
+    with redis.pipeline(transaction=True) as pipe:
+        pipe.get(keys.order_head(update["order_id"]))
+        pipe.hincrby(record, "attempts", 1)
+        pipe.hgetall(record)
+        head, attempt, fields = pipe.execute()
+    if head != update["id"].encode():
+        # Every update a worker runs is its order's head (see workers.ordering); one that is not was
+        # finished already and runs again because its worker died before RQ recorded the end.
+        redis.delete(record)
+        count(redis, keys, "intergiro_deliveries_total", outcome="duplicate_skipped")
+        log.info("update already finished, not delivered again", update=update["id"])
+        return
+    done = {k.decode() for k in fields if k.startswith(b"done:")}
+    if attempt > settings.delivery_max_attempts:
+        # Only after attempts that never reported back (their worker died): give up like any last attempt.
+        last_error = fields.get(b"last_error", b"worker stopped during the attempt").decode()
+        dead_letter(
+            ctx, update, attempt - 1, last_error, fields.get(b"last_error_at", b"").decode() or utc_now()
+        )
+        return
+    started = time.perf_counter()
+    failure: DeliveryError | None = None
+    for target in ctx.targets:
+        if f"done:{target.name}" in done:
+            continue  # delivered there by an earlier attempt
+        try:
+            target(update)
+        except DeliveryError as exc:
+            failure = exc
+            break
+        except Exception as exc:  # e.g. RQ's job timeout firing mid-POST: retry like a network error
+            failure = DeliveryError(f"{target.name}: {type(exc).__name__}: {exc}")
+            break
+        redis.hset(record, f"done:{target.name}", 1)
+    elapsed = time.perf_counter() - started
+    result = "success" if failure is None else "retryable" if failure.retryable else "permanent"
+    with redis.pipeline(transaction=False) as pipe:
+        count(pipe, keys, "intergiro_delivery_attempts_total", result=result)
+        observe(pipe, keys, "intergiro_delivery_seconds", elapsed)
+        pipe.execute()
+    if failure is None:
+        ctx.chains.finish(update)
+        count(redis, keys, "intergiro_deliveries_total", outcome="delivered")
+        log.debug("update delivered", update=update["id"], attempt=attempt)
+        return
+    error, error_at = str(failure), utc_now()
+    if not failure.retryable or attempt >= settings.delivery_max_attempts:
+        dead_letter(ctx, update, attempt, error, error_at)
+        return
+    delay = backoff_delay(attempt, settings.delivery_backoff_seconds, failure.retry_after)
+    ctx.chains.schedule_retry(update["id"], time.time() + delay, job_data(update), error, error_at)
+    count(redis, keys, "intergiro_deliveries_total", outcome="retry_scheduled")
+    log.info(
+        "delivery retry scheduled",
+        update=update["id"],
+        attempt=attempt,
+        error=error,
+        retry_in=round(delay, 4),
+        retry_after=failure.retry_after,
+    )
+
+
+def dead_letter(
+    ctx: DeliveryContext, update: dict[str, Any], attempts: int, error: str, error_at: str
+) -> None:
+    """Move the update to the dead-letter queue and release its order (atomically, see ordering.py)."""
+    entry = {
+        "id": update["id"],
+        "order_id": update["order_id"],
+        "update": update,
+        "attempts": attempts,
+        "last_error": error,
+        "last_error_at": error_at,
+        "dead_lettered_at": utc_now(),
+    }
+    next_head = ctx.chains.finish(update, orjson.dumps(entry))
+    count(ctx.redis, ctx.keys, "intergiro_deliveries_total", outcome="dead_lettered")
+    log.warning(
+        "update dead-lettered",
+        update=update["id"],
+        attempts=attempts,
+        error=error,
+        next_update_of_order=next_head,
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return str(reason if reason is not None else exc)
