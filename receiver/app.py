@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from receiver.connections import async_redis
 from receiver.errors import (
     BadCallback,
     BodyTooLarge,
@@ -212,7 +213,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def redis_client(settings: Settings) -> Redis:
-    return Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    return async_redis(settings)
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from receiver.connections import async_redis
 from receiver.settings import Settings
 
 
 async def find_problems(settings: Settings) -> list[str]:
     problems = []
-    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3)
+    redis = async_redis(settings, timeout=3)
     try:
         await redis.ping()
     except RedisError as exc:

@@ -93,7 +93,7 @@ def _check_items(items: Any, where: str) -> None:
     elif isinstance(items, dict):
         _check_item(items, where)
     elif isinstance(items, list):
-        _require(0 < len(items) <= MAX_ITEMS, f"{where} must hold 1 to {MAX_ITEMS} items")
+        _require(len(items) <= MAX_ITEMS, f"{where} holds more than {MAX_ITEMS} items")
         for index, item in enumerate(items):
             _check_item(item, f"{where}[{index}]")
     else:
@@ -116,7 +116,11 @@ def parse_order(body: Any) -> dict[str, Any]:
     _check_items(order["items"], "items")
     _require(isinstance(order.get("payment"), dict), "order payment is not an object")
     _require(isinstance(order["payment"].get("type"), str), "order payment.type is not a string")
-    for name in ("number", "created", "client", "category"):
+    _require(
+        order.get("category") in (None, "purchase", "withdrawal"),
+        "order category is not purchase or withdrawal",
+    )
+    for name in ("number", "created", "client"):
         _require(order.get(name) is None or isinstance(order[name], str), f"order {name} is not a string")
     _require(
         order.get("customer") is None or isinstance(order["customer"], str | dict),

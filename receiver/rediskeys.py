@@ -41,6 +41,16 @@ class RedisKeys:
         return f"{self.prefix}metrics"
 
     @property
+    def reconcile_lock(self) -> str:
+        """Deployment-wide lock of periodic reconcile: a random token, with an expiry renewed while it runs."""
+        return f"{self.prefix}reconcile:lock"
+
+    @property
+    def reconcile_watermark(self) -> str:
+        """Unix time (seconds) of the end of the last window periodic reconcile completed."""
+        return f"{self.prefix}reconcile:watermark"
+
+    @property
     def rq_queue(self) -> str:
         return f"rq:queue:{self.queue_name}"
 

@@ -24,6 +24,8 @@ T = TypeVar("T")
 class Settings:
     redis_url: str = "redis://localhost:6379/0"
     redis_key_prefix: str = "igr:"
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str = "mymaster"
     receiver_host: str = "0.0.0.0"  # noqa: S104 - a receiver listens for the outside world
     receiver_port: int = 8080
     intergiro_environment: str = "production"
@@ -101,6 +103,8 @@ class _Reader:
         s = Settings(
             redis_url=self.get("REDIS_URL", d.redis_url, _redis_url),
             redis_key_prefix=self.get("REDIS_KEY_PREFIX", d.redis_key_prefix, _key_prefix),
+            redis_sentinels=self.get("REDIS_SENTINELS", d.redis_sentinels, _sentinels),
+            redis_sentinel_master=self.get("REDIS_SENTINEL_MASTER", d.redis_sentinel_master, _queue_name),
             receiver_host=self.get("RECEIVER_HOST", d.receiver_host, str),
             receiver_port=self.get("RECEIVER_PORT", d.receiver_port, _int_between(0, 65535)),
             intergiro_environment=self.get(
@@ -218,6 +222,17 @@ def _redis_url(raw: str) -> str:
     if urlparse(raw).scheme not in ("redis", "rediss", "unix"):
         raise ValueError("must start with redis://, rediss:// or unix://")
     return raw
+
+
+def _sentinels(raw: str) -> tuple[tuple[str, int], ...]:
+    """`host:port,host:port` of the Redis Sentinels that know the master."""
+    result = []
+    for part in (p.strip() for p in raw.split(",")):
+        host, _, port = part.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{part!r} is not host:port")
+        result.append((host.strip("[]"), int(port)))
+    return tuple(result)
 
 
 def _http_url(raw: str) -> str:

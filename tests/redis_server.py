@@ -96,3 +96,81 @@ def usable_external_url() -> str | None:
         print(f"\nREDIS_URL {url} holds data we did not write: starting a redis-server of our own instead")
         return None
     return url
+
+
+class SentinelCluster:
+    """A master, one replica and three sentinels on free ports, for failover tests."""
+
+    def __init__(self, master_name: str = "igr-test") -> None:
+        self.name = master_name
+        self.master = RedisServer()
+        self.replica = RedisServer()
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+        self.dir = Path(tempfile.mkdtemp(prefix="igr-sentinel-"))
+
+    def start(self) -> None:
+        self.master.start()
+        self.replica.start()
+        redis.Redis(port=self.replica.port).replicaof("127.0.0.1", self.master.port)
+        for index, port in enumerate(self.sentinel_ports):
+            conf = self.dir / f"sentinel-{index}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                f"sentinel monitor {self.name} 127.0.0.1 {self.master.port} 2\n"
+                f"sentinel down-after-milliseconds {self.name} 1000\n"
+                f"sentinel failover-timeout {self.name} 5000\n"
+                f"sentinel parallel-syncs {self.name} 1\n"
+            )
+            self.sentinels.append(
+                subprocess.Popen(
+                    [
+                        redis_binary(),
+                        str(conf),
+                        "--sentinel",
+                        "--logfile",
+                        str(self.dir / f"sentinel-{index}.log"),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                known = [
+                    redis.Redis(port=p, socket_connect_timeout=0.2).sentinel_master(self.name)
+                    for p in self.sentinel_ports
+                ]
+                if all(
+                    int(m.get("num-other-sentinels", 0)) == 2 and int(m.get("num-slaves", 0)) == 1
+                    for m in known
+                ):
+                    return
+            except redis.RedisError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("sentinels did not discover each other and the replica")
+
+    @property
+    def addresses(self) -> tuple[tuple[str, int], ...]:
+        return tuple(("127.0.0.1", p) for p in self.sentinel_ports)
+
+    def current_master_port(self) -> int:
+        for port in self.sentinel_ports:
+            try:
+                _host, master_port = redis.Redis(
+                    port=port, socket_connect_timeout=0.2
+                ).sentinel_get_master_addr_by_name(self.name)
+                return int(master_port)
+            except (redis.RedisError, TypeError):
+                continue
+        raise RuntimeError("no sentinel answers")
+
+    def cleanup(self) -> None:
+        for process in self.sentinels:
+            process.kill()
+            process.wait(10)
+        self.master.cleanup()
+        self.replica.cleanup()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,55 @@
+"""Redis clients for every process, made in one place: a plain URL, or Sentinel for failover."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlparse
+
+import redis
+import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
+
+from receiver.settings import Settings
+
+
+def _master_options(settings: Settings, timeout: float) -> dict[str, Any]:
+    url = urlparse(settings.redis_url)
+    db = int(url.path.lstrip("/") or 0) if url.scheme in ("redis", "rediss") else 0
+    return {
+        "db": db,
+        "password": url.password,
+        "username": url.username,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": min(timeout, 2.0),
+    }
+
+
+def async_redis(settings: Settings, timeout: float = 5.0) -> redis.asyncio.Redis:
+    """The receiver's client (never blocks the event loop)."""
+    if settings.redis_sentinels:
+        sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            list(settings.redis_sentinels), socket_timeout=1.0, socket_connect_timeout=1.0
+        )
+        master: redis.asyncio.Redis = sentinel.master_for(
+            settings.redis_sentinel_master, **_master_options(settings, timeout)
+        )
+        return master
+    return redis.asyncio.Redis.from_url(
+        settings.redis_url, socket_timeout=timeout, socket_connect_timeout=min(timeout, 2.0)
+    )
+
+
+def sync_redis(settings: Settings, timeout: float = 5.0) -> redis.Redis:
+    """The workers' and the CLI's client."""
+    if settings.redis_sentinels:
+        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            list(settings.redis_sentinels), socket_timeout=1.0, socket_connect_timeout=1.0
+        )
+        master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+            settings.redis_sentinel_master, **_master_options(settings, timeout)
+        )
+        return master
+    return redis.Redis.from_url(
+        settings.redis_url, socket_timeout=timeout, socket_connect_timeout=min(timeout, 2.0)
+    )

@@ -1,0 +1,598 @@
+"""`intergiro-receiver reconcile`: find the order events whose callback never arrived, and queue them.
+
+Intergiro's API lists the orders of a date window, each with its whole event list. Every listed order
+goes through the very path of a callback (parse → one update per event → `Intake.store`, dedup and
+enqueue in one atomic step), so an event a callback already brought is "known" and one it never
+brought is queued now, with the id a callback would have given it. A rerun is always safe.
+
+Periodic mode (`reconcile --every`) runs under a deployment-wide Redis lock and keeps a watermark
+of the last completed window; see `PeriodicReconcile` for how the next window is chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import secrets
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from receiver.connections import async_redis
+from receiver.errors import BadCallback
+from receiver.intake import Intake
+from receiver.logs import log
+from receiver.metrics import count, set_gauge
+from receiver.order import build_updates, event_key, parse_order
+from receiver.rediskeys import RedisKeys
+from receiver.settings import Settings
+
+ORDER_LIST_PATH = "/v1/order"
+MAX_WINDOW_DAYS = 400
+# A paged answer may name its list and its continuation in any of these fields.
+PAGE_LIST_FIELDS = ("orders", "data", "items", "results", "list")
+PAGE_NEXT_FIELDS = ("next", "continuation", "cursor")
+MAX_PAGES_PER_DAY = 10_000
+RETRY_STATUSES = frozenset({408, 429})
+LOCK_TTL_MS = 60_000
+_DURATION = re.compile(r"(\d+)([smhdw]?)")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_SAFE_ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+# Outcomes of a run (the `outcome` label of intergiro_reconcile_runs_total).
+COMPLETED = "completed"
+API_FAILED = "api_failed"
+REFUSED = "refused"
+REDIS_FAILED = "redis_failed"
+LOCK_LOST = "lock_lost"
+BUSY = "busy"
+NOT_DUE = "not_due"
+
+
+class ApiFailed(Exception):
+    """The order list could not be read in this run (after retries); safe to rerun later."""
+
+
+class ApiRefused(ApiFailed):
+    """401/403: the key is wrong or lacks the right; retrying cannot help."""
+
+
+def parse_duration(text: str) -> int:
+    """`90`, `45s`, `30m`, `2h`, `3d`, `1w` → seconds (at least 1, at most MAX_WINDOW_DAYS)."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if not match:
+        raise ValueError(f"--since {text!r}: use a number with s, m, h, d or w (e.g. 2h, 3d)")
+    seconds = int(match[1]) * _UNITS[match[2]]
+    if not 0 < seconds <= MAX_WINDOW_DAYS * 86400:
+        raise ValueError(f"--since {text!r}: must be more than 0 and at most {MAX_WINDOW_DAYS} days")
+    return seconds
+
+
+def _utc_date(timestamp: float) -> date:
+    return datetime.fromtimestamp(timestamp, UTC).date()
+
+
+@dataclass(frozen=True)
+class Window:
+    """The order-creation dates to list, both ends included (UTC)."""
+
+    start: date
+    end: date
+
+    @classmethod
+    def since(cls, seconds: float, now: float) -> Window:
+        return cls(_utc_date(now - seconds), _utc_date(now))
+
+    @classmethod
+    def between(cls, start: str, end: str) -> Window:
+        try:
+            window = cls(date.fromisoformat(start), date.fromisoformat(end))
+        except ValueError:
+            raise ValueError(f"--start {start!r} --end {end!r}: dates are YYYY-MM-DD") from None
+        if window.end < window.start:
+            raise ValueError("--end is before --start")
+        if len(window.days()) > MAX_WINDOW_DAYS:
+            raise ValueError(f"the window is longer than {MAX_WINDOW_DAYS} days; reconcile it in parts")
+        return window
+
+    def days(self) -> list[date]:
+        """One request per day: a long range in one request could be too large for the API to answer."""
+        return [self.start + timedelta(days=n) for n in range((self.end - self.start).days + 1)]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How one API request is retried on 408, 429, 5xx, timeouts and connection errors."""
+
+    attempts: int = 4
+    backoff_seconds: float = 1.0
+    max_delay_seconds: float = 60.0
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        wanted = retry_after if retry_after is not None else self.backoff_seconds * 2 ** (attempt - 1)
+        return min(max(wanted, 0.0), self.max_delay_seconds)
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """`Retry-After` in seconds or as an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - (time.time() if now is None else now))
+
+
+class OrderApi:
+    """Intergiro's `GET /v1/order?start=&end=`, paged and retried; yields pages of raw orders."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, settings: Settings, retry: RetryPolicy | None = None
+    ) -> None:
+        self.session = session
+        self.base = settings.intergiro_api_url.rstrip("/")
+        self.origin = urlsplit(self.base)[:2]
+        self.headers = {
+            "Accept": "application/json",
+            "Authorization": f"Bearer {settings.intergiro_api_key}",
+        }
+        self.timeout = aiohttp.ClientTimeout(total=settings.intergiro_api_timeout_seconds)
+        self.retry = retry or RetryPolicy()
+
+    async def pages(self, day: date) -> AsyncIterator[list[Any]]:
+        """The orders created on `day`, page by page, following `next`/continuation or a `Link` header."""
+        query = {"start": day.isoformat(), "end": (day + timedelta(days=1)).isoformat()}
+        url: str = self.base + ORDER_LIST_PATH
+        params: dict[str, str] | None = query
+        asked: set[tuple[str, str]] = set()
+        for _ in range(MAX_PAGES_PER_DAY):
+            request_key = (url, repr(sorted((params or {}).items())))
+            if request_key in asked:
+                raise ApiFailed("the order list's next page points back to a page already read")
+            asked.add(request_key)
+            body, link_next = await self._get(url, params)
+            orders, continuation = self._page(body)
+            yield orders
+            if link_next is not None:
+                url, params = self._same_origin(link_next), None
+            elif continuation is None:
+                return
+            elif continuation.startswith(("http://", "https://", "/")):
+                url, params = self._same_origin(continuation), None
+            else:
+                url, params = self.base + ORDER_LIST_PATH, {**query, "continuation": continuation}
+        raise ApiFailed(f"the order list of {day} has more than {MAX_PAGES_PER_DAY} pages")
+
+    def _same_origin(self, link: str) -> str:
+        """The API key is sent only to INTERGIRO_API_URL's own origin, whatever a next link says."""
+        url = urljoin(self.base + "/", link)
+        if urlsplit(url)[:2] != self.origin:
+            raise ApiFailed("the order list's next page is on another host; not following it")
+        return url
+
+    @staticmethod
+    def _page(body: Any) -> tuple[list[Any], str | None]:
+        if isinstance(body, list):
+            return body, None
+        if isinstance(body, dict):
+            for name in PAGE_LIST_FIELDS:
+                if isinstance(body.get(name), list):
+                    continuation = next(
+                        (body[n] for n in PAGE_NEXT_FIELDS if isinstance(body.get(n), str) and body[n]), None
+                    )
+                    return body[name], continuation
+        raise ApiFailed("the order list is not a JSON list of orders")
+
+    async def _get(self, url: str, params: dict[str, str] | None) -> tuple[Any, str | None]:
+        problem = ""
+        for attempt in range(1, self.retry.attempts + 1):
+            retry_after: float | None = None
+            try:
+                async with self.session.get(
+                    url, params=params, headers=self.headers, timeout=self.timeout, allow_redirects=False
+                ) as answer:
+                    if answer.status in (401, 403):
+                        raise ApiRefused(
+                            f"Intergiro refused INTERGIRO_API_KEY ({answer.status}) listing orders; "
+                            "check the key and its rights"
+                        )
+                    if answer.status in RETRY_STATUSES or answer.status >= 500:
+                        problem = f"answered {answer.status}"
+                        retry_after = retry_after_seconds(answer.headers.get("Retry-After"))
+                    elif answer.status != 200:
+                        raise ApiFailed(f"GET {ORDER_LIST_PATH} answered {answer.status}")
+                    else:
+                        raw = await answer.read()
+                        try:
+                            body = orjson.loads(raw)
+                        except orjson.JSONDecodeError:
+                            raise ApiFailed(f"GET {ORDER_LIST_PATH} did not answer JSON") from None
+                        link = answer.links.get("next")
+                        return body, str(link["url"]) if link and link.get("url") else None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                problem = f"{type(exc).__name__}"
+            if attempt == self.retry.attempts:
+                break
+            delay = self.retry.delay(attempt, retry_after)
+            log.warning("intergiro api retry", path=ORDER_LIST_PATH, problem=problem, delay=delay)
+            await self.retry.sleep(delay)
+        raise ApiFailed(f"GET {ORDER_LIST_PATH} failed after {self.retry.attempts} attempts ({problem})")
+
+
+@dataclass
+class Summary:
+    """What one run found; `missed` are the update ids queued now (or that a dry run would queue)."""
+
+    window: Window
+    dry_run: bool
+    outcome: str = COMPLETED
+    orders_listed: int = 0
+    events_known: int = 0
+    missed: list[str] = field(default_factory=list)
+    malformed: list[str | None] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "outcome": self.outcome,
+            "window": {"start": self.window.start.isoformat(), "end": self.window.end.isoformat()},
+            "dry_run": self.dry_run,
+            "orders_listed": self.orders_listed,
+            "events_known": self.events_known,
+            "events_queued": 0 if self.dry_run else len(self.missed),
+            "events_missed": len(self.missed),
+            "missed": self.missed,
+            "malformed_orders": len(self.malformed),
+            "malformed_order_ids": self.malformed,
+            "errors": self.errors,
+        }
+
+    def as_text(self) -> str:
+        numbers = {
+            "orders listed": self.orders_listed,
+            "events already known": self.events_known,
+            "events to queue (dry run)" if self.dry_run else "events queued now": len(self.missed),
+            "malformed orders": len(self.malformed),
+            "errors": len(self.errors),
+        }
+        rows = [f"reconcile {self.window.start} .. {self.window.end}: {self.outcome}"]
+        rows += [f"  {label:<26}{value}" for label, value in numbers.items()]
+        verb = "would queue" if self.dry_run else "queued"
+        rows += [f"{verb} {update_id}" for update_id in self.missed]
+        rows += [f"malformed order {order_id or '(no usable id)'}" for order_id in self.malformed]
+        rows += [f"error {error}" for error in self.errors]
+        return "\n".join(rows)
+
+
+def _safe_order_id(raw: Any) -> str | None:
+    """The order's id when it looks like one: the only thing of a malformed order that is ever logged."""
+    order_id = raw.get("id") if isinstance(raw, dict) else None
+    return order_id if isinstance(order_id, str) and _SAFE_ORDER_ID.fullmatch(order_id) else None
+
+
+class Reconciler:
+    """Lists a window's orders and runs each through the callback path (or, dry, only reads the dedup)."""
+
+    def __init__(self, redis: Redis, settings: Settings, api: OrderApi, *, dry_run: bool = False) -> None:
+        self.redis = redis
+        self.keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+        self.intake = Intake(redis, self.keys, settings.dedup_ttl_seconds)
+        self.api = api
+        self.dry_run = dry_run
+
+    async def run(self, window: Window, keep_going: Callable[[], bool] = lambda: True) -> Summary:
+        summary = Summary(window, self.dry_run)
+        listed: set[str] = set()
+        try:
+            for day in window.days():
+                async for page in self.api.pages(day):
+                    if not keep_going():
+                        summary.outcome = LOCK_LOST
+                        summary.errors.append("the reconcile lock was lost; stopped")
+                        return summary
+                    queued_before = len(summary.missed)
+                    scanned = 0
+                    for raw in page:
+                        order_id = _safe_order_id(raw)
+                        if order_id is not None and order_id in listed:
+                            continue  # a day window's edges may overlap; an order counts once
+                        if order_id is not None:
+                            listed.add(order_id)
+                        scanned += 1
+                        await self._reconcile_order(raw, summary)
+                    summary.orders_listed += scanned
+                    if not self.dry_run:
+                        async with self.redis.pipeline(transaction=False) as pipe:
+                            count(pipe, self.keys, "intergiro_reconcile_orders_scanned_total", scanned)
+                            count(
+                                pipe,
+                                self.keys,
+                                "intergiro_reconcile_missed_events_total",
+                                len(summary.missed) - queued_before,
+                            )
+                            await pipe.execute()
+        except ApiRefused as exc:
+            summary.outcome, summary.errors = REFUSED, [*summary.errors, str(exc)]
+        except ApiFailed as exc:
+            summary.outcome, summary.errors = API_FAILED, [*summary.errors, str(exc)]
+        except RedisError as exc:
+            summary.outcome = REDIS_FAILED
+            summary.errors.append(f"REDIS_URL: Redis not reachable ({type(exc).__name__})")
+        return summary
+
+    async def _reconcile_order(self, raw: Any, summary: Summary) -> None:
+        received_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        try:
+            updates = build_updates(parse_order(raw), received_at=received_at, verified_by="api")
+        except BadCallback as exc:
+            summary.malformed.append(_safe_order_id(raw))
+            log.warning("malformed order in the order list", order=_safe_order_id(raw), reason=exc.reason)
+            return
+        except (TypeError, ValueError, KeyError, ArithmeticError) as exc:
+            # parse_order should have refused it; one odd order must still not stop the whole run
+            summary.malformed.append(_safe_order_id(raw))
+            log.error(
+                "unreadable order in the order list", order=_safe_order_id(raw), error=type(exc).__name__
+            )
+            return
+        if self.dry_run:
+            fields = [event_key(u["event"]["sequence"], u["event"]["type"]) for u in updates]
+            seen = await self.redis.hmget(self.keys.seen(updates[0]["order_id"]), fields)
+            missing = [u["id"] for u, marker in zip(updates, seen, strict=True) if marker is None]
+        else:
+            missing = await self.intake.store(updates)
+            if missing:
+                log.warning("reconcile queued missed events", order=updates[0]["order_id"], queued=missing)
+        summary.missed += missing
+        summary.events_known += len(updates) - len(missing)
+
+
+# The lock is one key holding a random token; only its holder may renew or release it, and only while
+# it still holds it: GET and PEXPIRE/DEL must be one step, or a lock that expired and was taken by
+# another process in between would be renewed or deleted from under that process.
+RENEW_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# The watermark moves only under the lock and only forward: checking the token and writing the
+# watermark in one step keeps a process that lost the lock from moving it.
+WATERMARK_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local old = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[2]) > old then redis.call('SET', KEYS[2], ARGV[2]) end
+return 1
+"""
+
+
+class ReconcileLock:
+    """SET NX PX with a random token, renewed every third of its expiry while held."""
+
+    def __init__(self, redis: Redis, keys: RedisKeys, ttl_ms: int = LOCK_TTL_MS) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.ttl_ms = ttl_ms
+        self.token = secrets.token_hex(16)
+        self.lost = False
+        self._renewer: asyncio.Task[None] | None = None
+        self._renew = redis.register_script(RENEW_SCRIPT)
+        self._release = redis.register_script(RELEASE_SCRIPT)
+        self._watermark = redis.register_script(WATERMARK_SCRIPT)
+
+    async def acquire(self) -> bool:
+        taken = await self.redis.set(self.keys.reconcile_lock, self.token, nx=True, px=self.ttl_ms)
+        if taken:
+            self.lost = False
+            self._renewer = asyncio.create_task(self._renew_while_held())
+        return bool(taken)
+
+    async def _renew_while_held(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl_ms / 3000)
+            try:
+                renewed = await self._renew(keys=[self.keys.reconcile_lock], args=[self.token, self.ttl_ms])
+            except RedisError:
+                continue  # try again; the lock stays ours until it expires
+            if not renewed:
+                self.lost = True
+                log.warning("reconcile lock lost")
+                return
+
+    async def advance_watermark(self, timestamp: float) -> bool:
+        moved = await self._watermark(
+            keys=[self.keys.reconcile_lock, self.keys.reconcile_watermark], args=[self.token, timestamp]
+        )
+        return bool(moved)
+
+    async def release(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            self._renewer = None
+        try:
+            await self._release(keys=[self.keys.reconcile_lock], args=[self.token])
+        except RedisError:
+            pass  # it expires by itself
+
+
+class PeriodicReconcile:
+    """`reconcile --every`: one run per RECONCILE_INTERVAL_SECONDS across the whole deployment.
+
+    Each run lists from min(watermark, now - lookback) to now (never more than MAX_WINDOW_DAYS back).
+    The lookback is rescanned every time on purpose: the API lists orders by creation date, and an order
+    created yesterday may get its charge or refund today, so "where we stopped" alone would miss those
+    events. The watermark (end of the last completed window) only ever widens the window: after a
+    downtime longer than the lookback, the next run starts where the last completed one ended, so the
+    gap is covered; and any process that starts, or restarts, skips the run when the watermark says
+    the deployment completed one less than an interval ago.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        api: OrderApi,
+        *,
+        lookback_seconds: float | None = None,
+        clock: Callable[[], float] = time.time,
+        lock_ttl_ms: int = LOCK_TTL_MS,
+    ) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+        self.api = api
+        self.interval = settings.reconcile_interval_seconds
+        self.lookback = lookback_seconds or settings.reconcile_lookback_seconds
+        self.clock = clock
+        self.lock_ttl_ms = lock_ttl_ms
+        self.last: Summary | None = None
+
+    async def watermark(self) -> float | None:
+        raw = await self.redis.get(self.keys.reconcile_watermark)
+        return float(raw) if raw is not None else None
+
+    async def tick(self) -> str:
+        """One scheduled turn: BUSY (another process holds the lock), NOT_DUE, or the run's outcome."""
+        lock = ReconcileLock(self.redis, self.keys, self.lock_ttl_ms)
+        if not await lock.acquire():
+            return BUSY
+        try:
+            now = self.clock()
+            watermark = await self.watermark()
+            if watermark is not None and now - watermark < self.interval:
+                return NOT_DUE
+            start = min(watermark if watermark is not None else now, now - self.lookback)
+            start = max(start, now - MAX_WINDOW_DAYS * 86400)
+            summary = await Reconciler(self.redis, self.settings, self.api).run(
+                Window(_utc_date(start), _utc_date(now)), keep_going=lambda: not lock.lost
+            )
+            if summary.outcome == COMPLETED and not await lock.advance_watermark(now):
+                summary.outcome = LOCK_LOST
+            if summary.outcome == COMPLETED:
+                await set_gauge(self.redis, self.keys, "intergiro_reconcile_watermark_timestamp_seconds", now)
+            await count(self.redis, self.keys, "intergiro_reconcile_runs_total", outcome=summary.outcome)
+            self.last = summary
+            log.info("reconcile run", **summary.as_json() | {"missed": summary.missed[:100]})
+            return summary.outcome
+        finally:
+            await lock.release()
+
+    async def run_forever(self, stop: asyncio.Event) -> int:
+        """Tick until `stop` is set; 1 when Intergiro refuses the key (it will not get better by itself)."""
+        while not stop.is_set():
+            try:
+                outcome = await self.tick()
+            except RedisError as exc:
+                outcome = REDIS_FAILED
+                log.warning("reconcile: Redis not reachable", error=type(exc).__name__)
+            if outcome == REFUSED:
+                print(
+                    f"intergiro-receiver reconcile: {self.last.errors[-1] if self.last else REFUSED}",
+                    file=sys.stderr,
+                )
+                return 1
+            delay: float = self.interval
+            if outcome in (COMPLETED, NOT_DUE):
+                try:
+                    watermark = await self.watermark()
+                except RedisError:
+                    watermark = None
+                if watermark is not None:
+                    delay = min(max(watermark + self.interval - self.clock(), 1.0), self.interval)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+        return 0
+
+
+def _usage_error(message: str) -> int:
+    print(f"intergiro-receiver reconcile: {message}", file=sys.stderr)
+    return 2
+
+
+def _window(args: argparse.Namespace, settings: Settings, now: float) -> Window:
+    if (args.start is None) != (args.end is None):
+        raise ValueError("--start and --end go together")
+    if args.start is not None:
+        return Window.between(args.start, args.end)
+    seconds = parse_duration(args.since) if args.since else settings.reconcile_lookback_seconds
+    return Window.since(seconds, now)
+
+
+async def reconcile_command(
+    settings: Settings, args: argparse.Namespace, retry: RetryPolicy | None = None
+) -> int:
+    """The whole command, awaitable (tests call it on their own loop); returns the exit code."""
+    if not settings.intergiro_api_key:
+        print("intergiro-receiver reconcile: INTERGIRO_API_KEY: required to list orders", file=sys.stderr)
+        return 2
+    if args.every:
+        if settings.reconcile_interval_seconds <= 0:
+            return _usage_error("RECONCILE_INTERVAL_SECONDS: must be greater than 0 for --every")
+        if args.start or args.end or args.dry_run:
+            return _usage_error("--every takes no --start, --end or --dry-run (only --since)")
+    try:
+        window = _window(args, settings, time.time())
+        lookback = parse_duration(args.since) if args.since else None
+    except ValueError as exc:
+        return _usage_error(str(exc))
+    redis = async_redis(settings)
+    try:
+        async with aiohttp.ClientSession() as session:
+            api = OrderApi(session, settings, retry)
+            if args.every:
+                return await _run_periodic(PeriodicReconcile(redis, settings, api, lookback_seconds=lookback))
+            summary = await Reconciler(redis, settings, api, dry_run=args.dry_run).run(window)
+            if not args.dry_run and summary.outcome != REDIS_FAILED:
+                try:
+                    await count(
+                        redis,
+                        RedisKeys(settings.redis_key_prefix, settings.queue_name),
+                        "intergiro_reconcile_runs_total",
+                        outcome=summary.outcome,
+                    )
+                except RedisError:
+                    pass
+    finally:
+        await redis.aclose()
+    if args.json:
+        sys.stdout.write(orjson.dumps(summary.as_json()).decode() + "\n")
+    else:
+        print(summary.as_text())
+    if summary.outcome != COMPLETED:
+        print(f"intergiro-receiver reconcile: {summary.outcome}: {summary.errors[-1]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _run_periodic(periodic: PeriodicReconcile) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.info("reconcile every", interval=periodic.interval, lookback=periodic.lookback)
+    return await periodic.run_forever(stop)
+
+
+def run_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    return asyncio.run(reconcile_command(settings, args))

@@ -1,0 +1,420 @@
+"""`intergiro-receiver reconcile`: events whose callbacks never arrived are found through Intergiro's
+order list and queued once, with the id a callback would have given them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import structlog
+from aiohttp import web
+
+from receiver.cli import build_parser
+from receiver.connections import async_redis
+from receiver.logs import configure_logging
+from receiver.metrics import SHARED_METRICS
+from receiver.order import update_id
+from receiver.reconcile import (
+    BUSY,
+    COMPLETED,
+    NOT_DUE,
+    OrderApi,
+    PeriodicReconcile,
+    RetryPolicy,
+    reconcile_command,
+)
+from receiver.rediskeys import RedisKeys
+from receiver.settings import Settings
+from tests.conftest import queued_updates
+from tests.helpers import JWT, assert_valid_update, card_order, token
+
+DAYS = (date(2024, 5, 1), date(2024, 5, 2), date(2024, 5, 3))
+WINDOW = ["--start", "2024-05-01", "--end", "2024-05-03"]
+
+
+@pytest.fixture(autouse=True)
+def logs_to_stderr() -> Iterator[None]:
+    """As the CLI does: logs on stderr, so stdout holds only the summary."""
+    configure_logging("console", "INFO")
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+async def order_api(aiohttp_server: Any) -> AsyncIterator[Any]:
+    """A fake of Intergiro's `GET /v1/order?start=&end=`: the orders created in [start, end)."""
+    state: dict[str, Any] = {
+        "orders": [],  # raw JSON values, listed by their `created` date (non-objects on every day)
+        "failures": [],  # statuses answered first, one per request
+        "retry_after": None,
+        "status": None,  # answered to every request when set
+        "paging": None,  # None (one array), "link", "next-url" or "continuation"
+        "page_size": 1000,
+        "gate": None,  # an asyncio.Event every request waits for
+        "hang": 0,  # how many requests get no answer at all
+        "requests": [],
+    }
+
+    def created_on(raw: Any, start: str, end: str) -> bool:
+        if not isinstance(raw, dict) or not isinstance(raw.get("created"), str):
+            return start == DAYS[0].isoformat()
+        return start <= raw["created"][:10] < end
+
+    async def list_orders(request: web.Request) -> web.Response:
+        state["requests"].append(dict(request.query))
+        if state["gate"] is not None:
+            await state["gate"].wait()
+        if state["hang"]:
+            state["hang"] -= 1
+            await asyncio.Event().wait()
+        if request.headers.get("Authorization") != "Bearer test-api-key":
+            return web.json_response({"status": 401, "type": "not authorized"}, status=401)
+        if state["failures"]:
+            status = state["failures"].pop(0)
+            headers = {"Retry-After": state["retry_after"]} if state["retry_after"] else None
+            return web.json_response({"status": status, "type": "fake"}, status=status, headers=headers)
+        if state["status"] is not None:
+            return web.json_response({"status": state["status"], "type": "fake"}, status=state["status"])
+        start, end = request.query["start"], request.query["end"]
+        orders = [o for o in state["orders"] if created_on(o, start, end)]
+        page = int(request.query.get("page") or request.query.get("continuation") or 0)
+        size = state["page_size"]
+        chunk, more = orders[page * size : (page + 1) * size], len(orders) > (page + 1) * size
+        next_url = f"/v1/order?start={start}&end={end}&page={page + 1}"
+        if state["paging"] == "next-url":
+            return web.json_response({"orders": chunk, "next": next_url if more else None})
+        if state["paging"] == "continuation":
+            return web.json_response({"data": chunk, "continuation": str(page + 1) if more else ""})
+        headers = {"Link": f'<{next_url}>; rel="next"'} if more and state["paging"] == "link" else None
+        return web.json_response(chunk, headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/v1/order", list_orders)
+    server = await aiohttp_server(app)
+    server.state = state
+    yield server
+
+
+@pytest.fixture
+def api_settings(make_settings: Callable[..., Settings], order_api: Any) -> Settings:
+    return make_settings(
+        intergiro_api_url=str(order_api.make_url("")).rstrip("/"), intergiro_api_key="test-api-key"
+    )
+
+
+NO_WAIT = RetryPolicy(backoff_seconds=0)
+
+
+async def reconcile(settings: Settings, *argv: str, retry: RetryPolicy = NO_WAIT) -> int:
+    return await reconcile_command(settings, build_parser().parse_args(["reconcile", *argv]), retry)
+
+
+def summary_numbers(out: str) -> dict[str, int]:
+    """The numbers of the text summary, by label."""
+    rows = [line.strip().rsplit(None, 1) for line in out.splitlines() if line.startswith("  ")]
+    return {label.strip(): int(value) for label, value in rows}
+
+
+def job_ids(sync_redis: Any) -> list[str]:
+    return sorted(k.decode().removeprefix("rq:job:") for k in sync_redis.scan_iter("rq:job:*"))
+
+
+async def post_callback(receiver: Any, order: dict[str, Any], rsa_key: Any) -> dict[str, Any]:
+    answer = await receiver.post("/callbacks/intergiro", data=token(order, rsa_key), headers=JWT)
+    assert answer.status == 200, await answer.text()
+    body: dict[str, Any] = await answer.json()
+    return body
+
+
+def shop_orders(days: tuple[date, ...] = DAYS) -> list[dict[str, Any]]:
+    """50 orders over the days: 0-9 ordered then charged, 10-14 charged and refunded, the rest ordered."""
+    orders = []
+    for n in range(50):
+        events = ("order", "charge") if n < 10 else ("order", "charge", "refund") if n < 15 else ("order",)
+        created = f"{days[n % len(days)].isoformat()}T10:00:00.000Z"
+        orders.append(card_order(f"Order{n:04d}", events, created=created))
+    return orders
+
+
+async def test_reconcile_queues_exactly_the_20_events_whose_callbacks_never_arrived_once_with_callback_ids(
+    receiver: Any, rsa_key: Any, order_api: Any, api_settings: Settings, sync_redis: Any, capsys: Any
+) -> None:
+    orders = shop_orders()
+    lost = await arrange_lost_callbacks(receiver, orders, rsa_key)
+    order_api.state["orders"] = orders
+    every_event = {update_id(o["id"], i, e["type"]) for o in orders for i, e in enumerate(o["event"])}
+    assert len(lost) == 20 and set(job_ids(sync_redis)) == every_event - lost
+
+    assert await reconcile(api_settings, *WINDOW, "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["outcome"] == "completed"
+    assert summary["orders_listed"] == 50
+    assert summary["events_queued"] == 20 and set(summary["missed"]) == lost
+    assert summary["events_known"] == len(every_event) - 20
+    assert summary["malformed_orders"] == 0 and summary["errors"] == []
+    assert [r["start"] for r in order_api.state["requests"]] == [d.isoformat() for d in DAYS]
+    assert job_ids(sync_redis) == sorted(every_event)  # each event exactly once
+    by_id = {u["id"]: u for u in queued_updates(sync_redis, api_settings)}
+    for missed in lost:
+        assert_valid_update(by_id[missed])
+        assert by_id[missed]["verified_by"] == "api"
+
+    assert await reconcile(api_settings, *WINDOW, "--json") == 0
+    again = json.loads(capsys.readouterr().out)
+    assert (again["events_queued"], again["missed"], again["events_known"]) == (0, [], len(every_event))
+    assert job_ids(sync_redis) == sorted(every_event)
+
+    late = await post_callback(receiver, orders[0], rsa_key)
+    assert late == {"status": "duplicate", "order": orders[0]["id"]}
+    metrics = await (await receiver.get("/metrics")).text()
+    assert "intergiro_reconcile_missed_events_total 20.0" in metrics
+    assert "intergiro_reconcile_orders_scanned_total 100.0" in metrics
+    assert 'intergiro_reconcile_runs_total{outcome="completed"} 2.0' in metrics
+
+
+async def arrange_lost_callbacks(receiver: Any, orders: list[dict[str, Any]], rsa_key: Any) -> set[str]:
+    """Post the callbacks that arrived; returns the ids of the 20 events no callback brought.
+
+    Orders 0-9 (order, charge): the `order` callback arrived, the `charge` one never did: 10 lost.
+    Orders 10-14 (order, charge, refund): no callback at all: 15 lost... minus the 5 `order` events
+    a first callback brought: 10 lost. Orders 15-49 (order): their callback arrived.
+    """
+    lost = set()
+    for n, order in enumerate(orders):
+        if n < 10:
+            await post_callback(receiver, {**order, "event": order["event"][:1]}, rsa_key)
+            lost.add(update_id(order["id"], 1, "charge"))
+        elif n < 15:
+            await post_callback(receiver, {**order, "event": order["event"][:1]}, rsa_key)
+            lost |= {update_id(order["id"], 1, "charge"), update_id(order["id"], 2, "refund")}
+        else:
+            await post_callback(receiver, order, rsa_key)
+    return lost
+
+
+async def test_a_dry_run_lists_the_20_missed_events_and_queues_nothing(
+    receiver: Any, rsa_key: Any, order_api: Any, api_settings: Settings, sync_redis: Any, capsys: Any
+) -> None:
+    orders = shop_orders()
+    lost = await arrange_lost_callbacks(receiver, orders, rsa_key)
+    order_api.state["orders"] = orders
+    before = job_ids(sync_redis)
+    metrics_before = sync_redis.hgetall(RedisKeys().metrics)
+
+    assert await reconcile(api_settings, *WINDOW, "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert {line.removeprefix("would queue ") for line in out.splitlines() if "would queue" in line} == lost
+    assert summary_numbers(out)["events to queue (dry run)"] == 20
+    assert job_ids(sync_redis) == before
+    assert sync_redis.hgetall(RedisKeys().metrics) == metrics_before
+
+
+async def test_two_periodic_reconcilers_started_at_once_queue_each_missed_event_once(
+    receiver: Any,
+    rsa_key: Any,
+    order_api: Any,
+    api_settings: Settings,
+    sync_redis: Any,
+) -> None:
+    today = datetime.now(UTC).date()
+    orders = shop_orders((today, today - timedelta(days=1)))
+    lost = await arrange_lost_callbacks(receiver, orders, rsa_key)
+    order_api.state["orders"] = orders
+    order_api.state["gate"] = asyncio.Event()
+    settings = api_settings.with_changes(reconcile_interval_seconds=3600)
+
+    async with aiohttp.ClientSession() as one, aiohttp.ClientSession() as two:
+        redis_one, redis_two = async_redis(settings), async_redis(settings)
+        first = PeriodicReconcile(redis_one, settings, OrderApi(one, settings, NO_WAIT))
+        second = PeriodicReconcile(redis_two, settings, OrderApi(two, settings, NO_WAIT))
+        tasks = [asyncio.create_task(first.tick()), asyncio.create_task(second.tick())]
+        # the lock holder waits at the API's gate; the other must give up without waiting for it
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        assert [t.result() for t in done] == [BUSY]
+        order_api.state["gate"].set()
+        assert sorted(await asyncio.gather(*tasks)) == sorted([BUSY, COMPLETED])
+        # a restart right after: the stored watermark says the deployment is not due yet
+        restarted = PeriodicReconcile(redis_one, settings, OrderApi(one, settings, NO_WAIT))
+        requests = len(order_api.state["requests"])
+        assert await restarted.tick() == NOT_DUE
+        assert len(order_api.state["requests"]) == requests
+        await redis_one.aclose()
+        await redis_two.aclose()
+
+    every_event = {update_id(o["id"], i, e["type"]) for o in orders for i, e in enumerate(o["event"])}
+    assert job_ids(sync_redis) == sorted(every_event)
+    runs = sync_redis.hgetall(RedisKeys().metrics)
+    assert runs[b"intergiro_reconcile_missed_events_total"] == str(len(lost)).encode()
+    assert runs[b"intergiro_reconcile_runs_total|outcome=completed"] == b"1"
+    assert not sync_redis.exists(RedisKeys().reconcile_lock)
+    assert float(sync_redis.get(RedisKeys().reconcile_watermark)) > datetime.now(UTC).timestamp() - 60
+
+
+async def test_an_api_answering_503_twice_then_200_is_waited_for_as_retry_after_says(
+    order_api: Any, api_settings: Settings, sync_redis: Any, capsys: Any
+) -> None:
+    order_api.state["orders"] = shop_orders()[:3]
+    order_api.state["failures"] = [503, 503]
+    order_api.state["retry_after"] = "2"
+    waited: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waited.append(seconds)
+
+    assert await reconcile(api_settings, *WINDOW, retry=RetryPolicy(sleep=sleep)) == 0
+    assert waited == [2.0, 2.0]
+    assert summary_numbers(capsys.readouterr().out)["events queued now"] == 6
+    assert len(job_ids(sync_redis)) == 6
+
+
+async def test_an_api_request_that_times_out_is_retried(
+    order_api: Any, api_settings: Settings, sync_redis: Any
+) -> None:
+    order_api.state["orders"] = shop_orders()[:3]
+    order_api.state["hang"] = 1
+    impatient = api_settings.with_changes(intergiro_api_timeout_seconds=0.2)
+    assert await reconcile(impatient, *WINDOW) == 0
+    assert len(order_api.state["requests"]) == len(DAYS) + 1
+    assert len(job_ids(sync_redis)) == 6
+
+
+async def test_an_api_failing_on_every_try_ends_the_run_with_exit_1_and_a_rerun_completes_it(
+    order_api: Any, api_settings: Settings, sync_redis: Any, capsys: Any
+) -> None:
+    order_api.state["orders"] = shop_orders()[:3]
+    order_api.state["failures"] = [500, 502, 503, 504]
+    assert await reconcile(api_settings, *WINDOW) == 1
+    assert "failed after 4 attempts (answered 504)" in capsys.readouterr().err
+    assert await reconcile(api_settings, *WINDOW) == 0
+    assert len(job_ids(sync_redis)) == 6
+
+
+async def test_an_api_refusing_the_key_stops_at_once_with_exit_1_and_queues_nothing(
+    order_api: Any, api_settings: Settings, sync_redis: Any, capsys: Any
+) -> None:
+    order_api.state["orders"] = shop_orders()
+    wrong_key = api_settings.with_changes(intergiro_api_key="revoked-key")
+    assert await reconcile(wrong_key, *WINDOW) == 1
+    err = capsys.readouterr().err
+    assert "Intergiro refused INTERGIRO_API_KEY (401)" in err
+    assert "revoked-key" not in err
+    assert len(order_api.state["requests"]) == 1
+    assert job_ids(sync_redis) == []
+
+
+async def test_a_listed_order_with_wrong_types_is_counted_malformed_and_the_others_are_reconciled(
+    order_api: Any, api_settings: Settings, sync_redis: Any, capsys: Any
+) -> None:
+    good = shop_orders()[:3]
+    broken = card_order("Broken0001", created="2024-05-01T10:00:00.000Z", items="lots", currency=978)
+    order_api.state["orders"] = [*good, broken, "not an order"]
+    assert await reconcile(api_settings, *WINDOW, "--json") == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["malformed_orders"] == 2
+    assert summary["malformed_order_ids"] == ["Broken0001", None]
+    assert summary["orders_listed"] == 5 and summary["events_queued"] == 6
+    assert not any(key.startswith(b"rq:job:Broken0001") for key in sync_redis.keys())
+    assert broken["payment"]["card"] not in captured.err
+
+
+@pytest.mark.parametrize("paging", ["link", "next-url", "continuation"])
+async def test_every_page_of_the_order_list_is_read_however_the_api_pages(
+    order_api: Any, api_settings: Settings, sync_redis: Any, capsys: Any, paging: str
+) -> None:
+    order_api.state["orders"] = shop_orders()[:9]
+    order_api.state.update(paging=paging, page_size=2)
+    assert await reconcile(api_settings, *WINDOW, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["orders_listed"] == 9
+    assert len(order_api.state["requests"]) == 3 * 2  # per day: 3 orders on pages of 2
+
+
+async def test_periodic_mode_needs_an_interval(api_settings: Settings, capsys: Any) -> None:
+    assert await reconcile(api_settings, "--every") == 2
+    assert capsys.readouterr().err.strip() == (
+        "intergiro-receiver reconcile: RECONCILE_INTERVAL_SECONDS: must be greater than 0 for --every"
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--since", "2 parsecs"], ["--start", "2024-05-01"], ["--start", "2024-05-03", "--end", "2024-05-01"]],
+)
+async def test_a_bad_window_is_refused_with_exit_2(
+    api_settings: Settings, argv: list[str], capsys: Any
+) -> None:
+    assert await reconcile(api_settings, *argv) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_reconcile_without_an_api_key_exits_2_with_one_line(redis_url: str, tmp_path: Any) -> None:
+    env = {"PATH": os.environ["PATH"], "REDIS_URL": redis_url, "LOG_FORMAT": "console"}
+    done = subprocess.run(
+        [sys.executable, "-m", "receiver", "reconcile", "--since", "2h"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == "intergiro-receiver reconcile: INTERGIRO_API_KEY: required to list orders"
+
+
+async def test_reconcile_every_runs_as_its_own_process_and_stops_cleanly_on_sigterm(
+    order_api: Any, api_settings: Settings, redis_url: str, sync_redis: Any, tmp_path: Any
+) -> None:
+    today = datetime.now(UTC).date()
+    order_api.state["orders"] = shop_orders((today,))[:2]
+    env = {
+        "PATH": os.environ["PATH"],
+        "REDIS_URL": redis_url,
+        "INTERGIRO_API_URL": api_settings.intergiro_api_url,
+        "INTERGIRO_API_KEY": "test-api-key",
+        "RECONCILE_INTERVAL_SECONDS": "3600",
+        "LOG_FORMAT": "console",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "receiver", "reconcile", "--every", env=env, cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        for _ in range(600):  # until its first run completed (the watermark is written last)
+            if sync_redis.exists(RedisKeys().reconcile_watermark) or process.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert sync_redis.exists(RedisKeys().reconcile_watermark)
+        assert len(job_ids(sync_redis)) == 4
+        process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err.decode()
+    assert b"reconcile run" in err
+    assert not sync_redis.exists(RedisKeys().reconcile_lock)
+
+
+def test_the_alert_rules_use_only_metrics_the_receiver_serves() -> None:
+    rules = (Path(__file__).resolve().parents[1] / "deploy/prometheus/reconcile-alerts.yml").read_text()
+    used = {
+        name for line in rules.splitlines() if "expr:" in line for name in re.findall(r"intergiro_\w+", line)
+    }
+    assert used == {
+        "intergiro_reconcile_missed_events_total",
+        "intergiro_reconcile_watermark_timestamp_seconds",
+        "intergiro_reconcile_runs_total",
+    }
+    assert used <= set(SHARED_METRICS)

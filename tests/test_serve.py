@@ -1,0 +1,72 @@
+"""`intergiro-receiver serve` as an operator runs it: a real process, real Redis, a real token."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import real_callbacks
+from tests.redis_server import free_port
+
+
+@pytest.fixture
+def served(redis_url: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    env = {**os.environ, "REDIS_URL": redis_url, "RECEIVER_HOST": "127.0.0.1", "RECEIVER_PORT": str(port)}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "receiver", "serve"], env=env, cwd=tmp_path, stdout=log, stderr=log
+        )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/healthz", timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError(f"serve did not start: {log_path.read_text()}") from None
+            time.sleep(0.1)
+    yield base, log_path
+    process.terminate()
+    process.wait(10)
+
+
+def post(url: str, body: str, content_type: str) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        url, data=body.encode(), method="POST", headers={"Content-Type": content_type}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_serve_accepts_a_real_intergiro_token_and_logs_json_lines_without_it(
+    served: tuple[str, Path],
+) -> None:
+    base, log_path = served
+    line = real_callbacks("order-jwt")[0]
+    assert post(f"{base}/callbacks/intergiro", line["body"], line["content_type"])[0] == 200
+    assert post(f"{base}/callbacks/intergiro", line["body"], line["content_type"])[1]["status"] == "duplicate"
+    assert post(f"{base}/callbacks/intergiro", "x.y.z", "application/jwt")[0] == 400
+    time.sleep(0.3)  # let the log lines reach the file
+    records = [json.loads(text) for text in log_path.read_text().splitlines() if text.startswith("{")]
+    outcomes = [r.get("outcome") for r in records if r.get("event") == "callback"]
+    assert outcomes == ["accepted", "duplicate"]
+    logged = log_path.read_text()
+    signature = line["body"].split(".")[2]
+    assert signature not in logged and line["body"].split(".")[1][:40] not in logged
