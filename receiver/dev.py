@@ -157,7 +157,7 @@ def plan_dev(environment: Mapping[str, str]) -> Plan:
     notes: list[str] = []
     ensure_signing_key()
     redis_port = None
-    if not env.get("REDIS_URL", "").strip():
+    if not env.get("REDIS_URL", "").strip() and not env.get("REDIS_SENTINELS", "").strip():
         redis_port = free_port()
         env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
     env.setdefault("RECEIVER_HOST", "127.0.0.1")
