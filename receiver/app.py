@@ -201,9 +201,13 @@ async def metrics(request: web.Request) -> web.Response:
             pipe.llen(app[KEYS].rq_queue)
             pipe.hlen(app[KEYS].dead_letters)
             pipe.hgetall(app[KEYS].metrics)
-            depth, dead, shared = await pipe.execute()
+            pipe.smembers(app[KEYS].rq_workers)
+            depth, dead, shared, workers = await pipe.execute()
+        # A worker that died without unregistering stays in RQ's set until its key expires.
+        alive = await app[REDIS].exists(*workers) if workers else 0
         app[METRICS].queue_depth.set(depth)
         app[METRICS].dead_letter_depth.set(dead)
+        app[METRICS].workers_alive.set(alive)
         app[METRICS].shared.update(shared)
     except RedisError:
         pass  # the gauges keep their last value; /readyz tells that Redis is gone

@@ -54,6 +54,11 @@ class RedisKeys:
     def rq_queue(self) -> str:
         return f"rq:queue:{self.queue_name}"
 
+    @property
+    def rq_workers(self) -> str:
+        """RQ's set of the workers listening on the queue (a member is alive while its key exists)."""
+        return f"rq:workers:{self.queue_name}"
+
     @staticmethod
     def rq_job(job_id: str) -> str:
         return f"rq:job:{job_id}"
