@@ -96,7 +96,7 @@ def clone(tmp_path: Path) -> Path:
     return target
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(30)
 @pytest.mark.skipif(
     WORKERS_MISSING,
     reason="workers.runner (the `intergiro-receiver worker` command) has not landed on this branch yet",
@@ -141,7 +141,7 @@ def test_bin_dev_in_a_fresh_clone_delivers_the_printed_send_command_to_the_sink_
     assert list((clone / ".dev" / "redis").glob("appendonly*"))
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(30)
 @pytest.mark.skipif(
     WORKERS_MISSING,
     reason="workers.runner (the `intergiro-receiver worker` command) has not landed on this branch yet",
