@@ -6,6 +6,7 @@ Pure functions: no I/O. Intergiro writes orders in camelCase (2020 tokens) or sn
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -42,6 +43,7 @@ EVENT_FIELDS = (
 )
 
 
+@functools.lru_cache(maxsize=4096)  # a few dozen names recur in every order; the regex is the cost
 def snake(name: str) -> str:
     """`schemeReference` → `scheme_reference`; snake_case names are left as they are."""
     return _CAMEL.sub(r"_\1", name).lower()

@@ -1,0 +1,91 @@
+"""bench/memory: Redis bytes per remembered (order id, event) marker.
+
+Stores N two-event orders through the real `Intake.store` (the same Lua step the receiver runs) on a
+Redis of its own, then deletes the RQ jobs, the queue and the per-order ordering keys, so that only the
+dedup markers remain (they are what outlives delivery: DEDUP_TTL_SECONDS, 400 days by default), and
+divides the growth of `used_memory` by the number of events remembered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import redis
+from redis.asyncio import Redis
+
+from bench.tokens import bench_order
+from receiver.intake import Intake
+from receiver.order import build_updates, parse_order
+from receiver.rediskeys import RedisKeys
+from receiver.settings import Settings
+from tests.redis_server import RedisServer
+
+TARGET_BYTES = 128
+
+
+def used_memory(client: redis.Redis) -> int:
+    return int(client.info("memory")["used_memory"])
+
+
+async def store_orders(url: str, orders: int) -> None:
+    client = Redis.from_url(url)
+    intake = Intake(client, RedisKeys(), Settings().dedup_ttl_seconds)
+    batch = 50  # concurrent stores: redis-py's pool holds 100 connections
+    for start in range(0, orders, batch):
+        updates = [
+            build_updates(parse_order(bench_order(i)), received_at="2026-01-01T09:00:06.000Z",
+                          verified_by="local:bench")
+            for i in range(start, min(start + batch, orders))
+        ]  # fmt: skip
+        stored = await asyncio.gather(*(intake.store(u) for u in updates))
+        assert all(len(ids) == 2 for ids in stored), "an event was not new"
+    await client.aclose()
+
+
+def delete_all_but_markers(client: redis.Redis) -> int:
+    deleted = 0
+    for pattern in ("rq:*", "igr:order:*"):
+        batch = []
+        for key in client.scan_iter(pattern, count=10_000):
+            batch.append(key)
+            if len(batch) == 10_000:
+                deleted += client.unlink(*batch)
+                batch = []
+        if batch:
+            deleted += client.unlink(*batch)
+    return deleted
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/memory", description=__doc__.split("\n")[0])
+    parser.add_argument("--orders", type=int, default=50_000, help="two-event orders (default 50000)")
+    args = parser.parse_args(argv)
+    server = RedisServer()
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        before = used_memory(client)
+        asyncio.run(store_orders(server.url, args.orders))
+        with_jobs = used_memory(client)
+        delete_all_but_markers(client)
+        client.memory_purge()
+        after = used_memory(client)
+        events = args.orders * 2
+        sample = RedisKeys().seen(bench_order(0)["id"])
+        per_event = (after - before) / events
+        print(f"redis-server {client.info('server')['redis_version']}")
+        print(f"{args.orders:,} orders x 2 events = {events:,} callbacks' events remembered")
+        print(f"used_memory: {before:,} before, {with_jobs:,} with jobs queued, {after:,} markers only")
+        print(f"marker: {sample} -> {client.hgetall(sample)}, encoding {client.object('encoding', sample)}, "
+              f"TTL {client.ttl(sample)} s; {client.dbsize():,} keys left")  # fmt: skip
+        print(f"queued (jobs + markers): {(with_jobs - before) / events:,.0f} bytes per event")
+        print(f"remembered (markers only): {per_event:,.1f} bytes per event"
+              f" (target <= {TARGET_BYTES}: {'met' if per_event <= TARGET_BYTES else 'NOT met'})")  # fmt: skip
+        return 0 if client.dbsize() == args.orders else 1
+    finally:
+        server.cleanup()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,38 @@
+"""The benchmarks still run: each once, briefly, with tiny numbers (no timing is asserted; their own
+checks are: one job per event for the ingest runs, only the markers left for the memory run)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize("loader", ["asyncio", "wrk"])
+def test_the_ingest_benchmark_runs_and_finds_one_job_per_event(loader: str) -> None:
+    if loader == "wrk" and shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (apt-get install wrk); the asyncio loader is tested")
+    out = run_bench(
+        "bench.ingest", "--rounds", "1", "--seconds", "1", "--requests", "200", "--loader", loader
+    )
+    assert out.count("queue ok") == 2, out
+    assert "(c) intergiro-receiver" in out
+
+
+def test_the_memory_benchmark_runs_and_leaves_only_the_markers() -> None:
+    out = run_bench("bench.memory", "--orders", "500")
+    assert "1,000 callbacks' events remembered" in out
+    assert "bytes per event" in out
