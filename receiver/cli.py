@@ -43,11 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("check", help="validate configuration and reach Redis (and the API when used)")
     commands.add_parser("dev", help="everything on one machine for trying it out")
     send = commands.add_parser("send", help="sign an order as Intergiro does and POST it")
-    send.add_argument("order", metavar="ORDER.json")
-    send.add_argument("--url", required=True)
-    send.add_argument("--key", metavar="PRIVATE.pem", help="signing key (default: the dev key)")
+    send.add_argument(
+        "order", metavar="ORDER.json", help="an order file, or a shipped sample by name (e.g. card-ordered)"
+    )
+    send.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8080/callbacks/intergiro")
+    send.add_argument("--key", metavar="PRIVATE.pem", help="signing key (default: .dev/signing-key.pem)")
     send.add_argument("--event", action="append", default=[], metavar="TYPE", help="append an event of TYPE")
-    send.add_argument("--audience", default=None, help="aud claim (default: INTERGIRO_ENVIRONMENT)")
+    send.add_argument(
+        "--audience",
+        default=None,
+        help="aud claim (default: development with the dev key, else INTERGIRO_ENVIRONMENT)",
+    )
+    send.add_argument("--new-id", action="store_true", help="give the order a fresh random id")
+    send.add_argument("--iat-seconds", action="store_true", help="iat in seconds (default: milliseconds)")
     reconcile = commands.add_parser("reconcile", help="queue order events whose callbacks never arrived")
     window = reconcile.add_mutually_exclusive_group()
     window.add_argument(

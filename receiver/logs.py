@@ -1,4 +1,8 @@
-"""Structured logs: JSON lines for `serve` and `worker`, readable lines for `dev`."""
+"""Structured logs: JSON lines for `serve` and `worker`, readable lines for `dev`.
+
+Our own events go through structlog; records of libraries using `logging` (RQ, aiohttp) are rendered
+by the same renderer, so a log collector reads one format from every line.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import sys
 
 import structlog
 
+_HANDLER_MARK = "_intergiro_receiver"
+
 
 def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     renderer: structlog.types.Processor = (
@@ -14,18 +20,34 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
         if log_format == "console"
         else structlog.processors.JSONRenderer()
     )
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    # JSON needs a traceback as text; the console renderer formats exceptions itself.
+    exceptions = [] if log_format == "console" else [structlog.processors.format_exc_info]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            stamp,
+            *exceptions,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.processors.add_log_level, stamp],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *exceptions, renderer],
+        )
+    )
+    setattr(handler, _HANDLER_MARK, True)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
+        root.removeHandler(old)  # configured again (tests): replace, never add a second
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
 log = structlog.get_logger("intergiro_receiver")

@@ -139,7 +139,9 @@ class ReceiverMetrics:
             "intergiro_dead_letter_depth", "Updates in the dead-letter queue.", registry=self.registry
         )
         self.workers_alive = Gauge(
-            "intergiro_workers_alive", "RQ workers listening on the queue.", registry=self.registry
+            "intergiro_workers_alive",
+            "RQ workers listening on the queue whose heartbeat has not expired.",
+            registry=self.registry,
         )
         self.shared = SharedMetrics()
         self.registry.register(self.shared)

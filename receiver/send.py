@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
+import string
 import sys
 import time
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 
+from receiver.settings import read_environment
+
 DEV_KEY_PATH = Path(".dev") / "signing-key.pem"
+DEV_AUDIENCE = "development"
+_ID_ALPHABET = string.ascii_letters + string.digits
 
 
 def sign_order(
@@ -42,36 +49,80 @@ def load_private_key(path: Path) -> Any:
     return serialization.load_pem_private_key(path.read_bytes(), password=None)
 
 
+def sample_names() -> list[str]:
+    """The sample orders shipped in `receiver/samples/`, by name (`card-ordered`, ...)."""
+    folder = resources.files("receiver").joinpath("samples")
+    return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def read_order(name_or_path: str) -> dict[str, Any]:
+    """An order from a JSON file, or a shipped sample by name; raises ValueError saying which exist."""
+    path = Path(name_or_path)
+    if path.is_file():
+        text = path.read_text()
+    elif name_or_path.removesuffix(".json") in sample_names():
+        sample = f"{name_or_path.removesuffix('.json')}.json"
+        text = resources.files("receiver").joinpath("samples", sample).read_text()
+    else:
+        raise ValueError(f"no file {name_or_path} and no such sample (samples: {', '.join(sample_names())})")
+    order = json.loads(text)
+    if not isinstance(order, dict):
+        raise ValueError(f"{name_or_path} does not hold a JSON object")
+    return order
+
+
 def add_events(order: dict[str, Any], event_types: list[str]) -> dict[str, Any]:
     now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return {**order, "event": [*order.get("event", []), *({"type": t, "date": now} for t in event_types)]}
 
 
-def run_send(args: argparse.Namespace) -> int:
-    order = json.loads(Path(args.order).read_text())
-    order = add_events(order, args.event)
-    key_path = Path(args.key) if args.key else DEV_KEY_PATH
-    if not key_path.exists():
-        print(
-            f"send: no signing key at {key_path} (run `intergiro-receiver dev` or pass --key)",
-            file=sys.stderr,
-        )
-        return 2
-    audience = args.audience or ("development" if not args.key else "production")
-    token = sign_order(order, load_private_key(key_path), audience)
+def new_order_id() -> str:
+    """A fresh 16-character order id, as Intergiro's look."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(16))
+
+
+def post_token(url: str, token: str) -> tuple[int, str]:
+    """POST the token as Intergiro does; the answer's status and body."""
     request = urllib.request.Request(  # noqa: S310 - the user names the URL
-        args.url,
+        url,
         data=token.encode(),
         method="POST",
         headers={"Content-Type": "application/jwt; charset=utf-8"},
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310
-            print(answer.status, answer.read().decode())
-            return 0
+            return int(answer.status), answer.read().decode()
     except urllib.error.HTTPError as exc:
-        print(exc.code, exc.read().decode())
+        return exc.code, exc.read().decode()
+
+
+def run_send(args: argparse.Namespace) -> int:
+    try:
+        order = read_order(args.order)
+    except (ValueError, OSError) as exc:
+        print(f"send: {exc}", file=sys.stderr)
+        return 2
+    order = add_events(order, args.event)
+    if args.new_id:
+        order["id"] = new_order_id()
+    key_path = Path(args.key) if args.key else DEV_KEY_PATH
+    if not key_path.exists():
+        print(
+            f"send: no signing key at {key_path} (run `intergiro-receiver dev` here first, or pass --key)",
+            file=sys.stderr,
+        )
+        return 2
+    # The dev key is trusted for the development audience only; another key signs for the
+    # environment this shell is configured for.
+    environment = read_environment().get("INTERGIRO_ENVIRONMENT") or "production"
+    audience = args.audience or (environment if args.key else DEV_AUDIENCE)
+    iat = int(time.time()) if args.iat_seconds else None
+    token = sign_order(order, load_private_key(key_path), audience, iat=iat)
+    try:
+        status, body = post_token(args.url, token)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"send: cannot reach {args.url} ({reason})", file=sys.stderr)
         return 1
-    except urllib.error.URLError as exc:
-        print(f"send: cannot reach {args.url} ({exc.reason})", file=sys.stderr)
-        return 1
+    print(status, body)
+    return 0 if status == 200 else 1

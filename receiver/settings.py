@@ -70,13 +70,17 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Settings:
         """Build and validate settings; raises ConfigError listing every bad variable."""
-        if env is None:
-            env = dict(os.environ)
-            if dotenv and os.path.exists(".env"):
-                from dotenv import dotenv_values
+        return _Reader(read_environment(dotenv) if env is None else env).settings()
 
-                env = {**{k: v for k, v in dotenv_values(".env").items() if v is not None}, **env}
-        return _Reader(env).settings()
+
+def read_environment(dotenv: bool = True) -> dict[str, str]:
+    """The process environment over `.env` in the working directory (the environment wins)."""
+    env = dict(os.environ)
+    if dotenv and os.path.exists(".env"):
+        from dotenv import dotenv_values
+
+        env = {**{k: v for k, v in dotenv_values(".env").items() if v is not None}, **env}
+    return env
 
 
 class _Reader:
@@ -156,6 +160,24 @@ class _Reader:
         if self.problems:
             raise ConfigError(self.problems)
         return s
+
+
+class _NameRecorder(dict[str, str]):
+    """An empty environment that remembers which variables were asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self.names.append(name)
+        return default
+
+
+def _setting_names() -> tuple[str, ...]:
+    recorder = _NameRecorder()
+    _Reader(recorder).settings()
+    return tuple(recorder.names)
 
 
 def _int_between(low: int, high: int) -> Callable[[str], int]:
@@ -279,3 +301,8 @@ def _log_level(raw: str) -> str:
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ValueError(f"{raw!r} is not DEBUG, INFO, WARNING or ERROR")
     return level
+
+
+# Every environment variable the settings read, in reading order (deploy files and .env.example
+# are checked against it).
+SETTING_NAMES: tuple[str, ...] = _setting_names()

@@ -1,0 +1,231 @@
+"""The files in deploy/ are right without running a container: they parse, set only variables the
+product reads (and documents in .env.example), and run only real `intergiro-receiver` commands."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from receiver.cli import build_parser
+from receiver.metrics import SHARED_METRICS, ReceiverMetrics
+from receiver.settings import SETTING_NAMES
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+IMAGE = "intergiro-receiver"
+# Set by the image for Python itself, not settings of the product.
+PYTHON_VARIABLES = {"PATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE"}
+YAML_FILES = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml"))
+
+
+def documented_variables() -> set[str]:
+    return {m[1] for m in re.finditer(r"^([A-Z][A-Z0-9_]*)=", (ROOT / ".env.example").read_text(), re.M)}
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) per instruction, continuation lines joined, comments dropped."""
+    instructions, current = [], ""
+    for line in (DEPLOY / "Dockerfile").read_text().splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        current += line.rstrip().removesuffix("\\") + " "
+        if not line.rstrip().endswith("\\"):
+            word, _, rest = current.strip().partition(" ")
+            instructions.append((word.upper(), rest.strip()))
+            current = ""
+    assert not current, "the Dockerfile ends inside a continued line"
+    return instructions
+
+
+def exec_form(text: str) -> list[str]:
+    argv = json.loads(text)
+    assert isinstance(argv, list) and all(isinstance(a, str) for a in argv), text
+    return argv
+
+
+def docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def k8s_objects() -> list[dict[str, Any]]:
+    manifests = sorted(p for p in (DEPLOY / "k8s").glob("*.yaml") if p.name != "kustomization.yaml")
+    return [d for p in manifests for d in docs(p)]
+
+
+def app_containers() -> list[dict[str, Any]]:
+    return [
+        c
+        for o in k8s_objects()
+        if o["kind"] == "Deployment"
+        for c in o["spec"]["template"]["spec"]["containers"]
+        if c["image"].split(":")[0] == IMAGE
+    ]
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+def compose_app_services() -> dict[str, dict[str, Any]]:
+    return {n: s for n, s in compose()["services"].items() if s.get("image", "").split(":")[0] == IMAGE}
+
+
+def assert_real_command(argv: list[str]) -> None:
+    assert argv[0] == "intergiro-receiver", argv
+    try:
+        build_parser().parse_args(argv[1:])
+    except SystemExit:
+        pytest.fail(f"not a command intergiro-receiver knows: {shlex.join(argv)}")
+
+
+def set_variables() -> dict[str, set[str]]:
+    """Every environment variable a deploy file sets for the product's processes, by file."""
+    found: dict[str, set[str]] = {}
+    env = {a.split("=", 1)[0] for i, args in dockerfile() if i == "ENV" for a in shlex.split(args)}
+    found["Dockerfile"] = env - PYTHON_VARIABLES
+    found["compose.yaml"] = {v for s in compose_app_services().values() for v in s.get("environment", {})}
+    k8s: set[str] = set()
+    for o in k8s_objects():
+        if o["kind"] == "ConfigMap":
+            k8s |= set(o["data"])
+        if o["kind"] == "Secret":
+            k8s |= set(o.get("stringData", {})) | set(o.get("data", {}))
+    k8s |= {e["name"] for c in app_containers() for e in c.get("env", [])}
+    found["k8s"] = k8s
+    return found
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_every_yaml_file_in_deploy_parses(path: Path) -> None:
+    assert docs(path)
+
+
+def test_every_kubernetes_object_names_its_kind_and_itself() -> None:
+    kinds = sorted(o["kind"] for o in k8s_objects())
+    assert kinds == sorted(["ConfigMap", "Secret", "Deployment", "Deployment", "Service",
+                            "PodDisruptionBudget", "PodDisruptionBudget", "HorizontalPodAutoscaler"])  # fmt: skip
+    assert all(o["apiVersion"] and o["metadata"]["name"] for o in k8s_objects())
+    listed = docs(DEPLOY / "k8s" / "kustomization.yaml")[0]["resources"]
+    assert sorted(listed) == sorted(
+        p.name for p in (DEPLOY / "k8s").glob("*.yaml") if p.name != "kustomization.yaml"
+    )
+
+
+def test_the_image_is_slim_python_runs_as_a_user_checks_healthz_and_enters_the_cli() -> None:
+    instructions = dockerfile()
+    known = {"FROM", "RUN", "COPY", "ENV", "WORKDIR", "USER", "EXPOSE", "HEALTHCHECK", "ENTRYPOINT", "CMD"}
+    assert {i for i, _ in instructions} <= known
+    bases = [args.split()[0] for i, args in instructions if i == "FROM"]
+    assert all(re.fullmatch(r"python:3\.(1[1-9])-slim", b) for b in bases), bases
+    user = [args for i, args in instructions if i == "USER"][-1]
+    assert user.split(":")[0] not in ("root", "0")
+    assert any(
+        "pip install" in args and args.rstrip().endswith(" .") for i, args in instructions if i == "RUN"
+    )
+    [health] = [args for i, args in instructions if i == "HEALTHCHECK"]
+    assert "/healthz" in health
+    [entrypoint] = [exec_form(args) for i, args in instructions if i == "ENTRYPOINT"]
+    [cmd] = [exec_form(args) for i, args in instructions if i == "CMD"]
+    assert entrypoint == ["intergiro-receiver"]
+    assert_real_command(entrypoint + cmd)
+
+
+def test_every_command_line_in_compose_and_kubernetes_is_a_real_cli_command() -> None:
+    commands = [["intergiro-receiver", *s["command"]] for s in compose_app_services().values()]
+    commands += [c.get("command", ["intergiro-receiver"]) + c.get("args", []) for c in app_containers()]
+    assert len(commands) == 4
+    for argv in commands:
+        assert_real_command(argv)
+
+
+def test_every_variable_the_deploy_files_set_is_a_setting_documented_in_env_example() -> None:
+    documented = documented_variables()
+    for where, variables in set_variables().items():
+        assert variables, where
+        assert variables <= set(SETTING_NAMES), (where, variables - set(SETTING_NAMES))
+        assert variables <= documented, (where, variables - documented)
+
+
+def test_env_example_documents_exactly_the_settings() -> None:
+    assert documented_variables() == set(SETTING_NAMES)
+
+
+def test_compose_runs_redis_with_the_durable_config_a_receiver_two_workers_and_rq_dashboard() -> None:
+    services = compose()["services"]
+    assert services["redis"]["command"][-1] == "/usr/local/etc/redis/redis.conf"
+    assert "./redis.conf:/usr/local/etc/redis/redis.conf:ro" in services["redis"]["volumes"]
+    assert services["worker"]["deploy"]["replicas"] == 2
+    assert services["worker"]["healthcheck"] == {"disable": True}  # workers serve no /healthz
+    assert services["receiver"]["command"] == ["serve"]
+    assert services["rq-dashboard"]["environment"]["RQ_DASHBOARD_REDIS_URL"] == "redis://redis:6379/0"
+    assert all(
+        s["environment"]["REDIS_URL"] == "redis://redis:6379/0" for s in compose_app_services().values()
+    )
+
+
+def test_redis_conf_keeps_what_was_acknowledged_and_never_evicts() -> None:
+    lines = [line.split(None, 1) for line in (DEPLOY / "redis.conf").read_text().splitlines()]
+    conf = {words[0]: words[1] for words in lines if words and not words[0].startswith("#")}
+    assert conf["appendonly"] == "yes"
+    assert conf["appendfsync"] in ("always", "everysec")
+    assert conf["maxmemory-policy"] == "noeviction"
+
+
+def test_the_receiver_is_ready_on_readyz_alive_on_healthz_and_behind_the_service() -> None:
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in k8s_objects()}
+    deployment = objects["Deployment", "intergiro-receiver"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
+    assert {e["name"]: e["value"] for e in container["env"]}["RECEIVER_PORT"] == str(port)
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    service = objects["Service", "intergiro-receiver"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    for kind in ("PodDisruptionBudget", "HorizontalPodAutoscaler"):
+        for (k, _), o in objects.items():
+            if k == kind and "selector" in o["spec"]:
+                assert any(o["spec"]["selector"]["matchLabels"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+                           for (dk, _), d in objects.items() if dk == "Deployment")  # fmt: skip
+            if k == kind and "scaleTargetRef" in o["spec"]:
+                assert ("Deployment", o["spec"]["scaleTargetRef"]["name"]) in objects
+    for o in objects.values():
+        if o["kind"] == "Deployment":
+            assert o["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def served_metric_names() -> set[str]:
+    names = {m.name for m in ReceiverMetrics().registry.collect()}
+    return names | {n + "_total" for n in names} | set(SHARED_METRICS)
+
+
+def test_the_alerts_watch_dead_letters_503s_and_workers_through_metrics_the_receiver_serves() -> None:
+    [group] = docs(DEPLOY / "prometheus" / "alerts.yml")[0]["groups"]
+    rules = {r["alert"]: r for r in group["rules"]}
+    assert all(r["expr"] and r["for"] and r["labels"]["severity"] for r in rules.values())
+    assert "intergiro_dead_letter_depth" in rules["IntergiroDeadLetterGrowing"]["expr"]
+    assert (
+        'intergiro_callbacks_total{outcome="rejected_503"}' in rules["IntergiroCallbacksUnavailable"]["expr"]
+    )
+    assert "intergiro_workers_alive" in rules["IntergiroNoWorkerAlive"]["expr"]
+    used = {m for r in rules.values() for m in re.findall(r"\bintergiro_[a-z_]+", r["expr"])}
+    assert used <= served_metric_names(), used - served_metric_names()
+
+
+async def test_the_receiver_counts_the_workers_alive_and_not_one_that_died_unregistered(
+    receiver: Any, sync_redis: Any, settings: Any
+) -> None:
+    from rq import Queue, Worker
+
+    queue = Queue(settings.queue_name, connection=sync_redis)
+    for name in ("alive-1", "alive-2", "died"):
+        Worker([queue], name=name, connection=sync_redis).register_birth()
+    sync_redis.delete("rq:worker:died")  # its heartbeat expired: it was killed without a goodbye
+    text = await (await receiver.get("/metrics")).text()
+    assert "intergiro_workers_alive 2.0" in text.splitlines()
