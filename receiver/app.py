@@ -238,7 +238,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     redis = redis_client(settings)
     app[REDIS] = redis
-    app[INTAKE] = Intake(redis, app[KEYS], settings.dedup_ttl_seconds)
+    app[INTAKE] = Intake(redis, app[KEYS], settings.dedup_ttl_seconds, settings.redis_min_replicas)
     app[HTTP] = aiohttp.ClientSession()
     yield
     await app[HTTP].close()

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 
 from receiver.order import event_key
 from receiver.rediskeys import RQ_QUEUES, RedisKeys
@@ -74,6 +74,12 @@ def job_data(update: dict[str, Any]) -> bytes:
 
 
 Batch = list[tuple[list[Any], "asyncio.Future[list[Any]]"]]
+REPLICA_WAIT_MS = 1000
+
+
+class NotReplicated(RedisError):
+    """The callback is on the primary but not yet on enough replicas: a failover could lose it, so the
+    sender is told to retry (its retry is a duplicate that waits for the replicas again)."""
 
 
 class Intake:
@@ -84,8 +90,9 @@ class Intake:
     caller still waits for its own answer, so a 200 still means "in Redis".
     """
 
-    def __init__(self, redis: Redis, keys: RedisKeys, dedup_ttl_seconds: int) -> None:
+    def __init__(self, redis: Redis, keys: RedisKeys, dedup_ttl_seconds: int, min_replicas: int = 0) -> None:
         self.redis = redis
+        self.min_replicas = min_replicas
         self.keys = keys
         self.ttl = dedup_ttl_seconds
         template = job_hash_template(keys.queue_name)
@@ -121,22 +128,31 @@ class Intake:
         queued = await answer
         return [q.decode() if isinstance(q, bytes) else str(q) for q in queued]
 
+    async def _run(self, calls: list[list[Any]]) -> list[Any]:
+        """One pipeline of script calls; with REDIS_MIN_REPLICAS, a WAIT on the same connection after
+        them, so no caller hears "stored" before enough replicas have its writes."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.execute_command("EVALSHA", *call)
+            if self.min_replicas:
+                pipe.execute_command("WAIT", self.min_replicas, REPLICA_WAIT_MS)
+            answers: list[Any] = await pipe.execute(raise_on_error=False)
+        if self.min_replicas:
+            acknowledged = answers.pop()
+            if not isinstance(acknowledged, int) or acknowledged < self.min_replicas:
+                raise NotReplicated(f"on {acknowledged} of {self.min_replicas} replicas in time")
+        return answers
+
     async def _send(self) -> None:
         """Run the waiting script calls in one pipeline and hand each caller its own answer."""
         batch, self._pending = self._pending, []
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for call, _ in batch:
-                    pipe.execute_command("EVALSHA", *call)
-                answers: list[Any] = await pipe.execute(raise_on_error=False)
+            answers = await self._run([call for call, _ in batch])
             missed = [i for i, a in enumerate(answers) if isinstance(a, NoScriptError)]
             if missed:  # a restarted or flushed Redis forgot the script: load it, rerun only those
                 await self.redis.script_load(self._script.script)
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for i in missed:
-                        pipe.execute_command("EVALSHA", *batch[i][0])
-                    for i, again in zip(missed, await pipe.execute(raise_on_error=False), strict=True):
-                        answers[i] = again
+                for i, again in zip(missed, await self._run([batch[i][0] for i in missed]), strict=True):
+                    answers[i] = again
         except BaseException as exc:  # Redis gone (or this task cancelled): every caller hears of it
             for _, answer in batch:
                 if not answer.done():

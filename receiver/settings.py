@@ -26,6 +26,7 @@ class Settings:
     redis_key_prefix: str = "igr:"
     redis_sentinels: tuple[tuple[str, int], ...] = ()
     redis_sentinel_master: str = "mymaster"
+    redis_min_replicas: int = 0
     receiver_host: str = "0.0.0.0"  # noqa: S104 - a receiver listens for the outside world
     receiver_port: int = 8080
     receiver_idle_timeout_seconds: float = 15.0
@@ -107,6 +108,7 @@ class _Reader:
             redis_key_prefix=self.get("REDIS_KEY_PREFIX", d.redis_key_prefix, _key_prefix),
             redis_sentinels=self.get("REDIS_SENTINELS", d.redis_sentinels, _sentinels),
             redis_sentinel_master=self.get("REDIS_SENTINEL_MASTER", d.redis_sentinel_master, _queue_name),
+            redis_min_replicas=self.get("REDIS_MIN_REPLICAS", d.redis_min_replicas, _int_between(0, 16)),
             receiver_host=self.get("RECEIVER_HOST", d.receiver_host, str),
             receiver_port=self.get("RECEIVER_PORT", d.receiver_port, _int_between(0, 65535)),
             receiver_idle_timeout_seconds=self.get(

@@ -124,3 +124,36 @@ async def test_verify_endpoint_too_slow_answers_503(
     answer = await receiver.post("/callbacks/intergiro", data=token(card_order(), stranger_key), headers=JWT)
     assert answer.status == 503
     assert list(sync_redis.scan_iter("*")) == []
+
+
+async def test_with_min_replicas_a_callback_no_replica_holds_is_answered_503(
+    make_receiver: Any, rsa_key: Any
+) -> None:
+    """The primary alone is not enough: a failover could lose what no replica has, so the sender retries."""
+    receiver = await make_receiver(redis_min_replicas=1)
+    answer = await receiver.post("/callbacks/intergiro", data=token(card_order(), rsa_key), headers=JWT)
+    assert answer.status == 503
+    assert "Retry-After" in answer.headers
+
+
+async def test_with_min_replicas_a_callback_a_replica_holds_is_accepted(
+    aiohttp_client: Any, make_settings: Any, rsa_key: Any
+) -> None:
+    primary, replica = RedisServer(), RedisServer()
+    primary.start()
+    replica.start()
+    try:
+        redis.Redis(port=replica.port).replicaof("127.0.0.1", primary.port)
+        receiver = await aiohttp_client(
+            create_app(make_settings(redis_url=primary.url, redis_min_replicas=1))
+        )
+        body = token(card_order(), rsa_key)
+        for _ in range(50):  # the replica needs a moment for its first sync
+            answer = await receiver.post("/callbacks/intergiro", data=body, headers=JWT)
+            if answer.status == 200:
+                break
+        assert answer.status == 200
+        assert redis.Redis(port=replica.port).exists("rq:job:TestOrder0000001-0-order")
+    finally:
+        primary.cleanup()
+        replica.cleanup()

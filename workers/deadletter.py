@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from redis import Redis
 
+from receiver.connections import sync_redis
 from receiver.intake import job_data
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
@@ -54,7 +55,7 @@ class DeadLetters:
 
 def run_dlq_command(settings: Settings, args: argparse.Namespace) -> int:
     """`intergiro-receiver dlq list|show|requeue|purge`: 0 when done, 1 when an id is not there."""
-    redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    redis = sync_redis(settings, timeout=10)
     dlq = DeadLetters(redis, RedisKeys(settings.redis_key_prefix, settings.queue_name))
     try:
         return _run(dlq, args)

@@ -23,6 +23,7 @@ import urllib3
 from redis import Redis
 from standardwebhooks.webhooks import Webhook
 
+from receiver.connections import sync_redis
 from receiver.intake import job_data
 from receiver.logs import log
 from receiver.metrics import count, observe
@@ -180,7 +181,7 @@ class DeliveryContext:
 
     @classmethod
     def create(cls, settings: Settings) -> DeliveryContext:
-        redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        redis = sync_redis(settings, timeout=10)
         keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
         return cls(settings, redis, keys, OrderChains(redis, keys), build_targets(settings))
 

@@ -21,13 +21,13 @@ import threading
 import time
 from types import FrameType
 
-from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from receiver.connections import sync_redis
 from receiver.logs import configure_logging, log
 from receiver.settings import Settings
 from workers.delivery import DeliveryContext, TargetNotConfigured, build_targets, use_context
@@ -77,7 +77,7 @@ class Maintenance(threading.Thread):
     def __init__(self, context: DeliveryContext, queue_name: str, recovery_seconds: float) -> None:
         super().__init__(name="delivery-maintenance", daemon=True)
         self.chains = context.chains
-        self.redis = Redis.from_url(context.settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        self.redis = sync_redis(context.settings, timeout=10)
         self.queue = Queue(queue_name, connection=self.redis, serializer=JSONSerializer)
         self.recovery_seconds = recovery_seconds
         self.stopping = threading.Event()
