@@ -1,0 +1,243 @@
+"""bench/drain: updates/s the workers deliver, against RQ's own no-op job rate, same run.
+
+Starts its own Redis on a free port and a merchant sink (bench/drain_sink.py, its own process, 200 at
+once). Each round, on a freshly emptied Redis:
+  delivery  N updates (two events each of N/2 orders, stored through the real `Intake.store`, so one
+            order's second update waits for its first) delivered by `intergiro-receiver worker --burst
+            --processes P` (DeliveryWorker, a SimpleWorker) as signed POSTs to the sink;
+  no-op     N no-op jobs enqueued with `rq` (JSON serializer) on another queue and run by P forked
+            SimpleWorkers in burst mode (bench/noop_worker.py).
+A run is timed from the first job leaving the queue (process start-up is not counted) to the exit of
+the worker command. After every delivery run it checks that the sink got every update exactly once,
+each order's in sequence, that sampled signatures verify, and that Redis keeps nothing of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.request import urlopen
+
+import orjson
+import redis
+from redis.asyncio import Redis
+from rq import Queue
+from rq.registry import FailedJobRegistry
+from rq.serializers import JSONSerializer
+from standardwebhooks.webhooks import Webhook
+
+from bench.ingest import cpu_seconds, wait_for_port
+from bench.tokens import bench_order, order_id
+from receiver.intake import Intake
+from receiver.order import build_updates, parse_order
+from receiver.rediskeys import RedisKeys
+from receiver.settings import Settings
+from tests.redis_server import RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+NOOP_QUEUE = "bench-noop"
+TARGET = 0.70
+EVENTS = ("0-order", "1-charge")  # the two events of every bench order, in sequence
+
+
+@dataclass
+class Runs:
+    rates: list[float] = field(default_factory=list)
+    worker_cpu_us: list[float] = field(default_factory=list)
+    redis_cpu_us: list[float] = field(default_factory=list)
+    sink_cpu_us: list[float] = field(default_factory=list)
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def store_updates(url: str, orders: int) -> None:
+    client = Redis.from_url(url)
+    intake = Intake(client, RedisKeys(), Settings().dedup_ttl_seconds)
+    for start in range(0, orders, 50):
+        batch = [
+            build_updates(parse_order(bench_order(i)), received_at="2026-01-01T09:00:06.000Z",
+                          verified_by="local:bench")
+            for i in range(start, min(start + 50, orders))
+        ]  # fmt: skip
+        stored = await asyncio.gather(*(intake.store(u) for u in batch))
+        assert all(len(ids) == 2 for ids in stored), "an event was not new"
+    await client.aclose()
+
+
+def enqueue_noops(client: redis.Redis, count: int) -> None:
+    queue = Queue(NOOP_QUEUE, connection=client, serializer=JSONSerializer)
+    for start in range(0, count, 1000):
+        jobs = [Queue.prepare_data("bench.noop_worker.noop", result_ttl=0) for _ in range(min(1000, count - start))]
+        queue.enqueue_many(jobs)
+
+
+def timed(command: list[str], env: dict[str, str], cwd: Path, log: Path, client: redis.Redis,
+          queue_key: str) -> tuple[float, float, int]:  # fmt: skip
+    """Run the worker command; seconds from the first job leaving the queue to its exit, its CPU, its code."""
+    initial = client.llen(queue_key)
+    cpu_before = children_cpu()
+    with log.open("ab") as out:
+        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=out)
+        while process.poll() is None and client.llen(queue_key) >= initial:
+            time.sleep(0.002)
+        started = time.perf_counter()
+        code = process.wait()
+    return time.perf_counter() - started, children_cpu() - cpu_before, code
+
+
+def check_delivery(received: dict[str, list], orders: int, client: redis.Redis) -> str:
+    ids: list[str] = received["ids"]
+    expected = {f"{order_id(i)}-{e}" for i in range(orders) for e in EVENTS}
+    problems = []
+    position = {update_id: n for n, update_id in enumerate(ids)}
+    if len(ids) != len(expected) or set(ids) != expected:
+        extra, missing = len(ids) - len(set(ids)), len(expected - set(ids))
+        problems.append(f"{len(ids)} POSTs for {len(expected)} updates ({extra} repeated, {missing} missing)")
+    out_of_order = sum(
+        1 for i in range(orders)
+        if position.get(f"{order_id(i)}-{EVENTS[0]}", -1) > position.get(f"{order_id(i)}-{EVENTS[1]}", -1)
+    )  # fmt: skip
+    if out_of_order:
+        problems.append(f"{out_of_order} orders delivered out of sequence")
+    hook = Webhook(SECRET)
+    for sample in received["samples"]:
+        try:
+            hook.verify(sample["body"], sample["headers"])
+        except Exception as exc:  # noqa: BLE001 - any failure to verify is the finding
+            problems.append(f"a signature did not verify: {exc}")
+            break
+    left = [k for pattern in ("rq:job:*", "igr:order:*", "igr:delivery:*") for k in client.scan_iter(pattern)]
+    keys = RedisKeys()
+    pending = client.llen(keys.rq_queue) + client.scard(keys.active_orders) + client.zcard(keys.retry_schedule)
+    if left or pending or client.hlen(keys.dead_letters):
+        problems.append(f"left in Redis: {left[:3]}, {pending} queued/active/retrying, {client.hlen(keys.dead_letters)} dead")
+    if problems:
+        return "CHECK FAILED: " + "; ".join(problems)
+    return (f"ok: {len(ids):,} updates each POSTed once, {orders:,} orders in sequence,"
+            f" {len(received['samples'])} signatures verified, no job or chain left")  # fmt: skip
+
+
+def check_noop(client: redis.Redis) -> str:
+    failed = FailedJobRegistry(NOOP_QUEUE, connection=client, serializer=JSONSerializer).count
+    left = client.llen(f"rq:queue:{NOOP_QUEUE}")
+    if failed or left:
+        return f"CHECK FAILED: {failed} failed, {left} still queued"
+    return "ok: queue drained, no failed job"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/drain", description=__doc__.split("\n")[0])
+    parser.add_argument("--updates", type=int, default=5000, help="updates per run, two per order (default 5000)")
+    parser.add_argument("--processes", type=int, default=2, help="worker processes, both systems (default 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of delivery and no-op in turn (default 3)")
+    args = parser.parse_args(argv)
+    orders = max(1, args.updates // 2)
+    count = orders * 2
+    server = RedisServer()
+    server.start()
+    workdir = Path(tempfile.mkdtemp(prefix="igr-drain-"))
+    sink_port = free_port()
+    base_env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH")}
+    base_env["PYTHONPATH"] = str(ROOT)
+    sink = subprocess.Popen([sys.executable, "-m", "bench.drain_sink", str(sink_port)], cwd=ROOT, env=base_env)
+    worker_command = [str(Path(sys.executable).parent / "intergiro-receiver"), "worker", "--burst",
+                      "--processes", str(args.processes)]  # fmt: skip
+    noop_command = [sys.executable, "-m", "bench.noop_worker", server.url, NOOP_QUEUE, str(args.processes)]
+    worker_env = {
+        **base_env,
+        "REDIS_URL": server.url,
+        "MERCHANT_WEBHOOK_URL": f"http://127.0.0.1:{sink_port}/hooks",
+        "MERCHANT_WEBHOOK_SECRET": SECRET,
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "INFO",
+    }
+    systems = {"delivery": Runs(), "no-op": Runs()}
+    ratios: list[float] = []
+    failures = 0
+    try:
+        wait_for_port(sink_port, sink, "sink")
+        client = redis.Redis.from_url(server.url)
+        assert server.process is not None
+        redis_pid = server.process.pid
+        print(f"{count:,} updates ({orders:,} orders x 2 events) / {count:,} no-op jobs per run,"
+              f" {args.processes} worker process(es), {args.rounds} rounds; Redis {server.url}", flush=True)  # fmt: skip
+        # start-up CPU of each command (an empty burst run), subtracted from the CPU per job below
+        client.flushdb()
+        startup = {
+            "delivery": timed(worker_command, worker_env, workdir, workdir / "worker.log", client, "rq:queue:x")[1],
+            "no-op": timed(noop_command, base_env, ROOT, workdir / "noop.log", client, "rq:queue:x")[1],
+        }
+        for round_number in range(1, args.rounds + 1):
+            rates = {}
+            for name, runs in systems.items():
+                client.flushdb()
+                if name == "delivery":
+                    asyncio.run(store_updates(server.url, orders))
+                    command, env, cwd, queue_key = worker_command, worker_env, workdir, RedisKeys().rq_queue
+                else:
+                    enqueue_noops(client, count)
+                    command, env, cwd, queue_key = noop_command, base_env, ROOT, f"rq:queue:{NOOP_QUEUE}"
+                redis_before, sink_before = cpu_seconds(redis_pid), cpu_seconds(sink.pid)
+                seconds, cpu, code = timed(command, env, cwd, workdir / f"{name}.log", client, queue_key)
+                runs.rates.append(count / seconds)
+                runs.worker_cpu_us.append(max(0.0, cpu - startup[name]) / count * 1e6)
+                runs.redis_cpu_us.append((cpu_seconds(redis_pid) - redis_before) / count * 1e6)
+                runs.sink_cpu_us.append((cpu_seconds(sink.pid) - sink_before) / count * 1e6)
+                if name == "delivery":
+                    with urlopen(f"http://127.0.0.1:{sink_port}/received") as answer:
+                        verdict = check_delivery(orjson.loads(answer.read()), orders, client)
+                else:
+                    verdict = check_noop(client)
+                if code:
+                    verdict = f"CHECK FAILED: worker command exited {code}; " + verdict
+                failures += verdict.startswith("CHECK FAILED")
+                rates[name] = runs.rates[-1]
+                print(f"round {round_number} {name:<9} {runs.rates[-1]:>7,.0f} jobs/s ({count:,} in {seconds:5.2f} s)"
+                      f"  CPU/job: workers {runs.worker_cpu_us[-1]:4.0f} us, Redis {runs.redis_cpu_us[-1]:3.0f} us,"
+                      f" sink {runs.sink_cpu_us[-1]:3.0f} us  {verdict}", flush=True)  # fmt: skip
+            ratios.append(rates["delivery"] / rates["no-op"])
+        print_table(systems, ratios, args.processes)
+    finally:
+        sink.terminate()
+        sink.wait(10)
+        server.cleanup()
+    if failures:
+        print(f"bench: {failures} run(s) failed their check; worker logs in {workdir}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def print_table(systems: dict[str, Runs], ratios: list[float], processes: int) -> None:
+    delivery, noop = systems["delivery"], systems["no-op"]
+    print(f"\n{'round':<7} {'updates/s':>10} {'no-op jobs/s':>13} {'ratio':>6}")
+    for n, (u, j, r) in enumerate(zip(delivery.rates, noop.rates, ratios, strict=True), start=1):
+        print(f"{n:<7} {u:>10,.0f} {j:>13,.0f} {r:>6.0%}")
+    ratio = median(ratios)
+    print(f"{'median':<7} {median(delivery.rates):>10,.0f} {median(noop.rates):>13,.0f} {ratio:>6.0%}")
+    print(f"\nCPU per job (medians, start-up excluded): delivery workers {median(delivery.worker_cpu_us):.0f} us"
+          f" + Redis {median(delivery.redis_cpu_us):.0f} us + sink {median(delivery.sink_cpu_us):.0f} us;"
+          f" no-op workers {median(noop.worker_cpu_us):.0f} us + Redis {median(noop.redis_cpu_us):.0f} us")  # fmt: skip
+    print(f"worker class: SimpleWorker (DeliveryWorker for delivery), {processes} process(es) each")
+    print(f"target: delivery >= {TARGET:.0%} of the no-op rate: {'met' if ratio >= TARGET else 'NOT met'}"
+          f" (median of per-round ratios {ratio:.0%})")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""The merchant endpoint of bench/drain, in a process of its own: answers every POST 200 at once.
+
+It verifies no signature while the workers run (so it is not the bottleneck); it records every
+delivery's `webhook-id` in arrival order and keeps every 50th request's headers and body, whose
+Standard Webhooks signatures the bench checks after the run. `GET /received` hands that over and
+forgets it for the next run.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import orjson
+from aiohttp import web
+
+SAMPLE_EVERY = 50
+
+
+def make_app() -> web.Application:
+    ids: list[str] = []
+    samples: list[dict[str, str]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.read()
+        update_id = request.headers.get("webhook-id", "")
+        ids.append(update_id)
+        if len(ids) % SAMPLE_EVERY == 1:
+            samples.append({"headers": {str(k): v for k, v in request.headers.items()}, "body": body.decode()})
+        return web.Response(status=200)
+
+    async def received(request: web.Request) -> web.Response:
+        answer = orjson.dumps({"ids": ids, "samples": samples})
+        ids.clear()
+        samples.clear()
+        return web.Response(body=answer, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/hooks", hook)
+    app.router.add_get("/received", received)
+    return app
+
+
+if __name__ == "__main__":
+    web.run_app(make_app(), host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
