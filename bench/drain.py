@@ -80,7 +80,10 @@ async def store_updates(url: str, orders: int) -> None:
 def enqueue_noops(client: redis.Redis, count: int) -> None:
     queue = Queue(NOOP_QUEUE, connection=client, serializer=JSONSerializer)
     for start in range(0, count, 1000):
-        jobs = [Queue.prepare_data("bench.noop_worker.noop", result_ttl=0) for _ in range(min(1000, count - start))]
+        jobs = [
+            Queue.prepare_data("bench.noop_worker.noop", result_ttl=0)
+            for _ in range(min(1000, count - start))
+        ]
         queue.enqueue_many(jobs)
 
 
@@ -116,14 +119,18 @@ def check_delivery(received: dict[str, list], orders: int, client: redis.Redis) 
     for sample in received["samples"]:
         try:
             hook.verify(sample["body"], sample["headers"])
-        except Exception as exc:  # noqa: BLE001 - any failure to verify is the finding
+        except Exception as exc:
             problems.append(f"a signature did not verify: {exc}")
             break
     left = [k for pattern in ("rq:job:*", "igr:order:*", "igr:delivery:*") for k in client.scan_iter(pattern)]
     keys = RedisKeys()
-    pending = client.llen(keys.rq_queue) + client.scard(keys.active_orders) + client.zcard(keys.retry_schedule)
+    pending = (
+        client.llen(keys.rq_queue) + client.scard(keys.active_orders) + client.zcard(keys.retry_schedule)
+    )
     if left or pending or client.hlen(keys.dead_letters):
-        problems.append(f"left in Redis: {left[:3]}, {pending} queued/active/retrying, {client.hlen(keys.dead_letters)} dead")
+        problems.append(
+            f"left in Redis: {left[:3]}, {pending} queued/active/retrying, {client.hlen(keys.dead_letters)} dead"
+        )
     if problems:
         return "CHECK FAILED: " + "; ".join(problems)
     return (f"ok: {len(ids):,} updates each POSTed once, {orders:,} orders in sequence,"
@@ -144,9 +151,13 @@ def median(values: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/drain", description=__doc__.split("\n")[0])
-    parser.add_argument("--updates", type=int, default=5000, help="updates per run, two per order (default 5000)")
+    parser.add_argument(
+        "--updates", type=int, default=5000, help="updates per run, two per order (default 5000)"
+    )
     parser.add_argument("--processes", type=int, default=2, help="worker processes, both systems (default 2)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of delivery and no-op in turn (default 3)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of delivery and no-op in turn (default 3)"
+    )
     args = parser.parse_args(argv)
     orders = max(1, args.updates // 2)
     count = orders * 2
@@ -156,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     sink_port = free_port()
     base_env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH")}
     base_env["PYTHONPATH"] = str(ROOT)
-    sink = subprocess.Popen([sys.executable, "-m", "bench.drain_sink", str(sink_port)], cwd=ROOT, env=base_env)
+    sink = subprocess.Popen(
+        [sys.executable, "-m", "bench.drain_sink", str(sink_port)], cwd=ROOT, env=base_env
+    )
     worker_command = [str(Path(sys.executable).parent / "intergiro-receiver"), "worker", "--burst",
                       "--processes", str(args.processes)]  # fmt: skip
     noop_command = [sys.executable, "-m", "bench.noop_worker", server.url, NOOP_QUEUE, str(args.processes)]
@@ -181,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         # start-up CPU of each command (an empty burst run), subtracted from the CPU per job below
         client.flushdb()
         startup = {
-            "delivery": timed(worker_command, worker_env, workdir, workdir / "worker.log", client, "rq:queue:x")[1],
+            "delivery": timed(
+                worker_command, worker_env, workdir, workdir / "worker.log", client, "rq:queue:x"
+            )[1],
             "no-op": timed(noop_command, base_env, ROOT, workdir / "noop.log", client, "rq:queue:x")[1],
         }
         for round_number in range(1, args.rounds + 1):
@@ -235,8 +250,10 @@ def print_table(systems: dict[str, Runs], ratios: list[float], processes: int) -
           f" + Redis {median(delivery.redis_cpu_us):.0f} us + sink {median(delivery.sink_cpu_us):.0f} us;"
           f" no-op workers {median(noop.worker_cpu_us):.0f} us + Redis {median(noop.redis_cpu_us):.0f} us")  # fmt: skip
     print(f"worker class: SimpleWorker (DeliveryWorker for delivery), {processes} process(es) each")
-    print(f"target: delivery >= {TARGET:.0%} of the no-op rate: {'met' if ratio >= TARGET else 'NOT met'}"
-          f" (median of per-round ratios {ratio:.0%})")
+    print(
+        f"target: delivery >= {TARGET:.0%} of the no-op rate: {'met' if ratio >= TARGET else 'NOT met'}"
+        f" (median of per-round ratios {ratio:.0%})"
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ def make_app() -> web.Application:
         update_id = request.headers.get("webhook-id", "")
         ids.append(update_id)
         if len(ids) % SAMPLE_EVERY == 1:
-            samples.append({"headers": {str(k): v for k, v in request.headers.items()}, "body": body.decode()})
+            samples.append(
+                {"headers": {str(k): v for k, v in request.headers.items()}, "body": body.decode()}
+            )
         return web.Response(status=200)
 
     async def received(request: web.Request) -> web.Response:

@@ -8,6 +8,7 @@ and the receiver's `/metrics` serves them: Prometheus scrapes one place.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from functools import cache
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -57,12 +58,26 @@ def set_gauge(redis: Any, keys: RedisKeys, name: str, value: float, **labels: st
 
 def observe(redis: Any, keys: RedisKeys, name: str, seconds: float, **labels: str) -> None:
     """Record one observation of a shared histogram (on a pipeline, so it is one round trip)."""
-    for bound in LATENCY_BUCKETS:
+    buckets, others = _histogram_fields(name, tuple(sorted(labels.items())))
+    for bound, field in buckets:
         if seconds <= bound:
-            redis.hincrbyfloat(keys.metrics, _field(name + "_bucket", {**labels, "le": str(bound)}), 1)
-    redis.hincrbyfloat(keys.metrics, _field(name + "_bucket", {**labels, "le": "+Inf"}), 1)
-    redis.hincrbyfloat(keys.metrics, _field(name + "_sum", labels), seconds)
-    redis.hincrbyfloat(keys.metrics, _field(name + "_count", labels), 1)
+            redis.hincrbyfloat(keys.metrics, field, 1)
+    inf, total, number = others
+    redis.hincrbyfloat(keys.metrics, inf, 1)
+    redis.hincrbyfloat(keys.metrics, total, seconds)
+    redis.hincrbyfloat(keys.metrics, number, 1)
+
+
+@cache
+def _histogram_fields(
+    name: str, labels: tuple[tuple[str, str], ...]
+) -> tuple[tuple[tuple[float, str], ...], tuple[str, str, str]]:
+    """The hash fields of one histogram: (bound, bucket field) per bound; +Inf, sum and count fields.
+    Built once per histogram: a worker observes one per delivery."""
+    base = dict(labels)
+    buckets = tuple((b, _field(name + "_bucket", {**base, "le": str(b)})) for b in LATENCY_BUCKETS)
+    inf = _field(name + "_bucket", {**base, "le": "+Inf"})
+    return buckets, (inf, _field(name + "_sum", base), _field(name + "_count", base))
 
 
 class SharedMetrics(Collector):

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 import urllib3
 from redis import Redis
+from redis.exceptions import NoScriptError
 from standardwebhooks.webhooks import Webhook
 
 from receiver.connections import sync_redis
@@ -235,11 +236,10 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> None:
             ctx, update, attempt - 1, last_error, fields.get(b"last_error_at", b"").decode() or utc_now()
         )
         return
+    pending = [t for t in ctx.targets if f"done:{t.name}" not in done]  # others took it in an earlier attempt
     started = time.perf_counter()
     failure: DeliveryError | None = None
-    for target in ctx.targets:
-        if f"done:{target.name}" in done:
-            continue  # delivered there by an earlier attempt
+    for n, target in enumerate(pending):
         try:
             target(update)
         except DeliveryError as exc:
@@ -248,16 +248,27 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> None:
         except Exception as exc:  # e.g. RQ's job timeout firing mid-POST: retry like a network error
             failure = DeliveryError(f"{target.name}: {type(exc).__name__}: {exc}")
             break
-        redis.hset(record, f"done:{target.name}", 1)
+        if n < len(pending) - 1:  # a later target may fail: its retry must not repeat this one
+            redis.hset(record, f"done:{target.name}", 1)
     elapsed = time.perf_counter() - started
     result = "success" if failure is None else "retryable" if failure.retryable else "permanent"
     with redis.pipeline(transaction=False) as pipe:
         count(pipe, keys, "intergiro_delivery_attempts_total", result=result)
         observe(pipe, keys, "intergiro_delivery_seconds", elapsed)
-        pipe.execute()
+        if failure is None:
+            # Delivered: the last target's mark, the metrics and the chain's next step go in the same
+            # round trip (the finish script is atomic on its own; the rest are counters).
+            if pending:
+                pipe.hset(record, f"done:{pending[-1].name}", 1)
+            pipe.evalsha(*ctx.chains.finish_call(update))
+            count(pipe, keys, "intergiro_deliveries_total", outcome="delivered")
+        answers = pipe.execute(raise_on_error=False)
     if failure is None:
-        ctx.chains.finish(update)
-        count(redis, keys, "intergiro_deliveries_total", outcome="delivered")
+        finished = answers[-2]
+        if isinstance(finished, NoScriptError):  # a restarted or flushed Redis forgot the script
+            ctx.chains.finish(update)
+        elif isinstance(finished, Exception):
+            raise finished
         log.debug("update delivered", update=update["id"], attempt=attempt)
         return
     error, error_at = str(failure), utc_now()

@@ -172,15 +172,24 @@ class OrderChains:
         k = self.keys
         return [k.order_head(order_id), k.order_waiting(order_id), k.rq_queue, k.active_orders]
 
-    def finish(self, update: dict[str, Any], dead_letter_entry: bytes = b"") -> str | None:
-        """End the update (delivered, or dead-lettered with its entry); returns the order's next head."""
+    def _finish_keys_args(self, update: dict[str, Any], entry: bytes) -> tuple[list[str], list[Any]]:
         k = self.keys
         keys = [
             *self._chain_keys(update["order_id"]),
             k.delivery(update["id"]), k.retry_schedule, k.retry_jobs, k.dead_letters,
         ]  # fmt: skip
-        args = [update["id"], update["order_id"], RQ_JOB_PREFIX, rq_timestamp(), dead_letter_entry]
+        return keys, [update["id"], update["order_id"], RQ_JOB_PREFIX, rq_timestamp(), entry]
+
+    def finish(self, update: dict[str, Any], dead_letter_entry: bytes = b"") -> str | None:
+        """End the update (delivered, or dead-lettered with its entry); returns the order's next head."""
+        keys, args = self._finish_keys_args(update, dead_letter_entry)
         return _text(self._finish(keys=keys, args=args))
+
+    def finish_call(self, update: dict[str, Any]) -> tuple[str, int, *tuple[Any, ...]]:
+        """EVALSHA's arguments for finishing a delivered update, to send in a pipeline with other
+        commands (the caller runs `finish` itself when Redis answers NOSCRIPT)."""
+        keys, args = self._finish_keys_args(update, b"")
+        return (self._finish.sha, len(keys), *keys, *args)
 
     def schedule_retry(self, update_id: str, due: float, job_data: bytes, error: str, error_at: str) -> None:
         k = self.keys
@@ -200,14 +209,23 @@ class OrderChains:
         return int(moved), float(first) if first else None
 
     def release_stale_heads(self) -> int:
-        """Sweep the orders that have a head; release those whose head's job is gone. Returns how many."""
+        """Sweep the orders that have a head; release those whose head's job is gone. Returns how many.
+        Each order is its own script run; a batch of them goes in one pipeline (one round trip)."""
         k = self.keys
         released = 0
-        for raw in self.redis.sscan_iter(k.active_orders, count=500):
-            order_id = _text(raw) or ""
-            keys = [*self._chain_keys(order_id), k.retry_schedule]
-            if self._release_stale(keys=keys, args=[order_id, RQ_JOB_PREFIX, rq_timestamp()]):
-                released += 1
+        cursor = None
+        while cursor != 0:
+            cursor, batch = self.redis.sscan(k.active_orders, cursor or 0, count=500)
+            if not batch:
+                continue
+            with self.redis.pipeline(transaction=False) as pipe:
+                for raw in batch:
+                    order_id = _text(raw) or ""
+                    keys = [*self._chain_keys(order_id), k.retry_schedule]
+                    self._release_stale(
+                        keys=keys, args=[order_id, RQ_JOB_PREFIX, rq_timestamp()], client=pipe
+                    )
+                released += sum(1 for answer in pipe.execute() if answer)
         return released
 
     def requeue(self, update: dict[str, Any], job_data: bytes) -> bool:

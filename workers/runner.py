@@ -31,6 +31,7 @@ from receiver.connections import sync_redis
 from receiver.logs import configure_logging, log
 from receiver.settings import Settings
 from workers.delivery import DeliveryContext, TargetNotConfigured, build_targets, use_context
+from workers.jobs import RQ_RECOVERIES
 
 STALE_HEAD_SWEEP_SECONDS = 30.0
 MAX_SCHEDULER_SLEEP_SECONDS = 1.0
@@ -49,7 +50,8 @@ class DeliveryWorker(SimpleWorker):
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         job.timeout = self.job_timeout
-        forget_dead_executions(job)
+        if job.retries_left is not None and job.retries_left < RQ_RECOVERIES:
+            forget_dead_executions(job)  # only a job re-queued after its worker died has any
         super().execute_job(job, queue)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
