@@ -1,5 +1,6 @@
 """The benchmarks still run: each once, briefly, with tiny numbers (no timing is asserted; their own
-checks are: one job per event for the ingest runs, only the markers left for the memory run)."""
+checks are: one job per event for the ingest runs, only the markers left for the memory run, each
+update POSTed once and in sequence for the drain run)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,10 @@ def test_the_memory_benchmark_runs_and_leaves_only_the_markers() -> None:
     out = run_bench("bench.memory", "--orders", "500")
     assert "1,000 callbacks' events remembered" in out
     assert "bytes per event" in out
+
+
+def test_the_drain_benchmark_runs_and_finds_every_update_delivered_once_in_sequence() -> None:
+    out = run_bench("bench.drain", "--updates", "40", "--rounds", "1", "--processes", "2")
+    assert "ok: 40 updates each POSTed once, 20 orders in sequence" in out, out
+    assert "ok: queue drained, no failed job" in out, out
+    assert "no-op jobs/s" in out
