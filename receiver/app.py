@@ -272,6 +272,16 @@ def server_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where it is installed (Linux, macOS): its C event loop and transports take about a third
+    off the receiver's CPU per callback; asyncio's own loop elsewhere."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency wherever it builds
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def serve(settings: Settings) -> None:
     log.info(
         "receiver starting",
@@ -281,6 +291,7 @@ def serve(settings: Settings) -> None:
     )
     web.run_app(
         create_app(settings),
+        loop=event_loop(),
         host=settings.receiver_host,
         port=settings.receiver_port,
         print=None,

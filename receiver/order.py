@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 from receiver.errors import BadCallback
-from receiver.status import StatusError, minor_units, order_amount, status_history
+from receiver.status import StatusError, history_and_amount, minor_units
 
 UPDATE_VERSION = 1
 EVENT_TYPES = frozenset(
@@ -206,8 +206,7 @@ def _event(event: Mapping[str, Any], sequence: int) -> dict[str, Any]:
 def build_updates(order: Mapping[str, Any], *, received_at: str, verified_by: str) -> list[dict[str, Any]]:
     """One order-status update per event of a parsed order (one `created` update when it has none)."""
     try:
-        history = status_history(order)
-        amount = order_amount(order)
+        history, amount = history_and_amount(order)
     except (StatusError, ArithmeticError) as exc:
         raise BadCallback(f"order amounts cannot be computed: {exc}") from None
     # An item may carry a discount, but no amount an update reports can be less than nothing.
