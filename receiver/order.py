@@ -76,15 +76,18 @@ def _is_number(value: Any) -> bool:
 
 
 def _nested_within(value: Any, limit: int) -> bool:
-    """Whether no object or list sits deeper than `limit` (iterative: a hostile depth cannot recurse)."""
-    stack = [(value, 0)]
-    while stack:
-        current, depth = stack.pop()
-        if isinstance(current, dict | list):
-            if depth >= limit:
-                return False
+    """Whether no object or list sits deeper than `limit` (level by level: a hostile depth cannot recurse)."""
+    level = [value] if isinstance(value, dict | list) else []
+    depth = 0
+    while level:
+        if depth >= limit:
+            return False
+        below: list[Any] = []
+        for current in level:
             children = current.values() if isinstance(current, dict) else current
-            stack.extend((child, depth + 1) for child in children)
+            below += [child for child in children if isinstance(child, dict | list)]
+        level = below
+        depth += 1
     return True
 
 

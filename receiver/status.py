@@ -223,26 +223,33 @@ def _whole_order_history(
     current = "created"
     previous = "created"
     settled = Decimal(0)
+    settled_rounded = _round(settled, places)
     result: list[tuple[str, dict[str, Decimal]]] = []
     for event in events:
         event_type = event.get("type")
         if event_type == "settle":
             settled += _number(event.get("net"), "settle net")
+            settled_rounded = _round(settled, places)
             previous = "settled"
         elif isinstance(event_type, str) and event_type != "fail" and movable:
             target = change(current, event_type)
             if target is not None:
                 current = previous = target
-        statuses = {current: rounded, "settled": _round(settled, places)}
-        result.append(
-            (previous, {status: statuses[status] for status in STATUS_ORDER if statuses.get(status)})
-        )
+        # the two buckets in STATUS_ORDER (only `synchronized` comes after `settled`), when non-zero
+        statuses: dict[str, Decimal] = {}
+        if current == "synchronized" and settled_rounded:
+            statuses["settled"] = settled_rounded
+        if rounded:
+            statuses[current] = rounded
+        if settled_rounded and current != "synchronized":
+            statuses["settled"] = settled_rounded
+        result.append((previous, statuses))
     return result, _round(Decimal(0) + total, places)  # as `total()` adds up: -0.00 becomes 0.00
 
 
 _LINE_FIELDS = ("price", "rebate", "vat", "quantity", "number", "name", "unit")
 _PLAIN = frozenset({str, int, float, type(None)})
-_LINE_CACHE: dict[str, "_Line"] = {}
+_LINE_CACHE: dict[tuple[tuple[object, ...], tuple[type, ...]], "_Line"] = {}
 _LINE_CACHE_SIZE = 4096
 _LINE_CACHE_KEY_LENGTH = 512
 
@@ -255,16 +262,17 @@ def _cached_line(item: object) -> "_Line | None":
     if type(item) is not dict:
         return None
     values = tuple(map(item.get, _LINE_FIELDS))
-    if not all(type(value) in _PLAIN for value in values):
-        return None
-    key = repr(values)  # 1, 1.0 and -0.0 stay apart, as their decimals do
+    types = tuple(map(type, values))
+    if not _PLAIN.issuperset(types) or 0.0 in values:
+        return None  # not plain; or a zero, where 0.0 and -0.0 are equal keys for different decimals
+    key = (values, types)  # 1 and 1.0 stay apart, as their decimals do
     line = _LINE_CACHE.get(key)
     if line is None:
         try:
             line = _line(item, "items")
         except (StatusError, DecimalException):
             return None
-        if len(key) <= _LINE_CACHE_KEY_LENGTH:
+        if sum(len(value) for value in values if isinstance(value, str)) <= _LINE_CACHE_KEY_LENGTH:
             if len(_LINE_CACHE) >= _LINE_CACHE_SIZE:
                 _LINE_CACHE.clear()
             _LINE_CACHE[key] = line
