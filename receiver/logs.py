@@ -6,19 +6,32 @@ by the same renderer, so a log collector reads one format from every line.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from typing import Any
 
+import orjson
 import structlog
 
 _HANDLER_MARK = "_intergiro_receiver"
+
+
+def _dumps(event: Any, **kw: Any) -> str:
+    """orjson, several times faster than `json.dumps` for one log line; the standard library's text
+    for what orjson does not write the same way (non-ASCII, integers beyond 64 bits)."""
+    try:
+        line = orjson.dumps(event, default=kw.get("default"))
+    except TypeError:
+        return json.dumps(event, **kw)
+    return line.decode() if line.isascii() else json.dumps(event, **kw)
 
 
 def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     renderer: structlog.types.Processor = (
         structlog.dev.ConsoleRenderer(colors=False)
         if log_format == "console"
-        else structlog.processors.JSONRenderer()
+        else structlog.processors.JSONRenderer(serializer=_dumps)
     )
     stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     # JSON needs a traceback as text; the console renderer formats exceptions itself.

@@ -160,3 +160,19 @@ class ReceiverMetrics:
         )
         self.shared = SharedMetrics()
         self.registry.register(self.shared)
+        self._children: dict[tuple[int, str], Any] = {}
+
+    def _child(self, metric: Counter | Histogram, label: str) -> Any:
+        """The labelled child, looked up once (`labels()` takes a lock and builds a key every call);
+        made on first use, so a series still appears only once it has happened."""
+        key = (id(metric), label)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(label)
+        return child
+
+    def count_callback(self, outcome: str) -> None:
+        self._child(self.callbacks, outcome).inc()
+
+    def observe_verification(self, method: str, seconds: float) -> None:
+        self._child(self.verification_seconds, method).observe(seconds)

@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 from receiver.errors import BadCallback
-from receiver.status import StatusError, minor_units, order_amount, status_history
+from receiver.status import StatusError, history_and_amount, minor_units
 
 UPDATE_VERSION = 1
 EVENT_TYPES = frozenset(
@@ -76,15 +76,18 @@ def _is_number(value: Any) -> bool:
 
 
 def _nested_within(value: Any, limit: int) -> bool:
-    """Whether no object or list sits deeper than `limit` (iterative: a hostile depth cannot recurse)."""
-    stack = [(value, 0)]
-    while stack:
-        current, depth = stack.pop()
-        if isinstance(current, dict | list):
-            if depth >= limit:
-                return False
+    """Whether no object or list sits deeper than `limit` (level by level: a hostile depth cannot recurse)."""
+    level = [value] if isinstance(value, dict | list) else []
+    depth = 0
+    while level:
+        if depth >= limit:
+            return False
+        below: list[Any] = []
+        for current in level:
             children = current.values() if isinstance(current, dict) else current
-            stack.extend((child, depth + 1) for child in children)
+            below += [child for child in children if isinstance(child, dict | list)]
+        level = below
+        depth += 1
     return True
 
 
@@ -206,8 +209,7 @@ def _event(event: Mapping[str, Any], sequence: int) -> dict[str, Any]:
 def build_updates(order: Mapping[str, Any], *, received_at: str, verified_by: str) -> list[dict[str, Any]]:
     """One order-status update per event of a parsed order (one `created` update when it has none)."""
     try:
-        history = status_history(order)
-        amount = order_amount(order)
+        history, amount = history_and_amount(order)
     except (StatusError, ArithmeticError) as exc:
         raise BadCallback(f"order amounts cannot be computed: {exc}") from None
     # An item may carry a discount, but no amount an update reports can be less than nothing.

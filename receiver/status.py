@@ -97,6 +97,22 @@ def order_amount(order: Mapping[str, Any]) -> Decimal:
     return _guarded(_amount_of, order)
 
 
+def history_and_amount(order: Mapping[str, Any]) -> tuple[list[tuple[str, dict[str, Decimal]]], Decimal]:
+    """`status_history(order)` and `order_amount(order)` together, as the receiver needs both.
+
+    The common callback (whole-order events, no event listing `items`, plain item lines) takes a
+    short path that gives the very same result; anything else takes the general model.
+    """
+    try:
+        with localcontext(_EXACT):
+            fast = _whole_order_history(order) if isinstance(order, dict) else None
+    except (DecimalException, ValueError, TypeError, KeyError, AttributeError, IndexError):
+        fast = None  # the general model names the problem
+    if fast is not None:
+        return fast
+    return status_history(order), order_amount(order)
+
+
 def minor_units(currency: str) -> int:
     """How many decimals the currency's amounts have: 2 unless ISO 4217 says 0 (JPY, KRW, ISK...) or 3."""
     code = currency.upper() if isinstance(currency, str) else ""
@@ -160,6 +176,107 @@ def _history(order: Mapping[str, Any]) -> list[tuple[str, dict[str, Decimal]]]:
             (previous, {status: statuses[status] for status in STATUS_ORDER if statuses.get(status)})
         )
     return result
+
+
+def _whole_order_history(
+    order: Mapping[str, Any],
+) -> tuple[list[tuple[str, dict[str, Decimal]]], Decimal] | None:
+    """The history when no event lists items, or None (then the general model decides).
+
+    Every event then offers every unit (or the whole amount), so all of the order's units are in one
+    status at any time: the buckets are that status holding the whole amount, and `settled` beside it.
+    Rounding one bucket to the total is rounding the total, so it is done once.
+    """
+    events = order.get("event")
+    if events is None:
+        events = []
+    if type(events) is not list or len(events) > MAX_EVENTS:
+        return None
+    for event in events:
+        if type(event) is not dict or event.get("items") is not None:
+            return None
+    places = _places(order)
+    items = order.get("items")
+    if _is_number(items):
+        number = _number(items, "items")
+        total = _round(number, places)
+        if total < 0:
+            return None
+        movable = total > 0
+    else:
+        if isinstance(items, dict):
+            items = [items]
+        if type(items) is not list or len(items) > MAX_UNITS:
+            return None
+        units = 0
+        total = Decimal(0)
+        for item in items:
+            line = _cached_line(item)
+            if line is None:
+                return None
+            units += line.quantity
+            total += line.unit_amount * line.quantity
+        if units > MAX_UNITS:
+            return None
+        movable = units > 0
+    rounded = _round_to_total({"created": total}, places).get("created", Decimal(0))
+    current = "created"
+    previous = "created"
+    settled = Decimal(0)
+    settled_rounded = _round(settled, places)
+    result: list[tuple[str, dict[str, Decimal]]] = []
+    for event in events:
+        event_type = event.get("type")
+        if event_type == "settle":
+            settled += _number(event.get("net"), "settle net")
+            settled_rounded = _round(settled, places)
+            previous = "settled"
+        elif isinstance(event_type, str) and event_type != "fail" and movable:
+            target = change(current, event_type)
+            if target is not None:
+                current = previous = target
+        # the two buckets in STATUS_ORDER (only `synchronized` comes after `settled`), when non-zero
+        statuses: dict[str, Decimal] = {}
+        if current == "synchronized" and settled_rounded:
+            statuses["settled"] = settled_rounded
+        if rounded:
+            statuses[current] = rounded
+        if settled_rounded and current != "synchronized":
+            statuses["settled"] = settled_rounded
+        result.append((previous, statuses))
+    return result, _round(Decimal(0) + total, places)  # as `total()` adds up: -0.00 becomes 0.00
+
+
+_LINE_FIELDS = ("price", "rebate", "vat", "quantity", "number", "name", "unit")
+_PLAIN = frozenset({str, int, float, type(None)})
+_LINE_CACHE: dict[tuple[tuple[object, ...], tuple[type, ...]], "_Line"] = {}
+_LINE_CACHE_SIZE = 4096
+_LINE_CACHE_KEY_LENGTH = 512
+
+
+def _cached_line(item: object) -> "_Line | None":
+    """`_line(item)` remembered by the fields it reads (shops sell the same lines again and again); None
+    when the item is not a plain line (the general model then decides)."""
+    if _is_number(item):
+        item = {"price": item}
+    if type(item) is not dict:
+        return None
+    values = tuple(map(item.get, _LINE_FIELDS))
+    types = tuple(map(type, values))
+    if not _PLAIN.issuperset(types) or 0.0 in values:
+        return None  # not plain; or a zero, where 0.0 and -0.0 are equal keys for different decimals
+    key = (values, types)  # 1 and 1.0 stay apart, as their decimals do
+    line = _LINE_CACHE.get(key)
+    if line is None:
+        try:
+            line = _line(item, "items")
+        except (StatusError, DecimalException):
+            return None
+        if sum(len(value) for value in values if isinstance(value, str)) <= _LINE_CACHE_KEY_LENGTH:
+            if len(_LINE_CACHE) >= _LINE_CACHE_SIZE:
+                _LINE_CACHE.clear()
+            _LINE_CACHE[key] = line
+    return line
 
 
 def _events(value: object) -> list[Mapping[str, Any]]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
@@ -62,7 +63,24 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def strict_json(data: bytes | str) -> Any:
-    """Parse JSON, refusing duplicate keys (two parsers could read two different orders)."""
+    """Parse JSON, refusing duplicate keys (two parsers could read two different orders).
+
+    orjson parses first (three times faster), and its value is taken only when it surely is the
+    standard library's: no key was repeated (a repeated key drops a key and its value, so the compact
+    re-serialization holds fewer colons than the text, where every colon is a key's or inside a
+    string; a colon spelled `\\u003a` could hide that, so such text is left to the standard library).
+    Anything orjson refuses or reads differently goes to the standard library, which gives the answer
+    or the error it always gave: NaN, lone surrogates, UTF-16, and integers beyond 64 bits, which orjson
+    reads as floats (a float of 1e16 or more is written with `e+`, and so is sent back).
+    """
+    if isinstance(data, bytes) and b"\\u003" not in data:
+        try:
+            value = orjson.loads(data)
+            compact = orjson.dumps(value)
+            if compact.count(b":") == data.count(b":") and b"e+" not in compact:
+                return value
+        except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+            pass
     return json.loads(data, object_pairs_hook=_reject_duplicate_keys)
 
 

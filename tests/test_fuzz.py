@@ -34,6 +34,7 @@ from receiver.settings import Settings
 from receiver.status import STATUS_ORDER, StatusError, status_history
 from receiver.verify import (
     ALLOWED_ALGORITHMS,
+    _reject_duplicate_keys,
     check_claims,
     check_header,
     read_header,
@@ -175,6 +176,45 @@ def test_strict_json_parses_or_raises_only_what_its_callers_catch(raw: bytes) ->
         strict_json(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
         pass
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(-(2**70), 2**70)
+    | st.sampled_from([2**63, -(2**63) - 1, 2**64, 1e16, 9.3e18, -0.0])
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=4),
+    max_leaves=12,
+)
+SPLICES = [":", "\\u003a", " ", "\x01", '"', "NaN", ",", "}", "1e+20", "99999999999999999999", '"\\ud800"']
+
+
+def outcome(parse: Callable[[bytes], Any], raw: bytes) -> tuple[str, str]:
+    try:
+        return "value", repr(parse(raw))
+    except Exception as error:
+        return "error", type(error).__name__
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(json_values, st.booleans(), st.booleans(), st.integers(0, 10_000), st.sampled_from(SPLICES), st.data())
+def test_strict_json_reads_every_text_as_the_standard_librarys_strict_parse(
+    value: Any, ascii_only: bool, repeat_keys: bool, at: int, splice: str, data: st.DataObject
+) -> None:
+    """The orjson fast path answers exactly what `json.loads` with the duplicate-key hook answers:
+    the same value, or the same kind of error (repeated keys, NaN, huge integers, bad bytes)."""
+    text = json.dumps(value, ensure_ascii=ascii_only)
+    if repeat_keys and text.startswith("{") and text != "{}":
+        text = text[:-1] + ", " + text[1:]  # every key of the object twice
+    if data.draw(st.booleans()):
+        at %= len(text) + 1
+        text = text[:at] + splice + text[at:]
+    raw = text.encode("utf-8", "surrogatepass")
+    standard = outcome(lambda b: json.loads(b, object_pairs_hook=_reject_duplicate_keys), raw)
+    assert outcome(strict_json, raw) == standard
 
 
 @PURE

@@ -19,6 +19,7 @@ from receiver.status import (
     STATUS_ORDER,
     StatusError,
     change,
+    history_and_amount,
     minor_units,
     order_amount,
     status_history,
@@ -641,3 +642,72 @@ def unit_orders(draw: st.DrawFn) -> dict[str, Any]:
 @given(unit_orders())
 def test_unit_orders_match_a_unit_by_unit_replay_of_the_readme_rules(order: dict[str, Any]) -> None:
     assert status_history(order) == replay_unit_by_unit(order)
+
+
+whole_amounts = st.one_of(
+    st.integers(0, 500), st.sampled_from([0.0, -0.0, 0.005, 0.015, 19.99, 1e-7, 123.456]), prices
+)
+whole_lines = st.fixed_dictionaries(
+    {"price": whole_amounts},
+    optional={
+        "quantity": st.one_of(st.integers(0, 4), st.just(2.0)),
+        "vat": whole_amounts,
+        "rebate": st.just(0),
+        "name": st.sampled_from(["mug", "cup"]),
+        "number": st.one_of(st.just("m1"), st.just(7)),
+    },
+)
+
+
+@st.composite
+def whole_order_orders(draw: st.DrawFn) -> dict[str, Any]:
+    """Orders whose events never list items (the receiver's short path), in every shape of items."""
+    items = draw(
+        st.one_of(whole_amounts, whole_lines, st.lists(st.one_of(whole_lines, whole_amounts), max_size=4))
+    )
+    events: list[Any] = []
+    for kind in draw(st.lists(st.sampled_from([*EVENT_TYPES, "unknown"]), max_size=8)):
+        event: dict[str, Any] = {"type": kind}
+        if kind == "settle":
+            event["net"] = draw(whole_amounts)
+        events.append(event)
+    currency = draw(st.sampled_from(["SEK", "JPY", "BHD"]))
+    return {"currency": currency, "items": items, "event": draw(st.sampled_from([events, None]))}
+
+
+def spelled(result: Any) -> str:
+    return repr(result)  # Decimal("1.50") and Decimal("1.5") are equal but spelled apart
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(whole_order_orders(), orders()))
+def test_history_and_amount_are_exactly_the_general_models(order: dict[str, Any]) -> None:
+    try:
+        expected: Any = (status_history(order), order_amount(order))
+    except StatusError as error:
+        with pytest.raises(StatusError) as raised:
+            history_and_amount(order)
+        assert str(raised.value) == str(error)
+        return
+    assert spelled(history_and_amount(order)) == spelled(expected)
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        {"currency": "SEK", "items": [{"price": -5}], "event": []},
+        {"currency": "SEK", "items": [{"price": 5, "quantity": 1.5}], "event": [{"type": "order"}]},
+        {"currency": "SEK", "items": float("nan"), "event": []},
+        {"currency": "SEK", "items": 5, "event": [{"type": "settle", "net": "5"}]},
+        {"currency": "SEK", "items": [{"price": 5}] * (MAX_UNITS + 1), "event": []},
+        {"currency": "SEK", "items": 5, "event": [{"type": "order"}] * (MAX_EVENTS + 1)},
+        {"currency": "SEK", "items": [{"price": 5, "name": ["x"]}], "event": []},
+    ],
+)
+def test_history_and_amount_refuse_what_the_general_model_refuses(order: dict[str, Any]) -> None:
+    with pytest.raises(StatusError) as general:
+        status_history(order)
+        order_amount(order)
+    with pytest.raises(StatusError) as combined:
+        history_and_amount(order)
+    assert str(combined.value) == str(general.value)
