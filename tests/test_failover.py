@@ -20,7 +20,7 @@ import pytest
 
 from receiver.app import create_app
 from tests.helpers import JWT, card_order, token
-from tests.redis_server import SentinelCluster
+from tests.redis_server import SentinelCluster, free_port
 from tests.sink import SECRET, Sink, start_worker, stop, wait_for, worker_env
 
 ORDERS = 300
@@ -49,6 +49,7 @@ class Answers:
 
     seen: list[tuple[float, int, str]] = field(default_factory=list)
     accepted: dict[str, float] = field(default_factory=dict)
+    slowest_refusal: float = 0.0
 
     def after(self, moment: float) -> list[tuple[float, int, str]]:
         return [a for a in self.seen if a[0] >= moment]
@@ -60,6 +61,7 @@ async def send_like_intergiro(
     """POST until 200, backing off after any other answer or none (Intergiro's rule, shorter delays)."""
     delay = 0.05
     while True:
+        sent = time.monotonic()
         try:
             async with session.post(url, data=body, headers=JWT) as answer:
                 await answer.read()
@@ -67,6 +69,8 @@ async def send_like_intergiro(
         except aiohttp.ClientError:
             status = 0
         answers.seen.append((time.monotonic(), status, order_id))
+        if status != 200:
+            answers.slowest_refusal = max(answers.slowest_refusal, time.monotonic() - sent)
         if status == 200:
             answers.accepted[order_id] = time.monotonic()
             return
@@ -112,11 +116,15 @@ async def test_a_master_killed_under_load_costs_503s_only_and_every_accepted_cal
     killed_at = 0.0
     promoted_at = 0.0
 
-    async def kill_master_midway() -> None:
+    readiness: list[int] = []
+
+    async def kill_master_midway(session: aiohttp.ClientSession) -> None:
         nonlocal killed_at, promoted_at
         await wait_for(lambda: len(answers.accepted) >= KILL_AFTER_ACCEPTED, what="load before the kill")
         cluster.master.kill()  # SIGKILL: no goodbye to replicas or clients
         killed_at = time.monotonic()
+        async with session.get(receiver.make_url("/readyz")) as ready:  # sentinels need 1 s to notice
+            readiness.append(ready.status)
         for _ in range(600):  # at most 30 s
             if await asyncio.to_thread(cluster.current_master_port) != old_master:
                 break
@@ -135,9 +143,11 @@ async def test_a_master_killed_under_load_costs_503s_only_and_every_accepted_cal
 
     started = time.monotonic()
     async with aiohttp.ClientSession() as session:
-        killer = asyncio.create_task(kill_master_midway())
+        killer = asyncio.create_task(kill_master_midway(session))
         await asyncio.wait_for(asyncio.gather(*(sender(session) for _ in range(SENDERS))), 60)
         await asyncio.wait_for(killer, 10)
+        async with session.get(receiver.make_url("/readyz")) as ready:
+            readiness.append(ready.status)
     load_seconds = time.monotonic() - started
 
     statuses = [status for _, status, _ in answers.seen]
@@ -148,6 +158,7 @@ async def test_a_master_killed_under_load_costs_503s_only_and_every_accepted_cal
     assert refused, "callbacks sent while no master was known must not be answered 200"
     assert first_200_after is not None, "the receiver accepts callbacks again through the new master"
     assert len(answers.accepted) == ORDERS
+    assert readiness == [503, 200], "/readyz: 503 while the master is gone, 200 through the new one"
 
     assert cluster.current_master_port() != old_master
     ids = [f"{order_id}-0-order" for order_id in orders]
@@ -172,7 +183,61 @@ async def test_a_master_killed_under_load_costs_503s_only_and_every_accepted_cal
         print(
             f"\nfailover: {ORDERS} callbacks by {SENDERS} senders in {load_seconds:.1f}s; master killed after "
             f"{KILL_AFTER_ACCEPTED} accepted; sentinels promoted a replica {promoted_at - killed_at:.2f}s after "
-            f"the kill; {statuses.count(503)} answers 503 (0 other non-200); first 200 through the new master "
+            f"the kill; {statuses.count(503)} answers 503 (0 other non-200, the slowest in "
+            f"{answers.slowest_refusal:.2f}s); first 200 through the new master "
             f"{first_200_after - killed_at:.2f}s after the kill; all {len(ids)} accepted updates delivered "
             f"({redeliveries} delivered twice, same Idempotency-Key); worker alive throughout"
         )
+
+
+async def test_with_no_master_known_a_callback_is_answered_503_and_readyz_says_so(
+    make_receiver: Callable[..., Any], rsa_key: Any
+) -> None:
+    """Sentinels that do not answer (or know no such master): MasterNotFoundError is a 503, never a 500."""
+    nowhere = (("127.0.0.1", free_port()), ("127.0.0.1", free_port()))
+    receiver = await make_receiver(redis_sentinels=nowhere, redis_sentinel_master="igr-test")
+    answer = await receiver.post("/callbacks/intergiro", data=token(card_order(), rsa_key), headers=JWT)
+    assert answer.status == 503
+    assert "Retry-After" in answer.headers
+    ready = await receiver.get("/readyz")
+    assert ready.status == 503
+    assert (await ready.json())["redis"] == "no master known to the sentinels"
+
+
+async def test_check_with_sentinels_that_know_no_such_master_fails_with_one_line(
+    cluster: SentinelCluster, tmp_path: Path
+) -> None:
+    from tests.test_check import WEBHOOK, check
+
+    env = {**sentinel_env(cluster), **WEBHOOK}
+    code, lines = await check(tmp_path, **env)
+    assert (code, len(lines)) == (0, 1)
+    code, lines = await check(tmp_path, **{**env, "REDIS_SENTINEL_MASTER": "no-such-master"})
+    assert code == 1
+    assert len(lines) == 1
+    assert lines[0].startswith("problem: REDIS_SENTINEL_MASTER: no sentinel in REDIS_SENTINELS names")
+
+
+async def test_a_job_taken_off_the_queue_but_never_started_is_queued_again_and_delivered(
+    aiohttp_server: Any, make_receiver: Callable[..., Any], redis_url: str, sync_redis: Any, rsa_key: Any,
+    tmp_path: Path, request: pytest.FixtureRequest,
+) -> None:  # fmt: skip
+    """RQ moves a job to its intermediate list, then starts it; a worker that lost Redis in between (the
+    master died) leaves it there, on no list a worker reads: the workers put it back on the queue."""
+    receiver = await make_receiver()
+    answer = await receiver.post("/callbacks/intergiro", data=token(card_order(), rsa_key), headers=JWT)
+    assert answer.status == 200
+    queue = "rq:queue:order-updates"
+    assert sync_redis.lmove(queue, f"{queue}:intermediate") == b"TestOrder0000001-0-order"
+    sink = Sink()
+    sink_server = await aiohttp_server(sink.app())
+    log = tmp_path / "worker.log"
+    env = worker_env(
+        redis_url, merchant_webhook_url=str(sink_server.make_url("/hooks")), merchant_webhook_secret=SECRET
+    )
+    worker = start_worker(env, log)
+    request.addfinalizer(lambda: stop(worker))
+    await wait_for(lambda: len(sink.received) == 1, what="the stranded update at the sink")
+    stop(worker)
+    assert [r.headers["webhook-id"] for r in sink.received] == ["TestOrder0000001-0-order"]
+    assert sync_redis.llen(f"{queue}:intermediate") == 0
