@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
+from redis.asyncio.sentinel import MasterNotFoundError
 from redis.exceptions import RedisError
 
 from receiver.connections import async_redis
@@ -201,6 +202,8 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     try:
         await request.app[REDIS].ping()
+    except MasterNotFoundError:
+        return json_response({"status": "unavailable", "redis": "no master known to the sentinels"}, 503)
     except RedisError:
         return json_response({"status": "unavailable", "redis": "not reachable"}, 503)
     return json_response({"status": "ready"})

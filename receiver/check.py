@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+from redis.asyncio.sentinel import MasterNotFoundError
 from redis.exceptions import RedisError
 
 from receiver.connections import async_redis
@@ -16,8 +17,14 @@ async def find_problems(settings: Settings) -> list[str]:
     redis = async_redis(settings, timeout=3)
     try:
         await redis.ping()
+    except MasterNotFoundError:
+        problems.append(
+            f"REDIS_SENTINEL_MASTER: no sentinel in REDIS_SENTINELS names a reachable master "
+            f"{settings.redis_sentinel_master!r} (sentinels down, a wrong name, or a failover under way)"
+        )
     except RedisError as exc:
-        problems.append(f"REDIS_URL: cannot reach Redis ({type(exc).__name__})")
+        where = "REDIS_SENTINELS" if settings.redis_sentinels else "REDIS_URL"
+        problems.append(f"{where}: cannot reach Redis ({type(exc).__name__})")
     finally:
         await redis.aclose()
     if settings.remote_verification:

@@ -99,20 +99,22 @@ def usable_external_url() -> str | None:
 
 
 class SentinelCluster:
-    """A master, one replica and three sentinels on free ports, for failover tests."""
+    """A master, `replicas` replicas and three sentinels on free ports, for failover tests."""
 
-    def __init__(self, master_name: str = "igr-test") -> None:
+    def __init__(self, master_name: str = "igr-test", replicas: int = 1) -> None:
         self.name = master_name
         self.master = RedisServer()
-        self.replica = RedisServer()
+        self.replicas = [RedisServer() for _ in range(replicas)]
+        self.replica = self.replicas[0]
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.sentinels: list[subprocess.Popen[bytes]] = []
         self.dir = Path(tempfile.mkdtemp(prefix="igr-sentinel-"))
 
     def start(self) -> None:
         self.master.start()
-        self.replica.start()
-        redis.Redis(port=self.replica.port).replicaof("127.0.0.1", self.master.port)
+        for replica in self.replicas:
+            replica.start()
+            redis.Redis(port=replica.port).replicaof("127.0.0.1", self.master.port)
         for index, port in enumerate(self.sentinel_ports):
             conf = self.dir / f"sentinel-{index}.conf"
             conf.write_text(
@@ -143,7 +145,8 @@ class SentinelCluster:
                     for p in self.sentinel_ports
                 ]
                 if all(
-                    int(m.get("num-other-sentinels", 0)) == 2 and int(m.get("num-slaves", 0)) == 1
+                    int(m.get("num-other-sentinels", 0)) == 2
+                    and int(m.get("num-slaves", 0)) == len(self.replicas)
                     for m in known
                 ):
                     return
@@ -172,5 +175,6 @@ class SentinelCluster:
             process.kill()
             process.wait(10)
         self.master.cleanup()
-        self.replica.cleanup()
+        for replica in self.replicas:
+            replica.cleanup()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
@@ -29,12 +30,17 @@ from rq.serializers import JSONSerializer
 
 from receiver.connections import sync_redis
 from receiver.logs import configure_logging, log
+from receiver.rediskeys import RQ_JOB_PREFIX
 from receiver.settings import Settings
 from workers.delivery import DeliveryContext, TargetNotConfigured, build_targets, use_context
 from workers.jobs import RQ_RECOVERIES
 
 STALE_HEAD_SWEEP_SECONDS = 30.0
 MAX_SCHEDULER_SLEEP_SECONDS = 1.0
+MAX_RESTART_PAUSE_SECONDS = 10.0
+# How long one BLMOVE waits for a job: under the workers' socket timeout (10 s, DeliveryContext), or each
+# idle wait would end in a TimeoutError that RQ answers with a growing pause (up to a minute).
+DEQUEUE_WAIT_SECONDS = 5
 
 
 def job_timeout_seconds(settings: Settings) -> int:
@@ -47,6 +53,33 @@ class DeliveryWorker(SimpleWorker):
     attempt counts as abandoned) derived from DELIVERY_TIMEOUT_SECONDS instead of the job's 300 s."""
 
     job_timeout = 300
+    stop_requested = False  # SIGTERM or SIGINT: RQ's loop ends on purpose
+    drained = False  # burst mode found the queue empty
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_requested = True
+        super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        self.drained = result is None
+        return result
+
+    def stop_listening(self) -> None:
+        """Stop the command-channel thread RQ's teardown did not reach (it would run on for good)."""
+        if self.pubsub_thread is not None:
+            self.pubsub_thread.stop()
+            self.pubsub_thread.join(timeout=1)
+
+    @property
+    def dequeue_timeout(self) -> int:
+        return DEQUEUE_WAIT_SECONDS
+
+    @property
+    def ended_on_purpose(self) -> bool:
+        return self.stop_requested or self.drained
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         job.timeout = self.job_timeout
@@ -73,6 +106,19 @@ def forget_dead_executions(job: Job) -> None:
             connection.zrem(registry.key, execution_id)
 
 
+# KEYS: RQ's intermediate queue, the RQ queue, the job. ARGV: job id.
+# A job RQ moved off the queue (BLMOVE into its intermediate list) whose worker lost Redis before starting
+# it (a failover between the two steps) is on no list a worker reads; RQ itself retries it only after
+# ten minutes at the soonest. Put it back on the queue, in one step so it is never on both lists or on
+# neither; unless RQ already re-queued it (it is on the queue again) or it has run since.
+REQUEUE_UNSTARTED = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[3], 'status') ~= 'queued' or redis.call('LPOS', KEYS[2], ARGV[1]) then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+return 1
+"""
+
+
 class Maintenance(threading.Thread):
     """Moves due retries to the queue, recovers attempts of dead workers, releases stale heads."""
 
@@ -83,6 +129,9 @@ class Maintenance(threading.Thread):
         self.queue = Queue(queue_name, connection=self.redis, serializer=JSONSerializer)
         self.recovery_seconds = recovery_seconds
         self.stopping = threading.Event()
+        self._requeue_unstarted = self.redis.register_script(REQUEUE_UNSTARTED)
+        self._unstarted: dict[str, float] = {}  # job id -> since when this thread saw it unstarted
+        self._last_unstarted_check = 0.0
 
     def run(self) -> None:
         next_recovery = next_sweep = 0.0
@@ -97,6 +146,8 @@ class Maintenance(threading.Thread):
                 now = time.monotonic()
                 if now >= next_recovery:
                     self.recover_abandoned()
+                    if self.requeue_unstarted():
+                        log.warning("jobs taken off the queue but never started were queued again")
                     next_recovery = now + self.recovery_seconds
                 if now >= next_sweep:
                     released = self.chains.release_stale_heads()
@@ -107,6 +158,25 @@ class Maintenance(threading.Thread):
                 log.warning("maintenance could not reach Redis", error=str(exc))
                 sleep = MAX_SCHEDULER_SLEEP_SECONDS
             self.stopping.wait(sleep)
+
+    def requeue_unstarted(self) -> int:
+        """Re-queue jobs that sat in RQ's intermediate list, not started, through consecutive checks
+        spanning `recovery_seconds` (a live worker starts a job it took within milliseconds)."""
+        now = time.monotonic()
+        consecutive = now - self._last_unstarted_check <= 2 * self.recovery_seconds + 1
+        self._last_unstarted_check = now
+        started = {
+            _text(m).rpartition(":")[0] for m in self.redis.zrange(self.queue.started_job_registry.key, 0, -1)
+        }
+        waiting = {_text(i) for i in self.redis.lrange(self.queue.intermediate_queue_key, 0, -1)} - started
+        self._unstarted = {i: self._unstarted.get(i, now) if consecutive else now for i in waiting}
+        moved = 0
+        for job_id, since in list(self._unstarted.items()):
+            if now - since >= self.recovery_seconds:
+                keys = [self.queue.intermediate_queue_key, self.queue.key, RQ_JOB_PREFIX + job_id]
+                moved += int(self._requeue_unstarted(keys=keys, args=[job_id]))
+                del self._unstarted[job_id]
+        return moved
 
     def recover_abandoned(self) -> None:
         """Re-queue attempts whose worker died (RQ does it for jobs with retries left; see jobs.py).
@@ -133,19 +203,47 @@ def work(settings: Settings, burst: bool) -> int:
     timeout = job_timeout_seconds(settings)
     maintenance = Maintenance(context, settings.queue_name, recovery_seconds=max(1.0, timeout / 2))
     queue = Queue(settings.queue_name, connection=context.redis, serializer=JSONSerializer)
-    worker = DeliveryWorker([queue], connection=context.redis, serializer=JSONSerializer, worker_ttl=60)
-    worker.job_timeout = timeout
     if burst:
         maintenance.chains.move_due()
         maintenance.recover_abandoned()
     maintenance.start()
     rq_level = "DEBUG" if settings.log_level == "DEBUG" else "WARNING"
     log.info("worker starting", queue=settings.queue_name, pid=os.getpid(), burst=burst)
+    pause = 1.0
     try:
-        worker.work(burst=burst, logging_level=rq_level, with_scheduler=False)
+        while True:
+            worker: DeliveryWorker | None = None
+            try:  # RQ reaches Redis already in the constructor, and again in its teardown
+                worker = DeliveryWorker(
+                    [queue], connection=context.redis, serializer=JSONSerializer, worker_ttl=60
+                )
+                worker.job_timeout = timeout
+                worker.work(burst=burst, logging_level=rq_level, with_scheduler=False)
+            except RedisError as exc:
+                log.warning("worker cannot reach Redis", error=str(exc))
+                if worker is not None:
+                    worker.stop_listening()
+            if (worker is not None and worker.ended_on_purpose) or not pause_before_restart(pause):
+                break
+            pause = min(pause * 2, MAX_RESTART_PAUSE_SECONDS)
     finally:
         maintenance.stopping.set()
     return 0
+
+
+def pause_before_restart(seconds: float) -> bool:
+    """RQ's loop retries Redis only while it waits for a job: a Redis error anywhere else (a failover in
+    the middle of a delivery, a heartbeat) ends it, and the process would exit with updates still queued.
+    So the loop is started again, as a new RQ worker, after a pause; False when SIGTERM/SIGINT came."""
+    log.warning("worker loop ended on a Redis error; starting it again", retry_in=seconds)
+    stopped = threading.Event()
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return not stopped.wait(seconds)
 
 
 def _child(settings: Settings, burst: bool) -> None:
@@ -182,3 +280,7 @@ def run_workers(settings: Settings, burst: bool = False, processes: int = 1) -> 
     for child in children:
         child.join()
     return 1 if any(child.exitcode for child in children) else 0
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else value
