@@ -21,8 +21,10 @@ import threading
 import time
 from types import FrameType
 
+from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
+from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -34,6 +36,7 @@ from workers.delivery import DeliveryContext, TargetNotConfigured, build_targets
 
 STALE_HEAD_SWEEP_SECONDS = 30.0
 MAX_SCHEDULER_SLEEP_SECONDS = 1.0
+REDIS_WAIT_SECONDS = 0.5
 
 
 def job_timeout_seconds(settings: Settings) -> int:
@@ -54,6 +57,11 @@ class DeliveryWorker(SimpleWorker):
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.job_timeout + 2
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether SIGTERM or SIGINT ended the loop (RQ notes the time of the request)."""
+        return self._shutdown_requested_date is not None
 
 
 def forget_dead_executions(job: Job) -> None:
@@ -131,8 +139,6 @@ def work(settings: Settings, burst: bool) -> int:
     timeout = job_timeout_seconds(settings)
     maintenance = Maintenance(context, settings.queue_name, recovery_seconds=max(1.0, timeout / 2))
     queue = Queue(settings.queue_name, connection=context.redis, serializer=JSONSerializer)
-    worker = DeliveryWorker([queue], connection=context.redis, serializer=JSONSerializer, worker_ttl=60)
-    worker.job_timeout = timeout
     if burst:
         maintenance.chains.move_due()
         maintenance.recover_abandoned()
@@ -140,10 +146,37 @@ def work(settings: Settings, burst: bool) -> int:
     rq_level = "DEBUG" if settings.log_level == "DEBUG" else "WARNING"
     log.info("worker starting", queue=settings.queue_name, pid=os.getpid(), burst=burst)
     try:
-        worker.work(burst=burst, logging_level=rq_level, with_scheduler=False)
+        while True:
+            worker = DeliveryWorker(
+                [queue], connection=context.redis, serializer=JSONSerializer, worker_ttl=60
+            )
+            worker.job_timeout = timeout
+            try:
+                worker.work(burst=burst, logging_level=rq_level, with_scheduler=False)
+            except RedisError as exc:  # RQ's own teardown could not reach Redis either
+                log.warning("worker could not register its end", error=str(exc))
+            if burst or worker.stop_requested:
+                break
+            # RQ's loop ends the worker on any error, and losing Redis (a restart, a failover) is one
+            # that hits every worker at once: all would quit and nothing be delivered until someone
+            # restarted them. The attempt in hand stays in StartedJobRegistry and is re-queued after
+            # its timeout like a dead worker's; this process waits for Redis and works again.
+            log.warning("worker loop ended without a stop request; starting again once Redis answers")
+            wait_for_redis(context.redis)
+    except StopRequested:  # SIGTERM while waiting for Redis (RQ's handler raises it when idle)
+        pass
     finally:
         maintenance.stopping.set()
     return 0
+
+
+def wait_for_redis(redis: Redis) -> None:
+    while True:
+        try:
+            redis.ping()
+            return
+        except RedisError:
+            time.sleep(REDIS_WAIT_SECONDS)
 
 
 def _child(settings: Settings, burst: bool) -> None:
