@@ -75,6 +75,11 @@ class RedisKeys:
         return f"rq:queue:{self.queue_name}"
 
     @property
+    def rq_intermediate(self) -> str:
+        """RQ's list of update ids a worker has taken from the queue but not yet started."""
+        return f"rq:queue:{self.queue_name}:intermediate"
+
+    @property
     def rq_workers(self) -> str:
         """RQ's set of the keys of the workers listening on the queue (alive while that key exists)."""
         return f"rq:workers:{self.queue_name}"

@@ -188,6 +188,23 @@ async def test_a_head_whose_job_was_deleted_releases_its_order(
     assert sync_redis.hget(keys.rq_job(second), "status") == b"queued"
 
 
+async def test_an_update_a_dead_worker_took_from_the_queue_but_never_started_goes_back_on_the_queue(
+    receiver: Any, rsa_key: Any, sync_redis: Any
+) -> None:
+    first, _second = await post_order(receiver, rsa_key, "TakenOrder000001", EVENTS[:2])
+    keys = RedisKeys()
+    chains = OrderChains(sync_redis, keys)
+    sync_redis.lmove(keys.rq_queue, keys.rq_intermediate)  # what RQ's dequeue does; then the worker died
+    assert chains.taken_not_started() == {first}
+    assert chains.recover_unstarted(first)
+    assert sync_redis.lrange(keys.rq_queue, 0, -1) == [first.encode()]
+    assert sync_redis.llen(keys.rq_intermediate) == 0
+    sync_redis.lmove(keys.rq_queue, keys.rq_intermediate)
+    sync_redis.hset(keys.rq_job(first), "status", "started")  # started: StartedJobRegistry recovers it
+    assert not chains.recover_unstarted(first)
+    assert sync_redis.llen(keys.rq_queue) == 0 and sync_redis.llen(keys.rq_intermediate) == 0
+
+
 def test_backoff_is_full_jitter_under_a_doubling_cap_of_one_hour() -> None:
     assert backoff_delay(1, 2.0, rng=lambda: 1.0) == 2.0
     assert backoff_delay(4, 2.0, rng=lambda: 1.0) == 16.0

@@ -105,6 +105,22 @@ local first = redis.call('ZRANGE', schedule, 0, 0, 'WITHSCORES')
 return {moved, first[2] or ''}
 """
 
+# KEYS: RQ's intermediate list, queue, RQ queue set, job. ARGV: update id, now (RQ format).
+# RQ takes a job from the queue by moving its id to an intermediate list, then marks it started (and
+# registers it in StartedJobRegistry, which recovers a dead worker's attempt). A worker or Redis dying
+# between the two leaves the id in neither place while the update is its order's head: the order would
+# wait for RQ's own check, every 10 minutes. The caller passes only ids it saw there long enough ago;
+# one still `queued` (never started) goes back on the queue, in one step with leaving the list.
+RECOVER_UNSTARTED = """
+-- a started one is in StartedJobRegistry (recovered from there if its worker died): only leave the list
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[4], 'status') ~= 'queued' then return 0 end
+redis.call('HSET', KEYS[4], 'enqueued_at', ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[3], KEYS[2])
+return 1
+"""
+
 # KEYS: head, waiting, queue, active orders, retry schedule. ARGV: order id, job prefix, now.
 # A head whose job is gone (purged, deleted by hand) and that is not scheduled for a retry would block
 # its order forever: release it. A missing head with updates waiting is released the same way.
@@ -167,6 +183,7 @@ class OrderChains:
         self._move_due = redis.register_script(MOVE_DUE)
         self._release_stale = redis.register_script(RELEASE_STALE)
         self._requeue = redis.register_script(REQUEUE)
+        self._recover_unstarted = redis.register_script(RECOVER_UNSTARTED)
 
     def _chain_keys(self, order_id: str) -> list[str]:
         k = self.keys
@@ -209,6 +226,16 @@ class OrderChains:
             if self._release_stale(keys=keys, args=[order_id, RQ_JOB_PREFIX, rq_timestamp()]):
                 released += 1
         return released
+
+    def taken_not_started(self) -> set[str]:
+        """Ids in RQ's intermediate list: taken by a worker, not (yet) started."""
+        return {_text(raw) or "" for raw in self.redis.lrange(self.keys.rq_intermediate, 0, -1)}
+
+    def recover_unstarted(self, update_id: str) -> bool:
+        """Put an update taken from the queue but never started back on it; False when it had started."""
+        k = self.keys
+        keys = [k.rq_intermediate, k.rq_queue, RQ_QUEUES, k.rq_job(update_id)]
+        return bool(self._recover_unstarted(keys=keys, args=[update_id, rq_timestamp()]))
 
     def requeue(self, update: dict[str, Any], job_data: bytes) -> bool:
         """Put a dead-lettered update back into its order's chain; False when it was not dead-lettered."""

@@ -37,6 +37,7 @@ from workers.delivery import DeliveryContext, TargetNotConfigured, build_targets
 STALE_HEAD_SWEEP_SECONDS = 30.0
 MAX_SCHEDULER_SLEEP_SECONDS = 1.0
 REDIS_WAIT_SECONDS = 0.5
+UNSTARTED_GRACE_SECONDS = 10.0
 
 
 def job_timeout_seconds(settings: Settings) -> int:
@@ -89,6 +90,7 @@ class Maintenance(threading.Thread):
         self.queue = Queue(queue_name, connection=self.redis, serializer=JSONSerializer)
         self.recovery_seconds = recovery_seconds
         self.stopping = threading.Event()
+        self.taken_since: dict[str, float] = {}  # update id -> when first seen taken and not started
 
     def run(self) -> None:
         next_recovery = next_sweep = 0.0
@@ -123,8 +125,21 @@ class Maintenance(threading.Thread):
             return
         try:
             StartedJobRegistry(self.queue.name, connection=self.redis, serializer=JSONSerializer).cleanup()
+            self.recover_unstarted()
         finally:
             self.redis.delete(lock)
+
+    def recover_unstarted(self) -> None:
+        """Re-queue updates a worker took from the queue but never started (it or Redis died between
+        the two steps). A live worker starts a job milliseconds after taking it, so only ids seen taken
+        for UNSTARTED_GRACE_SECONDS count; RQ's own check would take 10 minutes or more."""
+        now = time.monotonic()
+        self.taken_since = {i: self.taken_since.get(i, now) for i in self.chains.taken_not_started()}
+        for update_id, since in list(self.taken_since.items()):
+            if now - since >= UNSTARTED_GRACE_SECONDS:
+                del self.taken_since[update_id]
+                if self.chains.recover_unstarted(update_id):
+                    log.warning("update taken but never started put back on the queue", update=update_id)
 
 
 def work(settings: Settings, burst: bool) -> int:
