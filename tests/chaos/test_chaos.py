@@ -187,7 +187,7 @@ async def test_under_receiver_worker_and_redis_kills_every_event_is_applied_once
         await fault_task
         sent_in = time.monotonic() - started
         await wait_until(
-            lambda: not any(pending_work(client, keys).values()), 90, "every order chain to drain"
+            lambda: not any(pending_work(client, keys).values()), 150, "every order chain to drain"
         )
         drained_in = time.monotonic() - started
         alive = processes.alive()
