@@ -21,7 +21,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -37,6 +36,7 @@ from receiver.logs import log
 from receiver.metrics import count, set_gauge
 from receiver.order import build_updates, event_key, parse_order
 from receiver.rediskeys import RedisKeys
+from receiver.retry_after import parse_retry_after
 from receiver.settings import Settings
 
 ORDER_LIST_PATH = "/v1/order"
@@ -126,20 +126,6 @@ class RetryPolicy:
         return min(max(wanted, 0.0), self.max_delay_seconds)
 
 
-def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
-    """`Retry-After` in seconds or as an HTTP date; None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, moment.timestamp() - (time.time() if now is None else now))
-
-
 class OrderApi:
     """Intergiro's `GET /v1/order?start=&end=`, paged and retried; yields pages of raw orders."""
 
@@ -215,7 +201,7 @@ class OrderApi:
                         )
                     if answer.status in RETRY_STATUSES or answer.status >= 500:
                         problem = f"answered {answer.status}"
-                        retry_after = retry_after_seconds(answer.headers.get("Retry-After"))
+                        retry_after = parse_retry_after(answer.headers.get("Retry-After"))
                     elif answer.status != 200:
                         raise ApiFailed(f"GET {ORDER_LIST_PATH} answered {answer.status}")
                     else:

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import orjson
@@ -29,6 +28,7 @@ from receiver.intake import job_data
 from receiver.logs import log
 from receiver.metrics import count, observe
 from receiver.rediskeys import RedisKeys
+from receiver.retry_after import parse_retry_after
 from receiver.settings import Settings
 from workers.ordering import OrderChains
 
@@ -66,22 +66,6 @@ def backoff_delay(
     if retry_after is not None:
         delay = max(delay, min(retry_after, MAX_BACKOFF_SECONDS))
     return float(delay)
-
-
-def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Retry-After in seconds, from delta-seconds or an HTTP date; None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return max(0.0, (moment - (now or datetime.now(UTC))).total_seconds())
 
 
 def is_retryable_status(status: int) -> bool:
