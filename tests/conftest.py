@@ -20,6 +20,7 @@ from receiver.app import create_app
 from receiver.keys import load_public_key
 from receiver.settings import Settings
 from tests.redis_server import RedisServer, usable_external_url
+from tests.sink import Sink
 
 SHARED = Path(os.environ.get("INTERGIRO_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 INTERGIRO = SHARED / "intergiro"
@@ -121,6 +122,15 @@ def make_receiver(aiohttp_client: Any, make_settings: Callable[..., Settings]) -
 @pytest.fixture
 def queue(sync_redis: redis.Redis, settings: Settings) -> Queue:
     return Queue(settings.queue_name, connection=sync_redis, serializer=JSONSerializer)
+
+
+@pytest.fixture
+async def sink(aiohttp_server: Any) -> Sink:
+    """A real merchant endpoint (tests/sink.py) recording every delivery, at `sink.url`."""
+    sink = Sink()
+    server = await aiohttp_server(sink.app())
+    sink.url = str(server.make_url("/hooks"))
+    return sink
 
 
 def queued_updates(client: redis.Redis, settings: Settings) -> list[dict[str, Any]]:

@@ -18,14 +18,6 @@ from tests.test_workers import post_order
 
 
 @pytest.fixture
-async def sink(aiohttp_server: Any) -> Sink:
-    sink = Sink()
-    server = await aiohttp_server(sink.app())
-    sink.url = str(server.make_url("/hooks"))
-    return sink
-
-
-@pytest.fixture
 def cli(
     redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> Callable[..., Any]:

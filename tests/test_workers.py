@@ -28,14 +28,6 @@ EVENTS = ("order", "charge", "refund")
 
 
 @pytest.fixture
-async def sink(aiohttp_server: Any) -> Sink:
-    sink = Sink()
-    server = await aiohttp_server(sink.app())
-    sink.url = str(server.make_url("/hooks"))
-    return sink
-
-
-@pytest.fixture
 def workers(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Starts `intergiro-receiver worker` processes with the given settings; stops them after the test."""
     started: list[subprocess.Popen[bytes]] = []
