@@ -25,7 +25,7 @@ from tests.chaos.intergiro import EVENTS, Sender, plan_callbacks
 from tests.chaos.merchant import IdempotentMerchant
 from tests.conftest import pem_public
 from tests.redis_server import RedisServer, free_port
-from tests.sink import SECRET
+from tests.sink import SECRET, stop
 
 ORDERS = 1000  # x 3 events = 3,000 unique events
 REPLAYS = 2000
@@ -93,13 +93,8 @@ class Processes:
 
     def stop_all(self) -> None:
         for process in [self.receiver, *self.workers.values()]:
-            if process is not None and process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(5)
+            if process is not None:
+                stop(process)
 
 
 @pytest.fixture
