@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -287,6 +288,14 @@ def event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+async def freeze_startup_objects(app: web.Application) -> None:
+    """Move everything made at start (modules, the app, its clients: ~60,000 objects) out of the
+    garbage collector's reach: a full collection over them stalls every callback in flight for tens
+    of milliseconds, which was most of the receiver's p99 latency."""
+    gc.collect()
+    gc.freeze()
+
+
 def serve(settings: Settings) -> None:
     log.info(
         "receiver starting",
@@ -294,8 +303,10 @@ def serve(settings: Settings) -> None:
         port=settings.receiver_port,
         verify=settings.intergiro_verify,
     )
+    app = create_app(settings)
+    app.on_startup.append(freeze_startup_objects)
     web.run_app(
-        create_app(settings),
+        app,
         loop=event_loop(),
         host=settings.receiver_host,
         port=settings.receiver_port,
