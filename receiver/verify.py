@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,16 +72,19 @@ def strict_json(data: bytes | str) -> Any:
     """Parse JSON, refusing duplicate keys (two parsers could read two different orders).
 
     orjson parses first (three times faster), and its value is taken only when it surely is the
-    standard library's: no key was repeated (a repeated key drops a key and its value, so the compact
-    re-serialization holds fewer colons than the text, where every colon is a key's or inside a
-    string; a colon spelled `\\u003a` could hide that, so such text is left to the standard library).
-    Anything orjson refuses or reads differently goes to the standard library, which gives the answer
-    or the error it always gave: NaN, lone surrogates, UTF-16, and integers beyond 64 bits, which orjson
-    reads as floats (a float of 1e16 or more is written with `e+`, and so is sent back).
+    standard library's. That is so when orjson writes the text back byte for byte (as it does the
+    compact JSON of PyJWT and of Intergiro): its output never repeats a key, its floats are the
+    shortest spelling that reads back as the same float, and it writes at most 254 levels deep, far
+    from the standard library's recursion limit. Otherwise, when no key was repeated (a repeated key
+    drops a key and its value, so the compact re-serialization holds fewer colons than the text, where
+    every colon is a key's or inside a string; a colon spelled `\\u003a` could hide that, so such text
+    is left to the standard library) and the text held no integer beyond 64 bits (orjson reads one as
+    a float of 1e16 or more, written back with `e+`, so any `e+` is sent to the standard library).
+    Anything else goes to the standard library, which gives the answer or the error it always gave:
+    NaN, lone surrogates, UTF-16, integers beyond 64 bits, repeated keys.
     """
-    # Each `a not in x or b not in x` first looks for one byte (memchr), and for the longer string
-    # only when that byte is there; `compact == data` spares counting colons in compact text (as
-    # PyJWT and Intergiro write it), where the counts are then equal anyway.
+    # `a not in x or b not in x` first looks for one byte (memchr), for the longer string only when
+    # that byte is there.
     if isinstance(data, bytes) and (b"\\" not in data or b"\\u003" not in data):
         try:
             value = orjson.loads(data)
@@ -88,8 +92,8 @@ def strict_json(data: bytes | str) -> Any:
         except (orjson.JSONDecodeError, orjson.JSONEncodeError):
             pass
         else:
-            if (compact == data or compact.count(b":") == data.count(b":")) and (
-                b"+" not in compact or b"e+" not in compact
+            if compact == data or (
+                compact.count(b":") == data.count(b":") and (b"+" not in compact or b"e+" not in compact)
             ):
                 return value
     return json.loads(data, object_pairs_hook=_reject_duplicate_keys)
@@ -117,17 +121,15 @@ def _strict_base64url(segment: bytes) -> bytes:
     return binascii.a2b_base64(stripped.translate(_TO_STANDARD) + _PADDING[rest], strict_mode=True)
 
 
-def _read_header(parts: list[bytes]) -> tuple[dict[str, Any], bool]:
-    """`read_header` of a token split at its dots, and whether its header segment is strict base64url:
-    checked here so that the header is decoded once (a strict decoding is also the lenient one)."""
-    if len(parts) < 2 or not parts[0]:
-        raise BadCallback("body is not a JWT (expected three dot-separated parts)")
+def _decode_header(segment: bytes) -> tuple[dict[str, Any], bool]:
+    """A token's header, and whether its segment is strict base64url: checked here so that the header
+    is decoded once (a strict decoding is also the lenient one). Raises BadCallback or NotTrusted."""
     try:
-        strict: bytes | None = _strict_base64url(parts[0])
+        strict: bytes | None = _strict_base64url(segment)
     except ValueError:
         strict = None  # refused as malformed later, after the checks PyJWT makes first
     try:
-        header = strict_json(_base64url_decode(parts[0]) if strict is None else strict)
+        header = strict_json(_base64url_decode(segment) if strict is None else strict)
     except DuplicateKey:
         # A header read one way by us and another by PyJWT (`alg` twice) is an attack, not a typo.
         raise NotTrusted("token header repeats a key") from None
@@ -135,9 +137,26 @@ def _read_header(parts: list[bytes]) -> tuple[dict[str, Any], bool]:
         raise BadCallback("token header is not base64url JSON") from None
     if not isinstance(header, dict):
         raise BadCallback("token header is not a JSON object")
+    return header, strict is not None
+
+
+# Intergiro signs every callback under the same short header: each such header is decoded once. The
+# dicts are shared, so verify_local only reads them (check_header, _signed_parts) and never hands
+# them out; headers that fail to decode raise every time, as lru_cache keeps no exceptions.
+_SHARED_HEADER_BYTES = 256
+_shared_header = functools.lru_cache(maxsize=16)(_decode_header)
+
+
+def _read_header(
+    parts: list[bytes], decode: Callable[[bytes], tuple[dict[str, Any], bool]] = _decode_header
+) -> tuple[dict[str, Any], bool]:
+    """`read_header` of a token split at its dots, and whether its header segment is strict base64url."""
+    if len(parts) < 2 or not parts[0]:
+        raise BadCallback("body is not a JWT (expected three dot-separated parts)")
+    header, strict = decode(parts[0])
     if len(parts) != 3 or not parts[1]:
         raise NotTrusted("token is not one payload with one signature")
-    return header, strict is not None
+    return header, strict
 
 
 def read_header(token: bytes) -> dict[str, Any]:
@@ -216,7 +235,8 @@ def _signed_parts(
 def verify_local(token: bytes, keys: Sequence[TrustedKey], audience: str) -> Verified:
     """Verify a compact JWS against the trusted keys; raises NotTrusted or BadCallback."""
     parts = token.split(b".")
-    header, header_is_strict = _read_header(parts)
+    short = len(parts[0]) <= _SHARED_HEADER_BYTES
+    header, header_is_strict = _read_header(parts, _shared_header if short else _decode_header)
     alg = check_header(header)
     candidates = [key for key in keys if key.algorithm == alg]
     if not candidates:
