@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pybase64
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
@@ -34,8 +35,6 @@ ISSUER = "payfunc"
 FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit"})
 CLOCK_SKEW_SECONDS = 300
 _BASE64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-# To the standard alphabet for binascii; `+`, `/` and `=` become `!`, which its strict mode refuses.
-_TO_STANDARD = bytes.maketrans(b"-_+/=", b"+/!!!")
 _PADDING = (b"", b"", b"==", b"=")  # by the number of characters in the last group
 # The last character of a short last group also carries unused low bits, zero in the canonical form:
 # four of them after two characters (one byte), two after three characters (two bytes).
@@ -108,8 +107,9 @@ def _strict_base64url(segment: bytes) -> bytes:
     """Base64url as PyJWT's JWS decoder accepts it: the alphabet only, at most two `=` of correct
     padding, and the one canonical encoding of its bytes (so a signature cannot be re-spelled).
 
-    Raises ValueError otherwise. All of it runs in C but for a few comparisons: binascii's strict mode
-    checks the alphabet, and only the last character can spell the same bytes another way.
+    Raises ValueError otherwise. All of it runs in C but for a few comparisons: pybase64 (SIMD, a sixth
+    of binascii's time) checks the alphabet but for `+` and `/`, which it would read as `-` and `_`,
+    and only the last character can spell the same bytes another way.
     """
     stripped = segment.rstrip(b"=")
     padded = len(segment) - len(stripped)
@@ -118,7 +118,9 @@ def _strict_base64url(segment: bytes) -> bytes:
         raise ValueError("bad base64url padding")
     if rest and stripped[-1] not in _CANONICAL_LAST[rest]:
         raise ValueError("not the canonical base64url of its bytes")
-    return binascii.a2b_base64(stripped.translate(_TO_STANDARD) + _PADDING[rest], strict_mode=True)
+    if b"+" in stripped or b"/" in stripped:
+        raise ValueError("not base64url")
+    return pybase64.b64decode(stripped + _PADDING[rest], altchars=b"-_", validate=True)
 
 
 def _decode_header(segment: bytes) -> tuple[dict[str, Any], bool]:
