@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
-import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
+import pybase64
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
@@ -33,7 +34,11 @@ ISSUER = "payfunc"
 # Header parameters that would let a token name its own key or demand processing we do not do.
 FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit"})
 CLOCK_SKEW_SECONDS = 300
-_BASE64URL = re.compile(rb"[A-Za-z0-9_-]*")
+_BASE64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_PADDING = (b"", b"", b"==", b"=")  # by the number of characters in the last group
+# The last character of a short last group also carries unused low bits, zero in the canonical form:
+# four of them after two characters (one byte), two after three characters (two bytes).
+_CANONICAL_LAST = {2: frozenset(_BASE64URL_ALPHABET[::16]), 3: frozenset(_BASE64URL_ALPHABET[::4])}
 _PKCS1V15 = padding.PKCS1v15()
 _SHA256 = hashes.SHA256()
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
@@ -66,21 +71,30 @@ def strict_json(data: bytes | str) -> Any:
     """Parse JSON, refusing duplicate keys (two parsers could read two different orders).
 
     orjson parses first (three times faster), and its value is taken only when it surely is the
-    standard library's: no key was repeated (a repeated key drops a key and its value, so the compact
-    re-serialization holds fewer colons than the text, where every colon is a key's or inside a
-    string; a colon spelled `\\u003a` could hide that, so such text is left to the standard library).
-    Anything orjson refuses or reads differently goes to the standard library, which gives the answer
-    or the error it always gave: NaN, lone surrogates, UTF-16, and integers beyond 64 bits, which orjson
-    reads as floats (a float of 1e16 or more is written with `e+`, and so is sent back).
+    standard library's. That is so when orjson writes the text back byte for byte (as it does the
+    compact JSON of PyJWT and of Intergiro): its output never repeats a key, its floats are the
+    shortest spelling that reads back as the same float, and it writes at most 254 levels deep, far
+    from the standard library's recursion limit. Otherwise, when no key was repeated (a repeated key
+    drops a key and its value, so the compact re-serialization holds fewer colons than the text, where
+    every colon is a key's or inside a string; a colon spelled `\\u003a` could hide that, so such text
+    is left to the standard library) and the text held no integer beyond 64 bits (orjson reads one as
+    a float of 1e16 or more, written back with `e+`, so any `e+` is sent to the standard library).
+    Anything else goes to the standard library, which gives the answer or the error it always gave:
+    NaN, lone surrogates, UTF-16, integers beyond 64 bits, repeated keys.
     """
-    if isinstance(data, bytes) and b"\\u003" not in data:
+    # `a not in x or b not in x` first looks for one byte (memchr), for the longer string only when
+    # that byte is there.
+    if isinstance(data, bytes) and (b"\\" not in data or b"\\u003" not in data):
         try:
             value = orjson.loads(data)
             compact = orjson.dumps(value)
-            if compact.count(b":") == data.count(b":") and b"e+" not in compact:
-                return value
         except (orjson.JSONDecodeError, orjson.JSONEncodeError):
             pass
+        else:
+            if compact == data or (
+                compact.count(b":") == data.count(b":") and (b"+" not in compact or b"e+" not in compact)
+            ):
+                return value
     return json.loads(data, object_pairs_hook=_reject_duplicate_keys)
 
 
@@ -91,43 +105,66 @@ def _base64url_decode(segment: bytes) -> bytes:
 
 def _strict_base64url(segment: bytes) -> bytes:
     """Base64url as PyJWT's JWS decoder accepts it: the alphabet only, at most two `=` of correct
-    padding, and the one canonical encoding of its bytes (so a signature cannot be re-spelled)."""
+    padding, and the one canonical encoding of its bytes (so a signature cannot be re-spelled).
+
+    Raises ValueError otherwise. All of it runs in C but for a few comparisons: pybase64 (SIMD, a sixth
+    of binascii's time) checks the alphabet but for `+` and `/`, which it would read as `-` and `_`,
+    and only the last character can spell the same bytes another way.
+    """
     stripped = segment.rstrip(b"=")
     padded = len(segment) - len(stripped)
-    if padded > 2 or (padded and len(segment) % 4) or len(stripped) % 4 == 1:
+    rest = len(stripped) % 4
+    if rest == 1 or (padded and (padded > 2 or len(segment) % 4)):
         raise ValueError("bad base64url padding")
-    if not _BASE64URL.fullmatch(stripped):
-        raise ValueError("not base64url")
-    decoded = _base64url_decode(stripped)
-    if base64.urlsafe_b64encode(decoded).rstrip(b"=") != stripped:
+    if rest and stripped[-1] not in _CANONICAL_LAST[rest]:
         raise ValueError("not the canonical base64url of its bytes")
-    return decoded
+    if b"+" in stripped or b"/" in stripped:
+        raise ValueError("not base64url")
+    return pybase64.b64decode(stripped + _PADDING[rest], altchars=b"-_", validate=True)
 
 
-def _b64url_json(segment: bytes, what: str) -> dict[str, Any]:
+def _decode_header(segment: bytes) -> tuple[dict[str, Any], bool]:
+    """A token's header, and whether its segment is strict base64url: checked here so that the header
+    is decoded once (a strict decoding is also the lenient one). Raises BadCallback or NotTrusted."""
     try:
-        raw = _base64url_decode(segment)
-        value = strict_json(raw)
+        strict: bytes | None = _strict_base64url(segment)
+    except ValueError:
+        strict = None  # refused as malformed later, after the checks PyJWT makes first
+    try:
+        header = strict_json(_base64url_decode(segment) if strict is None else strict)
     except DuplicateKey:
         # A header read one way by us and another by PyJWT (`alg` twice) is an attack, not a typo.
-        raise NotTrusted(f"token {what} repeats a key") from None
+        raise NotTrusted("token header repeats a key") from None
     except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
-        raise BadCallback(f"token {what} is not base64url JSON") from None
-    if not isinstance(value, dict):
-        raise BadCallback(f"token {what} is not a JSON object")
-    return value
+        raise BadCallback("token header is not base64url JSON") from None
+    if not isinstance(header, dict):
+        raise BadCallback("token header is not a JSON object")
+    return header, strict is not None
+
+
+# Intergiro signs every callback under the same short header: each such header is decoded once. The
+# dicts are shared, so verify_local only reads them (check_header, _signed_parts) and never hands
+# them out; headers that fail to decode raise every time, as lru_cache keeps no exceptions.
+_SHARED_HEADER_BYTES = 256
+_shared_header = functools.lru_cache(maxsize=16)(_decode_header)
+
+
+def _read_header(
+    parts: list[bytes], decode: Callable[[bytes], tuple[dict[str, Any], bool]] = _decode_header
+) -> tuple[dict[str, Any], bool]:
+    """`read_header` of a token split at its dots, and whether its header segment is strict base64url."""
+    if len(parts) < 2 or not parts[0]:
+        raise BadCallback("body is not a JWT (expected three dot-separated parts)")
+    header, strict = decode(parts[0])
+    if len(parts) != 3 or not parts[1]:
+        raise NotTrusted("token is not one payload with one signature")
+    return header, strict
 
 
 def read_header(token: bytes) -> dict[str, Any]:
     """The JOSE header of a compact JWS; raises BadCallback when the body is not a JWT at all, and
     NotTrusted when it is a token but not one signed payload with one signature."""
-    parts = token.split(b".")
-    if len(parts) < 2 or not parts[0]:
-        raise BadCallback("body is not a JWT (expected three dot-separated parts)")
-    header = _b64url_json(parts[0], "header")
-    if len(parts) != 3 or not parts[1]:
-        raise NotTrusted("token is not one payload with one signature")
-    return header
+    return _read_header(token.split(b"."))[0]
 
 
 def check_header(header: dict[str, Any]) -> str:
@@ -181,27 +218,32 @@ def _signature_matches(key: TrustedKey, signing_input: bytes, signature: bytes) 
     return True
 
 
-def _signed_parts(token: bytes, header: dict[str, Any]) -> tuple[bytes, bytes, bytes]:
+def _signed_parts(
+    token: bytes, parts: list[bytes], header: dict[str, Any], header_is_strict: bool
+) -> tuple[bytes, bytes, bytes]:
     """(signing input, payload, signature) of a compact JWS; NotTrusted when it is malformed."""
     if not isinstance(header.get("kid", ""), str) or header.get("b64", True) is False:
         raise NotTrusted("token is malformed")  # as PyJWT: `kid` not a string, detached payload
-    signing_input, _, signature = token.rpartition(b".")
-    header_segment, _, payload_segment = signing_input.partition(b".")
-    try:
-        _strict_base64url(header_segment)
-        return signing_input, _strict_base64url(payload_segment), _strict_base64url(signature)
-    except (ValueError, binascii.Error):
-        raise NotTrusted("token is malformed") from None
+    if header_is_strict:
+        try:
+            payload, signature = _strict_base64url(parts[1]), _strict_base64url(parts[2])
+        except ValueError:
+            pass
+        else:
+            return token.rpartition(b".")[0], payload, signature
+    raise NotTrusted("token is malformed")
 
 
 def verify_local(token: bytes, keys: Sequence[TrustedKey], audience: str) -> Verified:
     """Verify a compact JWS against the trusted keys; raises NotTrusted or BadCallback."""
-    header = read_header(token)
+    parts = token.split(b".")
+    short = len(parts[0]) <= _SHARED_HEADER_BYTES
+    header, header_is_strict = _read_header(parts, _shared_header if short else _decode_header)
     alg = check_header(header)
     candidates = [key for key in keys if key.algorithm == alg]
     if not candidates:
         raise NoKeyVerifies("no trusted key verifies the signature")
-    signing_input, payload, signature = _signed_parts(token, header)
+    signing_input, payload, signature = _signed_parts(token, parts, header, header_is_strict)
     for key in candidates:
         if not _signature_matches(key, signing_input, signature):
             continue

@@ -200,15 +200,20 @@ def outcome(parse: Callable[[bytes], Any], raw: bytes) -> tuple[str, str]:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
-@given(json_values, st.booleans(), st.booleans(), st.integers(0, 10_000), st.sampled_from(SPLICES), st.data())
+@given(
+    json_values, st.booleans(), st.booleans(), st.booleans(), st.integers(0, 10_000), st.sampled_from(SPLICES),
+    st.data(),
+)  # fmt: skip
 def test_strict_json_reads_every_text_as_the_standard_librarys_strict_parse(
-    value: Any, ascii_only: bool, repeat_keys: bool, at: int, splice: str, data: st.DataObject
+    value: Any, ascii_only: bool, compact: bool, repeat_keys: bool, at: int, splice: str, data: st.DataObject
 ) -> None:
     """The orjson fast path answers exactly what `json.loads` with the duplicate-key hook answers:
-    the same value, or the same kind of error (repeated keys, NaN, huge integers, bad bytes)."""
-    text = json.dumps(value, ensure_ascii=ascii_only)
+    the same value, or the same kind of error (repeated keys, NaN, huge integers, bad bytes); also on
+    compact text, which orjson often writes back byte for byte."""
+    comma = "," if compact else ", "
+    text = json.dumps(value, ensure_ascii=ascii_only, separators=(comma, ":" if compact else ": "))
     if repeat_keys and text.startswith("{") and text != "{}":
-        text = text[:-1] + ", " + text[1:]  # every key of the object twice
+        text = text[:-1] + comma + text[1:]  # every key of the object twice
     if data.draw(st.booleans()):
         at %= len(text) + 1
         text = text[:at] + splice + text[at:]
