@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -40,6 +40,8 @@ EVENT_FIELDS = {
     "payout": "any", "gross": "number", "fee": "number", "net": "number", "currency": "string",
 }  # fmt: skip
 CATEGORIES = (None, "purchase", "withdrawal")
+_CONTAINERS = (dict, list)
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 @functools.lru_cache(maxsize=4096)  # a few dozen names recur in every order; the regex is the cost
@@ -50,12 +52,17 @@ def snake(name: str) -> str:
 
 def snake_keys(value: Any, depth: int = 0) -> Any:
     """Object keys to snake_case, recursively (bounded: callers validated the depth already)."""
-    if depth > 32:
+    # Refused as soon as anything, this value or one of its children, would sit more than 32 levels down.
+    if depth > 32 or (depth == 32 and isinstance(value, _CONTAINERS) and value):
         raise BadCallback("order is nested too deeply")
+    # Only containers recurse: most values are scalars, and a call per scalar is most of the cost.
     if isinstance(value, dict):
-        return {snake(str(k)): snake_keys(v, depth + 1) for k, v in value.items()}
+        return {
+            snake(str(k)): snake_keys(v, depth + 1) if isinstance(v, _CONTAINERS) else v
+            for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [snake_keys(v, depth + 1) for v in value]
+        return [snake_keys(v, depth + 1) if isinstance(v, _CONTAINERS) else v for v in value]
     return value
 
 
@@ -70,24 +77,31 @@ def is_error_object(body: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return (
-        isinstance(value, int | float) and not isinstance(value, bool) and -MAX_NUMBER <= value <= MAX_NUMBER
-    )
+    kind = type(value)
+    # The exact types JSON gives are settled first: isinstance calls are a good part of parsing's cost.
+    if (
+        kind is not float
+        and kind is not int
+        and (not isinstance(value, int | float) or isinstance(value, bool))
+    ):
+        return False
+    number: float = value
+    return -MAX_NUMBER <= number <= MAX_NUMBER
 
 
 def _nested_within(value: Any, limit: int) -> bool:
-    """Whether no object or list sits deeper than `limit` (level by level: a hostile depth cannot recurse)."""
-    level = [value] if isinstance(value, dict | list) else []
-    depth = 0
-    while level:
-        if depth >= limit:
+    """Whether no object or list sits deeper than `limit` (the recursion stops at `limit` levels)."""
+    return not isinstance(value, _CONTAINERS) or _fits(value, limit)
+
+
+def _fits(container: dict[Any, Any] | list[Any], room: int) -> bool:
+    """Whether `container` and everything in it sit within `room` levels (it takes the first)."""
+    if room <= 0:
+        return False
+    for child in container.values() if isinstance(container, dict) else container:
+        # Most children are scalars: their exact type settles them before the isinstance call.
+        if type(child) not in _SCALARS and isinstance(child, _CONTAINERS) and not _fits(child, room - 1):
             return False
-        below: list[Any] = []
-        for current in level:
-            children = current.values() if isinstance(current, dict) else current
-            below += [child for child in children if isinstance(child, dict | list)]
-        level = below
-        depth += 1
     return True
 
 
@@ -96,27 +110,43 @@ def _require(condition: bool, reason: str) -> None:
         raise BadCallback(reason)
 
 
-def _check_item(item: Any, where: str) -> None:
-    _require(isinstance(item, dict), f"{where} is not an item")
-    _require(_is_number(item.get("price")), f"{where}.price is not a number")
+# The item and items checks return what is wrong (the end of a reason, after the field's place) or None,
+# so that the place, an f-string per item and event, is only spelled out for a bad order.
+
+
+def _item_problem(item: Any) -> str | None:
+    if not isinstance(item, dict):
+        return " is not an item"
+    if not _is_number(item.get("price")):
+        return ".price is not a number"
     for name in ("quantity", "vat", "rebate"):
-        _require(item.get(name) is None or _is_number(item[name]), f"{where}.{name} is not a number")
-    _require(item.get("quantity") is None or item["quantity"] >= 0, f"{where}.quantity is negative")
+        value = item.get(name)
+        if value is not None and not _is_number(value):
+            return f".{name} is not a number"
+    quantity = item.get("quantity")
+    if quantity is not None and quantity < 0:
+        return ".quantity is negative"
     for name in ("number", "name", "unit"):
-        _require(item.get(name) is None or isinstance(item[name], str), f"{where}.{name} is not a string")
+        value = item.get(name)
+        if value is not None and not isinstance(value, str):
+            return f".{name} is not a string"
+    return None
 
 
-def _check_items(items: Any, where: str) -> None:
+def _items_problem(items: Any) -> str | None:
     if _is_number(items):
-        _require(items >= 0, f"{where} is negative")
-    elif isinstance(items, dict):
-        _check_item(items, where)
-    elif isinstance(items, list):
-        _require(len(items) <= MAX_ITEMS, f"{where} holds more than {MAX_ITEMS} items")
+        return None if items >= 0 else " is negative"
+    if isinstance(items, dict):
+        return _item_problem(items)
+    if isinstance(items, list):
+        if len(items) > MAX_ITEMS:
+            return f" holds more than {MAX_ITEMS} items"
         for index, item in enumerate(items):
-            _check_item(item, f"{where}[{index}]")
-    else:
-        raise BadCallback(f"{where} is not a number, an item or a list of items")
+            problem = _item_problem(item)
+            if problem is not None:
+                return f"[{index}]{problem}"
+        return None
+    return " is not a number, an item or a list of items"
 
 
 def parse_order(body: Any) -> dict[str, Any]:
@@ -134,11 +164,15 @@ def parse_order(body: Any) -> dict[str, Any]:
         "order currency is not ISO 4217",
     )
     _require("items" in order, "order has no items")
-    _check_items(order["items"], "items")
+    problem = _items_problem(order["items"])
+    if problem is not None:
+        raise BadCallback(f"items{problem}")
     _require(isinstance(order.get("payment"), dict), "order payment is not an object")
     _require(isinstance(order["payment"].get("type"), str), "order payment.type is not a string")
     for name in ("number", "created", "client"):
-        _require(order.get(name) is None or isinstance(order[name], str), f"order {name} is not a string")
+        value = order.get(name)
+        if value is not None and not isinstance(value, str):
+            raise BadCallback(f"order {name} is not a string")
     _require(order.get("category") in CATEGORIES, "order category is not purchase or withdrawal")
     _require(
         order.get("customer") is None or isinstance(order["customer"], str | dict),
@@ -148,17 +182,19 @@ def parse_order(body: Any) -> dict[str, Any]:
     _require(isinstance(events, list), "order event is not a list")
     _require(len(events) <= MAX_EVENTS, f"order has more than {MAX_EVENTS} events")
     for index, event in enumerate(events):
-        where = f"event[{index}]"
-        _require(isinstance(event, dict), f"{where} is not an object")
-        _require(
-            isinstance(event.get("type"), str) and event["type"] in EVENT_TYPES,
-            f"{where}.type is not a known event type",
-        )
-        _require(isinstance(event.get("date"), str), f"{where}.date is not a string")
+        if not isinstance(event, dict):
+            raise BadCallback(f"event[{index}] is not an object")
+        event_type = event.get("type")
+        if not (isinstance(event_type, str) and event_type in EVENT_TYPES):
+            raise BadCallback(f"event[{index}].type is not a known event type")
+        if not isinstance(event.get("date"), str):
+            raise BadCallback(f"event[{index}].date is not a string")
         if "items" in event:
-            _check_items(event["items"], f"{where}.items")
-        if event["type"] == "settle":
-            _require(event.get("net") is None or _is_number(event["net"]), f"{where}.net is not a number")
+            problem = _items_problem(event["items"])
+            if problem is not None:
+                raise BadCallback(f"event[{index}].items{problem}")
+        if event_type == "settle" and event.get("net") is not None and not _is_number(event["net"]):
+            raise BadCallback(f"event[{index}].net is not a number")
     return order
 
 
@@ -179,21 +215,25 @@ def _money(value: Decimal) -> float | int:
     return int(value) if value == value.to_integral_value() else float(value)
 
 
-def _is_json_type(value: Any, kind: str) -> bool:
-    return {
-        "string": isinstance(value, str),
-        "array": isinstance(value, list),
-        "object": isinstance(value, dict),
-        "number": _is_number(value),
-        "any": True,
-    }[kind]
+# What each JSON type of the update schema admits (`number` as the order's numbers, within MAX_NUMBER).
+_OF_JSON_TYPE: dict[str, Callable[[Any], bool]] = {
+    "string": lambda value: isinstance(value, str),
+    "array": lambda value: isinstance(value, list),
+    "object": lambda value: isinstance(value, dict),
+    "number": _is_number,
+    "any": lambda value: True,
+}
 
 
 def _carried(source: Mapping[str, Any], fields: Mapping[str, str], where: str) -> dict[str, Any]:
     """The allowlisted fields of a snake_cased object, each of the type the update schema promises."""
-    carried = {name: source[name] for name in fields if source.get(name) is not None}
-    for name, value in carried.items():
-        _require(_is_json_type(value, fields[name]), f"{where}.{name} is not a {fields[name]}")
+    carried = {}
+    for name, kind in fields.items():
+        value = source.get(name)
+        if value is not None:
+            if not _OF_JSON_TYPE[kind](value):
+                raise BadCallback(f"{where}.{name} is not a {kind}")
+            carried[name] = value
     return carried
 
 
@@ -202,7 +242,11 @@ def _payment(payment: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _event(event: Mapping[str, Any], sequence: int) -> dict[str, Any]:
-    carried = _carried(snake_keys(dict(event)), EVENT_FIELDS, f"event[{sequence}]")
+    # Only the carried fields' values need their keys snake_cased, not the whole event.
+    carried = _carried({snake(str(k)): v for k, v in event.items()}, EVENT_FIELDS, f"event[{sequence}]")
+    for name, value in carried.items():
+        if isinstance(value, _CONTAINERS):
+            carried[name] = snake_keys(value, 1)
     return {"type": event["type"], "date": event["date"], "sequence": sequence, **carried}
 
 
