@@ -104,8 +104,7 @@ def history_and_amount(order: Mapping[str, Any]) -> tuple[list[tuple[str, dict[s
     short path that gives the very same result; anything else takes the general model.
     """
     try:
-        with localcontext(_EXACT):
-            fast = _whole_order_history(order) if isinstance(order, dict) else None
+        fast = _whole_order_history(order) if isinstance(order, dict) else None
     except (DecimalException, ValueError, TypeError, KeyError, AttributeError, IndexError):
         fast = None  # the general model names the problem
     if fast is not None:
@@ -167,7 +166,7 @@ def _history(order: Mapping[str, Any]) -> list[tuple[str, dict[str, Decimal]]]:
     for event in events:
         event_type = event.get("type")
         if event_type == "settle":
-            settled += _number(event.get("net"), "settle net")
+            settled = _EXACT.add(settled, _number(event.get("net"), "settle net"))
             previous = "settled"
         elif isinstance(event_type, str) and event_type != "fail":
             previous = buckets.apply(event_type, event.get("items")) or previous
@@ -185,7 +184,10 @@ def _whole_order_history(
 
     Every event then offers every unit (or the whole amount), so all of the order's units are in one
     status at any time: the buckets are that status holding the whole amount, and `settled` beside it.
-    Rounding one bucket to the total is rounding the total, so it is done once.
+    Rounding one bucket to the total is rounding the total: the bucket is the order amount.
+
+    The arithmetic names its context (`_EXACT`) instead of entering a local one, which costs more than
+    the sums of a small order.
     """
     events = order.get("event")
     if events is None:
@@ -197,38 +199,38 @@ def _whole_order_history(
             return None
     places = _places(order)
     items = order.get("items")
-    if _is_number(items):
-        number = _number(items, "items")
-        total = _round(number, places)
-        if total < 0:
-            return None
-        movable = total > 0
-    else:
-        if isinstance(items, dict):
-            items = [items]
-        if type(items) is not list or len(items) > MAX_UNITS:
+    if type(items) is dict:
+        items = [items]
+    if type(items) is list:
+        if len(items) > MAX_UNITS:
             return None
         units = 0
-        total = Decimal(0)
+        total = _ZERO
         for item in items:
             line = _cached_line(item)
             if line is None:
                 return None
-            units += line.quantity
-            total += line.unit_amount * line.quantity
+            units += line[0]
+            total = _EXACT.add(total, line[1])
         if units > MAX_UNITS:
             return None
         movable = units > 0
-    rounded = _round_to_total({"created": total}, places).get("created", Decimal(0))
+    elif _is_number(items):
+        total = _round(_number(items, "items"), places)
+        if total < 0:
+            return None
+        movable = total > 0
+    else:
+        return None
+    amount = _round(_EXACT.add(_ZERO, total), places)  # as `total()` adds up: -0.00 becomes 0.00
     current = "created"
     previous = "created"
-    settled = Decimal(0)
-    settled_rounded = _round(settled, places)
+    settled = settled_rounded = _ZERO
     result: list[tuple[str, dict[str, Decimal]]] = []
     for event in events:
         event_type = event.get("type")
         if event_type == "settle":
-            settled += _number(event.get("net"), "settle net")
+            settled = _EXACT.add(settled, _number(event.get("net"), "settle net"))
             settled_rounded = _round(settled, places)
             previous = "settled"
         elif isinstance(event_type, str) and event_type != "fail" and movable:
@@ -239,43 +241,50 @@ def _whole_order_history(
         statuses: dict[str, Decimal] = {}
         if current == "synchronized" and settled_rounded:
             statuses["settled"] = settled_rounded
-        if rounded:
-            statuses[current] = rounded
+        if amount:
+            statuses[current] = amount
         if settled_rounded and current != "synchronized":
             statuses["settled"] = settled_rounded
         result.append((previous, statuses))
-    return result, _round(Decimal(0) + total, places)  # as `total()` adds up: -0.00 becomes 0.00
+    return result, amount
 
 
 _LINE_FIELDS = ("price", "rebate", "vat", "quantity", "number", "name", "unit")
 _PLAIN = frozenset({str, int, float, type(None)})
-_LINE_CACHE: dict[tuple[tuple[object, ...], tuple[type, ...]], "_Line"] = {}
+_LINE_CACHE: dict[tuple[tuple[object, ...], tuple[type, ...]], tuple[int, Decimal]] = {}
 _LINE_CACHE_SIZE = 4096
 _LINE_CACHE_KEY_LENGTH = 512
 
 
-def _cached_line(item: object) -> "_Line | None":
-    """`_line(item)` remembered by the fields it reads (shops sell the same lines again and again); None
-    when the item is not a plain line (the general model then decides)."""
-    if _is_number(item):
-        item = {"price": item}
+def _cached_line(item: object) -> tuple[int, Decimal] | None:
+    """A line's units and amount (`_line(item)`'s quantity and unit amount times quantity), remembered by
+    the fields it reads (shops sell the same lines again and again); None when the item is not a plain
+    line (the general model then decides)."""
     if type(item) is not dict:
-        return None
+        if not _is_number(item):
+            return None
+        item = {"price": item}
     values = tuple(map(item.get, _LINE_FIELDS))
     types = tuple(map(type, values))
+    key = (values, types)  # 1 and 1.0 stay apart, as their decimals do
+    try:
+        line = _LINE_CACHE.get(key)
+    except TypeError:  # a field that cannot be hashed: not a plain line
+        return None
+    if line is not None:
+        return line  # plain and without a zero, or it would not have been stored
     if not _PLAIN.issuperset(types) or 0.0 in values:
         return None  # not plain; or a zero, where 0.0 and -0.0 are equal keys for different decimals
-    key = (values, types)  # 1 and 1.0 stay apart, as their decimals do
-    line = _LINE_CACHE.get(key)
-    if line is None:
-        try:
-            line = _line(item, "items")
-        except (StatusError, DecimalException):
-            return None
-        if sum(len(value) for value in values if isinstance(value, str)) <= _LINE_CACHE_KEY_LENGTH:
-            if len(_LINE_CACHE) >= _LINE_CACHE_SIZE:
-                _LINE_CACHE.clear()
-            _LINE_CACHE[key] = line
+    try:
+        with localcontext(_EXACT):
+            parsed = _line(item, "items")
+            line = (parsed.quantity, parsed.unit_amount * parsed.quantity)
+    except (StatusError, DecimalException):
+        return None
+    if sum(len(value) for value in values if isinstance(value, str)) <= _LINE_CACHE_KEY_LENGTH:
+        if len(_LINE_CACHE) >= _LINE_CACHE_SIZE:
+            _LINE_CACHE.clear()
+        _LINE_CACHE[key] = line
     return line
 
 
@@ -583,5 +592,9 @@ def _amount(value: object, what: str, places: int) -> Decimal:
     return amount
 
 
+_ZERO = Decimal(0)
+_QUANTA = {places: Decimal(1).scaleb(-places) for places in (0, 2, 3)}  # what minor_units gives
+
+
 def _round(value: Decimal, places: int) -> Decimal:
-    return value.quantize(Decimal(1).scaleb(-places), ROUND_HALF_EVEN, _ROUNDING)
+    return value.quantize(_QUANTA[places], ROUND_HALF_EVEN, _ROUNDING)
