@@ -249,31 +249,46 @@ def _whole_order_history(
     return result, amount
 
 
-_LINE_FIELDS = ("price", "rebate", "vat", "quantity", "number", "name", "unit")
-_PLAIN = frozenset({str, int, float, type(None)})
-_LINE_CACHE: dict[tuple[tuple[object, ...], tuple[type, ...]], tuple[int, Decimal]] = {}
+_NUMBER_TYPES = frozenset({int, float, type(None)})
+_LABEL_TYPES = frozenset({str, type(None)})
+_LINE_CACHE: dict[tuple[object, ...], tuple[int, Decimal]] = {}
 _LINE_CACHE_SIZE = 4096
-_LINE_CACHE_KEY_LENGTH = 512
 
 
 def _cached_line(item: object) -> tuple[int, Decimal] | None:
-    """A line's units and amount (`_line(item)`'s quantity and unit amount times quantity), remembered by
-    the fields it reads (shops sell the same lines again and again); None when the item is not a plain
-    line (the general model then decides)."""
+    """A line's units and amount (`_line(item)`'s quantity, and unit amount times quantity), remembered
+    by its price, rebate, vat and quantity (shops sell the same lines again and again); None when the
+    item is not a plain line (the general model then decides).
+
+    Number, name and unit only tell lines apart, which whole-order events never need: as strings (or
+    absent) they cannot make `_line` fail, so they are no part of the key; any other label is read
+    by `_line` every time.
+    """
     if type(item) is not dict:
         if not _is_number(item):
             return None
         item = {"price": item}
-    values = tuple(map(item.get, _LINE_FIELDS))
-    types = tuple(map(type, values))
-    key = (values, types)  # 1 and 1.0 stay apart, as their decimals do
-    try:
-        line = _LINE_CACHE.get(key)
-    except TypeError:  # a field that cannot be hashed: not a plain line
-        return None
-    if line is not None:
-        return line  # plain and without a zero, or it would not have been stored
-    if not _PLAIN.issuperset(types) or 0.0 in values:
+    labelled = (
+        type(item.get("number")) in _LABEL_TYPES
+        and type(item.get("name")) in _LABEL_TYPES
+        and type(item.get("unit")) in _LABEL_TYPES
+    )
+    price, rebate, vat, quantity = (
+        item.get("price"),
+        item.get("rebate"),
+        item.get("vat"),
+        item.get("quantity"),
+    )
+    # 1 and 1.0 stay apart, as their decimals do
+    key = (price, rebate, vat, quantity, type(price), type(rebate), type(vat), type(quantity))
+    if labelled:
+        try:
+            line = _LINE_CACHE.get(key)
+        except TypeError:  # a field that cannot be hashed: not a plain line
+            return None
+        if line is not None:
+            return line  # plain and without a zero, or it would not have been stored
+    if not _NUMBER_TYPES.issuperset(key[4:]) or 0.0 in key[:4]:
         return None  # not plain; or a zero, where 0.0 and -0.0 are equal keys for different decimals
     try:
         with localcontext(_EXACT):
@@ -281,7 +296,7 @@ def _cached_line(item: object) -> tuple[int, Decimal] | None:
             line = (parsed.quantity, parsed.unit_amount * parsed.quantity)
     except (StatusError, DecimalException):
         return None
-    if sum(len(value) for value in values if isinstance(value, str)) <= _LINE_CACHE_KEY_LENGTH:
+    if labelled:
         if len(_LINE_CACHE) >= _LINE_CACHE_SIZE:
             _LINE_CACHE.clear()
         _LINE_CACHE[key] = line
