@@ -223,29 +223,59 @@ _OF_JSON_TYPE: dict[str, Callable[[Any], bool]] = {
     "number": _is_number,
     "any": lambda value: True,
 }
+_PLANS_SIZE = 1024
+_PLAN_KEYS = 64  # most keys, and characters in all of them, of an object whose plan is remembered
 
 
-def _carried(source: Mapping[str, Any], fields: Mapping[str, str], where: str) -> dict[str, Any]:
-    """The allowlisted fields of a snake_cased object, each of the type the update schema promises."""
-    carried = {}
-    for name, kind in fields.items():
-        value = source.get(name)
-        if value is not None:
-            if not _OF_JSON_TYPE[kind](value):
-                raise BadCallback(f"{where}.{name} is not a {kind}")
-            carried[name] = value
-    return carried
+class _Allowlist:
+    """The fields an update carries from one kind of object (payment, event), each with the JSON type
+    the update schema promises, read under whichever spelling the object uses (`lastFour`, `last_four`).
+
+    Which key of an object feeds which field depends on its key names only, and a few sets of names
+    recur in every callback, so that plan is remembered per tuple of key names.
+    """
+
+    def __init__(self, fields: Mapping[str, str]) -> None:
+        self._fields = fields
+        self._plans: dict[tuple[Any, ...], tuple[tuple[Any, str, str], ...]] = {}
+
+    def carried(self, source: Mapping[Any, Any], where: str) -> dict[str, Any]:
+        """The allowlisted fields of `source` that are not null, under their snake_case names, in the
+        allowlist's order; BadCallback when one is not of its type."""
+        keys = tuple(source)
+        plan = self._plans.get(keys)
+        if plan is None:
+            plan = self._plan(keys)
+        carried = {}
+        for key, name, kind in plan:
+            value = source[key]
+            if value is not None:
+                if not _OF_JSON_TYPE[kind](value):
+                    raise BadCallback(f"{where}.{name} is not a {kind}")
+                carried[name] = value
+        return carried
+
+    def _plan(self, keys: tuple[Any, ...]) -> tuple[tuple[Any, str, str], ...]:
+        """(key, field, type) for each field some key spells, in the allowlist's order."""
+        spelled_by = {snake(str(key)): key for key in keys}  # the last spelling wins, as in a dict of them
+        plan = tuple(
+            (spelled_by[name], name, kind) for name, kind in self._fields.items() if name in spelled_by
+        )
+        if len(keys) <= _PLAN_KEYS and sum(len(str(key)) for key in keys) <= _PLAN_KEYS * 16:
+            if len(self._plans) >= _PLANS_SIZE:
+                self._plans.clear()
+            self._plans[keys] = plan
+        return plan
 
 
-def _payment(payment: Mapping[str, Any]) -> dict[str, Any]:
-    return _carried({snake(str(k)): v for k, v in payment.items()}, PAYMENT_FIELDS, "payment")
+_PAYMENT = _Allowlist(PAYMENT_FIELDS)
+_EVENT = _Allowlist(EVENT_FIELDS)
 
 
 def _event(event: Mapping[str, Any], sequence: int) -> dict[str, Any]:
-    # Only the carried fields' values need their keys snake_cased, not the whole event.
-    carried = _carried({snake(str(k)): v for k, v in event.items()}, EVENT_FIELDS, f"event[{sequence}]")
+    carried = _EVENT.carried(event, f"event[{sequence}]")
     for name, value in carried.items():
-        if isinstance(value, _CONTAINERS):
+        if isinstance(value, _CONTAINERS):  # only the carried values need their keys snake_cased
             carried[name] = snake_keys(value, 1)
     return {"type": event["type"], "date": event["date"], "sequence": sequence, **carried}
 
@@ -257,18 +287,28 @@ def build_updates(order: Mapping[str, Any], *, received_at: str, verified_by: st
     except (StatusError, ArithmeticError) as exc:
         raise BadCallback(f"order amounts cannot be computed: {exc}") from None
     # An item may carry a discount, but no amount an update reports can be less than nothing.
-    _require(
-        amount >= 0 and all(value >= 0 for _, buckets in history for value in buckets.values()),
-        "order amounts are negative",
-    )
-    places = minor_units(order["currency"])
+    _require(amount >= 0, "order amounts are negative")
+    # Most events' buckets hold the very same few Decimals (often the order amount itself): each is
+    # checked and turned into a JSON number once, remembered by identity (hashing a Decimal costs more
+    # than converting it; all of them live until the end of this call).
+    numbers = {id(amount): _money(amount)}
+    statuses = []
+    for _, buckets in history:
+        event_statuses = {}
+        for name, value in buckets.items():
+            number = numbers.get(id(value))
+            if number is None:
+                _require(value >= 0, "order amounts are negative")
+                number = numbers[id(value)] = _money(value)
+            event_statuses[name] = number
+        statuses.append(event_statuses)
     base: dict[str, Any] = {
         "version": UPDATE_VERSION,
         "order_id": order["id"],
         "order_number": order.get("number"),
-        "amount": _money(amount),
+        "amount": numbers[id(amount)],
         "currency": order["currency"],
-        "payment": _payment(order["payment"]),
+        "payment": _PAYMENT.carried(order["payment"], "payment"),
         "customer": snake_keys(order["customer"])
         if isinstance(order.get("customer"), dict)
         else order.get("customer"),
@@ -279,7 +319,8 @@ def build_updates(order: Mapping[str, Any], *, received_at: str, verified_by: st
     }
     events = order.get("event") or []
     if not events:
-        statuses = {"created": _money(amount.quantize(Decimal(1).scaleb(-places)))} if amount else {}
+        places = minor_units(order["currency"])
+        created = {"created": _money(amount.quantize(Decimal(1).scaleb(-places)))} if amount else {}
         event = {"type": CREATED_EVENT, "date": order.get("created") or received_at, "sequence": -1}
         return [
             {
@@ -287,18 +328,18 @@ def build_updates(order: Mapping[str, Any], *, received_at: str, verified_by: st
                 "id": update_id(order["id"], -1, CREATED_EVENT),
                 "event": event,
                 "status": "created",
-                "statuses": statuses,
+                "statuses": created,
             }
         ]
-    updates = []
-    for sequence, (event, (status, buckets)) in enumerate(zip(events, history, strict=True)):
-        updates.append(
-            {
-                **base,
-                "id": update_id(order["id"], sequence, event["type"]),
-                "event": _event(event, sequence),
-                "status": status,
-                "statuses": {name: _money(value) for name, value in buckets.items()},
-            }
+    return [
+        {
+            **base,
+            "id": update_id(order["id"], sequence, event["type"]),
+            "event": _event(event, sequence),
+            "status": status,
+            "statuses": event_statuses,
+        }
+        for sequence, (event, (status, _), event_statuses) in enumerate(
+            zip(events, history, statuses, strict=True)
         )
-    return updates
+    ]
