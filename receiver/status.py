@@ -62,6 +62,9 @@ _ZERO_DECIMAL_CURRENCIES = frozenset(
     | {"XAF", "XOF", "XPF"}
 )
 _THREE_DECIMAL_CURRENCIES = frozenset({"BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"})
+_MINOR_UNITS = {code: 0 for code in _ZERO_DECIMAL_CURRENCIES} | {
+    code: 3 for code in _THREE_DECIMAL_CURRENCIES
+}
 
 # Sums are exact or refused: an amount too large to add up exactly raises instead of drifting.
 _EXACT = Context(prec=60, Emin=-99, Emax=99, traps=[InvalidOperation, Inexact, Overflow, DivisionByZero])
@@ -82,6 +85,15 @@ def change(status: str, event_type: str) -> str | None:
     if rule is None or status not in rule[0]:
         return None
     return rule[1]
+
+
+# change() as a table, for the short path: (status, event type) -> the status it moves to
+_CHANGES = {
+    (status, event_type): target
+    for status in STATUS_ORDER
+    for event_type in [*_MOVES, "synchronize"]
+    if (target := change(status, event_type)) is not None
+}
 
 
 def status_history(order: Mapping[str, Any]) -> list[tuple[str, dict[str, Decimal]]]:
@@ -114,12 +126,7 @@ def history_and_amount(order: Mapping[str, Any]) -> tuple[list[tuple[str, dict[s
 
 def minor_units(currency: str) -> int:
     """How many decimals the currency's amounts have: 2 unless ISO 4217 says 0 (JPY, KRW, ISK...) or 3."""
-    code = currency.upper() if isinstance(currency, str) else ""
-    if code in _ZERO_DECIMAL_CURRENCIES:
-        return 0
-    if code in _THREE_DECIMAL_CURRENCIES:
-        return 3
-    return 2
+    return _MINOR_UNITS.get(currency.upper(), 2) if isinstance(currency, str) else 2
 
 
 _T = TypeVar("_T")
@@ -197,7 +204,7 @@ def _whole_order_history(
     for event in events:
         if type(event) is not dict or event.get("items") is not None:
             return None
-    places = _places(order)
+    places = minor_units(order.get("currency", ""))
     items = order.get("items")
     if type(items) is dict:
         items = [items]
@@ -206,23 +213,25 @@ def _whole_order_history(
             return None
         units = 0
         total = _ZERO
-        for item in items:
+        for index, item in enumerate(items):
             line = _cached_line(item)
             if line is None:
                 return None
             units += line[0]
-            total = _EXACT.add(total, line[1])
+            # 0 + the first amount would only respell it (the total is only used rounded)
+            total = _EXACT.add(total, line[1]) if index else line[1]
         if units > MAX_UNITS:
             return None
         movable = units > 0
+        amount = _round(total, places)
     elif _is_number(items):
         total = _round(_number(items, "items"), places)
         if total < 0:
             return None
         movable = total > 0
+        amount = _round(_EXACT.add(_ZERO, total), places)  # as `total()` adds up: -0.00 becomes 0.00
     else:
         return None
-    amount = _round(_EXACT.add(_ZERO, total), places)  # as `total()` adds up: -0.00 becomes 0.00
     current = "created"
     previous = "created"
     settled = settled_rounded = _ZERO
@@ -234,7 +243,7 @@ def _whole_order_history(
             settled_rounded = _round(settled, places)
             previous = "settled"
         elif isinstance(event_type, str) and event_type != "fail" and movable:
-            target = change(current, event_type)
+            target = _CHANGES.get((current, event_type))
             if target is not None:
                 current = previous = target
         # the two buckets in STATUS_ORDER (only `synchronized` comes after `settled`), when non-zero
