@@ -50,19 +50,38 @@ def snake(name: str) -> str:
     return _CAMEL.sub(r"_\1", name).lower()
 
 
+# The snake_case spelling of the key names seen lately: a dict look-up is a fraction of even a cached
+# call, and every key of every customer goes through it. Bounded like `snake`'s cache.
+_SNAKED: dict[str, str] = {}
+
+
+def _snaked(key: Any) -> str:
+    name = snake(str(key))
+    if type(key) is str:
+        if len(_SNAKED) >= 4096:
+            _SNAKED.clear()
+        _SNAKED[key] = name
+    return name
+
+
 def snake_keys(value: Any, depth: int = 0) -> Any:
     """Object keys to snake_case, recursively (bounded: callers validated the depth already)."""
     # Refused as soon as anything, this value or one of its children, would sit more than 32 levels down.
     if depth > 32 or (depth == 32 and isinstance(value, _CONTAINERS) and value):
         raise BadCallback("order is nested too deeply")
-    # Only containers recurse: most values are scalars, and a call per scalar is most of the cost.
+    # Only containers recurse: most values are scalars, settled by their exact type.
     if isinstance(value, dict):
         return {
-            snake(str(k)): snake_keys(v, depth + 1) if isinstance(v, _CONTAINERS) else v
+            _SNAKED.get(k) or _snaked(k): snake_keys(v, depth + 1)
+            if type(v) not in _SCALARS and isinstance(v, _CONTAINERS)
+            else v
             for k, v in value.items()
         }
     if isinstance(value, list):
-        return [snake_keys(v, depth + 1) if isinstance(v, _CONTAINERS) else v for v in value]
+        return [
+            snake_keys(v, depth + 1) if type(v) not in _SCALARS and isinstance(v, _CONTAINERS) else v
+            for v in value
+        ]
     return value
 
 
@@ -119,11 +138,13 @@ def _item_problem(item: Any) -> str | None:
         return " is not an item"
     if not _is_number(item.get("price")):
         return ".price is not a number"
-    for name in ("quantity", "vat", "rebate"):
+    quantity = item.get("quantity")
+    if quantity is not None and not _is_number(quantity):
+        return ".quantity is not a number"
+    for name in ("vat", "rebate"):
         value = item.get(name)
         if value is not None and not _is_number(value):
             return f".{name} is not a number"
-    quantity = item.get("quantity")
     if quantity is not None and quantity < 0:
         return ".quantity is negative"
     for name in ("number", "name", "unit"):
@@ -151,36 +172,42 @@ def _items_problem(items: Any) -> str | None:
 
 def parse_order(body: Any) -> dict[str, Any]:
     """Check that a trusted JSON value is an order we can normalize; raises BadCallback naming the field."""
-    _require(isinstance(body, dict), "body is not an order object")
+    if not isinstance(body, dict):
+        raise BadCallback("body is not an order object")
     order: dict[str, Any] = body
     # Deeper JSON than this cannot be serialized into the job (orjson stops at 255 levels).
-    _require(_nested_within(order, MAX_DEPTH), f"order is nested more than {MAX_DEPTH} levels deep")
-    _require(
-        isinstance(order.get("id"), str) and bool(_ORDER_ID.fullmatch(order["id"])),
-        "order id is missing or malformed",
-    )
-    _require(
-        isinstance(order.get("currency"), str) and bool(_CURRENCY.fullmatch(order["currency"])),
-        "order currency is not ISO 4217",
-    )
-    _require("items" in order, "order has no items")
+    if not _nested_within(order, MAX_DEPTH):
+        raise BadCallback(f"order is nested more than {MAX_DEPTH} levels deep")
+    order_id = order.get("id")
+    if not (isinstance(order_id, str) and _ORDER_ID.fullmatch(order_id)):
+        raise BadCallback("order id is missing or malformed")
+    currency = order.get("currency")
+    if not (isinstance(currency, str) and _CURRENCY.fullmatch(currency)):
+        raise BadCallback("order currency is not ISO 4217")
+    if "items" not in order:
+        raise BadCallback("order has no items")
     problem = _items_problem(order["items"])
     if problem is not None:
         raise BadCallback(f"items{problem}")
-    _require(isinstance(order.get("payment"), dict), "order payment is not an object")
-    _require(isinstance(order["payment"].get("type"), str), "order payment.type is not a string")
+    payment = order.get("payment")
+    if not isinstance(payment, dict):
+        raise BadCallback("order payment is not an object")
+    if not isinstance(payment.get("type"), str):
+        raise BadCallback("order payment.type is not a string")
     for name in ("number", "created", "client"):
         value = order.get(name)
         if value is not None and not isinstance(value, str):
             raise BadCallback(f"order {name} is not a string")
-    _require(order.get("category") in CATEGORIES, "order category is not purchase or withdrawal")
-    _require(
-        order.get("customer") is None or isinstance(order["customer"], str | dict),
-        "order customer is not an id or a contact",
-    )
+    if order.get("category") not in CATEGORIES:
+        raise BadCallback("order category is not purchase or withdrawal")
+    customer = order.get("customer")
+    if customer is not None and not isinstance(customer, (str, dict)):
+        raise BadCallback("order customer is not an id or a contact")
     events = order.get("event", [])
-    _require(isinstance(events, list), "order event is not a list")
-    _require(len(events) <= MAX_EVENTS, f"order has more than {MAX_EVENTS} events")
+    if not isinstance(events, list):
+        raise BadCallback("order event is not a list")
+    if len(events) > MAX_EVENTS:
+        raise BadCallback(f"order has more than {MAX_EVENTS} events")
     for index, event in enumerate(events):
         if not isinstance(event, dict):
             raise BadCallback(f"event[{index}] is not an object")
@@ -215,7 +242,8 @@ def _money(value: Decimal) -> float | int:
     return int(value) if value == value.to_integral_value() else float(value)
 
 
-# What each JSON type of the update schema admits (`number` as the order's numbers, within MAX_NUMBER).
+# What each JSON type of the update schema admits (`number` as the order's numbers, within MAX_NUMBER),
+# and the exact type that settles it at a glance (most values are of it).
 _OF_JSON_TYPE: dict[str, Callable[[Any], bool]] = {
     "string": lambda value: isinstance(value, str),
     "array": lambda value: isinstance(value, list),
@@ -223,8 +251,16 @@ _OF_JSON_TYPE: dict[str, Callable[[Any], bool]] = {
     "number": _is_number,
     "any": lambda value: True,
 }
+_EXACT_TYPE: dict[str, type | None] = {
+    "string": str,
+    "array": list,
+    "object": dict,
+    "number": None,
+    "any": None,
+}
 _PLANS_SIZE = 1024
-_PLAN_KEYS = 64  # most keys, and characters in all of them, of an object whose plan is remembered
+_PLAN_KEYS = 64  # most keys, and characters in all of them (x 16), of an object whose plan is remembered
+_Plan = tuple[tuple[Any, str, str, "type | None"], ...]
 
 
 class _Allowlist:
@@ -235,31 +271,37 @@ class _Allowlist:
     recur in every callback, so that plan is remembered per tuple of key names.
     """
 
-    def __init__(self, fields: Mapping[str, str]) -> None:
+    def __init__(self, what: str, fields: Mapping[str, str], *, snake_nested: bool) -> None:
+        self._what = what
         self._fields = fields
-        self._plans: dict[tuple[Any, ...], tuple[tuple[Any, str, str], ...]] = {}
+        self._snake_nested = snake_nested  # whether objects in the values get snake_case keys too
+        self._plans: dict[tuple[Any, ...], _Plan] = {}
 
-    def carried(self, source: Mapping[Any, Any], where: str) -> dict[str, Any]:
-        """The allowlisted fields of `source` that are not null, under their snake_case names, in the
-        allowlist's order; BadCallback when one is not of its type."""
+    def carry(self, source: Mapping[Any, Any], into: dict[str, Any], sequence: int = -1) -> dict[str, Any]:
+        """`into`, with the allowlisted fields of `source` that are not null added under their snake_case
+        names in the allowlist's order; BadCallback when one is not of its type (`sequence`: which event)."""
         keys = tuple(source)
         plan = self._plans.get(keys)
         if plan is None:
             plan = self._plan(keys)
-        carried = {}
-        for key, name, kind in plan:
+        for key, name, kind, exact_type in plan:
             value = source[key]
             if value is not None:
-                if not _OF_JSON_TYPE[kind](value):
+                if type(value) is not exact_type and not _OF_JSON_TYPE[kind](value):
+                    where = self._what if sequence < 0 else f"{self._what}[{sequence}]"
                     raise BadCallback(f"{where}.{name} is not a {kind}")
-                carried[name] = value
-        return carried
+                if self._snake_nested and type(value) not in _SCALARS and isinstance(value, _CONTAINERS):
+                    value = snake_keys(value, 1)
+                into[name] = value
+        return into
 
-    def _plan(self, keys: tuple[Any, ...]) -> tuple[tuple[Any, str, str], ...]:
-        """(key, field, type) for each field some key spells, in the allowlist's order."""
+    def _plan(self, keys: tuple[Any, ...]) -> _Plan:
+        """(key, field, type, exact type) for each field some key spells, in the allowlist's order."""
         spelled_by = {snake(str(key)): key for key in keys}  # the last spelling wins, as in a dict of them
         plan = tuple(
-            (spelled_by[name], name, kind) for name, kind in self._fields.items() if name in spelled_by
+            (spelled_by[name], name, kind, _EXACT_TYPE[kind])
+            for name, kind in self._fields.items()
+            if name in spelled_by
         )
         if len(keys) <= _PLAN_KEYS and sum(len(str(key)) for key in keys) <= _PLAN_KEYS * 16:
             if len(self._plans) >= _PLANS_SIZE:
@@ -268,16 +310,12 @@ class _Allowlist:
         return plan
 
 
-_PAYMENT = _Allowlist(PAYMENT_FIELDS)
-_EVENT = _Allowlist(EVENT_FIELDS)
+_PAYMENT = _Allowlist("payment", PAYMENT_FIELDS, snake_nested=False)
+_EVENT = _Allowlist("event", EVENT_FIELDS, snake_nested=True)
 
 
 def _event(event: Mapping[str, Any], sequence: int) -> dict[str, Any]:
-    carried = _EVENT.carried(event, f"event[{sequence}]")
-    for name, value in carried.items():
-        if isinstance(value, _CONTAINERS):  # only the carried values need their keys snake_cased
-            carried[name] = snake_keys(value, 1)
-    return {"type": event["type"], "date": event["date"], "sequence": sequence, **carried}
+    return _EVENT.carry(event, {"type": event["type"], "date": event["date"], "sequence": sequence}, sequence)
 
 
 def build_updates(order: Mapping[str, Any], *, received_at: str, verified_by: str) -> list[dict[str, Any]]:
@@ -308,7 +346,7 @@ def build_updates(order: Mapping[str, Any], *, received_at: str, verified_by: st
         "order_number": order.get("number"),
         "amount": numbers[id(amount)],
         "currency": order["currency"],
-        "payment": _PAYMENT.carried(order["payment"], "payment"),
+        "payment": _PAYMENT.carry(order["payment"], {}),
         "customer": snake_keys(order["customer"])
         if isinstance(order.get("customer"), dict)
         else order.get("customer"),
