@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
+import orjson
+
 from receiver.errors import BadCallback
 from receiver.status import StatusError, history_and_amount, minor_units
 
@@ -110,6 +112,17 @@ def _is_number(value: Any) -> bool:
 
 def _nested_within(value: Any, limit: int) -> bool:
     """Whether no object or list sits deeper than `limit` (the recursion stops at `limit` levels)."""
+    # orjson, indenting, writes each member of an object or list on a line of its own, two spaces
+    # deeper per level: a text without a line indented 2 * limit spaces holds nothing that deep. That
+    # settles the usual order in C; one orjson cannot write, or with such a line (which may hold just a
+    # scalar), is walked.
+    try:
+        text = orjson.dumps(value, option=orjson.OPT_INDENT_2)
+    except orjson.JSONEncodeError:
+        pass
+    else:
+        if b"\n" + b" " * (2 * limit) not in text:
+            return True
     return not isinstance(value, _CONTAINERS) or _fits(value, limit)
 
 

@@ -167,3 +167,43 @@ def test_bench_orders_give_exactly_the_plain_reference_updates() -> None:
     for index in range(20):
         order = json.loads(json.dumps(bench_order(index)))
         assert outcome(receiver_order, order) == outcome(reference_order, order)
+
+
+def nested_in(depth: int, leaf: Any, shapes: list[str]) -> Any:
+    value = leaf
+    for level in range(depth):
+        shape = shapes[level % len(shapes)]
+        value = {"a": value, "b": 1} if shape == "object" else [1, value] if shape == "list" else (value,)
+    return value
+
+
+odd_scalars = st.sampled_from([10**30, -(2**64), float("nan"), "x\n" + " " * 80, True, None])
+nestable = st.recursive(
+    scalars | odd_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.lists(inner, max_size=2).map(tuple)
+        | st.dictionaries(st.text(max_size=3) | st.integers(0, 3), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(nestable, st.integers(1, 6))
+def test_the_depth_check_is_the_plain_level_by_level_walk(value: Any, limit: int) -> None:
+    assert receiver_order._nested_within(value, limit) == reference_order._nested_within(value, limit)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(receiver_order.MAX_DEPTH - 2, receiver_order.MAX_DEPTH + 2),
+    st.sampled_from([1, "x", {}, [], (), {"a": []}, 10**30]),
+    st.lists(st.sampled_from(["object", "list", "tuple"]), min_size=1, max_size=3),
+)
+def test_orders_around_the_depth_limit_are_judged_as_by_the_plain_walk(
+    depth: int, leaf: Any, shapes: list[str]
+) -> None:
+    order = {"meta": nested_in(depth, leaf, shapes)}
+    limit = receiver_order.MAX_DEPTH
+    assert receiver_order._nested_within(order, limit) == reference_order._nested_within(order, limit)
