@@ -270,34 +270,31 @@ def _cached_line(item: object) -> tuple[int, Decimal] | None:
     item is not a plain line (the general model then decides).
 
     Number, name and unit only tell lines apart, which whole-order events never need: as strings (or
-    absent) they cannot make `_line` fail, so they are no part of the key; any other label is read
-    by `_line` every time.
+    absent) they cannot make `_line` fail, so only their types are part of the key; a line with any
+    other label is read by `_line` every time.
     """
     if type(item) is not dict:
         if not _is_number(item):
             return None
         item = {"price": item}
-    labelled = (
-        type(item.get("number")) in _LABEL_TYPES
-        and type(item.get("name")) in _LABEL_TYPES
-        and type(item.get("unit")) in _LABEL_TYPES
-    )
     price, rebate, vat, quantity = (
         item.get("price"),
         item.get("rebate"),
         item.get("vat"),
         item.get("quantity"),
     )
-    # 1 and 1.0 stay apart, as their decimals do
-    key = (price, rebate, vat, quantity, type(price), type(rebate), type(vat), type(quantity))
-    if labelled:
-        try:
-            line = _LINE_CACHE.get(key)
-        except TypeError:  # a field that cannot be hashed: not a plain line
-            return None
-        if line is not None:
-            return line  # plain and without a zero, or it would not have been stored
-    if not _NUMBER_TYPES.issuperset(key[4:]) or 0.0 in key[:4]:
+    # the amounts, their types (1 and 1.0 stay apart, as their decimals do), and the labels' types
+    key = (
+        price, rebate, vat, quantity, type(price), type(rebate), type(vat), type(quantity),
+        type(item.get("number")), type(item.get("name")), type(item.get("unit")),
+    )  # fmt: skip
+    try:
+        line = _LINE_CACHE.get(key)
+    except TypeError:  # a field that cannot be hashed: not a plain line
+        return None
+    if line is not None:
+        return line  # plain and without a zero, or it would not have been stored
+    if not _NUMBER_TYPES.issuperset(key[4:8]) or 0.0 in key[:4]:
         return None  # not plain; or a zero, where 0.0 and -0.0 are equal keys for different decimals
     try:
         with localcontext(_EXACT):
@@ -305,7 +302,7 @@ def _cached_line(item: object) -> tuple[int, Decimal] | None:
             line = (parsed.quantity, parsed.unit_amount * parsed.quantity)
     except (StatusError, DecimalException):
         return None
-    if labelled:
+    if _LABEL_TYPES.issuperset(key[8:]):
         if len(_LINE_CACHE) >= _LINE_CACHE_SIZE:
             _LINE_CACHE.clear()
         _LINE_CACHE[key] = line
