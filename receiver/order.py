@@ -111,7 +111,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _nested_within(value: Any, limit: int) -> bool:
-    """Whether no object or list sits deeper than `limit` (the recursion stops at `limit` levels)."""
+    """Whether no object or list sits deeper than `limit` (`value` itself is level 0)."""
     # orjson, indenting, writes each member of an object or list on a line of its own, two spaces
     # deeper per level: a text without a line indented 2 * limit spaces holds nothing that deep. That
     # settles the usual order in C; one orjson cannot write, or with such a line (which may hold just a
@@ -127,7 +127,8 @@ def _nested_within(value: Any, limit: int) -> bool:
 
 
 def _fits(container: dict[Any, Any] | list[Any], room: int) -> bool:
-    """Whether `container` and everything in it sit within `room` levels (it takes the first)."""
+    """Whether `container` (taking one level) and everything in it fit in `room` levels; the recursion
+    stops when they do not, so a hostile depth cannot exhaust the stack."""
     if room <= 0:
         return False
     for child in container.values() if isinstance(container, dict) else container:

@@ -69,6 +69,8 @@ _MINOR_UNITS = {code: 0 for code in _ZERO_DECIMAL_CURRENCIES} | {
 # Sums are exact or refused: an amount too large to add up exactly raises instead of drifting.
 _EXACT = Context(prec=60, Emin=-99, Emax=99, traps=[InvalidOperation, Inexact, Overflow, DivisionByZero])
 _ROUNDING = Context(prec=60, Emin=-99, Emax=99, traps=[InvalidOperation, Overflow, DivisionByZero])
+_ZERO = Decimal(0)
+_QUANTA = {places: Decimal(1).scaleb(-places) for places in (0, 2, 3)}  # what minor_units gives
 
 
 class StatusError(ValueError):
@@ -173,7 +175,7 @@ def _history(order: Mapping[str, Any]) -> list[tuple[str, dict[str, Decimal]]]:
     for event in events:
         event_type = event.get("type")
         if event_type == "settle":
-            settled = _EXACT.add(settled, _number(event.get("net"), "settle net"))
+            settled += _number(event.get("net"), "settle net")
             previous = "settled"
         elif isinstance(event_type, str) and event_type != "fail":
             previous = buckets.apply(event_type, event.get("items")) or previous
@@ -611,10 +613,6 @@ def _amount(value: object, what: str, places: int) -> Decimal:
     if amount < 0:
         raise StatusError(f"{what} {value!r} is negative")
     return amount
-
-
-_ZERO = Decimal(0)
-_QUANTA = {places: Decimal(1).scaleb(-places) for places in (0, 2, 3)}  # what minor_units gives
 
 
 def _round(value: Decimal, places: int) -> Decimal:
