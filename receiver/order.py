@@ -138,11 +138,6 @@ def _fits(container: dict[Any, Any] | list[Any], room: int) -> bool:
     return True
 
 
-def _require(condition: bool, reason: str) -> None:
-    if not condition:
-        raise BadCallback(reason)
-
-
 # The item and items checks return what is wrong (the end of a reason, after the field's place) or None,
 # so that the place, an f-string per item and event, is only spelled out for a bad order.
 
@@ -339,7 +334,8 @@ def build_updates(order: Mapping[str, Any], *, received_at: str, verified_by: st
     except (StatusError, ArithmeticError) as exc:
         raise BadCallback(f"order amounts cannot be computed: {exc}") from None
     # An item may carry a discount, but no amount an update reports can be less than nothing.
-    _require(amount >= 0, "order amounts are negative")
+    if amount < 0:
+        raise BadCallback("order amounts are negative")
     # Most events' buckets hold the very same few Decimals (often the order amount itself): each is
     # checked and turned into a JSON number once, remembered by identity (hashing a Decimal costs more
     # than converting it; all of them live until the end of this call).
@@ -350,7 +346,8 @@ def build_updates(order: Mapping[str, Any], *, received_at: str, verified_by: st
         for name, value in buckets.items():
             number = numbers.get(id(value))
             if number is None:
-                _require(value >= 0, "order amounts are negative")
+                if value < 0:
+                    raise BadCallback("order amounts are negative")
                 number = numbers[id(value)] = _money(value)
             event_statuses[name] = number
         statuses.append(event_statuses)
@@ -361,9 +358,7 @@ def build_updates(order: Mapping[str, Any], *, received_at: str, verified_by: st
         "amount": numbers[id(amount)],
         "currency": order["currency"],
         "payment": _PAYMENT.carry(order["payment"], {}),
-        "customer": snake_keys(order["customer"])
-        if isinstance(order.get("customer"), dict)
-        else order.get("customer"),
+        "customer": snake_keys(customer) if isinstance(customer := order.get("customer"), dict) else customer,
         "meta": order.get("meta"),
         "category": order.get("category"),
         "received_at": received_at,
