@@ -53,14 +53,16 @@ def snake(name: str) -> str:
 
 
 # The snake_case spelling of the key names seen lately: a dict look-up is a fraction of even a cached
-# call, and every key of every customer goes through it. Bounded like `snake`'s cache.
+# call, and every key of every customer goes through it. Bounded in names and in their length.
 _SNAKED: dict[str, str] = {}
+_SNAKED_SIZE = 4096
+_SNAKED_LENGTH = 64
 
 
 def _snaked(key: Any) -> str:
     name = snake(str(key))
-    if type(key) is str:
-        if len(_SNAKED) >= 4096:
+    if type(key) is str and len(key) <= _SNAKED_LENGTH:
+        if len(_SNAKED) >= _SNAKED_SIZE:
             _SNAKED.clear()
         _SNAKED[key] = name
     return name
