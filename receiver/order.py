@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
+
+import orjson
 
 from receiver.errors import BadCallback
 from receiver.status import StatusError, history_and_amount, minor_units
@@ -40,6 +42,8 @@ EVENT_FIELDS = {
     "payout": "any", "gross": "number", "fee": "number", "net": "number", "currency": "string",
 }  # fmt: skip
 CATEGORIES = (None, "purchase", "withdrawal")
+_CONTAINERS = (dict, list)
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 @functools.lru_cache(maxsize=4096)  # a few dozen names recur in every order; the regex is the cost
@@ -48,14 +52,40 @@ def snake(name: str) -> str:
     return _CAMEL.sub(r"_\1", name).lower()
 
 
+# The snake_case spelling of the key names seen lately: a dict look-up is a fraction of even a cached
+# call, and every key of every customer goes through it. Bounded in names and in their length.
+_SNAKED: dict[str, str] = {}
+_SNAKED_SIZE = 4096
+_SNAKED_LENGTH = 64
+
+
+def _snaked(key: Any) -> str:
+    name = snake(str(key))
+    if type(key) is str and len(key) <= _SNAKED_LENGTH:
+        if len(_SNAKED) >= _SNAKED_SIZE:
+            _SNAKED.clear()
+        _SNAKED[key] = name
+    return name
+
+
 def snake_keys(value: Any, depth: int = 0) -> Any:
     """Object keys to snake_case, recursively (bounded: callers validated the depth already)."""
-    if depth > 32:
+    # Refused as soon as anything, this value or one of its children, would sit more than 32 levels down.
+    if depth > 32 or (depth == 32 and isinstance(value, _CONTAINERS) and value):
         raise BadCallback("order is nested too deeply")
+    # Only containers recurse: most values are scalars, settled by their exact type.
     if isinstance(value, dict):
-        return {snake(str(k)): snake_keys(v, depth + 1) for k, v in value.items()}
+        return {
+            _SNAKED.get(k) or _snaked(k): snake_keys(v, depth + 1)
+            if type(v) not in _SCALARS and isinstance(v, _CONTAINERS)
+            else v
+            for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [snake_keys(v, depth + 1) for v in value]
+        return [
+            snake_keys(v, depth + 1) if type(v) not in _SCALARS and isinstance(v, _CONTAINERS) else v
+            for v in value
+        ]
     return value
 
 
@@ -70,95 +100,139 @@ def is_error_object(body: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return (
-        isinstance(value, int | float) and not isinstance(value, bool) and -MAX_NUMBER <= value <= MAX_NUMBER
-    )
+    kind = type(value)
+    # The exact types JSON gives are settled first: isinstance calls are a good part of parsing's cost.
+    if (
+        kind is not float
+        and kind is not int
+        and (not isinstance(value, int | float) or isinstance(value, bool))
+    ):
+        return False
+    number: float = value
+    return -MAX_NUMBER <= number <= MAX_NUMBER
 
 
 def _nested_within(value: Any, limit: int) -> bool:
-    """Whether no object or list sits deeper than `limit` (level by level: a hostile depth cannot recurse)."""
-    level = [value] if isinstance(value, dict | list) else []
-    depth = 0
-    while level:
-        if depth >= limit:
+    """Whether no object or list sits deeper than `limit` (`value` itself is level 0)."""
+    # orjson, indenting, writes each member of an object or list on a line of its own, two spaces
+    # deeper per level: a text without a line indented 2 * limit spaces holds nothing that deep. That
+    # settles the usual order in C; one orjson cannot write, or with such a line (which may hold just a
+    # scalar), is walked.
+    try:
+        text = orjson.dumps(value, option=orjson.OPT_INDENT_2)
+    except orjson.JSONEncodeError:
+        pass
+    else:
+        if b"\n" + b" " * (2 * limit) not in text:
+            return True
+    return not isinstance(value, _CONTAINERS) or _fits(value, limit)
+
+
+def _fits(container: dict[Any, Any] | list[Any], room: int) -> bool:
+    """Whether `container` (taking one level) and everything in it fit in `room` levels; the recursion
+    stops when they do not, so a hostile depth cannot exhaust the stack."""
+    if room <= 0:
+        return False
+    for child in container.values() if isinstance(container, dict) else container:
+        # Most children are scalars: their exact type settles them before the isinstance call.
+        if type(child) not in _SCALARS and isinstance(child, _CONTAINERS) and not _fits(child, room - 1):
             return False
-        below: list[Any] = []
-        for current in level:
-            children = current.values() if isinstance(current, dict) else current
-            below += [child for child in children if isinstance(child, dict | list)]
-        level = below
-        depth += 1
     return True
 
 
-def _require(condition: bool, reason: str) -> None:
-    if not condition:
-        raise BadCallback(reason)
+# The item and items checks return what is wrong (the end of a reason, after the field's place) or None,
+# so that the place, an f-string per item and event, is only spelled out for a bad order.
 
 
-def _check_item(item: Any, where: str) -> None:
-    _require(isinstance(item, dict), f"{where} is not an item")
-    _require(_is_number(item.get("price")), f"{where}.price is not a number")
-    for name in ("quantity", "vat", "rebate"):
-        _require(item.get(name) is None or _is_number(item[name]), f"{where}.{name} is not a number")
-    _require(item.get("quantity") is None or item["quantity"] >= 0, f"{where}.quantity is negative")
+def _item_problem(item: Any) -> str | None:
+    if not isinstance(item, dict):
+        return " is not an item"
+    if not _is_number(item.get("price")):
+        return ".price is not a number"
+    quantity = item.get("quantity")
+    if quantity is not None and not _is_number(quantity):
+        return ".quantity is not a number"
+    for name in ("vat", "rebate"):
+        value = item.get(name)
+        if value is not None and not _is_number(value):
+            return f".{name} is not a number"
+    if quantity is not None and quantity < 0:
+        return ".quantity is negative"
     for name in ("number", "name", "unit"):
-        _require(item.get(name) is None or isinstance(item[name], str), f"{where}.{name} is not a string")
+        value = item.get(name)
+        if value is not None and not isinstance(value, str):
+            return f".{name} is not a string"
+    return None
 
 
-def _check_items(items: Any, where: str) -> None:
+def _items_problem(items: Any) -> str | None:
     if _is_number(items):
-        _require(items >= 0, f"{where} is negative")
-    elif isinstance(items, dict):
-        _check_item(items, where)
-    elif isinstance(items, list):
-        _require(len(items) <= MAX_ITEMS, f"{where} holds more than {MAX_ITEMS} items")
+        return None if items >= 0 else " is negative"
+    if isinstance(items, dict):
+        return _item_problem(items)
+    if isinstance(items, list):
+        if len(items) > MAX_ITEMS:
+            return f" holds more than {MAX_ITEMS} items"
         for index, item in enumerate(items):
-            _check_item(item, f"{where}[{index}]")
-    else:
-        raise BadCallback(f"{where} is not a number, an item or a list of items")
+            problem = _item_problem(item)
+            if problem is not None:
+                return f"[{index}]{problem}"
+        return None
+    return " is not a number, an item or a list of items"
 
 
 def parse_order(body: Any) -> dict[str, Any]:
     """Check that a trusted JSON value is an order we can normalize; raises BadCallback naming the field."""
-    _require(isinstance(body, dict), "body is not an order object")
+    if not isinstance(body, dict):
+        raise BadCallback("body is not an order object")
     order: dict[str, Any] = body
     # Deeper JSON than this cannot be serialized into the job (orjson stops at 255 levels).
-    _require(_nested_within(order, MAX_DEPTH), f"order is nested more than {MAX_DEPTH} levels deep")
-    _require(
-        isinstance(order.get("id"), str) and bool(_ORDER_ID.fullmatch(order["id"])),
-        "order id is missing or malformed",
-    )
-    _require(
-        isinstance(order.get("currency"), str) and bool(_CURRENCY.fullmatch(order["currency"])),
-        "order currency is not ISO 4217",
-    )
-    _require("items" in order, "order has no items")
-    _check_items(order["items"], "items")
-    _require(isinstance(order.get("payment"), dict), "order payment is not an object")
-    _require(isinstance(order["payment"].get("type"), str), "order payment.type is not a string")
+    if not _nested_within(order, MAX_DEPTH):
+        raise BadCallback(f"order is nested more than {MAX_DEPTH} levels deep")
+    order_id = order.get("id")
+    if not (isinstance(order_id, str) and _ORDER_ID.fullmatch(order_id)):
+        raise BadCallback("order id is missing or malformed")
+    currency = order.get("currency")
+    if not (isinstance(currency, str) and _CURRENCY.fullmatch(currency)):
+        raise BadCallback("order currency is not ISO 4217")
+    if "items" not in order:
+        raise BadCallback("order has no items")
+    problem = _items_problem(order["items"])
+    if problem is not None:
+        raise BadCallback(f"items{problem}")
+    payment = order.get("payment")
+    if not isinstance(payment, dict):
+        raise BadCallback("order payment is not an object")
+    if not isinstance(payment.get("type"), str):
+        raise BadCallback("order payment.type is not a string")
     for name in ("number", "created", "client"):
-        _require(order.get(name) is None or isinstance(order[name], str), f"order {name} is not a string")
-    _require(order.get("category") in CATEGORIES, "order category is not purchase or withdrawal")
-    _require(
-        order.get("customer") is None or isinstance(order["customer"], str | dict),
-        "order customer is not an id or a contact",
-    )
+        value = order.get(name)
+        if value is not None and not isinstance(value, str):
+            raise BadCallback(f"order {name} is not a string")
+    if order.get("category") not in CATEGORIES:
+        raise BadCallback("order category is not purchase or withdrawal")
+    customer = order.get("customer")
+    if customer is not None and not isinstance(customer, (str, dict)):
+        raise BadCallback("order customer is not an id or a contact")
     events = order.get("event", [])
-    _require(isinstance(events, list), "order event is not a list")
-    _require(len(events) <= MAX_EVENTS, f"order has more than {MAX_EVENTS} events")
+    if not isinstance(events, list):
+        raise BadCallback("order event is not a list")
+    if len(events) > MAX_EVENTS:
+        raise BadCallback(f"order has more than {MAX_EVENTS} events")
     for index, event in enumerate(events):
-        where = f"event[{index}]"
-        _require(isinstance(event, dict), f"{where} is not an object")
-        _require(
-            isinstance(event.get("type"), str) and event["type"] in EVENT_TYPES,
-            f"{where}.type is not a known event type",
-        )
-        _require(isinstance(event.get("date"), str), f"{where}.date is not a string")
+        if not isinstance(event, dict):
+            raise BadCallback(f"event[{index}] is not an object")
+        event_type = event.get("type")
+        if not (isinstance(event_type, str) and event_type in EVENT_TYPES):
+            raise BadCallback(f"event[{index}].type is not a known event type")
+        if not isinstance(event.get("date"), str):
+            raise BadCallback(f"event[{index}].date is not a string")
         if "items" in event:
-            _check_items(event["items"], f"{where}.items")
-        if event["type"] == "settle":
-            _require(event.get("net") is None or _is_number(event["net"]), f"{where}.net is not a number")
+            problem = _items_problem(event["items"])
+            if problem is not None:
+                raise BadCallback(f"event[{index}].items{problem}")
+        if event_type == "settle" and event.get("net") is not None and not _is_number(event["net"]):
+            raise BadCallback(f"event[{index}].net is not a number")
     return order
 
 
@@ -179,31 +253,80 @@ def _money(value: Decimal) -> float | int:
     return int(value) if value == value.to_integral_value() else float(value)
 
 
-def _is_json_type(value: Any, kind: str) -> bool:
-    return {
-        "string": isinstance(value, str),
-        "array": isinstance(value, list),
-        "object": isinstance(value, dict),
-        "number": _is_number(value),
-        "any": True,
-    }[kind]
+# What each JSON type of the update schema admits (`number` as the order's numbers, within MAX_NUMBER),
+# and the exact type that settles it at a glance (most values are of it).
+_OF_JSON_TYPE: dict[str, Callable[[Any], bool]] = {
+    "string": lambda value: isinstance(value, str),
+    "array": lambda value: isinstance(value, list),
+    "object": lambda value: isinstance(value, dict),
+    "number": _is_number,
+    "any": lambda value: True,
+}
+_EXACT_TYPE: dict[str, type | None] = {
+    "string": str,
+    "array": list,
+    "object": dict,
+    "number": None,
+    "any": None,
+}
+_PLANS_SIZE = 1024
+_PLAN_KEYS = 64  # most keys, and characters in all of them (x 16), of an object whose plan is remembered
+_Plan = tuple[tuple[Any, str, str, "type | None"], ...]
 
 
-def _carried(source: Mapping[str, Any], fields: Mapping[str, str], where: str) -> dict[str, Any]:
-    """The allowlisted fields of a snake_cased object, each of the type the update schema promises."""
-    carried = {name: source[name] for name in fields if source.get(name) is not None}
-    for name, value in carried.items():
-        _require(_is_json_type(value, fields[name]), f"{where}.{name} is not a {fields[name]}")
-    return carried
+class _Allowlist:
+    """The fields an update carries from one kind of object (payment, event), each with the JSON type
+    the update schema promises, read under whichever spelling the object uses (`lastFour`, `last_four`).
+
+    Which key of an object feeds which field depends on its key names only, and a few sets of names
+    recur in every callback, so that plan is remembered per tuple of key names.
+    """
+
+    def __init__(self, what: str, fields: Mapping[str, str], *, snake_nested: bool) -> None:
+        self._what = what
+        self._fields = fields
+        self._snake_nested = snake_nested  # whether objects in the values get snake_case keys too
+        self._plans: dict[tuple[Any, ...], _Plan] = {}
+
+    def carry(self, source: Mapping[Any, Any], into: dict[str, Any], sequence: int = -1) -> dict[str, Any]:
+        """`into`, with the allowlisted fields of `source` that are not null added under their snake_case
+        names in the allowlist's order; BadCallback when one is not of its type (`sequence`: which event)."""
+        keys = tuple(source)
+        plan = self._plans.get(keys)
+        if plan is None:
+            plan = self._plan(keys)
+        for key, name, kind, exact_type in plan:
+            value = source[key]
+            if value is not None:
+                if type(value) is not exact_type and not _OF_JSON_TYPE[kind](value):
+                    where = self._what if sequence < 0 else f"{self._what}[{sequence}]"
+                    raise BadCallback(f"{where}.{name} is not a {kind}")
+                if self._snake_nested and type(value) not in _SCALARS and isinstance(value, _CONTAINERS):
+                    value = snake_keys(value, 1)
+                into[name] = value
+        return into
+
+    def _plan(self, keys: tuple[Any, ...]) -> _Plan:
+        """(key, field, type, exact type) for each field some key spells, in the allowlist's order."""
+        spelled_by = {snake(str(key)): key for key in keys}  # the last spelling wins, as in a dict of them
+        plan = tuple(
+            (spelled_by[name], name, kind, _EXACT_TYPE[kind])
+            for name, kind in self._fields.items()
+            if name in spelled_by
+        )
+        if len(keys) <= _PLAN_KEYS and sum(len(str(key)) for key in keys) <= _PLAN_KEYS * 16:
+            if len(self._plans) >= _PLANS_SIZE:
+                self._plans.clear()
+            self._plans[keys] = plan
+        return plan
 
 
-def _payment(payment: Mapping[str, Any]) -> dict[str, Any]:
-    return _carried({snake(str(k)): v for k, v in payment.items()}, PAYMENT_FIELDS, "payment")
+_PAYMENT = _Allowlist("payment", PAYMENT_FIELDS, snake_nested=False)
+_EVENT = _Allowlist("event", EVENT_FIELDS, snake_nested=True)
 
 
 def _event(event: Mapping[str, Any], sequence: int) -> dict[str, Any]:
-    carried = _carried(snake_keys(dict(event)), EVENT_FIELDS, f"event[{sequence}]")
-    return {"type": event["type"], "date": event["date"], "sequence": sequence, **carried}
+    return _EVENT.carry(event, {"type": event["type"], "date": event["date"], "sequence": sequence}, sequence)
 
 
 def build_updates(order: Mapping[str, Any], *, received_at: str, verified_by: str) -> list[dict[str, Any]]:
@@ -213,21 +336,31 @@ def build_updates(order: Mapping[str, Any], *, received_at: str, verified_by: st
     except (StatusError, ArithmeticError) as exc:
         raise BadCallback(f"order amounts cannot be computed: {exc}") from None
     # An item may carry a discount, but no amount an update reports can be less than nothing.
-    _require(
-        amount >= 0 and all(value >= 0 for _, buckets in history for value in buckets.values()),
-        "order amounts are negative",
-    )
-    places = minor_units(order["currency"])
+    if amount < 0:
+        raise BadCallback("order amounts are negative")
+    # Most events' buckets hold the very same few Decimals (often the order amount itself): each is
+    # checked and turned into a JSON number once, remembered by identity (hashing a Decimal costs more
+    # than converting it; all of them live until the end of this call).
+    numbers = {id(amount): _money(amount)}
+    statuses = []
+    for _, buckets in history:
+        event_statuses = {}
+        for name, value in buckets.items():
+            number = numbers.get(id(value))
+            if number is None:
+                if value < 0:
+                    raise BadCallback("order amounts are negative")
+                number = numbers[id(value)] = _money(value)
+            event_statuses[name] = number
+        statuses.append(event_statuses)
     base: dict[str, Any] = {
         "version": UPDATE_VERSION,
         "order_id": order["id"],
         "order_number": order.get("number"),
-        "amount": _money(amount),
+        "amount": numbers[id(amount)],
         "currency": order["currency"],
-        "payment": _payment(order["payment"]),
-        "customer": snake_keys(order["customer"])
-        if isinstance(order.get("customer"), dict)
-        else order.get("customer"),
+        "payment": _PAYMENT.carry(order["payment"], {}),
+        "customer": snake_keys(customer) if isinstance(customer := order.get("customer"), dict) else customer,
         "meta": order.get("meta"),
         "category": order.get("category"),
         "received_at": received_at,
@@ -235,7 +368,8 @@ def build_updates(order: Mapping[str, Any], *, received_at: str, verified_by: st
     }
     events = order.get("event") or []
     if not events:
-        statuses = {"created": _money(amount.quantize(Decimal(1).scaleb(-places)))} if amount else {}
+        places = minor_units(order["currency"])
+        created = {"created": _money(amount.quantize(Decimal(1).scaleb(-places)))} if amount else {}
         event = {"type": CREATED_EVENT, "date": order.get("created") or received_at, "sequence": -1}
         return [
             {
@@ -243,18 +377,18 @@ def build_updates(order: Mapping[str, Any], *, received_at: str, verified_by: st
                 "id": update_id(order["id"], -1, CREATED_EVENT),
                 "event": event,
                 "status": "created",
-                "statuses": statuses,
+                "statuses": created,
             }
         ]
-    updates = []
-    for sequence, (event, (status, buckets)) in enumerate(zip(events, history, strict=True)):
-        updates.append(
-            {
-                **base,
-                "id": update_id(order["id"], sequence, event["type"]),
-                "event": _event(event, sequence),
-                "status": status,
-                "statuses": {name: _money(value) for name, value in buckets.items()},
-            }
+    return [
+        {
+            **base,
+            "id": update_id(order["id"], sequence, event["type"]),
+            "event": _event(event, sequence),
+            "status": status,
+            "statuses": event_statuses,
+        }
+        for sequence, (event, (status, _), event_statuses) in enumerate(
+            zip(events, history, statuses, strict=True)
         )
-    return updates
+    ]

@@ -62,10 +62,15 @@ _ZERO_DECIMAL_CURRENCIES = frozenset(
     | {"XAF", "XOF", "XPF"}
 )
 _THREE_DECIMAL_CURRENCIES = frozenset({"BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"})
+_MINOR_UNITS = {code: 0 for code in _ZERO_DECIMAL_CURRENCIES} | {
+    code: 3 for code in _THREE_DECIMAL_CURRENCIES
+}
 
 # Sums are exact or refused: an amount too large to add up exactly raises instead of drifting.
 _EXACT = Context(prec=60, Emin=-99, Emax=99, traps=[InvalidOperation, Inexact, Overflow, DivisionByZero])
 _ROUNDING = Context(prec=60, Emin=-99, Emax=99, traps=[InvalidOperation, Overflow, DivisionByZero])
+_ZERO = Decimal(0)
+_QUANTA = {places: Decimal(1).scaleb(-places) for places in (0, 2, 3)}  # what minor_units gives
 
 
 class StatusError(ValueError):
@@ -82,6 +87,15 @@ def change(status: str, event_type: str) -> str | None:
     if rule is None or status not in rule[0]:
         return None
     return rule[1]
+
+
+# change() as a table, for the short path: (status, event type) -> the status it moves to
+_CHANGES = {
+    (status, event_type): target
+    for status in STATUS_ORDER
+    for event_type in [*_MOVES, "synchronize"]
+    if (target := change(status, event_type)) is not None
+}
 
 
 def status_history(order: Mapping[str, Any]) -> list[tuple[str, dict[str, Decimal]]]:
@@ -104,8 +118,7 @@ def history_and_amount(order: Mapping[str, Any]) -> tuple[list[tuple[str, dict[s
     short path that gives the very same result; anything else takes the general model.
     """
     try:
-        with localcontext(_EXACT):
-            fast = _whole_order_history(order) if isinstance(order, dict) else None
+        fast = _whole_order_history(order) if isinstance(order, dict) else None
     except (DecimalException, ValueError, TypeError, KeyError, AttributeError, IndexError):
         fast = None  # the general model names the problem
     if fast is not None:
@@ -115,12 +128,7 @@ def history_and_amount(order: Mapping[str, Any]) -> tuple[list[tuple[str, dict[s
 
 def minor_units(currency: str) -> int:
     """How many decimals the currency's amounts have: 2 unless ISO 4217 says 0 (JPY, KRW, ISK...) or 3."""
-    code = currency.upper() if isinstance(currency, str) else ""
-    if code in _ZERO_DECIMAL_CURRENCIES:
-        return 0
-    if code in _THREE_DECIMAL_CURRENCIES:
-        return 3
-    return 2
+    return _MINOR_UNITS.get(currency.upper(), 2) if isinstance(currency, str) else 2
 
 
 _T = TypeVar("_T")
@@ -185,7 +193,10 @@ def _whole_order_history(
 
     Every event then offers every unit (or the whole amount), so all of the order's units are in one
     status at any time: the buckets are that status holding the whole amount, and `settled` beside it.
-    Rounding one bucket to the total is rounding the total, so it is done once.
+    Rounding one bucket to the total is rounding the total: the bucket is the order amount.
+
+    The arithmetic names its context (`_EXACT`) instead of entering a local one, which costs more than
+    the sums of a small order.
     """
     events = order.get("event")
     if events is None:
@@ -195,87 +206,108 @@ def _whole_order_history(
     for event in events:
         if type(event) is not dict or event.get("items") is not None:
             return None
-    places = _places(order)
+    places = minor_units(order.get("currency", ""))
     items = order.get("items")
-    if _is_number(items):
-        number = _number(items, "items")
-        total = _round(number, places)
-        if total < 0:
-            return None
-        movable = total > 0
-    else:
-        if isinstance(items, dict):
-            items = [items]
-        if type(items) is not list or len(items) > MAX_UNITS:
+    if type(items) is dict:
+        items = [items]
+    if type(items) is list:
+        if len(items) > MAX_UNITS:
             return None
         units = 0
-        total = Decimal(0)
-        for item in items:
+        total = _ZERO
+        for index, item in enumerate(items):
             line = _cached_line(item)
             if line is None:
                 return None
-            units += line.quantity
-            total += line.unit_amount * line.quantity
+            units += line[0]
+            # 0 + the first amount would only respell it (the total is only used rounded)
+            total = _EXACT.add(total, line[1]) if index else line[1]
         if units > MAX_UNITS:
             return None
         movable = units > 0
-    rounded = _round_to_total({"created": total}, places).get("created", Decimal(0))
+        amount = _round(total, places)
+    elif _is_number(items):
+        total = _round(_number(items, "items"), places)
+        if total < 0:
+            return None
+        movable = total > 0
+        amount = _round(_EXACT.add(_ZERO, total), places)  # as `total()` adds up: -0.00 becomes 0.00
+    else:
+        return None
     current = "created"
     previous = "created"
-    settled = Decimal(0)
-    settled_rounded = _round(settled, places)
+    settled = settled_rounded = _ZERO
     result: list[tuple[str, dict[str, Decimal]]] = []
     for event in events:
         event_type = event.get("type")
         if event_type == "settle":
-            settled += _number(event.get("net"), "settle net")
+            settled = _EXACT.add(settled, _number(event.get("net"), "settle net"))
             settled_rounded = _round(settled, places)
             previous = "settled"
         elif isinstance(event_type, str) and event_type != "fail" and movable:
-            target = change(current, event_type)
+            target = _CHANGES.get((current, event_type))
             if target is not None:
                 current = previous = target
         # the two buckets in STATUS_ORDER (only `synchronized` comes after `settled`), when non-zero
         statuses: dict[str, Decimal] = {}
         if current == "synchronized" and settled_rounded:
             statuses["settled"] = settled_rounded
-        if rounded:
-            statuses[current] = rounded
+        if amount:
+            statuses[current] = amount
         if settled_rounded and current != "synchronized":
             statuses["settled"] = settled_rounded
         result.append((previous, statuses))
-    return result, _round(Decimal(0) + total, places)  # as `total()` adds up: -0.00 becomes 0.00
+    return result, amount
 
 
-_LINE_FIELDS = ("price", "rebate", "vat", "quantity", "number", "name", "unit")
-_PLAIN = frozenset({str, int, float, type(None)})
-_LINE_CACHE: dict[tuple[tuple[object, ...], tuple[type, ...]], "_Line"] = {}
+_NUMBER_TYPES = frozenset({int, float, type(None)})
+_LABEL_TYPES = frozenset({str, type(None)})
+_LINE_CACHE: dict[tuple[object, ...], tuple[int, Decimal]] = {}
 _LINE_CACHE_SIZE = 4096
-_LINE_CACHE_KEY_LENGTH = 512
 
 
-def _cached_line(item: object) -> "_Line | None":
-    """`_line(item)` remembered by the fields it reads (shops sell the same lines again and again); None
-    when the item is not a plain line (the general model then decides)."""
-    if _is_number(item):
-        item = {"price": item}
+def _cached_line(item: object) -> tuple[int, Decimal] | None:
+    """A line's units and amount (`_line(item)`'s quantity, and unit amount times quantity), remembered
+    by its price, rebate, vat and quantity (shops sell the same lines again and again); None when the
+    item is not a plain line (the general model then decides).
+
+    Number, name and unit only tell lines apart, which whole-order events never need: as strings (or
+    absent) they cannot make `_line` fail, so only their types are part of the key; a line with any
+    other label is read by `_line` every time.
+    """
     if type(item) is not dict:
-        return None
-    values = tuple(map(item.get, _LINE_FIELDS))
-    types = tuple(map(type, values))
-    if not _PLAIN.issuperset(types) or 0.0 in values:
-        return None  # not plain; or a zero, where 0.0 and -0.0 are equal keys for different decimals
-    key = (values, types)  # 1 and 1.0 stay apart, as their decimals do
-    line = _LINE_CACHE.get(key)
-    if line is None:
-        try:
-            line = _line(item, "items")
-        except (StatusError, DecimalException):
+        if not _is_number(item):
             return None
-        if sum(len(value) for value in values if isinstance(value, str)) <= _LINE_CACHE_KEY_LENGTH:
-            if len(_LINE_CACHE) >= _LINE_CACHE_SIZE:
-                _LINE_CACHE.clear()
-            _LINE_CACHE[key] = line
+        item = {"price": item}
+    price, rebate, vat, quantity = (
+        item.get("price"),
+        item.get("rebate"),
+        item.get("vat"),
+        item.get("quantity"),
+    )
+    # the amounts, their types (1 and 1.0 stay apart, as their decimals do), and the labels' types
+    key = (
+        price, rebate, vat, quantity, type(price), type(rebate), type(vat), type(quantity),
+        type(item.get("number")), type(item.get("name")), type(item.get("unit")),
+    )  # fmt: skip
+    try:
+        line = _LINE_CACHE.get(key)
+    except TypeError:  # a field that cannot be hashed: not a plain line
+        return None
+    if line is not None:
+        return line  # plain and without a zero, or it would not have been stored
+    if not _NUMBER_TYPES.issuperset(key[4:8]) or 0.0 in key[:4]:
+        return None  # not plain; or a zero, where 0.0 and -0.0 are equal keys for different decimals
+    try:
+        with localcontext(_EXACT):
+            parsed = _line(item, "items")
+            line = (parsed.quantity, parsed.unit_amount * parsed.quantity)
+    except (StatusError, DecimalException):
+        return None
+    if _LABEL_TYPES.issuperset(key[8:]):
+        if len(_LINE_CACHE) >= _LINE_CACHE_SIZE:
+            _LINE_CACHE.clear()
+        _LINE_CACHE[key] = line
     return line
 
 
@@ -584,4 +616,4 @@ def _amount(value: object, what: str, places: int) -> Decimal:
 
 
 def _round(value: Decimal, places: int) -> Decimal:
-    return value.quantize(Decimal(1).scaleb(-places), ROUND_HALF_EVEN, _ROUNDING)
+    return value.quantize(_QUANTA[places], ROUND_HALF_EVEN, _ROUNDING)
