@@ -6,17 +6,18 @@ import asyncio
 import gc
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import orjson
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import MasterNotFoundError
 from redis.exceptions import RedisError
 
+from receiver.clock import utc_now
 from receiver.connections import async_redis
 from receiver.errors import (
     BadCallback,
@@ -53,6 +54,7 @@ METRICS = web.AppKey("metrics", ReceiverMetrics)
 KEYS = web.AppKey("keys", RedisKeys)
 TRUSTED_KEYS = web.AppKey("trusted_keys", tuple[TrustedKey, ...])
 ORDER_ID = web.RequestKey("order_id", str)
+CALLBACK_LOG = web.AppKey("callback_log", structlog.typing.FilteringBoundLogger)
 
 
 def json_response(
@@ -61,10 +63,6 @@ def json_response(
     return web.Response(
         body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
     )
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @web.middleware
@@ -175,13 +173,13 @@ async def receive_callback(request: web.Request) -> web.Response:
     request[ORDER_ID] = order["id"]
     updates = build_updates(order, received_at=received_at, verified_by=verified.verified_by)
     try:
-        queued = await app[INTAKE].store(updates)
+        queued = await app[INTAKE].store(updates, received_at)
     except RedisError:
         raise Unavailable("redis not reachable; nothing was stored") from None
     outcome = "accepted" if queued else "duplicate"
     app[METRICS].count_callback(outcome)
     app[METRICS].updates_queued.inc(len(queued))
-    log.info(
+    app[CALLBACK_LOG].info(
         "callback", order=order["id"], outcome=outcome, queued=len(queued), verified_by=verified.verified_by
     )
     if not queued:
@@ -236,18 +234,20 @@ async def workers_alive(redis: Redis, names: set[bytes]) -> int:
     return int(await redis.exists(*names)) if names else 0
 
 
-def redis_client(settings: Settings) -> Redis:
-    return async_redis(settings)
-
-
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    redis = redis_client(settings)
+    redis = async_redis(settings)
     app[REDIS] = redis
-    app[INTAKE] = Intake(redis, app[KEYS], settings.dedup_ttl_seconds, settings.redis_min_replicas)
+    # The intake's own client has no socket timeout: it bounds each batch itself (see Intake._run).
+    intake_redis = async_redis(settings, timeout=None)
+    app[INTAKE] = Intake(intake_redis, app[KEYS], settings.dedup_ttl_seconds, settings.redis_min_replicas)
     app[HTTP] = aiohttp.ClientSession()
+    # Bound once as logging is now configured: the module's lazy proxy looks the configuration up on
+    # every call, a cost the one line per callback need not pay.
+    app[CALLBACK_LOG] = log.bind()
     yield
     await app[HTTP].close()
+    await intake_redis.aclose()
     await redis.aclose()
 
 

@@ -20,7 +20,7 @@ from receiver.settings import Settings
 SENTINEL_OPTIONS: dict[str, Any] = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
 
 
-def _master_options(settings: Settings, timeout: float) -> dict[str, Any]:
+def _master_options(settings: Settings, timeout: float | None) -> dict[str, Any]:
     url = urlparse(settings.redis_url)
     db = int(url.path.lstrip("/") or 0) if url.scheme in ("redis", "rediss") else 0
     return {
@@ -28,12 +28,17 @@ def _master_options(settings: Settings, timeout: float) -> dict[str, Any]:
         "password": url.password,
         "username": url.username,
         "socket_timeout": timeout,
-        "socket_connect_timeout": min(timeout, 2.0),
+        "socket_connect_timeout": _connect_timeout(timeout),
     }
 
 
-def async_redis(settings: Settings, timeout: float = 5.0) -> redis.asyncio.Redis:
-    """The receiver's client (never blocks the event loop)."""
+def _connect_timeout(timeout: float | None) -> float:
+    return 2.0 if timeout is None else min(timeout, 2.0)
+
+
+def async_redis(settings: Settings, timeout: float | None = 5.0) -> redis.asyncio.Redis:
+    """The receiver's client (never blocks the event loop); `timeout=None` for a caller that bounds
+    its own calls (the intake), connecting still gives up after 2 s."""
     if settings.redis_sentinels:
         sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
             list(settings.redis_sentinels),
@@ -44,7 +49,7 @@ def async_redis(settings: Settings, timeout: float = 5.0) -> redis.asyncio.Redis
         )
         return master
     return redis.asyncio.Redis.from_url(
-        settings.redis_url, socket_timeout=timeout, socket_connect_timeout=min(timeout, 2.0)
+        settings.redis_url, socket_timeout=timeout, socket_connect_timeout=_connect_timeout(timeout)
     )
 
 

@@ -16,6 +16,7 @@ import orjson
 from hiredis import pack_command
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from receiver.order import event_key
 from receiver.rediskeys import RQ_QUEUES, RedisKeys
@@ -91,8 +92,16 @@ class Intake:
     caller still waits for its own answer, so a 200 still means "in Redis".
     """
 
-    def __init__(self, redis: Redis, keys: RedisKeys, dedup_ttl_seconds: int, min_replicas: int = 0) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: RedisKeys,
+        dedup_ttl_seconds: int,
+        min_replicas: int = 0,
+        timeout_seconds: float = 5.0,
+    ) -> None:
         self.redis = redis
+        self.timeout_seconds = timeout_seconds
         self.min_replicas = min_replicas
         self.keys = keys
         self.ttl = dedup_ttl_seconds
@@ -101,8 +110,9 @@ class Intake:
         self._script = redis.register_script(INTAKE_SCRIPT.replace("{JOB_FIELDS}", "{" + fields + "}"))
         self._pending: Batch = []
 
-    async def store(self, updates: Sequence[dict[str, Any]]) -> list[str]:
-        """Queue the updates (all of one order) whose event is new; returns the ids queued now."""
+    async def store(self, updates: Sequence[dict[str, Any]], created_at: str | None = None) -> list[str]:
+        """Queue the updates (all of one order) whose event is new; returns the ids queued now.
+        `created_at` (RQ's job timestamps; now when not given) may be the callback's `received_at`."""
         if not updates:
             return []
         order_id = updates[0]["order_id"]
@@ -115,7 +125,7 @@ class Intake:
             self.keys.active_orders,
             *(self.keys.rq_job(u["id"]) for u in updates),
         ]
-        args: list[Any] = [self.ttl, rq_timestamp(), order_id]
+        args: list[Any] = [self.ttl, created_at or rq_timestamp(), order_id]
         for update in updates:
             args += [
                 event_key(update["event"]["sequence"], update["event"]["type"]),
@@ -136,8 +146,9 @@ class Intake:
 
         This is a pipeline without redis-py's pipeline object: hiredis packs the commands in C and the
         answers are read straight off the connection, which halves the CPU each callback costs here.
-        The pool still makes the connection (AUTH, db, TLS, Sentinel's master); a connection that
-        fails or is interrupted mid-answer is disconnected by redis-py before it goes back to the pool.
+        The pool still makes the connection (AUTH, db, TLS, Sentinel's master). Give the Intake a
+        client without a socket timeout (`timeout_seconds` bounds the batch instead): redis-py would
+        otherwise start a task for the write and a timer for every answer.
         """
         commands = [("EVALSHA", *call) for call in calls]
         if self.min_replicas:
@@ -145,13 +156,22 @@ class Intake:
         pool = self.redis.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            await connection.send_packed_command(b"".join(map(pack_command, commands)), check_health=False)
-            answers: list[Any] = []
-            for _ in commands:
-                try:
-                    answers.append(await connection.read_response())
-                except ResponseError as exc:  # this call's own error; the others still answer
-                    answers.append(exc)
+            async with asyncio.timeout(self.timeout_seconds):  # one deadline for the whole batch
+                await connection.send_packed_command(
+                    b"".join(map(pack_command, commands)), check_health=False
+                )
+                answers: list[Any] = []
+                for _ in commands:
+                    try:
+                        answers.append(await connection.read_response())
+                    except ResponseError as exc:  # this call's own error; the others still answer
+                        answers.append(exc)
+        except BaseException as exc:
+            # Answers may still be on their way: a connection left mid-batch must never be reused.
+            await connection.disconnect(nowait=True)
+            if isinstance(exc, TimeoutError):
+                raise RedisTimeoutError(f"no answer from Redis within {self.timeout_seconds:g} s") from None
+            raise
         finally:
             await pool.release(connection)
         if self.min_replicas:

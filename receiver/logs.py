@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
 import structlog
+
+from receiver.clock import utc_now
 
 _HANDLER_MARK = "_intergiro_receiver"
 
@@ -27,20 +30,24 @@ def _dumps(event: Any, **kw: Any) -> str:
     return line.decode() if line.isascii() else json.dumps(event, **kw)
 
 
+def add_timestamp(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> Any:
+    """`timestamp`: UTC, to the millisecond (structlog's TimeStamper formats a datetime per line)."""
+    event_dict["timestamp"] = utc_now()
+    return event_dict
+
+
 def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     renderer: structlog.types.Processor = (
         structlog.dev.ConsoleRenderer(colors=False)
         if log_format == "console"
         else structlog.processors.JSONRenderer(serializer=_dumps)
     )
-    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     # JSON needs a traceback as text; the console renderer formats exceptions itself.
     exceptions = [] if log_format == "console" else [structlog.processors.format_exc_info]
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            stamp,
+            add_timestamp,
             *exceptions,
             renderer,
         ],
@@ -51,7 +58,11 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.processors.add_log_level, stamp],
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                add_timestamp,
+            ],
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *exceptions, renderer],
         )
     )
