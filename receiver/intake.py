@@ -167,7 +167,8 @@ class Intake:
                     except ResponseError as exc:  # this call's own error; the others still answer
                         answers.append(exc)
         except BaseException as exc:
-            # Answers may still be on their way: a connection left mid-batch must never be reused.
+            # Answers may still be on their way: a connection left mid-batch must never be reused (redis-py
+            # drops one interrupted inside its own calls; this covers the rest of the batch too).
             await connection.disconnect(nowait=True)
             if isinstance(exc, TimeoutError):
                 raise RedisTimeoutError(f"no answer from Redis within {self.timeout_seconds:g} s") from None
