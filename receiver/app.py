@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -65,32 +66,41 @@ def json_response(
     )
 
 
-@web.middleware
-async def answer_rejections(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Turn a CallbackRejected raised anywhere below into its HTTP answer, log and count it."""
-    try:
-        return await handler(request)
-    except CallbackRejected as exc:
-        request.app[METRICS].count_callback(f"rejected_{exc.status}")
-        log.info("callback rejected", status=exc.status, reason=exc.reason, order=request.get(ORDER_ID))
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
-        response = json_response(
-            {"status": "rejected", "error": exc.error, "reason": exc.reason}, exc.status, headers
-        )
-        if isinstance(exc, BodyTimeout):
-            response.force_close()  # the rest of a stalled body is not worth waiting for
-        return response
+def answer_rejections(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Wrap the callback handler: a CallbackRejected raised anywhere below it becomes its HTTP answer,
+    logged and counted. (A decorator rather than a middleware: only the callback route rejects, and
+    aiohttp's middleware chain would cost every request a few wrapper calls.)"""
+
+    @functools.wraps(handler)
+    async def answering(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except CallbackRejected as exc:
+            request.app[METRICS].count_callback(f"rejected_{exc.status}")
+            log.info("callback rejected", status=exc.status, reason=exc.reason, order=request.get(ORDER_ID))
+            headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
+            response = json_response(
+                {"status": "rejected", "error": exc.error, "reason": exc.reason}, exc.status, headers
+            )
+            if isinstance(exc, BodyTimeout):
+                response.force_close()  # the rest of a stalled body is not worth waiting for
+            return response
+
+    return answering
 
 
 async def read_body(request: web.Request, limit: int, timeout_seconds: float) -> bytes:
     """The whole body, which must arrive within `timeout_seconds` (a slow-loris client gets 408)."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"body is larger than {limit} bytes")
+    if request.content.is_eof():  # all of it arrived with the headers: take it, nothing to wait for
+        body = request.content.read_nowait()
+        if len(body) > limit:  # a chunked body has no Content-Length to refuse it by
+            raise BodyTooLarge(f"body is larger than {limit} bytes")
+        return body
     try:
-        if request.content.is_eof():  # all of it arrived with the headers: nothing to wait for
-            return await request.read()
         async with asyncio.timeout(timeout_seconds):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -253,13 +263,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings) -> web.Application:
     """The receiver's aiohttp application, with its Redis client and HTTP session opened on startup."""
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[answer_rejections])
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = ReceiverMetrics()
     app[KEYS] = RedisKeys(settings.redis_key_prefix, settings.queue_name)
     app[TRUSTED_KEYS] = settings.trusted_keys
     app.cleanup_ctx.append(_resources)
-    app.router.add_post(CALLBACK_PATH, receive_callback)
+    app.router.add_post(CALLBACK_PATH, answer_rejections(receive_callback))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -214,6 +214,29 @@ async def test_a_chunked_body_over_the_limit_is_answered_413(make_receiver: Any)
     assert answer.status == 413
 
 
+async def test_a_chunked_body_over_the_limit_sent_in_one_piece_is_answered_413(
+    make_receiver: Any, sync_redis: Any
+) -> None:
+    """The whole body arrives with the headers (the receiver takes it without waiting): no
+    Content-Length to refuse it by, so its length is checked when taken."""
+    receiver = await make_receiver(max_body_bytes=4096)
+    body = b"a" * 5000
+    request = (
+        b"POST /callbacks/intergiro HTTP/1.1\r\nHost: test\r\nContent-Type: application/jwt\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + f"{len(body):x}\r\n".encode()
+        + body
+        + b"\r\n0\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection(receiver.host, receiver.port)
+    writer.write(request)
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+    assert list(sync_redis.scan_iter("*")) == []
+
+
 @pytest.mark.parametrize(
     "content_type", ["text/plain", "application/x-www-form-urlencoded", "application/jose"]
 )

@@ -524,7 +524,9 @@ def test_deeply_nested_signed_claims_are_answered_4xx(
 
 
 @HTTP
-@given(event_types.filter(lambda t: t not in EVENT_TYPES))
+@given(
+    st.text(max_size=10).filter(lambda t: t not in EVENT_TYPES)
+)  # drawn from text alone: most of `event_types` are known, and filtering them out tripped hypothesis' filter health check
 def test_unknown_event_types_are_answered_400(
     live: ReceiverThread, store: redis.Redis, rsa_key: Any, event_type: str
 ) -> None:
