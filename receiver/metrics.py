@@ -7,6 +7,8 @@ and the receiver's `/metrics` serves them: Prometheus scrapes one place.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Iterable, Mapping
 from functools import cache
 from typing import Any
@@ -57,26 +59,27 @@ def set_gauge(redis: Any, keys: RedisKeys, name: str, value: float, **labels: st
 
 
 def observe(redis: Any, keys: RedisKeys, name: str, seconds: float, **labels: str) -> None:
-    """Record one observation of a shared histogram (on a pipeline, so it is one round trip)."""
-    buckets, others = _histogram_fields(name, tuple(sorted(labels.items())))
-    for bound, field in buckets:
-        if seconds <= bound:
-            redis.hincrbyfloat(keys.metrics, field, 1)
-    inf, total, number = others
-    redis.hincrbyfloat(keys.metrics, inf, 1)
+    """Record one observation of a shared histogram (on a pipeline, so it is one round trip).
+
+    Only the one bucket the value falls in is counted (`<name>_in_bucket`, not cumulative), plus sum and
+    count: three commands per observation where Prometheus' cumulative buckets would take fifteen.
+    The collector adds the buckets up when it renders them."""
+    buckets, (inf, total, number) = _histogram_fields(name, tuple(sorted(labels.items())))
+    index = bisect.bisect_left(LATENCY_BUCKETS, seconds)
+    redis.hincrby(keys.metrics, buckets[index] if index < len(buckets) else inf, 1)
     redis.hincrbyfloat(keys.metrics, total, seconds)
-    redis.hincrbyfloat(keys.metrics, number, 1)
+    redis.hincrby(keys.metrics, number, 1)
 
 
 @cache
 def _histogram_fields(
     name: str, labels: tuple[tuple[str, str], ...]
-) -> tuple[tuple[tuple[float, str], ...], tuple[str, str, str]]:
-    """The hash fields of one histogram: (bound, bucket field) per bound; +Inf, sum and count fields.
-    Built once per histogram: a worker observes one per delivery."""
+) -> tuple[tuple[str, ...], tuple[str, str, str]]:
+    """The hash fields of one histogram: one per bound (observations in that bucket alone); +Inf's, sum
+    and count. Built once per histogram: a worker observes one per delivery."""
     base = dict(labels)
-    buckets = tuple((b, _field(name + "_bucket", {**base, "le": str(b)})) for b in LATENCY_BUCKETS)
-    inf = _field(name + "_bucket", {**base, "le": "+Inf"})
+    buckets = tuple(_field(name + "_in_bucket", {**base, "le": str(b)}) for b in LATENCY_BUCKETS)
+    inf = _field(name + "_in_bucket", {**base, "le": "+Inf"})
     return buckets, (inf, _field(name + "_sum", base), _field(name + "_count", base))
 
 
@@ -110,7 +113,7 @@ class SharedMetrics(Collector):
             else:
                 family = HistogramMetricFamily(name, help_text, labels=label_names)
                 groups: dict[tuple[str, ...], dict[str, Any]] = {}
-                for labels, value in parsed.get(name + "_bucket", []):
+                for labels, value in parsed.get(name + "_in_bucket", []):
                     key = tuple(labels.get(n, "") for n in label_names)
                     groups.setdefault(key, {"buckets": {}, "sum": 0.0})["buckets"][labels["le"]] = value
                 for labels, value in parsed.get(name + "_sum", []):
@@ -118,8 +121,8 @@ class SharedMetrics(Collector):
                     groups.setdefault(key, {"buckets": {}, "sum": 0.0})["sum"] = value
                 for key, group in groups.items():
                     bounds = [str(b) for b in LATENCY_BUCKETS] + ["+Inf"]
-                    buckets = [(b, group["buckets"].get(b, 0.0)) for b in bounds]
-                    family.add_metric(list(key), buckets, group["sum"])
+                    counts = itertools.accumulate(group["buckets"].get(b, 0.0) for b in bounds)
+                    family.add_metric(list(key), list(zip(bounds, counts, strict=True)), group["sum"])
             yield family
 
 

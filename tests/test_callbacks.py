@@ -305,10 +305,15 @@ async def test_metrics_of_other_processes_are_served_by_the_receiver(
     count(sync_redis, keys, "intergiro_deliveries_total", outcome="delivered")
     count(sync_redis, keys, "intergiro_deliveries_total", 2, outcome="delivered")
     pipe = sync_redis.pipeline()
-    observe(pipe, keys, "intergiro_delivery_seconds", 0.07)
+    for seconds in (0.07, 0.003, 0.1, 100):  # 0.1 is on a bound (le: counted in it); 100 beyond the last
+        observe(pipe, keys, "intergiro_delivery_seconds", seconds)
     pipe.execute()
     text = await (await receiver.get("/metrics")).text()
     assert 'intergiro_deliveries_total{outcome="delivered"} 3.0' in text
-    assert 'intergiro_delivery_seconds_bucket{le="0.1"} 1.0' in text
-    assert 'intergiro_delivery_seconds_bucket{le="0.05"} 0.0' in text
-    assert "intergiro_delivery_seconds_count 1.0" in text
+    assert 'intergiro_delivery_seconds_bucket{le="0.005"} 1.0' in text
+    assert 'intergiro_delivery_seconds_bucket{le="0.05"} 1.0' in text
+    assert 'intergiro_delivery_seconds_bucket{le="0.1"} 3.0' in text
+    assert 'intergiro_delivery_seconds_bucket{le="30"} 3.0' in text
+    assert 'intergiro_delivery_seconds_bucket{le="+Inf"} 4.0' in text
+    assert "intergiro_delivery_seconds_count 4.0" in text
+    assert "intergiro_delivery_seconds_sum 100.173" in text
