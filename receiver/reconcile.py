@@ -29,6 +29,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from receiver.clock import utc_now
 from receiver.connections import async_redis
 from receiver.errors import BadCallback
 from receiver.intake import Intake
@@ -324,7 +325,7 @@ class Reconciler:
         return summary
 
     async def _reconcile_order(self, raw: Any, summary: Summary) -> None:
-        received_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        received_at = utc_now()
         try:
             updates = build_updates(parse_order(raw), received_at=received_at, verified_by="api")
         except BadCallback as exc:

@@ -23,6 +23,7 @@ from redis import Redis
 from redis.exceptions import NoScriptError
 from standardwebhooks.webhooks import Webhook
 
+from receiver.clock import utc_now
 from receiver.connections import sync_redis
 from receiver.intake import job_data
 from receiver.logs import log
@@ -185,10 +186,6 @@ def current_context() -> DeliveryContext:
         use_context(DeliveryContext.create(Settings.from_env()))
     assert _context is not None
     return _context
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def deliver_from_job(update: dict[str, Any]) -> None:
