@@ -1,4 +1,5 @@
 """The normalization as first written (receiver/order.py at fd319ed): plain and slow, kept as the model.
+It shares receiver/order.py's constants and the helpers that did not change; the procedure is its own.
 
 receiver/order.py does the same work with fewer calls and allocations; tests/test_order.py checks that it
 gives exactly what this does (same updates, same key order, same numbers and types, same reasons). The
@@ -8,46 +9,29 @@ path, so the check also covers `history_and_amount`.
 
 from __future__ import annotations
 
-import functools
-import re
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
 from receiver.errors import BadCallback
-from receiver.status import StatusError, minor_units, order_amount, status_history
-
-UPDATE_VERSION = 1
-EVENT_TYPES = frozenset(
-    {"defer", "pend", "deny", "order", "cancel", "charge", "pay", "refund", "fail", "settle", "synchronize"}
+from receiver.order import (  # the spec both share: limits, allowlists, patterns, and unchanged helpers
+    _CURRENCY,
+    _ORDER_ID,
+    CATEGORIES,
+    CREATED_EVENT,
+    EVENT_FIELDS,
+    EVENT_TYPES,
+    MAX_DEPTH,
+    MAX_EVENTS,
+    MAX_ITEMS,
+    MAX_NUMBER,
+    PAYMENT_FIELDS,
+    UPDATE_VERSION,
+    _money,
+    snake,
+    update_id,
 )
-# The event an order without events stands for: it exists, nothing has happened to it yet.
-CREATED_EVENT = "created"
-MAX_EVENTS = 1000
-MAX_ITEMS = 1000
-# Larger numbers are no real price or quantity, and would overflow floats and Decimal's precision.
-MAX_NUMBER = 1e12
-MAX_DEPTH = 32  # of nested objects and lists anywhere in an order (`meta` included)
-_ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_CURRENCY = re.compile(r"[A-Z]{3}")
-_CAMEL = re.compile(r"(?<=[a-z0-9])([A-Z])")
-# Payment fields an update carries, with the JSON type the update schema promises: an allowlist, so a
-# card token or a new secret field never leaks.
-PAYMENT_FIELDS = {
-    "type": "string", "service": "string", "status": "string", "scheme": "string", "iin": "string",
-    "last4": "string", "expires": "array", "reference": "string", "method": "string",
-}  # fmt: skip
-EVENT_FIELDS = {
-    "reference": "string", "original": "string", "error": "object", "descriptor": "string", "period": "any",
-    "payout": "any", "gross": "number", "fee": "number", "net": "number", "currency": "string",
-}  # fmt: skip
-CATEGORIES = (None, "purchase", "withdrawal")
-
-
-@functools.lru_cache(maxsize=4096)  # a few dozen names recur in every order; the regex is the cost
-def snake(name: str) -> str:
-    """`schemeReference` → `scheme_reference`; snake_case names are left as they are."""
-    return _CAMEL.sub(r"_\1", name).lower()
+from receiver.status import StatusError, minor_units, order_amount, status_history
 
 
 def snake_keys(value: Any, depth: int = 0) -> Any:
@@ -59,16 +43,6 @@ def snake_keys(value: Any, depth: int = 0) -> Any:
     if isinstance(value, list):
         return [snake_keys(v, depth + 1) for v in value]
     return value
-
-
-def is_error_object(body: Any) -> bool:
-    """An Intergiro Error (`{status: 400, type: "missing property", ...}`), not an order."""
-    return (
-        isinstance(body, dict)
-        and isinstance(body.get("status"), int)
-        and not isinstance(body.get("status"), bool)
-        and isinstance(body.get("type"), str)
-    )
 
 
 def _is_number(value: Any) -> bool:
@@ -162,23 +136,6 @@ def parse_order(body: Any) -> dict[str, Any]:
         if event["type"] == "settle":
             _require(event.get("net") is None or _is_number(event["net"]), f"{where}.net is not a number")
     return order
-
-
-def event_key(sequence: int, event_type: str) -> str:
-    """What identifies one event within its order: its place in the (append-only) list and its type."""
-    return f"{sequence}:{event_type}"
-
-
-def update_id(order_id: str, sequence: int, event_type: str) -> str:
-    """The stable id of an (order, event): dedup key, RQ job id, `webhook-id` and `Idempotency-Key`."""
-    if sequence < 0:
-        return f"{order_id}-{event_type}"
-    return f"{order_id}-{sequence}-{event_type}"
-
-
-def _money(value: Decimal) -> float | int:
-    """A Decimal already rounded to the minor unit, as the shortest JSON number."""
-    return int(value) if value == value.to_integral_value() else float(value)
 
 
 def _is_json_type(value: Any, kind: str) -> bool:
