@@ -54,21 +54,30 @@ def count(redis: Any, keys: RedisKeys, name: str, amount: float = 1, **labels: s
     return redis.hincrbyfloat(keys.metrics, _field(name, labels), amount)
 
 
+def counter_increment(name: str, amount: float = 1, **labels: str) -> tuple[str, float]:
+    """A counter's hash field and amount, for a script that adds it in the same step as its change."""
+    return _field(name, labels), amount
+
+
 def set_gauge(redis: Any, keys: RedisKeys, name: str, value: float, **labels: str) -> Any:
     return redis.hset(keys.metrics, _field(name, labels), value)
 
 
-def observe(redis: Any, keys: RedisKeys, name: str, seconds: float, **labels: str) -> None:
-    """Record one observation of a shared histogram (on a pipeline, so it is one round trip).
+def observation_increments(name: str, seconds: float, **labels: str) -> list[tuple[str, float]]:
+    """The hash fields (and amounts) one observation of a shared histogram adds to.
 
     Only the one bucket the value falls in is counted (`<name>_in_bucket`, not cumulative), plus sum and
-    count: three commands per observation where Prometheus' cumulative buckets would take fifteen.
+    count: three increments per observation where Prometheus' cumulative buckets would take fifteen.
     The collector adds the buckets up when it renders them."""
     buckets, (inf, total, number) = _histogram_fields(name, tuple(sorted(labels.items())))
     index = bisect.bisect_left(LATENCY_BUCKETS, seconds)
-    redis.hincrby(keys.metrics, buckets[index] if index < len(buckets) else inf, 1)
-    redis.hincrbyfloat(keys.metrics, total, seconds)
-    redis.hincrby(keys.metrics, number, 1)
+    return [(buckets[index] if index < len(buckets) else inf, 1), (total, seconds), (number, 1)]
+
+
+def observe(redis: Any, keys: RedisKeys, name: str, seconds: float, **labels: str) -> None:
+    """Record one observation of a shared histogram (on a pipeline, so it is one round trip)."""
+    for field, amount in observation_increments(name, seconds, **labels):
+        redis.hincrbyfloat(keys.metrics, field, amount)
 
 
 @cache

@@ -61,7 +61,10 @@ async def test_a_400_dead_letters_after_one_attempt_and_ops_can_list_requeue_and
         "merchant answered HTTP 400",
     )
     assert entry["update"]["id"] == update_id and entry["last_error_at"]
-    assert "intergiro_dead_letter_depth 1.0" in await (await receiver.get("/metrics")).text()
+    metrics = await (await receiver.get("/metrics")).text()
+    assert "intergiro_dead_letter_depth 1.0" in metrics
+    assert 'intergiro_deliveries_total{outcome="dead_lettered"} 1.0' in metrics
+    assert 'intergiro_delivery_attempts_total{result="permanent"} 1.0' in metrics
 
     refused.clear()
     assert cli("dlq", "requeue", update_id)[0] == 0

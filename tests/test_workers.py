@@ -72,7 +72,7 @@ async def test_every_delivery_is_signed_with_the_secret_and_carries_the_queued_u
 
 
 async def test_a_sink_answering_500_twice_is_delivered_on_the_third_attempt_after_the_backoff(
-    receiver: Any, rsa_key: Any, sink: Sink, workers: Any, tmp_path: Path
+    receiver: Any, rsa_key: Any, sink: Sink, workers: Any, tmp_path: Path, sync_redis: Any
 ) -> None:
     sink.answer = lambda _id, n: (500 if n <= 2 else 200, {}, 0.0)
     [update_id] = await post_order(receiver, rsa_key, "FlakyOrder000001")
@@ -88,6 +88,16 @@ async def test_a_sink_answering_500_twice_is_delivered_on_the_third_attempt_afte
         assert 0 <= retry["retry_in"] <= base * 2 ** (number - 1)  # full jitter under the exponential cap
         assert after.at - before.at >= retry["retry_in"] - 0.001  # never sooner than scheduled
     assert len(sink.received) == 3
+    await wait_for(lambda: not sync_redis.exists(RedisKeys().order_head("FlakyOrder000001")))
+    metrics = await (await receiver.get("/metrics")).text()
+    for line in (
+        'intergiro_delivery_attempts_total{result="retryable"} 2.0',
+        'intergiro_delivery_attempts_total{result="success"} 1.0',
+        'intergiro_deliveries_total{outcome="retry_scheduled"} 2.0',
+        'intergiro_deliveries_total{outcome="delivered"} 1.0',
+        "intergiro_delivery_seconds_count 3.0",
+    ):
+        assert line in metrics
 
 
 async def test_retry_after_on_a_429_is_honoured(

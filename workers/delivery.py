@@ -22,14 +22,13 @@ from urllib.parse import urlsplit
 
 import orjson
 from redis import Redis
-from redis.exceptions import NoScriptError
 from standardwebhooks.webhooks import Webhook
 
 from receiver.clock import utc_now
 from receiver.connections import sync_redis
 from receiver.intake import job_data
 from receiver.logs import log
-from receiver.metrics import count, observe
+from receiver.metrics import count, counter_increment, observation_increments
 from receiver.rediskeys import RedisKeys
 from receiver.retry_after import parse_retry_after
 from receiver.settings import Settings
@@ -37,6 +36,9 @@ from workers.ordering import OrderChains
 
 MAX_BACKOFF_SECONDS = 3600.0
 USER_AGENT = "intergiro-receiver"
+DELIVERED = counter_increment("intergiro_deliveries_total", outcome="delivered")
+DEAD_LETTERED = counter_increment("intergiro_deliveries_total", outcome="dead_lettered")
+RETRY_SCHEDULED = counter_increment("intergiro_deliveries_total", outcome="retry_scheduled")
 MAX_ANSWER_BYTES = 65536  # of a merchant's answer body read to keep its connection
 
 
@@ -265,32 +267,25 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> None:
             redis.hset(record, f"done:{target.name}", 1)
     elapsed = time.perf_counter() - started
     result = "success" if failure is None else "retryable" if failure.retryable else "permanent"
-    with redis.pipeline(transaction=False) as pipe:
-        count(pipe, keys, "intergiro_delivery_attempts_total", result=result)
-        observe(pipe, keys, "intergiro_delivery_seconds", elapsed)
-        if failure is None:
-            # Delivered: the last target's mark, the metrics and the chain's next step go in the same
-            # round trip (the finish script is atomic on its own; the rest are counters).
-            if pending:
-                pipe.hset(record, f"done:{pending[-1].name}", 1)
-            pipe.evalsha(*ctx.chains.finish_call(update))
-            count(pipe, keys, "intergiro_deliveries_total", outcome="delivered")
-        answers = pipe.execute(raise_on_error=False)
+    attempt_counters = [
+        counter_increment("intergiro_delivery_attempts_total", result=result),
+        *observation_increments("intergiro_delivery_seconds", elapsed),
+    ]
     if failure is None:
-        finished = answers[-2]
-        if isinstance(finished, NoScriptError):  # a restarted or flushed Redis forgot the script
-            ctx.chains.finish(update)
-        elif isinstance(finished, Exception):
-            raise finished
+        # Delivered: the chain's next step and the attempt's metrics in one script run (one round trip).
+        ctx.chains.finish(update, counters=[*attempt_counters, DELIVERED])
         log.debug("update delivered", update=update["id"], attempt=attempt)
         return
     error, error_at = str(failure), utc_now()
     if not failure.retryable or attempt >= settings.delivery_max_attempts:
-        dead_letter(ctx, update, attempt, error, error_at)
+        dead_letter(ctx, update, attempt, error, error_at, attempt_counters)
         return
     delay = backoff_delay(attempt, settings.delivery_backoff_seconds, failure.retry_after)
     ctx.chains.schedule_retry(update["id"], time.time() + delay, job_data(update), error, error_at)
-    count(redis, keys, "intergiro_deliveries_total", outcome="retry_scheduled")
+    with redis.pipeline(transaction=False) as pipe:
+        for field, amount in [*attempt_counters, RETRY_SCHEDULED]:
+            pipe.hincrbyfloat(keys.metrics, field, amount)
+        pipe.execute()
     log.info(
         "delivery retry scheduled",
         update=update["id"],
@@ -302,9 +297,15 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> None:
 
 
 def dead_letter(
-    ctx: DeliveryContext, update: dict[str, Any], attempts: int, error: str, error_at: str
+    ctx: DeliveryContext,
+    update: dict[str, Any],
+    attempts: int,
+    error: str,
+    error_at: str,
+    counters: list[tuple[str, float]] | None = None,
 ) -> None:
-    """Move the update to the dead-letter queue and release its order (atomically, see ordering.py)."""
+    """Move the update to the dead-letter queue and release its order (atomically, see ordering.py),
+    adding `counters` (the last attempt's metrics) in the same step."""
     entry = {
         "id": update["id"],
         "order_id": update["order_id"],
@@ -314,8 +315,7 @@ def dead_letter(
         "last_error_at": error_at,
         "dead_lettered_at": utc_now(),
     }
-    next_head = ctx.chains.finish(update, orjson.dumps(entry))
-    count(ctx.redis, ctx.keys, "intergiro_deliveries_total", outcome="dead_lettered")
+    next_head = ctx.chains.finish(update, orjson.dumps(entry), counters=[*(counters or ()), DEAD_LETTERED])
     log.warning(
         "update dead-lettered",
         update=update["id"],

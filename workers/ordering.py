@@ -11,6 +11,7 @@ worker dying between two commands would otherwise lose an update or block its or
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from redis import Redis
@@ -44,10 +45,12 @@ local function advance()
 end
 """
 
-# KEYS: head, waiting, queue, active orders, delivery record, retry schedule, retry jobs, dead letters.
-# ARGV: update id, order id, job prefix, now, dead-letter entry ('' when delivered).
-# Ends an update (delivered, or dead-lettered with its entry) and, when it is its order's head, moves the
-# chain on. Not the head means a redelivery after a crash: the chain has already moved on without it.
+# KEYS: head, waiting, queue, active orders, delivery record, retry schedule, retry jobs, dead letters,
+# metrics. ARGV: update id, order id, job prefix, now, dead-letter entry ('' when delivered), then pairs
+# of metrics field and amount.
+# Ends an update (delivered, or dead-lettered with its entry), counts it in the shared metrics and, when
+# it is its order's head, moves the chain on. Not the head means a redelivery after a crash: the chain
+# has already moved on without it.
 FINISH = (
     """
 local head, waiting, queue, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -59,6 +62,7 @@ redis.call('DEL', KEYS[5])
 redis.call('ZREM', KEYS[6], id)
 redis.call('HDEL', KEYS[7], id)
 if entry ~= '' then redis.call('HSET', KEYS[8], id, entry) end
+for i = 6, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[9], ARGV[i], ARGV[i + 1]) end
 if redis.call('GET', head) ~= id then return false end
 return advance()
 """
@@ -172,24 +176,23 @@ class OrderChains:
         k = self.keys
         return [k.order_head(order_id), k.order_waiting(order_id), k.rq_queue, k.active_orders]
 
-    def _finish_keys_args(self, update: dict[str, Any], entry: bytes) -> tuple[list[str], list[Any]]:
+    def finish(
+        self,
+        update: dict[str, Any],
+        dead_letter_entry: bytes = b"",
+        counters: Iterable[tuple[str, float]] = (),
+    ) -> str | None:
+        """End the update (delivered, or dead-lettered with its entry) and add `counters` (metrics hash
+        field, amount) in the same step; returns the order's next head."""
         k = self.keys
         keys = [
             *self._chain_keys(update["order_id"]),
-            k.delivery(update["id"]), k.retry_schedule, k.retry_jobs, k.dead_letters,
+            k.delivery(update["id"]), k.retry_schedule, k.retry_jobs, k.dead_letters, k.metrics,
         ]  # fmt: skip
-        return keys, [update["id"], update["order_id"], RQ_JOB_PREFIX, rq_timestamp(), entry]
-
-    def finish(self, update: dict[str, Any], dead_letter_entry: bytes = b"") -> str | None:
-        """End the update (delivered, or dead-lettered with its entry); returns the order's next head."""
-        keys, args = self._finish_keys_args(update, dead_letter_entry)
+        args = [update["id"], update["order_id"], RQ_JOB_PREFIX, rq_timestamp(), dead_letter_entry]
+        for field, amount in counters:
+            args += (field, repr(amount))
         return _text(self._finish(keys=keys, args=args))
-
-    def finish_call(self, update: dict[str, Any]) -> tuple[str, int, *tuple[Any, ...]]:
-        """EVALSHA's arguments for finishing a delivered update, to send in a pipeline with other
-        commands (the caller runs `finish` itself when Redis answers NOSCRIPT)."""
-        keys, args = self._finish_keys_args(update, b"")
-        return (self._finish.sha, len(keys), *keys, *args)
 
     def schedule_retry(self, update_id: str, due: float, job_data: bytes, error: str, error_at: str) -> None:
         k = self.keys
