@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rq import Queue
+from rq.serializers import JSONSerializer
 from standardwebhooks.webhooks import Webhook
 
 from receiver.app import CALLBACK_PATH
@@ -22,6 +25,7 @@ from tests.helpers import JWT, card_order, token
 from tests.merchant_handlers import CALLS, DELIVERED
 from tests.sink import ROOT, SECRET, Sink, log_events, start_worker, stop, wait_for, worker_env
 from workers.delivery import backoff_delay
+from workers.jobs import DELIVER_UPDATE
 from workers.ordering import OrderChains
 
 EVENTS = ("order", "charge", "refund")
@@ -142,6 +146,44 @@ async def test_a_worker_killed_mid_delivery_loses_nothing(
     await wait_for(lambda: len(sink.attempts(update_id)) >= 2, seconds=60, what="redelivery")
     await wait_for(lambda: not sync_redis.exists(RedisKeys().order_head("KilledOrder00001")))
     assert len(sink.attempts(update_id)) == 2
+
+
+async def test_an_update_run_again_after_its_delivery_finished_is_not_posted_twice(
+    receiver: Any, rsa_key: Any, sink: Sink, workers: Any, sync_redis: Any, settings: Any, tmp_path: Path
+) -> None:
+    # A worker that dies after finishing a delivery but before RQ records the job's end gets the job
+    # re-queued by RQ's recovery: the update is no longer its order's head and must not be POSTed again.
+    [update_id] = await post_order(receiver, rsa_key, "FinishedOrder001")
+    [update] = queued_updates(sync_redis, settings)
+    workers(**webhook_settings(sink))
+    await wait_for(lambda: not sync_redis.exists(RedisKeys().order_head("FinishedOrder001")))
+    Queue(settings.queue_name, connection=sync_redis, serializer=JSONSerializer).enqueue_call(
+        DELIVER_UPDATE, args=(update,), job_id=update_id, result_ttl=0
+    )
+    await wait_for(
+        lambda: len(log_events(tmp_path / "worker.log", "update already finished, not delivered again")) == 1
+    )
+    assert len(sink.attempts(update_id)) == 1
+    metrics = await (await receiver.get("/metrics")).text()
+    assert 'intergiro_deliveries_total{outcome="duplicate_skipped"} 1.0' in metrics
+    assert not sync_redis.exists(RedisKeys().delivery(update_id))
+
+
+async def test_a_plain_rq_worker_delivers_the_updates_in_sequence_too(
+    receiver: Any, rsa_key: Any, sink: Sink, redis_url: str, settings: Any
+) -> None:
+    ids = await post_order(receiver, rsa_key, "PlainRqOrder0001", EVENTS)
+    command = [
+        str(Path(sys.executable).parent / "rq"), "worker", "--burst", "--url", redis_url,
+        "--serializer", "json", "--worker-class", "rq.worker.SimpleWorker", settings.queue_name,
+    ]  # fmt: skip
+    env = worker_env(redis_url, **webhook_settings(sink))
+    # one burst run: finishing each update queues the order's next before the worker looks again
+    done = await asyncio.to_thread(
+        subprocess.run, command, env=env, cwd=ROOT, capture_output=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert [r.headers["webhook-id"] for r in sink.received] == ids
 
 
 async def test_a_handler_raising_twice_is_called_three_times_and_done(

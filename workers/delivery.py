@@ -189,6 +189,31 @@ def build_targets(settings: Settings) -> list[WebhookTarget | HandlerTarget]:
     return targets
 
 
+@dataclass(frozen=True)
+class AttemptStart:
+    """Where an attempt starts: whether the update is still its order's head, the attempt's number
+    (counted before the POST, so an attempt whose worker dies still counts) and its delivery record."""
+
+    update_id: str
+    is_head: bool
+    attempt: int
+    record: dict[bytes, bytes]
+
+
+def start_attempt_commands(pipe: Any, keys: RedisKeys, update: dict[str, Any]) -> None:
+    """Queue the three commands that start an attempt on a transaction; `attempt_start` reads their
+    answers. DeliveryWorker sends them in RQ's own preparation of the job, so they cost no round trip."""
+    record = keys.delivery(update["id"])
+    pipe.get(keys.order_head(update["order_id"]))
+    pipe.hincrby(record, "attempts", 1)
+    pipe.hgetall(record)
+
+
+def attempt_start(update: dict[str, Any], answers: list[Any]) -> AttemptStart:
+    head, attempt, record = answers
+    return AttemptStart(update["id"], head == update["id"].encode(), int(attempt), record)
+
+
 @dataclass
 class DeliveryContext:
     """What a worker process needs to deliver: built once per process and reused by every job."""
@@ -198,6 +223,17 @@ class DeliveryContext:
     keys: RedisKeys
     chains: OrderChains
     targets: list[WebhookTarget | HandlerTarget]
+    started: AttemptStart | None = None  # set by DeliveryWorker when it prepares the job
+
+    def start_attempt(self, update: dict[str, Any]) -> AttemptStart:
+        """The attempt's start as DeliveryWorker prepared it, or (under a plain `rq worker`) its own
+        round trip."""
+        started, self.started = self.started, None
+        if started is not None and started.update_id == update["id"]:
+            return started
+        with self.redis.pipeline(transaction=True) as pipe:
+            start_attempt_commands(pipe, self.keys, update)
+            return attempt_start(update, pipe.execute())
 
     @classmethod
     def create(cls, settings: Settings) -> DeliveryContext:
@@ -231,12 +267,9 @@ def deliver_from_job(update: dict[str, Any]) -> None:
 def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> None:
     settings, keys, redis = ctx.settings, ctx.keys, ctx.redis
     record = keys.delivery(update["id"])
-    with redis.pipeline(transaction=True) as pipe:
-        pipe.get(keys.order_head(update["order_id"]))
-        pipe.hincrby(record, "attempts", 1)
-        pipe.hgetall(record)
-        head, attempt, fields = pipe.execute()
-    if head != update["id"].encode():
+    start = ctx.start_attempt(update)
+    attempt, fields = start.attempt, start.record
+    if not start.is_head:
         # Every update a worker runs is its order's head (see workers.ordering); one that is not was
         # finished already and runs again because its worker died before RQ recorded the end.
         redis.delete(record)

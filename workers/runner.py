@@ -27,13 +27,22 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.utils import now
 
 from receiver.connections import sync_redis
 from receiver.logs import configure_logging, log
 from receiver.rediskeys import RQ_JOB_PREFIX
 from receiver.settings import Settings
-from workers.delivery import DeliveryContext, TargetNotConfigured, build_targets, use_context
-from workers.jobs import RQ_RECOVERIES
+from workers.delivery import (
+    DeliveryContext,
+    TargetNotConfigured,
+    attempt_start,
+    build_targets,
+    current_context,
+    start_attempt_commands,
+    use_context,
+)
+from workers.jobs import DELIVER_UPDATE, RQ_RECOVERIES
 
 STALE_HEAD_SWEEP_SECONDS = 30.0
 MAX_SCHEDULER_SLEEP_SECONDS = 1.0
@@ -89,6 +98,28 @@ class DeliveryWorker(SimpleWorker):
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.job_timeout + 2
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        """RQ 3.0's preparation of a job (restated: RQ sends it as one transaction and keeps no answer),
+        with the start of the delivery attempt in the same transaction, one round trip fewer per job."""
+        update = job.args[0] if job.func_name == DELIVER_UPDATE and job.args else None
+        if not isinstance(update, dict):
+            super().prepare_job_execution(job, remove_from_intermediate_queue)
+            return
+        context = current_context()
+        with self.connection.pipeline() as pipeline:
+            heartbeat_ttl = self.get_heartbeat_ttl(job)
+            self.heartbeat(heartbeat_ttl, pipeline=pipeline)
+            job.heartbeat(now(), heartbeat_ttl, pipeline=pipeline)
+            job.prepare_for_execution(self.name, pipeline=pipeline)
+            pipeline.persist(job.key)
+            if remove_from_intermediate_queue:
+                queue = Queue(job.origin, connection=self.connection)
+                pipeline.lrem(queue.intermediate_queue_key, 1, job.id)
+            start_attempt_commands(pipeline, context.keys, update)
+            answers = pipeline.execute()
+        context.started = attempt_start(update, answers[-3:])
+        self.procline(f"Processing {job.func_name} from {job.origin} since {time.time()}")  # type: ignore[no-untyped-call]
 
 
 def forget_dead_executions(job: Job) -> None:
