@@ -169,6 +169,19 @@ async def test_an_update_run_again_after_its_delivery_finished_is_not_posted_twi
     assert not sync_redis.exists(RedisKeys().delivery(update_id))
 
 
+async def test_deliveries_go_on_in_sequence_after_redis_forgets_its_scripts(
+    receiver: Any, rsa_key: Any, sink: Sink, workers: Any, sync_redis: Any
+) -> None:
+    workers(**webhook_settings(sink))
+    first = await post_order(receiver, rsa_key, "ForgetfulOrder01")
+    await wait_for(lambda: len(sink.received) == 1, what="the first delivery")
+    sync_redis.script_flush()  # as after a Redis restart or failover
+    later = await post_order(receiver, rsa_key, "ForgetfulOrder02", EVENTS)
+    await wait_for(lambda: len(sink.received) == 4, what="the second order's three updates")
+    await wait_for(lambda: not sync_redis.exists(RedisKeys().order_head("ForgetfulOrder02")))
+    assert [r.headers["webhook-id"] for r in sink.received] == first + later
+
+
 async def test_a_plain_rq_worker_delivers_the_updates_in_sequence_too(
     receiver: Any, rsa_key: Any, sink: Sink, redis_url: str, settings: Any
 ) -> None:

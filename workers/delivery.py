@@ -224,6 +224,10 @@ class DeliveryContext:
     chains: OrderChains
     targets: list[WebhookTarget | HandlerTarget]
     started: AttemptStart | None = None  # set by DeliveryWorker when it prepares the job
+    # Set by DeliveryWorker while it runs a job: a delivered update's finish goes into RQ's own record
+    # of the job's success (one transaction) instead of a round trip of its own.
+    finish_with_job: bool = False
+    delivered: tuple[dict[str, Any], list[tuple[str, float]]] | None = None
 
     def start_attempt(self, update: dict[str, Any]) -> AttemptStart:
         """The attempt's start as DeliveryWorker prepared it, or (under a plain `rq worker`) its own
@@ -305,8 +309,11 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> None:
         *observation_increments("intergiro_delivery_seconds", elapsed),
     ]
     if failure is None:
-        # Delivered: the chain's next step and the attempt's metrics in one script run (one round trip).
-        ctx.chains.finish(update, counters=[*attempt_counters, DELIVERED])
+        # Delivered: the chain's next step and the attempt's metrics in one script run.
+        if ctx.finish_with_job:
+            ctx.delivered = (update, [*attempt_counters, DELIVERED])
+        else:
+            ctx.chains.finish(update, counters=[*attempt_counters, DELIVERED])
         log.debug("update delivered", update=update["id"], attempt=attempt)
         return
     error, error_at = str(failure), utc_now()

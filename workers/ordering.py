@@ -176,6 +176,19 @@ class OrderChains:
         k = self.keys
         return [k.order_head(order_id), k.order_waiting(order_id), k.rq_queue, k.active_orders]
 
+    def _finish_keys_args(
+        self, update: dict[str, Any], entry: bytes, counters: Iterable[tuple[str, float]]
+    ) -> tuple[list[str], list[Any]]:
+        k = self.keys
+        keys = [
+            *self._chain_keys(update["order_id"]),
+            k.delivery(update["id"]), k.retry_schedule, k.retry_jobs, k.dead_letters, k.metrics,
+        ]  # fmt: skip
+        args = [update["id"], update["order_id"], RQ_JOB_PREFIX, rq_timestamp(), entry]
+        for field, amount in counters:
+            args += (field, repr(amount))
+        return keys, args
+
     def finish(
         self,
         update: dict[str, Any],
@@ -184,15 +197,16 @@ class OrderChains:
     ) -> str | None:
         """End the update (delivered, or dead-lettered with its entry) and add `counters` (metrics hash
         field, amount) in the same step; returns the order's next head."""
-        k = self.keys
-        keys = [
-            *self._chain_keys(update["order_id"]),
-            k.delivery(update["id"]), k.retry_schedule, k.retry_jobs, k.dead_letters, k.metrics,
-        ]  # fmt: skip
-        args = [update["id"], update["order_id"], RQ_JOB_PREFIX, rq_timestamp(), dead_letter_entry]
-        for field, amount in counters:
-            args += (field, repr(amount))
+        keys, args = self._finish_keys_args(update, dead_letter_entry, counters)
         return _text(self._finish(keys=keys, args=args))
+
+    def finish_in(
+        self, transaction: Any, update: dict[str, Any], counters: Iterable[tuple[str, float]]
+    ) -> None:
+        """Queue the end of a delivered update (as `finish`) on someone else's transaction. By the
+        script's text: a script whose SHA Redis forgot cannot be loaded again inside a transaction."""
+        keys, args = self._finish_keys_args(update, b"", counters)
+        transaction.execute_command("EVAL", FINISH, len(keys), *keys, *args)
 
     def schedule_retry(self, update_id: str, due: float, job_data: bytes, error: str, error_at: str) -> None:
         k = self.keys

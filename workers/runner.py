@@ -99,14 +99,30 @@ class DeliveryWorker(SimpleWorker):
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.job_timeout + 2
 
+    def increment_successful_job_count(self, pipeline: Any = None) -> None:
+        """RQ calls this inside the transaction that records a job's success (retried as a whole when
+        the job's dependents change): a delivered update is finished in that same transaction."""
+        super().increment_successful_job_count(pipeline)
+        context = current_context()
+        if pipeline is not None and context.delivered is not None:
+            context.chains.finish_in(pipeline, *context.delivered)
+
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
+        try:
+            super().handle_job_success(job, queue, started_job_registry, execution)
+        finally:
+            context = current_context()
+            context.finish_with_job, context.delivered = False, None
+
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
         """RQ 3.0's preparation of a job (restated: RQ sends it as one transaction and keeps no answer),
         with the start of the delivery attempt in the same transaction, one round trip fewer per job."""
+        context = current_context()
+        context.finish_with_job, context.delivered = False, None
         update = job.args[0] if job.func_name == DELIVER_UPDATE and job.args else None
         if not isinstance(update, dict):
             super().prepare_job_execution(job, remove_from_intermediate_queue)
             return
-        context = current_context()
         with self.connection.pipeline() as pipeline:
             heartbeat_ttl = self.get_heartbeat_ttl(job)
             self.heartbeat(heartbeat_ttl, pipeline=pipeline)
@@ -119,6 +135,7 @@ class DeliveryWorker(SimpleWorker):
             start_attempt_commands(pipeline, context.keys, update)
             answers = pipeline.execute()
         context.started = attempt_start(update, answers[-3:])
+        context.finish_with_job = True
         self.procline(f"Processing {job.func_name} from {job.origin} since {time.time()}")  # type: ignore[no-untyped-call]
 
 
