@@ -5,15 +5,24 @@ POST can fail is a retryable DeliveryError, never an exception a worker does not
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import re
+import ssl
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from standardwebhooks.webhooks import Webhook
 
 from tests.redis_server import free_port
 from tests.sink import SECRET
-from workers.delivery import DeliveryError, PermanentDeliveryError, WebhookTarget
+from workers.delivery import DeliveryError, PermanentDeliveryError, TargetNotConfigured, WebhookTarget
 
 
 def update(n: int) -> dict[str, Any]:
@@ -116,3 +125,145 @@ async def test_a_merchant_not_listening_is_a_retryable_failure() -> None:
     with pytest.raises(DeliveryError, match="ConnectionRefusedError") as raised:
         await asyncio.to_thread(target, update(1))
     assert raised.value.retryable
+
+
+class CannedMerchant:
+    """A raw HTTP/1.1 server: reads each request whole and answers it with the next canned bytes (a
+    list: pieces sent 50 ms apart), closing the connection after it when told; for answers aiohttp
+    would not give."""
+
+    def __init__(self, *answers: tuple[bytes | list[bytes], bool]) -> None:
+        self.answers = list(answers)
+        self.requests: list[bytes] = []
+        self.connections = 0
+
+    async def start(self) -> str:
+        server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        self.server = server
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks"
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while self.answers:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+                self.requests.append(head + await reader.readexactly(length))
+                answer, close = self.answers.pop(0)
+                for n, piece in enumerate([answer] if isinstance(answer, bytes) else answer):
+                    if n:
+                        await asyncio.sleep(0.05)
+                    writer.write(piece)
+                    await writer.drain()
+                if close:
+                    break
+        except asyncio.IncompleteReadError:
+            pass
+        writer.close()
+
+
+OK_EMPTY = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("answer", "what"),
+    [
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nok!!\r\n0\r\n\r\n", "chunked"),
+        ([b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", OK_EMPTY], "a 1xx before the answer"),
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345", b"67890"], "a body in two pieces"),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", "no body"),
+    ],
+)
+async def test_a_kept_alive_answer_is_read_whole_and_the_connection_reused(
+    answer: bytes | list[bytes], what: str
+) -> None:
+    merchant = CannedMerchant((answer, False), (OK_EMPTY, False))
+    target = WebhookTarget(await merchant.start(), SECRET, timeout_seconds=1.0)
+    await asyncio.to_thread(target, update(1))
+    await asyncio.to_thread(target, update(2))
+    assert (len(merchant.requests), merchant.connections) == (2, 1), what
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.0 200 OK\r\n\r\nframed by the close",
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    ],
+)
+async def test_an_answer_that_ends_the_connection_is_taken_and_the_next_post_opens_another(
+    answer: bytes,
+) -> None:
+    merchant = CannedMerchant((answer, True), (OK_EMPTY, False))
+    target = WebhookTarget(await merchant.start(), SECRET, timeout_seconds=1.0)
+    await asyncio.to_thread(target, update(1))
+    await asyncio.to_thread(target, update(2))
+    assert (len(merchant.requests), merchant.connections) == (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (b"SPDY/9 what\r\n\r\n", "AnswerError: unreadable answer"),
+        (b"HTTP/1.1 200 O", "AnswerError: connection closed in the middle"),
+        (b"", "AnswerError: connection closed before any answer"),
+    ],
+)
+async def test_an_unreadable_or_missing_answer_is_a_retryable_failure_and_not_sent_again(
+    answer: bytes, error: str
+) -> None:
+    merchant = CannedMerchant((answer, True))
+    target = WebhookTarget(await merchant.start(), SECRET, timeout_seconds=1.0)
+    with pytest.raises(DeliveryError, match=error) as raised:
+        await asyncio.to_thread(target, update(1))
+    assert raised.value.retryable
+    assert len(merchant.requests) == 1
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "merchant.test")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_path, key_path = directory / "merchant.pem", directory / "merchant.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_an_https_merchant_is_posted_to_when_its_certificate_is_trusted_and_refused_otherwise(
+    aiohttp_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert_path, key_path = self_signed_certificate(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert_path, key_path)
+    merchant = Merchant()
+    running = await aiohttp_server(merchant.app(), ssl=tls)
+    url = str(running.make_url("/hooks")).replace("http://", "https://")
+
+    untrusting = WebhookTarget(url, SECRET, timeout_seconds=1.0)
+    with pytest.raises(DeliveryError, match="SSLCertVerificationError") as raised:
+        await asyncio.to_thread(untrusting, update(1))
+    assert raised.value.retryable and merchant.posts == []
+
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert_path))  # the default context trusts it from now on
+    trusting = WebhookTarget(url, SECRET, timeout_seconds=1.0)
+    for n in (2, 3):
+        await asyncio.to_thread(trusting, update(n))
+    assert len(merchant.posts) == 2 and len({port for port, _, _ in merchant.posts}) == 1
+
+
+def test_a_webhook_url_a_request_line_cannot_carry_stops_the_worker_at_start() -> None:
+    with pytest.raises(TargetNotConfigured, match="MERCHANT_WEBHOOK_URL: percent-encode the path"):
+        WebhookTarget("https://merchant.test/hoøks", SECRET, timeout_seconds=1.0)

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import importlib
 import random
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.client import HTTPConnection, HTTPException, HTTPSConnection, RemoteDisconnected
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 from redis import Redis
@@ -32,6 +29,7 @@ from receiver.metrics import count, counter_increment, observation_increments
 from receiver.rediskeys import RedisKeys
 from receiver.retry_after import parse_retry_after
 from receiver.settings import Settings
+from workers.merchant_http import AnswerError, MerchantConnection
 from workers.ordering import OrderChains
 
 MAX_BACKOFF_SECONDS = 3600.0
@@ -39,7 +37,6 @@ USER_AGENT = "intergiro-receiver"
 DELIVERED = counter_increment("intergiro_deliveries_total", outcome="delivered")
 DEAD_LETTERED = counter_increment("intergiro_deliveries_total", outcome="dead_lettered")
 RETRY_SCHEDULED = counter_increment("intergiro_deliveries_total", outcome="retry_scheduled")
-MAX_ANSWER_BYTES = 65536  # of a merchant's answer body read to keep its connection
 
 
 class DeliveryError(Exception):
@@ -79,27 +76,16 @@ def is_retryable_status(status: int) -> bool:
 
 
 class WebhookTarget:
-    """POSTs the update to the merchant, signed per Standard Webhooks, over one kept-alive connection.
-
-    `http.client` directly: urllib3's pool and retry layers cost a worker about twice the CPU per POST
-    (bench/drain), and a worker runs one delivery at a time, so one connection is all it needs.
-    """
+    """POSTs the update to the merchant, signed per Standard Webhooks, over one kept-alive connection."""
 
     name = "webhook"
 
     def __init__(self, url: str, secret: str, timeout_seconds: float) -> None:
-        parts = urlsplit(url)
         self.signer = Webhook(secret)
-        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        if parts.scheme == "https":
-            self.connection: HTTPConnection = HTTPSConnection(
-                parts.hostname or "",
-                parts.port,
-                timeout=timeout_seconds,
-                context=ssl.create_default_context(),
-            )
-        else:
-            self.connection = HTTPConnection(parts.hostname or "", parts.port, timeout=timeout_seconds)
+        try:
+            self.connection = MerchantConnection(url, timeout_seconds)
+        except ValueError as exc:
+            raise TargetNotConfigured(f"MERCHANT_WEBHOOK_URL: {exc}") from None
 
     def __call__(self, update: dict[str, Any]) -> None:
         body = orjson.dumps(update)
@@ -112,37 +98,16 @@ class WebhookTarget:
             "webhook-signature": self.signer.sign(update["id"], sent_at, body.decode()),
             "Idempotency-Key": update["id"],
         }
-        status, retry_after = self.post(body, headers)
+        try:
+            status, retry_after = self.connection.post(body, headers)
+        except (OSError, AnswerError) as exc:  # refused, timed out, reset, TLS, unreadable answer
+            raise DeliveryError(f"POST failed: {type(exc).__name__}: {exc}") from None
         if 200 <= status < 300:
             return
         message = f"merchant answered HTTP {status}"
         if is_retryable_status(status):
             raise DeliveryError(message, parse_retry_after(retry_after))
         raise PermanentDeliveryError(message)
-
-    def post(self, body: bytes, headers: dict[str, str]) -> tuple[int, str | None]:
-        """One POST; its status and Retry-After. A kept-alive connection the merchant closed while idle
-        fails before any answer: that one is sent again, once, on a new connection."""
-        reused = self.connection.sock is not None
-        try:
-            try:
-                return self._exchange(body, headers)
-            except (RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                if not reused:
-                    raise
-                self.connection.close()
-                return self._exchange(body, headers)
-        except (OSError, HTTPException) as exc:  # refused, timed out, unreadable answer
-            self.connection.close()
-            raise DeliveryError(f"POST failed: {type(exc).__name__}: {exc}") from None
-
-    def _exchange(self, body: bytes, headers: dict[str, str]) -> tuple[int, str | None]:
-        self.connection.request("POST", self.path, body=body, headers=headers)
-        response = self.connection.getresponse()
-        response.read(MAX_ANSWER_BYTES)  # the body is not used; read so the connection can be reused
-        if not response.isclosed():  # a longer answer than that: not worth reading to keep the connection
-            self.connection.close()
-        return response.status, response.getheader("Retry-After")
 
 
 class HandlerTarget:
