@@ -74,10 +74,15 @@ def observation_increments(name: str, seconds: float, **labels: str) -> list[tup
     return [(buckets[index] if index < len(buckets) else inf, 1), (total, seconds), (number, 1)]
 
 
+def add(redis: Any, keys: RedisKeys, increments: Iterable[tuple[str, float]]) -> None:
+    """Add (hash field, amount) increments to the shared metrics (on a pipeline: one round trip)."""
+    for field, amount in increments:
+        redis.hincrbyfloat(keys.metrics, field, amount)
+
+
 def observe(redis: Any, keys: RedisKeys, name: str, seconds: float, **labels: str) -> None:
     """Record one observation of a shared histogram (on a pipeline, so it is one round trip)."""
-    for field, amount in observation_increments(name, seconds, **labels):
-        redis.hincrbyfloat(keys.metrics, field, amount)
+    add(redis, keys, observation_increments(name, seconds, **labels))
 
 
 @cache

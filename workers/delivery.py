@@ -25,7 +25,7 @@ from receiver.clock import utc_now
 from receiver.connections import sync_redis
 from receiver.intake import job_data
 from receiver.logs import log
-from receiver.metrics import count, counter_increment, observation_increments
+from receiver.metrics import add, count, counter_increment, observation_increments
 from receiver.rediskeys import RedisKeys
 from receiver.retry_after import parse_retry_after
 from receiver.settings import Settings
@@ -188,18 +188,17 @@ class DeliveryContext:
     keys: RedisKeys
     chains: OrderChains
     targets: list[WebhookTarget | HandlerTarget]
-    started: AttemptStart | None = None  # set by DeliveryWorker when it prepares the job
-    # Set by DeliveryWorker while it runs a job: a delivered update's finish goes into RQ's own record
-    # of the job's success (one transaction) instead of a round trip of its own.
-    finish_with_job: bool = False
-    delivered: tuple[dict[str, Any], list[tuple[str, float]]] | None = None
+    prepared: AttemptStart | None = None  # the attempt DeliveryWorker started as it prepared the job
+    # A list while DeliveryWorker runs a job: delivered updates to finish in RQ's own record of the
+    # job's success (one transaction) instead of a round trip of their own; None: finish at once.
+    finish_with_job: list[tuple[dict[str, Any], list[tuple[str, float]]]] | None = None
 
     def start_attempt(self, update: dict[str, Any]) -> AttemptStart:
         """The attempt's start as DeliveryWorker prepared it, or (under a plain `rq worker`) its own
         round trip."""
-        started, self.started = self.started, None
-        if started is not None and started.update_id == update["id"]:
-            return started
+        prepared, self.prepared = self.prepared, None
+        if prepared is not None and prepared.update_id == update["id"]:
+            return prepared
         with self.redis.pipeline(transaction=True) as pipe:
             start_attempt_commands(pipe, self.keys, update)
             return attempt_start(update, pipe.execute())
@@ -275,8 +274,8 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> None:
     ]
     if failure is None:
         # Delivered: the chain's next step and the attempt's metrics in one script run.
-        if ctx.finish_with_job:
-            ctx.delivered = (update, [*attempt_counters, DELIVERED])
+        if ctx.finish_with_job is not None:
+            ctx.finish_with_job.append((update, [*attempt_counters, DELIVERED]))
         else:
             ctx.chains.finish(update, counters=[*attempt_counters, DELIVERED])
         log.debug("update delivered", update=update["id"], attempt=attempt)
@@ -288,8 +287,7 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> None:
     delay = backoff_delay(attempt, settings.delivery_backoff_seconds, failure.retry_after)
     ctx.chains.schedule_retry(update["id"], time.time() + delay, job_data(update), error, error_at)
     with redis.pipeline(transaction=False) as pipe:
-        for field, amount in [*attempt_counters, RETRY_SCHEDULED]:
-            pipe.hincrbyfloat(keys.metrics, field, amount)
+        add(pipe, keys, [*attempt_counters, RETRY_SCHEDULED])
         pipe.execute()
     log.info(
         "delivery retry scheduled",

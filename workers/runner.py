@@ -104,21 +104,21 @@ class DeliveryWorker(SimpleWorker):
         the job's dependents change): a delivered update is finished in that same transaction."""
         super().increment_successful_job_count(pipeline)
         context = current_context()
-        if pipeline is not None and context.delivered is not None:
-            context.chains.finish_in(pipeline, *context.delivered)
+        if pipeline is not None:
+            for update, counters in context.finish_with_job or ():
+                context.chains.finish_in(pipeline, update, counters)
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
         try:
             super().handle_job_success(job, queue, started_job_registry, execution)
         finally:
-            context = current_context()
-            context.finish_with_job, context.delivered = False, None
+            current_context().finish_with_job = None
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
         """RQ 3.0's preparation of a job (restated: RQ sends it as one transaction and keeps no answer),
         with the start of the delivery attempt in the same transaction, one round trip fewer per job."""
         context = current_context()
-        context.finish_with_job, context.delivered = False, None
+        context.finish_with_job = None
         update = job.args[0] if job.func_name == DELIVER_UPDATE and job.args else None
         if not isinstance(update, dict):
             super().prepare_job_execution(job, remove_from_intermediate_queue)
@@ -134,8 +134,8 @@ class DeliveryWorker(SimpleWorker):
                 pipeline.lrem(queue.intermediate_queue_key, 1, job.id)
             start_attempt_commands(pipeline, context.keys, update)
             answers = pipeline.execute()
-        context.started = attempt_start(update, answers[-3:])
-        context.finish_with_job = True
+        context.prepared = attempt_start(update, answers[-3:])
+        context.finish_with_job = []
         self.procline(f"Processing {job.func_name} from {job.origin} since {time.time()}")  # type: ignore[no-untyped-call]
 
 
