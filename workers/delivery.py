@@ -37,6 +37,10 @@ USER_AGENT = "intergiro-receiver"
 DELIVERED = counter_increment("intergiro_deliveries_total", outcome="delivered")
 DEAD_LETTERED = counter_increment("intergiro_deliveries_total", outcome="dead_lettered")
 RETRY_SCHEDULED = counter_increment("intergiro_deliveries_total", outcome="retry_scheduled")
+ATTEMPTS = {
+    result: counter_increment("intergiro_delivery_attempts_total", result=result)
+    for result in ("success", "retryable", "permanent")
+}
 
 
 class DeliveryError(Exception):
@@ -188,6 +192,7 @@ class DeliveryContext:
     keys: RedisKeys
     chains: OrderChains
     targets: list[WebhookTarget | HandlerTarget]
+    logger: Any  # bound once: structlog's module-level proxy binds anew on every call
     prepared: AttemptStart | None = None  # the attempt DeliveryWorker started as it prepared the job
     # A list while DeliveryWorker runs a job: delivered updates to finish in RQ's own record of the
     # job's success (one transaction) instead of a round trip of their own; None: finish at once.
@@ -207,7 +212,7 @@ class DeliveryContext:
     def create(cls, settings: Settings) -> DeliveryContext:
         redis = sync_redis(settings, timeout=10)
         keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
-        return cls(settings, redis, keys, OrderChains(redis, keys), build_targets(settings))
+        return cls(settings, redis, keys, OrderChains(redis, keys), build_targets(settings), log.bind())
 
 
 _context: DeliveryContext | None = None
@@ -242,7 +247,7 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> None:
         # finished already and runs again because its worker died before RQ recorded the end.
         redis.delete(record)
         count(redis, keys, "intergiro_deliveries_total", outcome="duplicate_skipped")
-        log.info("update already finished, not delivered again", update=update["id"])
+        ctx.logger.info("update already finished, not delivered again", update=update["id"])
         return
     done = {k.decode() for k in fields if k.startswith(b"done:")}
     if attempt > settings.delivery_max_attempts:
@@ -268,17 +273,14 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> None:
             redis.hset(record, f"done:{target.name}", 1)
     elapsed = time.perf_counter() - started
     result = "success" if failure is None else "retryable" if failure.retryable else "permanent"
-    attempt_counters = [
-        counter_increment("intergiro_delivery_attempts_total", result=result),
-        *observation_increments("intergiro_delivery_seconds", elapsed),
-    ]
+    attempt_counters = [ATTEMPTS[result], *observation_increments("intergiro_delivery_seconds", elapsed)]
     if failure is None:
         # Delivered: the chain's next step and the attempt's metrics in one script run.
         if ctx.finish_with_job is not None:
             ctx.finish_with_job.append((update, [*attempt_counters, DELIVERED]))
         else:
             ctx.chains.finish(update, counters=[*attempt_counters, DELIVERED])
-        log.debug("update delivered", update=update["id"], attempt=attempt)
+        ctx.logger.debug("update delivered", update=update["id"], attempt=attempt)
         return
     error, error_at = str(failure), utc_now()
     if not failure.retryable or attempt >= settings.delivery_max_attempts:
@@ -289,7 +291,7 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> None:
     with redis.pipeline(transaction=False) as pipe:
         add(pipe, keys, [*attempt_counters, RETRY_SCHEDULED])
         pipe.execute()
-    log.info(
+    ctx.logger.info(
         "delivery retry scheduled",
         update=update["id"],
         attempt=attempt,
@@ -319,7 +321,7 @@ def dead_letter(
         "dead_lettered_at": utc_now(),
     }
     next_head = ctx.chains.finish(update, orjson.dumps(entry), counters=[*(counters or ()), DEAD_LETTERED])
-    log.warning(
+    ctx.logger.warning(
         "update dead-lettered",
         update=update["id"],
         attempts=attempts,
