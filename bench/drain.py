@@ -1,7 +1,8 @@
 """bench/drain: updates/s the workers deliver, against RQ's own no-op job rate, same run.
 
 Starts its own Redis on a free port and a merchant sink (bench/drain_sink.py, its own process, 200 at
-once). Each round, on a freshly emptied Redis:
+once). Each round, on a freshly emptied Redis, the two systems in turn (delivery first in odd rounds,
+no-op first in even ones):
   delivery  N updates (two events each of N/2 orders, stored through the real `Intake.store`, so one
             order's second update waits for its first) delivered by `intergiro-receiver worker --burst
             --processes P` (DeliveryWorker, a SimpleWorker) as signed POSTs to the sink;
@@ -201,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         for round_number in range(1, args.rounds + 1):
             rates = {}
-            for name, runs in systems.items():
+            # ABBA: the system run first alternates, so a drift of the machine's speed favours neither
+            for name, runs in list(systems.items())[:: 1 if round_number % 2 else -1]:
                 client.flushdb()
                 if name == "delivery":
                     asyncio.run(store_updates(server.url, orders))
