@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -167,6 +168,22 @@ async def test_an_update_run_again_after_its_delivery_finished_is_not_posted_twi
     metrics = await (await receiver.get("/metrics")).text()
     assert 'intergiro_deliveries_total{outcome="duplicate_skipped"} 1.0' in metrics
     assert not sync_redis.exists(RedisKeys().delivery(update_id))
+
+
+async def test_an_update_whose_job_rq_fails_to_clean_up_is_posted_once_and_its_order_moves_on(
+    receiver: Any, rsa_key: Any, sink: Sink, workers: Any, sync_redis: Any
+) -> None:
+    # RQ 3.0 fails to record a job's success when the job's execution registry names an execution
+    # whose hash is gone (seen in the chaos run): it raises before its transaction, runs the job again.
+    ids = await post_order(receiver, rsa_key, "StaleExecution01", EVENTS[:2])
+    sync_redis.zadd(f"rq:executions:{ids[0]}", {"gone-execution": time.time() + 3600})
+    workers(**webhook_settings(sink))
+    await wait_for(lambda: len(sink.received) == 2, what="both updates")
+    await wait_for(lambda: not sync_redis.exists(RedisKeys().order_head("StaleExecution01")))
+    await asyncio.sleep(1.0)  # RQ's second run of the first job, if it POSTed, would be here by now
+    assert [r.headers["webhook-id"] for r in sink.received] == ids
+    metrics = await (await receiver.get("/metrics")).text()
+    assert 'intergiro_deliveries_total{outcome="delivered"} 2.0' in metrics
 
 
 async def test_deliveries_go_on_in_sequence_after_redis_forgets_its_scripts(

@@ -48,9 +48,9 @@ end
 # KEYS: head, waiting, queue, active orders, delivery record, retry schedule, retry jobs, dead letters,
 # metrics. ARGV: update id, order id, job prefix, now, dead-letter entry ('' when delivered), then pairs
 # of metrics field and amount.
-# Ends an update (delivered, or dead-lettered with its entry), counts it in the shared metrics and, when
-# it is its order's head, moves the chain on. Not the head means a redelivery after a crash: the chain
-# has already moved on without it.
+# Ends an update (delivered, or dead-lettered with its entry), counts it in the shared metrics (once: an
+# attempt's delivery record is what the metrics are counted against) and, when it is its order's head,
+# moves the chain on. Not the head means it ran again after it was finished: the chain has moved on.
 FINISH = (
     """
 local head, waiting, queue, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -58,11 +58,12 @@ local id, order_id, job_prefix, now, entry = ARGV[1], ARGV[2], ARGV[3], ARGV[4],
 """
     + ADVANCE
     + """
-redis.call('DEL', KEYS[5])
+if redis.call('DEL', KEYS[5]) == 1 then  -- counted once per attempt, however often it is finished
+  for i = 6, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[9], ARGV[i], ARGV[i + 1]) end
+end
 redis.call('ZREM', KEYS[6], id)
 redis.call('HDEL', KEYS[7], id)
 if entry ~= '' then redis.call('HSET', KEYS[8], id, entry) end
-for i = 6, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[9], ARGV[i], ARGV[i + 1]) end
 if redis.call('GET', head) ~= id then return false end
 return advance()
 """

@@ -109,10 +109,18 @@ class DeliveryWorker(SimpleWorker):
                 context.chains.finish_in(pipeline, update, counters)
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
+        context = current_context()
         try:
             super().handle_job_success(job, queue, started_job_registry, execution)
+        except Exception:
+            # RQ's bookkeeping failed (RQ 3.0 can fail reading a stale execution before its transaction
+            # runs): the merchant has the update all the same, so finish it now, or the job RQ runs
+            # again would POST it again. A finish that did commit is not repeated (ordering.FINISH).
+            for update, counters in context.finish_with_job or ():
+                context.chains.finish(update, counters=counters)
+            raise
         finally:
-            current_context().finish_with_job = None
+            context.finish_with_job = None
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
         """RQ 3.0's preparation of a job (restated: RQ sends it as one transaction and keeps no answer),
