@@ -207,6 +207,7 @@ async def test_an_answer_that_ends_the_connection_is_taken_and_the_next_post_ope
         (b"SPDY/9 what\r\n\r\n", "AnswerError: unreadable answer"),
         (b"HTTP/1.1 200 O", "AnswerError: connection closed in the middle"),
         (b"", "AnswerError: connection closed before any answer"),
+        (b"HTTP/1.1 200 OK\r\n" + b"X-Endless: header\r\n" * 5000, "AnswerError: no status line and headers"),
     ],
 )
 async def test_an_unreadable_or_missing_answer_is_a_retryable_failure_and_not_sent_again(

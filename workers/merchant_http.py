@@ -131,7 +131,9 @@ class MerchantConnection:
                     raise AnswerError("connection closed in the middle of the answer's head")
                 received += len(data)
                 answer.parser.feed_data(data)
-                if received > MAX_ANSWER_BYTES and answer.status and not answer.complete:
+                if received > MAX_ANSWER_BYTES and not answer.complete:
+                    if not answer.status:
+                        raise AnswerError(f"no status line and headers within {MAX_ANSWER_BYTES} bytes")
                     break  # not worth reading on to keep the connection: closed below
         except httptools.HttpParserError as exc:
             raise AnswerError(f"unreadable answer: {exc}") from None
