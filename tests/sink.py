@@ -25,6 +25,7 @@ class Received:
     at: float
     headers: dict[str, str]
     body: bytes
+    port: int = 0  # the client's, to tell connections apart
 
     @property
     def update(self) -> dict[str, Any]:
@@ -38,17 +39,21 @@ class Sink:
     answer: Callable[[str, int], tuple[int, dict[str, str], float]] = lambda _id, _n: (200, {}, 0.0)
     received: list[Received] = field(default_factory=list)
     url: str = ""
+    answer_body: bytes | None = None  # instead of "ok" / "no"
 
     def app(self) -> web.Application:
         async def post(request: web.Request) -> web.Response:
             body = await request.read()
             update_id = request.headers.get("webhook-id", "")
-            got = Received(time.time(), dict(request.headers), body)
+            peer = request.transport.get_extra_info("peername") if request.transport else None
+            got = Received(time.time(), dict(request.headers), body, peer[1] if peer else 0)
             self.received.append(got)
             attempt = sum(1 for r in self.received if r.headers.get("webhook-id") == update_id)
             status, headers, delay = self.answer(update_id, attempt)
             if delay:
                 await asyncio.sleep(delay)
+            if self.answer_body is not None:
+                return web.Response(status=status, headers=headers, body=self.answer_body)
             return web.Response(status=status, headers=headers, text="ok" if status < 300 else "no")
 
         app = web.Application()

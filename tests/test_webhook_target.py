@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -21,7 +20,7 @@ from cryptography.x509.oid import NameOID
 from standardwebhooks.webhooks import Webhook
 
 from tests.redis_server import free_port
-from tests.sink import SECRET
+from tests.sink import SECRET, Sink
 from workers.delivery import DeliveryError, PermanentDeliveryError, TargetNotConfigured, WebhookTarget
 
 
@@ -29,75 +28,51 @@ def update(n: int) -> dict[str, Any]:
     return {"version": 1, "id": f"order{n}-0-order", "order_id": f"order{n}", "status": "ordered"}
 
 
-class Merchant:
-    """Records each POST with the client port it came from; `answer` shapes the response."""
-
-    def __init__(self) -> None:
-        self.posts: list[tuple[int, dict[str, str], bytes]] = []
-        self.status = 200
-        self.body = b"ok"
-        self.delay = 0.0
-
-    def app(self) -> web.Application:
-        async def post(request: web.Request) -> web.Response:
-            body = await request.read()
-            peer = request.transport.get_extra_info("peername") if request.transport else ("", 0)
-            self.posts.append((peer[1], dict(request.headers), body))
-            if self.delay:
-                await asyncio.sleep(self.delay)
-            return web.Response(status=self.status, body=self.body, headers={"Retry-After": "7"})
-
-        app = web.Application()
-        app.router.add_post("/hooks", post)
-        return app
-
-
-async def start(aiohttp_server: Any, merchant: Merchant, **server: Any) -> WebhookTarget:
+async def start(aiohttp_server: Any, merchant: Sink, **server: Any) -> WebhookTarget:
     running = await aiohttp_server(merchant.app(), **server)
     return WebhookTarget(str(running.make_url("/hooks?shop=1")), SECRET, timeout_seconds=1.0)
 
 
 async def test_deliveries_share_one_kept_alive_connection_and_are_signed(aiohttp_server: Any) -> None:
-    merchant = Merchant()
+    merchant = Sink()
     target = await start(aiohttp_server, merchant)
     for n in range(5):
         await asyncio.to_thread(target, update(n))
-    assert len({port for port, _, _ in merchant.posts}) == 1
-    for n, (_, headers, body) in enumerate(merchant.posts):
-        assert Webhook(SECRET).verify(body, headers)["id"] == f"order{n}-0-order"
-        assert headers["Idempotency-Key"] == f"order{n}-0-order"
+    assert len({r.port for r in merchant.received}) == 1
+    for n, received in enumerate(merchant.received):
+        assert Webhook(SECRET).verify(received.body, received.headers)["id"] == f"order{n}-0-order"
+        assert received.headers["Idempotency-Key"] == f"order{n}-0-order"
 
 
 async def test_a_connection_the_merchant_closed_while_idle_is_reopened_and_the_update_posted_once(
     aiohttp_server: Any,
 ) -> None:
-    merchant = Merchant()
+    merchant = Sink()
     target = await start(aiohttp_server, merchant, keepalive_timeout=0.05)
     await asyncio.to_thread(target, update(1))
     await asyncio.sleep(0.3)  # the merchant closes the idle connection; the worker has not noticed
     await asyncio.to_thread(target, update(2))
-    assert [body for _, _, body in merchant.posts].count(merchant.posts[-1][2]) == 1
-    assert len(merchant.posts) == 2
-    assert merchant.posts[0][0] != merchant.posts[1][0]
+    assert [r.headers["webhook-id"] for r in merchant.received] == ["order1-0-order", "order2-0-order"]
+    assert merchant.received[0].port != merchant.received[1].port
 
 
 async def test_a_long_answer_is_not_read_in_full_and_the_next_post_goes_through(
     aiohttp_server: Any,
 ) -> None:
-    merchant = Merchant()
-    merchant.body = b"x" * 2_000_000
+    merchant = Sink()
+    merchant.answer_body = b"x" * 2_000_000
     target = await start(aiohttp_server, merchant)
     await asyncio.to_thread(target, update(1))
     await asyncio.to_thread(target, update(2))
-    assert len(merchant.posts) == 2
+    assert len(merchant.received) == 2
 
 
 @pytest.mark.parametrize(("status", "retryable"), [(503, True), (429, True), (408, True), (404, False)])
 async def test_an_error_answer_is_a_delivery_error_with_the_merchants_retry_after(
     aiohttp_server: Any, status: int, retryable: bool
 ) -> None:
-    merchant = Merchant()
-    merchant.status = status
+    merchant = Sink()
+    merchant.answer = lambda _id, _n: (status, {"Retry-After": "7"}, 0.0)
     target = await start(aiohttp_server, merchant)
     with pytest.raises(DeliveryError) as raised:
         await asyncio.to_thread(target, update(1))
@@ -106,18 +81,18 @@ async def test_an_error_answer_is_a_delivery_error_with_the_merchants_retry_afte
     assert f"HTTP {status}" in str(raised.value)
     if retryable:
         assert raised.value.retry_after == 7.0
-    merchant.status = 200
+    merchant.answer = lambda _id, _n: (200, {}, 0.0)
     await asyncio.to_thread(target, update(2))  # the connection is still good for the next update
 
 
 async def test_a_merchant_slower_than_the_timeout_is_a_retryable_failure(aiohttp_server: Any) -> None:
-    merchant = Merchant()
-    merchant.delay = 3.0
+    merchant = Sink()
+    merchant.answer = lambda _id, _n: (200, {}, 3.0)
     target = await start(aiohttp_server, merchant)
     with pytest.raises(DeliveryError, match="TimeoutError") as raised:
         await asyncio.to_thread(target, update(1))
     assert raised.value.retryable
-    assert len(merchant.posts) == 1  # a timed-out POST is not sent again within the attempt
+    assert len(merchant.received) == 1  # a timed-out POST is not sent again within the attempt
 
 
 async def test_a_merchant_not_listening_is_a_retryable_failure() -> None:
@@ -249,20 +224,20 @@ async def test_an_https_merchant_is_posted_to_when_its_certificate_is_trusted_an
     cert_path, key_path = self_signed_certificate(tmp_path)
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(cert_path, key_path)
-    merchant = Merchant()
+    merchant = Sink()
     running = await aiohttp_server(merchant.app(), ssl=tls)
     url = str(running.make_url("/hooks")).replace("http://", "https://")
 
     untrusting = WebhookTarget(url, SECRET, timeout_seconds=1.0)
     with pytest.raises(DeliveryError, match="SSLCertVerificationError") as raised:
         await asyncio.to_thread(untrusting, update(1))
-    assert raised.value.retryable and merchant.posts == []
+    assert raised.value.retryable and merchant.received == []
 
     monkeypatch.setenv("SSL_CERT_FILE", str(cert_path))  # the default context trusts it from now on
     trusting = WebhookTarget(url, SECRET, timeout_seconds=1.0)
     for n in (2, 3):
         await asyncio.to_thread(trusting, update(n))
-    assert len(merchant.posts) == 2 and len({port for port, _, _ in merchant.posts}) == 1
+    assert len(merchant.received) == 2 and len({r.port for r in merchant.received}) == 1
 
 
 def test_a_webhook_url_a_request_line_cannot_carry_stops_the_worker_at_start() -> None:
