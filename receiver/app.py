@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import orjson
@@ -28,20 +29,38 @@ from receiver.errors import (
     NotTrusted,
     Unavailable,
     UnsupportedMediaType,
+    clip,
 )
 from receiver.intake import Intake
 from receiver.keys import TrustedKey
 from receiver.logs import log
 from receiver.metrics import ReceiverMetrics
-from receiver.order import build_updates, is_error_object, parse_order
+from receiver.order import OrderLimits, build_updates, event_key, is_error_object, parse_order
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
-from receiver.verify import NoKeyVerifies, Verified, strict_json, verify_local, verify_remote
+from receiver.verify import (
+    NoKeyVerifies,
+    Unrepresentable,
+    Verified,
+    strict_json,
+    verify_local,
+    verify_remote,
+)
 
 CALLBACK_PATH = "/callbacks/intergiro"
 ACCEPTED_TYPES = ("application/jwt", "application/json")
-ERROR_NOTES_KEPT = 1000
+# Intergiro Error objects arrive unsigned: what is kept of them is bounded in count, size and time
+# (a note is at most a few KiB: five short fields and three of its `content`), so no flood of them can
+# fill Redis and push it to refuse signed callbacks.
+ERROR_NOTES_KEPT = 200
+ERROR_NOTE_TEXT_CHARS = 200
+ERROR_NOTES_TTL_SECONDS = 7 * 86400
 LINGER_SECONDS = 1.0
+# A callback with this many events or more is checked against the order's seen events before its
+# updates are built: a replay of a long event list then costs one read, not the job data of every event.
+# (A first callback carries one event, which is all but always new: that read would be a round trip
+# in vain.)
+PRECHECK_MIN_EVENTS = 2
 # Fields of an Intergiro Error object worth keeping: its `content` may carry a 3-D Secure `pareq`,
 # which embeds the card number, so only these are ever logged or stored.
 ERROR_FIELDS = ("status", "type", "error", "description", "id")
@@ -55,6 +74,7 @@ METRICS = web.AppKey("metrics", ReceiverMetrics)
 KEYS = web.AppKey("keys", RedisKeys)
 TRUSTED_KEYS = web.AppKey("trusted_keys", tuple[TrustedKey, ...])
 ORDER_ID = web.RequestKey("order_id", str)
+ORDER_LIMITS = web.AppKey("order_limits", OrderLimits)
 CALLBACK_LOG = web.AppKey("callback_log", structlog.typing.FilteringBoundLogger)
 
 
@@ -139,22 +159,41 @@ async def verify_callback(app: web.Application, body: bytes, content_type: str) 
         metrics.observe_verification("remote", time.perf_counter() - started)
 
 
-async def note_error_object(app: web.Application, error: dict[str, Any], received_at: str) -> None:
-    """Keep an Intergiro Error object (safe fields only) in a capped list for ops."""
+def error_note(error: dict[str, Any], received_at: str) -> dict[str, Any]:
+    """What is kept of an Error object: the allowlisted fields only, each text cut short."""
     raw_content = error.get("content")
     content: dict[str, Any] = raw_content if isinstance(raw_content, dict) else {}
-    note: dict[str, Any] = {k: error[k] for k in ERROR_FIELDS if isinstance(error.get(k), str | int)}
-    note["content"] = {k: content[k] for k in ERROR_CONTENT_FIELDS if isinstance(content.get(k), str)}
+    note: dict[str, Any] = {}
+    for name in ERROR_FIELDS:
+        value = error.get(name)
+        if isinstance(value, str):
+            note[name] = clip(value, ERROR_NOTE_TEXT_CHARS)
+        elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1000:
+            note[name] = value
+    note["content"] = {
+        k: clip(content[k], ERROR_NOTE_TEXT_CHARS)
+        for k in ERROR_CONTENT_FIELDS
+        if isinstance(content.get(k), str)
+    }
     note["received_at"] = received_at
+    return note
+
+
+async def note_error_object(app: web.Application, error: dict[str, Any], received_at: str) -> None:
+    """Keep an Intergiro Error object (safe fields, cut short) in a bounded, expiring list for ops."""
+    note = error_note(error, received_at)
     key = app[KEYS].error_notes
     try:
         async with app[REDIS].pipeline(transaction=True) as pipe:
             pipe.lpush(key, orjson.dumps(note))
             pipe.ltrim(key, 0, ERROR_NOTES_KEPT - 1)
-            await pipe.execute()
+            pipe.expire(key, ERROR_NOTES_TTL_SECONDS)
+            length, _, _ = await pipe.execute()
     except RedisError:
         raise Unavailable("redis not reachable") from None
     app[METRICS].error_objects.inc()
+    if length > ERROR_NOTES_KEPT:
+        app[METRICS].error_notes_dropped.inc(length - ERROR_NOTES_KEPT)
     log.warning(
         "intergiro error object received", error_status=note.get("status"), error_type=note.get("type")
     )
@@ -172,6 +211,8 @@ async def receive_callback(request: web.Request) -> web.Response:
     if content_type == "application/json":
         try:
             parsed = strict_json(body)
+        except Unrepresentable as exc:
+            raise BadCallback(f"body: {exc}") from None
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise BadCallback("body is not JSON") from None
         if is_error_object(parsed):
@@ -179,13 +220,26 @@ async def receive_callback(request: web.Request) -> web.Response:
             app[METRICS].count_callback("error_noted")
             return json_response({"status": "error-noted"})
     verified = await verify_callback(app, body, content_type)
-    order = parse_order(verified.order)
+    order = parse_order(verified.order, app[ORDER_LIMITS])
     request[ORDER_ID] = order["id"]
-    updates = build_updates(order, received_at=received_at, verified_by=verified.verified_by)
-    try:
-        queued = await app[INTAKE].store(updates, received_at)
-    except RedisError:
-        raise Unavailable("redis not reachable; nothing was stored") from None
+    events = order.get("event") or ()
+    new: set[str] | None = None  # event keys not seen yet; None: not looked up
+    if len(events) >= PRECHECK_MIN_EVENTS:
+        try:
+            new = await app[INTAKE].new_events(
+                order["id"], [event_key(i, e["type"]) for i, e in enumerate(events)]
+            )
+        except RedisError:
+            raise Unavailable("redis not reachable; nothing was stored") from None
+    queued: list[str] = []
+    if new is None or new:
+        updates = build_updates(order, received_at=received_at, verified_by=verified.verified_by)
+        if new is not None:
+            updates = [u for u in updates if event_key(u["event"]["sequence"], u["event"]["type"]) in new]
+        try:
+            queued = await app[INTAKE].store(updates, received_at)
+        except RedisError:
+            raise Unavailable("redis not reachable; nothing was stored") from None
     outcome = "accepted" if queued else "duplicate"
     app[METRICS].count_callback(outcome)
     app[METRICS].updates_queued.inc(len(queued))
@@ -199,7 +253,7 @@ async def receive_callback(request: web.Request) -> web.Response:
             "status": "accepted",
             "order": order["id"],
             "queued": queued,
-            "duplicates": len(updates) - len(queued),
+            "duplicates": max(len(events), 1) - len(queued),
         }
     )
 
@@ -268,6 +322,7 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = ReceiverMetrics()
     app[KEYS] = RedisKeys(settings.redis_key_prefix, settings.queue_name)
     app[TRUSTED_KEYS] = settings.trusted_keys
+    app[ORDER_LIMITS] = settings.order_limits
     app.cleanup_ctx.append(_resources)
     app.router.add_post(CALLBACK_PATH, answer_rejections(receive_callback))
     app.router.add_get("/healthz", healthz)
@@ -276,16 +331,71 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+# The request head a client may send: a request line or header line of at most HEADER_LINE_BYTES, at
+# most MAX_HEADERS header lines (so at most 32 x 4 KiB = 128 KiB of head per connection, where aiohttp's
+# defaults allow 128 x 8 KiB); past them aiohttp answers 400 itself and closes the connection.
+HEADER_LINE_BYTES = 4096
+MAX_HEADERS = 32
+
+
 def server_options(settings: Settings) -> dict[str, Any]:
-    """aiohttp server options (for `run_app` and `AppRunner`): a connection without a complete request
-    (idle, or headers trickled in slowly) is closed after the idle timeout, where aiohttp's default
-    would keep it for an hour; after an early answer (408, 413) what the client still sends is read
-    and dropped for at most LINGER_SECONDS, so it sees the answer rather than a reset."""
+    """aiohttp server options (for `AppRunner`): a connection without a complete request (idle, or
+    headers trickled in slowly) is closed after the idle timeout, where aiohttp's default would keep
+    it for an hour; after an early answer (408, 413) what the client still sends is read and dropped
+    for at most LINGER_SECONDS, so it sees the answer rather than a reset; the request head is bounded."""
     return {
         "keepalive_timeout": settings.receiver_idle_timeout_seconds,
         "lingering_time": LINGER_SECONDS,
         "access_log": None,
+        "max_line_size": HEADER_LINE_BYTES,
+        "max_field_size": HEADER_LINE_BYTES,
+        "max_headers": MAX_HEADERS,
     }
+
+
+_BUSY_BODY = b'{"status":"rejected","error":"unavailable","reason":"too many connections"}'
+BUSY_ANSWER = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\nContent-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY
+)
+
+
+class _Busy(asyncio.Protocol):
+    """A connection past the process's limit: answered 503 at once. What the client still sends is
+    read and dropped for at most LINGER_SECONDS (closing on unread data would reset the connection
+    before the client read the answer), keeping nothing."""
+
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, base)  # a stream server's transport (uvloop's is no subclass)
+        transport.write(BUSY_ANSWER)
+        if transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        self.transport.close()
+        return False
+
+
+async def listen(runner: web.AppRunner, host: str, port: int, max_connections: int) -> asyncio.Server:
+    """Accept connections for a set-up runner on host:port, at most `max_connections` open at once
+    (each past them is answered 503 and closed, and counted). aiohttp's sites have no such limit, so
+    the listening socket is asyncio's own, serving the runner's public `server`."""
+    server = runner.server
+    assert server is not None, "set the runner up first"
+    refused = runner.app[METRICS].connections_refused
+
+    def connection() -> asyncio.Protocol:
+        if len(server.connections) >= max_connections:
+            refused.inc()
+            return _Busy()
+        return server()
+
+    return await asyncio.get_running_loop().create_server(connection, host, port, reuse_address=True)
 
 
 def event_loop() -> asyncio.AbstractEventLoop:
@@ -313,13 +423,30 @@ def serve(settings: Settings) -> None:
         port=settings.receiver_port,
         verify=settings.intergiro_verify,
     )
+    loop = event_loop()
+    try:
+        loop.run_until_complete(_serve(settings))
+    finally:
+        loop.close()
+
+
+async def _serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then stop accepting and let the requests in flight finish."""
     app = create_app(settings)
     app.on_startup.append(freeze_startup_objects)
-    web.run_app(
-        app,
-        loop=event_loop(),
-        host=settings.receiver_host,
-        port=settings.receiver_port,
-        print=None,
-        **server_options(settings),
-    )
+    runner = web.AppRunner(app, handle_signals=False, **server_options(settings))
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop.set)
+    try:
+        server = await listen(
+            runner, settings.receiver_host, settings.receiver_port, settings.receiver_max_connections
+        )
+        try:
+            await stop.wait()
+        finally:
+            server.close()  # no new connections; the runner's cleanup ends the open ones
+    finally:
+        await runner.cleanup()

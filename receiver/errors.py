@@ -18,8 +18,17 @@ class CallbackRejected(Exception):
     error = "bad request"
 
     def __init__(self, reason: str) -> None:
+        reason = clip(reason)
         super().__init__(reason)
         self.reason = reason
+
+
+REASON_CHARS = 200
+
+
+def clip(text: str, limit: int = REASON_CHARS) -> str:
+    """Text that came (in part) from a client, cut to `limit` characters for a log line or an answer."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class BadCallback(CallbackRejected):

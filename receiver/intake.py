@@ -139,6 +139,21 @@ class Intake:
         queued = await answer
         return [q.decode() if isinstance(q, bytes) else str(q) for q in queued]
 
+    async def new_events(self, order_id: str, event_keys: Sequence[str]) -> set[str]:
+        """The event keys of `order_id` not seen yet: read before any job data is built, so a replay
+        costs one round trip. Only a shortcut: `store` decides again, atomically. Renews the seen
+        events' expiry as storing would (they are remembered DEDUP_TTL_SECONDS after the last callback)."""
+        seen = self.keys.seen(order_id)
+        try:
+            async with asyncio.timeout(self.timeout_seconds):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.hmget(seen, list(event_keys))
+                    pipe.expire(seen, self.ttl)
+                    flags, _ = await pipe.execute()
+        except TimeoutError:
+            raise RedisTimeoutError(f"no answer from Redis within {self.timeout_seconds:g} s") from None
+        return {key for key, flag in zip(event_keys, flags, strict=True) if flag is None}
+
     async def _run(self, calls: list[list[Any]]) -> list[Any]:
         """One write of script calls on one connection, then their answers in order; with
         REDIS_MIN_REPLICAS, a WAIT after them on the same connection, so no caller hears "stored"

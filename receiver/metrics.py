@@ -157,6 +157,16 @@ class ReceiverMetrics:
             "Intergiro Error objects received as callbacks.",
             registry=self.registry,
         )
+        self.error_notes_dropped = Counter(
+            "intergiro_error_notes_dropped_total",
+            "Notes of Intergiro Error objects pushed out of the bounded list by newer ones.",
+            registry=self.registry,
+        )
+        self.connections_refused = Counter(
+            "intergiro_connections_refused_total",
+            "Connections answered 503 at once because the process had RECEIVER_MAX_CONNECTIONS open.",
+            registry=self.registry,
+        )
         self.verification_seconds = Histogram(
             "intergiro_verification_seconds",
             "Time to verify one callback, by method.",

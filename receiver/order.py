@@ -9,12 +9,13 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 import orjson
 
-from receiver.errors import BadCallback
+from receiver.errors import BadCallback, BodyTooLarge
 from receiver.status import StatusError, history_and_amount, minor_units
 
 UPDATE_VERSION = 1
@@ -28,6 +29,20 @@ MAX_ITEMS = 1000
 # Larger numbers are no real price or quantity, and would overflow floats and Decimal's precision.
 MAX_NUMBER = 1e12
 MAX_DEPTH = 32  # of nested objects and lists anywhere in an order (`meta` included)
+
+
+@dataclass(frozen=True)
+class OrderLimits:
+    """How much of an order one callback may carry into its updates: `meta` and `customer` are copied
+    into every update, so they and the number of events bound what one signed callback can queue
+    (MAX_CALLBACK_EVENTS, MAX_META_BYTES, MAX_CUSTOMER_BYTES; sizes as compact JSON)."""
+
+    max_events: int = 200
+    max_meta_bytes: int = 16_384
+    max_customer_bytes: int = 4_096
+
+
+DEFAULT_LIMITS = OrderLimits()
 _ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _CURRENCY = re.compile(r"[A-Z]{3}")
 _CAMEL = re.compile(r"(?<=[a-z0-9])([A-Z])")
@@ -181,8 +196,17 @@ def _items_problem(items: Any) -> str | None:
     return " is not a number, an item or a list of items"
 
 
-def parse_order(body: Any) -> dict[str, Any]:
-    """Check that a trusted JSON value is an order we can normalize; raises BadCallback naming the field."""
+def _json_size(value: Any) -> int:
+    """Bytes of `value` as compact JSON (the parsers gave only values orjson writes)."""
+    try:
+        return len(orjson.dumps(value))
+    except orjson.JSONEncodeError:
+        raise BadCallback("order holds a value that cannot be written as JSON") from None
+
+
+def parse_order(body: Any, limits: OrderLimits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """Check that a trusted JSON value is an order we can normalize; raises BadCallback naming the field
+    (BodyTooLarge when it carries more than `limits` allow)."""
     if not isinstance(body, dict):
         raise BadCallback("body is not an order object")
     order: dict[str, Any] = body
@@ -217,8 +241,12 @@ def parse_order(body: Any) -> dict[str, Any]:
     events = order.get("event", [])
     if not isinstance(events, list):
         raise BadCallback("order event is not a list")
-    if len(events) > MAX_EVENTS:
-        raise BadCallback(f"order has more than {MAX_EVENTS} events")
+    if len(events) > min(MAX_EVENTS, limits.max_events):
+        raise BodyTooLarge(f"order has more than {min(MAX_EVENTS, limits.max_events)} events")
+    for name, limit in (("meta", limits.max_meta_bytes), ("customer", limits.max_customer_bytes)):
+        value = order.get(name)
+        if isinstance(value, str | dict | list) and _json_size(value) > limit:
+            raise BodyTooLarge(f"order {name} is larger than {limit} bytes")
     for index, event in enumerate(events):
         if not isinstance(event, dict):
             raise BadCallback(f"event[{index}] is not an object")

@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 
 from receiver.errors import ConfigError
 from receiver.keys import INTERGIRO_ENVIRONMENTS, TrustedKey, intergiro_key, load_public_key, split_key_list
+from receiver.order import MAX_EVENTS, OrderLimits
 
 VERIFY_MODES = ("local", "remote", "local-then-remote")
 LOG_FORMATS = ("json", "console")
@@ -46,6 +47,10 @@ class Settings:
     delivery_backoff_seconds: float = 2.0
     delivery_timeout_seconds: float = 10.0
     max_body_bytes: int = 262_144
+    max_callback_events: int = 200
+    max_meta_bytes: int = 16_384
+    max_customer_bytes: int = 4_096
+    receiver_max_connections: int = 512
     reconcile_interval_seconds: int = 0
     reconcile_lookback_seconds: int = 172_800
     log_format: str = "json"
@@ -64,6 +69,10 @@ class Settings:
     def remote_verification(self) -> bool:
         """Whether any callback may be sent to Intergiro's verify endpoint."""
         return self.intergiro_verify != "local"
+
+    @property
+    def order_limits(self) -> OrderLimits:
+        return OrderLimits(self.max_callback_events, self.max_meta_bytes, self.max_customer_bytes)
 
     def with_changes(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -146,6 +155,16 @@ class _Reader:
                 "DELIVERY_TIMEOUT_SECONDS", d.delivery_timeout_seconds, _positive_float
             ),
             max_body_bytes=self.get("MAX_BODY_BYTES", d.max_body_bytes, _int_between(1024, 64 * 1024 * 1024)),
+            max_callback_events=self.get(
+                "MAX_CALLBACK_EVENTS", d.max_callback_events, _int_between(1, MAX_EVENTS)
+            ),
+            max_meta_bytes=self.get("MAX_META_BYTES", d.max_meta_bytes, _int_between(2, 16 * 1024 * 1024)),
+            max_customer_bytes=self.get(
+                "MAX_CUSTOMER_BYTES", d.max_customer_bytes, _int_between(2, 16 * 1024 * 1024)
+            ),
+            receiver_max_connections=self.get(
+                "RECEIVER_MAX_CONNECTIONS", d.receiver_max_connections, _int_between(1, 100_000)
+            ),
             reconcile_interval_seconds=self.get(
                 "RECONCILE_INTERVAL_SECONDS", d.reconcile_interval_seconds, _int_between(0, 86400 * 7)
             ),

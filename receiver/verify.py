@@ -13,6 +13,7 @@ import base64
 import binascii
 import functools
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -67,8 +68,10 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def strict_json(data: bytes | str) -> Any:
-    """Parse JSON, refusing duplicate keys (two parsers could read two different orders).
+def strict_json(data: bytes | str, *, writable: bool = True) -> Any:
+    """Parse JSON, refusing duplicate keys (two parsers could read two different orders) and, unless
+    `writable` is false, values no update could carry (Unrepresentable, naming where; with `writable`
+    false such numbers are left in the value as `_NotFinite` objects, for callers that check a part).
 
     orjson parses first (three times faster), and its value is taken only when it surely is the
     standard library's. That is so when orjson writes the text back byte for byte (as it does the
@@ -79,8 +82,9 @@ def strict_json(data: bytes | str) -> Any:
     every colon is a key's or inside a string; a colon spelled `\\u003a` could hide that, so such text
     is left to the standard library) and the text held no integer beyond 64 bits (orjson reads one as
     a float of 1e16 or more, written back with `e+`, so any `e+` is sent to the standard library).
-    Anything else goes to the standard library, which gives the answer or the error it always gave:
-    NaN, lone surrogates, UTF-16, integers beyond 64 bits, repeated keys.
+    Anything else goes to the standard library, which gives the answer or the error it always gave
+    (UTF-16, repeated keys), and its value is then checked for what orjson cannot write: NaN and
+    infinities (also `1e400`), lone surrogates, integers beyond 64 bits.
     """
     # `a not in x or b not in x` first looks for one byte (memchr), for the longer string only when
     # that byte is there.
@@ -95,7 +99,84 @@ def strict_json(data: bytes | str) -> Any:
                 compact.count(b":") == data.count(b":") and (b"+" not in compact or b"e+" not in compact)
             ):
                 return value
-    return json.loads(data, object_pairs_hook=_reject_duplicate_keys)
+    value = json.loads(
+        data,
+        object_pairs_hook=_reject_duplicate_keys,
+        parse_constant=_NotFinite,
+        parse_float=_finite_float,
+    )
+    if writable:
+        check_writable(value)
+    return value
+
+
+def check_writable(value: Any) -> None:
+    """Raise Unrepresentable, naming the place, when orjson cannot write `value` (or any of it)."""
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        raise Unrepresentable(_unrepresentable_place(value)) from None
+
+
+class Unrepresentable(ValueError):
+    """JSON that parses but that no update could carry, naming where: a lone surrogate (what JavaScript
+    writes for a string cut inside an emoji), an integer beyond 64 bits, a number that is not finite
+    (`NaN`, `Infinity`, `1e400`), or nesting deeper than any update is written."""
+
+
+class _NotFinite:
+    """A number the standard library would read as NaN or an infinity, kept as its text until the
+    place that holds it is named (orjson writes no object of this class)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _finite_float(text: str) -> float | _NotFinite:
+    value = float(text)
+    return value if math.isfinite(value) else _NotFinite(text)
+
+
+_INT64_LOW, _UINT64_HIGH = -(2**63), 2**64 - 1
+_WRITABLE_DEPTH = 254  # orjson's limit
+
+
+def _problem(value: Any) -> str | None:
+    """What makes a scalar unwritable, or None."""
+    if isinstance(value, _NotFinite):
+        return f"holds the number {value.text[:20]}, which is not finite"
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT64_LOW <= value <= _UINT64_HIGH:
+        return "holds an integer beyond 64 bits"
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return "holds a lone surrogate (a string cut inside a character)"
+    return None
+
+
+def _unrepresentable_place(value: Any) -> str:
+    """`<place> <problem>` for the first value (or key) orjson cannot write; walked without recursion."""
+    stack: list[tuple[str, Any, int]] = [("", value, 0)]
+    while stack:
+        place, item, depth = stack.pop()
+        if isinstance(item, dict | list) and depth >= _WRITABLE_DEPTH:
+            return f"{place or 'the value'} is nested too deeply"
+        if isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                problem = _problem(key)
+                if problem is not None:
+                    return f"a key of {place or 'the object'} {problem}"
+                stack.append((f"{place}.{key}" if place else str(key), child, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((f"{place}[{i}]", child, depth + 1) for i, child in reversed(list(enumerate(item))))
+        else:
+            problem = _problem(item)
+            if problem is not None:
+                return f"{place or 'the value'} {problem}"
+    return "the value cannot be written as JSON"
 
 
 def _base64url_decode(segment: bytes) -> bytes:
@@ -249,6 +330,11 @@ def verify_local(token: bytes, keys: Sequence[TrustedKey], audience: str) -> Ver
             continue
         try:
             claims = strict_json(payload)
+        except Unrepresentable as exc:  # signed, so Intergiro's own: refused as content, not as a forgery
+            claims = strict_json(payload, writable=False)  # unless its claims make it no token for us
+            if isinstance(claims, dict):
+                check_claims(claims, audience)
+            raise BadCallback(f"token payload: {exc}") from None
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise NotTrusted("token payload is not a JSON object (or repeats a key)") from None
         if not isinstance(claims, dict):

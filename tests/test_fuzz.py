@@ -208,8 +208,9 @@ def test_strict_json_reads_every_text_as_the_standard_librarys_strict_parse(
     value: Any, ascii_only: bool, compact: bool, repeat_keys: bool, at: int, splice: str, data: st.DataObject
 ) -> None:
     """The orjson fast path answers exactly what `json.loads` with the duplicate-key hook answers:
-    the same value, or the same kind of error (repeated keys, NaN, huge integers, bad bytes); also on
-    compact text, which orjson often writes back byte for byte."""
+    the same value, or the same kind of error (repeated keys, bad bytes), and Unrepresentable where that
+    value holds NaN, an infinity, an integer beyond 64 bits or a lone surrogate; also on compact text,
+    which orjson often writes back byte for byte."""
     comma = "," if compact else ", "
     text = json.dumps(value, ensure_ascii=ascii_only, separators=(comma, ":" if compact else ": "))
     if repeat_keys and text.startswith("{") and text != "{}":
@@ -219,7 +220,25 @@ def test_strict_json_reads_every_text_as_the_standard_librarys_strict_parse(
         text = text[:at] + splice + text[at:]
     raw = text.encode("utf-8", "surrogatepass")
     standard = outcome(lambda b: json.loads(b, object_pairs_hook=_reject_duplicate_keys), raw)
+    if standard[0] == "value" and not writable(json.loads(raw)):
+        standard = ("error", "Unrepresentable")  # what no update could carry is refused, not read
     assert outcome(strict_json, raw) == standard
+
+
+def writable(value: Any) -> bool:
+    """Whether a value the standard library read holds nothing an update cannot carry: no NaN or
+    infinity, no integer beyond 64 bits, no lone surrogate (in a string or a key)."""
+    if isinstance(value, float):
+        return value == value and value not in (float("inf"), float("-inf"))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return -(2**63) <= value < 2**64
+    if isinstance(value, str):
+        return not any(0xD800 <= ord(c) <= 0xDFFF for c in value)
+    if isinstance(value, list):
+        return all(writable(v) for v in value)
+    if isinstance(value, dict):
+        return all(writable(k) and writable(v) for k, v in value.items())
+    return True
 
 
 @PURE
@@ -449,7 +468,11 @@ def assert_refused_without_a_trace(status: int, body: bytes, store: redis.Redis)
 def post_signed(live: ReceiverThread, store: redis.Redis, claims: Any, rsa_key: Any) -> tuple[int, bytes]:
     """POST an order signed with a trusted key; a 200 must have queued only schema-valid updates."""
     status, body = live.post(
-        token(claims, rsa_key) if isinstance(claims, dict) else signed_raw(claims, rsa_key)
+        claims
+        if isinstance(claims, bytes)
+        else token(claims, rsa_key)
+        if isinstance(claims, dict)
+        else signed_raw(claims, rsa_key)
     )
     assert status < 500, (status, body[:300])
     if status == 200:
@@ -511,6 +534,42 @@ def test_signed_orders_with_any_field_of_any_type_are_answered_4xx_or_queue_vali
     status, _ = post_signed(live, store, order, rsa_key)
     if not isinstance(order, dict):
         assert status in (400, 401)
+
+
+# JSON text no encoder writes, and strings far longer than any real field.
+HOSTILE_TEXTS = st.sampled_from(
+    ['"\\ud83d"', '"cut \\ud83d"', '"\\udc00 low"', '{"\\ud800": 1}', '["\\udfff"]',
+     "18446744073709551616", "-9223372036854775809", "1180591620717411303424", "NaN", "Infinity",
+     "-Infinity", "1e400", "-1e999", '{"deep": [NaN]}']
+) | st.integers(5_000, 200_000).map(lambda n: json.dumps("s" * n))  # fmt: skip
+
+
+@HTTP
+@given(st.sampled_from(ORDER_PATHS), HOSTILE_TEXTS)
+def test_unwritable_values_and_oversized_strings_in_any_field_are_answered_4xx_or_queue_valid_updates(
+    live: ReceiverThread, store: redis.Redis, rsa_key: Any, path: tuple[str | int, ...], raw: str
+) -> None:
+    """A lone surrogate, an integer beyond 64 bits, a number that is not finite or a string of up to
+    200,000 characters, at any place of a signed order: 4xx (400 naming the place for what no update can
+    carry), or, for a string the order may hold, schema-valid updates. Never a 5xx."""
+    CASES["http hostile values"] += 1
+    payload = json.dumps(
+        {"iss": "payfunc", "aud": "production", "iat": 1_600_000_000_000, **with_value(path, "@")}
+    ).replace('"@"', raw)
+    status, answer = post_signed(live, store, jwt_raw(payload, rsa_key), rsa_key)
+    unwritable = (
+        any(marker in raw for marker in ("\\u", "NaN", "Infinity", "e4", "e9"))
+        or raw.lstrip("-")[:1].isdigit()
+    )
+    if unwritable:
+        assert status == 400, (path, raw, answer[:300])
+        assert str(path[0]) in json.loads(answer)["reason"], answer[:300]
+
+
+def jwt_raw(payload: str, rsa_key: Any) -> bytes:
+    import jwt
+
+    return jwt.api_jws.encode(payload.encode(), rsa_key, algorithm="RS256").encode()
 
 
 @HTTP
