@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -98,9 +99,17 @@ async def test_a_verify_answer_past_its_bound_is_answered_503_without_reading_it
 
     fake_intergiro.state["verify_answer"] = endless
     receiver = await remote_receiver()
-    answer = await receiver.post(PATH, data=known_token(fake_intergiro, stranger_key), headers=JWT)
+    body = known_token(fake_intergiro, stranger_key)
+    tracemalloc.start()
+    try:
+        answer = await receiver.post(PATH, data=body, headers=JWT)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
     assert answer.status == 503, await answer.text()
+    assert peak < 3 * MAX_VERIFY_ANSWER_BYTES  # what was read, and no more
     assert f"larger than {MAX_VERIFY_ANSWER_BYTES} bytes" in (await answer.json())["reason"]
+    assert sent < MAX_VERIFY_ANSWER_BYTES + 5 * 1024 * 1024  # the receiver hung up, not read to its end
     assert list(sync_redis.scan_iter("*")) == []
 
 
