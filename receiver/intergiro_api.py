@@ -136,7 +136,7 @@ class OrderApi:
         self.retry = retry or RetryPolicy()
         self.max_page_bytes = max_page_bytes
 
-    async def pages(self, day: date) -> AsyncGenerator[list[Any]]:
+    async def pages(self, day: date) -> AsyncGenerator[list[Any], None]:
         """The orders created on `day`, page by page, following `next`/continuation or a `Link` header."""
         query = {"start": day.isoformat(), "end": (day + timedelta(days=1)).isoformat()}
         url: str = self.base + ORDER_LIST_PATH
