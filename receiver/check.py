@@ -9,6 +9,7 @@ from redis.asyncio.sentinel import MasterNotFoundError
 from redis.exceptions import RedisError
 
 from receiver.connections import async_redis
+from receiver.intergiro_api import new_session, verify_url
 from receiver.settings import Settings
 
 
@@ -28,10 +29,10 @@ async def find_problems(settings: Settings) -> list[str]:
     finally:
         await redis.aclose()
     if settings.remote_verification:
-        url = f"{settings.intergiro_api_url}/v1/worker-order/order/verify"
+        url = verify_url(settings.intergiro_api_url)
         try:
             async with (
-                aiohttp.ClientSession() as session,
+                new_session(settings) as session,
                 session.post(
                     url,
                     data=b"check",
@@ -40,6 +41,7 @@ async def find_problems(settings: Settings) -> list[str]:
                         "Authorization": f"Bearer {settings.intergiro_api_key}",
                     },
                     timeout=aiohttp.ClientTimeout(total=settings.intergiro_api_timeout_seconds),
+                    allow_redirects=False,
                 ) as answer,
             ):
                 if answer.status in (401, 403):
@@ -48,6 +50,11 @@ async def find_problems(settings: Settings) -> list[str]:
                     )
                 elif answer.status >= 500:
                     problems.append(f"INTERGIRO_API_URL: the verify endpoint answered {answer.status}")
+                elif 300 <= answer.status < 400:
+                    problems.append(
+                        f"INTERGIRO_API_URL: the verify endpoint answered a redirect ({answer.status}); "
+                        "the receiver follows none: set the URL it points to"
+                    )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             problems.append(f"INTERGIRO_API_URL: cannot reach the verify endpoint ({type(exc).__name__})")
     if not settings.merchant_webhook_url and not settings.merchant_handler:

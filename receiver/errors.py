@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+# Text that came from a client or from Intergiro (an `alg`, a type, a redirect's Location) is cut to this
+# many characters before it goes into a log line or an answer: a 190,000-character `alg` must not be
+# echoed back whole.
+MAX_QUOTED_CHARS = 200
+
+
+def clip(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    """`text` cut to `limit` characters, marked when it was cut."""
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text) - limit} more)"
+
 
 class ConfigError(Exception):
     """Settings that cannot work: one line per problem, each naming its variable."""
@@ -21,14 +31,6 @@ class CallbackRejected(Exception):
         reason = clip(reason)
         super().__init__(reason)
         self.reason = reason
-
-
-REASON_CHARS = 200
-
-
-def clip(text: str, limit: int = REASON_CHARS) -> str:
-    """Text that came (in part) from a client, cut to `limit` characters for a log line or an answer."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class BadCallback(CallbackRejected):

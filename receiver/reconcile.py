@@ -18,39 +18,31 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
-from urllib.parse import urljoin, urlsplit
 
-import aiohttp
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from receiver.clock import utc_now
 from receiver.connections import async_redis
-from receiver.errors import BadCallback
-from receiver.intake import Intake
+from receiver.errors import BadCallback, clip
+from receiver.intake import Intake, job_data
+from receiver.intergiro_api import ApiFailed, ApiRefused, OrderApi, RetryPolicy, new_session, order_id_of
 from receiver.logs import log
 from receiver.metrics import count, set_gauge
 from receiver.order import build_updates, event_key, parse_order
 from receiver.rediskeys import RedisKeys
-from receiver.retry_after import parse_retry_after
 from receiver.settings import Settings
+from receiver.verify import Unrepresentable, check_writable
 
-ORDER_LIST_PATH = "/v1/order"
 MAX_WINDOW_DAYS = 400
-# A paged answer may name its list and its continuation in any of these fields.
-PAGE_LIST_FIELDS = ("orders", "data", "items", "results", "list")
-PAGE_NEXT_FIELDS = ("next", "continuation", "cursor")
-MAX_PAGES_PER_DAY = 10_000
-RETRY_STATUSES = frozenset({408, 429})
 LOCK_TTL_MS = 60_000
 _DURATION = re.compile(r"(\d+)([smhdw]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_SAFE_ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 # Outcomes of a run (the `outcome` label of intergiro_reconcile_runs_total).
 COMPLETED = "completed"
@@ -60,14 +52,6 @@ REDIS_FAILED = "redis_failed"
 LOCK_LOST = "lock_lost"
 BUSY = "busy"
 NOT_DUE = "not_due"
-
-
-class ApiFailed(Exception):
-    """The order list could not be read in this run (after retries); safe to rerun later."""
-
-
-class ApiRefused(ApiFailed):
-    """401/403: the key is wrong or lacks the right; retrying cannot help."""
 
 
 def parse_duration(text: str) -> int:
@@ -111,116 +95,6 @@ class Window:
     def days(self) -> list[date]:
         """One request per day: a long range in one request could be too large for the API to answer."""
         return [self.start + timedelta(days=n) for n in range((self.end - self.start).days + 1)]
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How one API request is retried on 408, 429, 5xx, timeouts and connection errors."""
-
-    attempts: int = 4
-    backoff_seconds: float = 1.0
-    max_delay_seconds: float = 60.0
-    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
-
-    def delay(self, attempt: int, retry_after: float | None) -> float:
-        wanted = retry_after if retry_after is not None else self.backoff_seconds * 2 ** (attempt - 1)
-        return min(max(wanted, 0.0), self.max_delay_seconds)
-
-
-class OrderApi:
-    """Intergiro's `GET /v1/order?start=&end=`, paged and retried; yields pages of raw orders."""
-
-    def __init__(
-        self, session: aiohttp.ClientSession, settings: Settings, retry: RetryPolicy | None = None
-    ) -> None:
-        self.session = session
-        self.base = settings.intergiro_api_url.rstrip("/")
-        self.origin = urlsplit(self.base)[:2]
-        self.headers = {
-            "Accept": "application/json",
-            "Authorization": f"Bearer {settings.intergiro_api_key}",
-        }
-        self.timeout = aiohttp.ClientTimeout(total=settings.intergiro_api_timeout_seconds)
-        self.retry = retry or RetryPolicy()
-
-    async def pages(self, day: date) -> AsyncIterator[list[Any]]:
-        """The orders created on `day`, page by page, following `next`/continuation or a `Link` header."""
-        query = {"start": day.isoformat(), "end": (day + timedelta(days=1)).isoformat()}
-        url: str = self.base + ORDER_LIST_PATH
-        params: dict[str, str] | None = query
-        asked: set[tuple[str, str]] = set()
-        for _ in range(MAX_PAGES_PER_DAY):
-            request_key = (url, repr(sorted((params or {}).items())))
-            if request_key in asked:
-                raise ApiFailed("the order list's next page points back to a page already read")
-            asked.add(request_key)
-            body, link_next = await self._get(url, params)
-            orders, continuation = self._page(body)
-            yield orders
-            if link_next is not None:
-                url, params = self._same_origin(link_next), None
-            elif continuation is None:
-                return
-            elif continuation.startswith(("http://", "https://", "/")):
-                url, params = self._same_origin(continuation), None
-            else:
-                url, params = self.base + ORDER_LIST_PATH, {**query, "continuation": continuation}
-        raise ApiFailed(f"the order list of {day} has more than {MAX_PAGES_PER_DAY} pages")
-
-    def _same_origin(self, link: str) -> str:
-        """The API key is sent only to INTERGIRO_API_URL's own origin, whatever a next link says."""
-        url = urljoin(self.base + "/", link)
-        if urlsplit(url)[:2] != self.origin:
-            raise ApiFailed("the order list's next page is on another host; not following it")
-        return url
-
-    @staticmethod
-    def _page(body: Any) -> tuple[list[Any], str | None]:
-        if isinstance(body, list):
-            return body, None
-        if isinstance(body, dict):
-            for name in PAGE_LIST_FIELDS:
-                if isinstance(body.get(name), list):
-                    continuation = next(
-                        (body[n] for n in PAGE_NEXT_FIELDS if isinstance(body.get(n), str) and body[n]), None
-                    )
-                    return body[name], continuation
-        raise ApiFailed("the order list is not a JSON list of orders")
-
-    async def _get(self, url: str, params: dict[str, str] | None) -> tuple[Any, str | None]:
-        problem = ""
-        for attempt in range(1, self.retry.attempts + 1):
-            retry_after: float | None = None
-            try:
-                async with self.session.get(
-                    url, params=params, headers=self.headers, timeout=self.timeout, allow_redirects=False
-                ) as answer:
-                    if answer.status in (401, 403):
-                        raise ApiRefused(
-                            f"Intergiro refused INTERGIRO_API_KEY ({answer.status}) listing orders; "
-                            "check the key and its rights"
-                        )
-                    if answer.status in RETRY_STATUSES or answer.status >= 500:
-                        problem = f"answered {answer.status}"
-                        retry_after = parse_retry_after(answer.headers.get("Retry-After"))
-                    elif answer.status != 200:
-                        raise ApiFailed(f"GET {ORDER_LIST_PATH} answered {answer.status}")
-                    else:
-                        raw = await answer.read()
-                        try:
-                            body = orjson.loads(raw)
-                        except orjson.JSONDecodeError:
-                            raise ApiFailed(f"GET {ORDER_LIST_PATH} did not answer JSON") from None
-                        link = answer.links.get("next")
-                        return body, str(link["url"]) if link and link.get("url") else None
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                problem = f"{type(exc).__name__}"
-            if attempt == self.retry.attempts:
-                break
-            delay = self.retry.delay(attempt, retry_after)
-            log.warning("intergiro api retry", path=ORDER_LIST_PATH, problem=problem, delay=delay)
-            await self.retry.sleep(delay)
-        raise ApiFailed(f"GET {ORDER_LIST_PATH} failed after {self.retry.attempts} attempts ({problem})")
 
 
 @dataclass
@@ -268,12 +142,6 @@ class Summary:
         return "\n".join(rows)
 
 
-def _safe_order_id(raw: Any) -> str | None:
-    """The order's id when it looks like one: the only thing of a malformed order that is ever logged."""
-    order_id = raw.get("id") if isinstance(raw, dict) else None
-    return order_id if isinstance(order_id, str) and _SAFE_ORDER_ID.fullmatch(order_id) else None
-
-
 class Reconciler:
     """Lists a window's orders and runs each through the callback path (or, dry, only reads the dedup)."""
 
@@ -297,7 +165,7 @@ class Reconciler:
                     queued_before = len(summary.missed)
                     scanned = 0
                     for raw in page:
-                        order_id = _safe_order_id(raw)
+                        order_id = order_id_of(raw)
                         if order_id is not None and order_id in listed:
                             continue  # a day window's edges may overlap; an order counts once
                         if order_id is not None:
@@ -325,30 +193,40 @@ class Reconciler:
         return summary
 
     async def _reconcile_order(self, raw: Any, summary: Summary) -> None:
+        """One listed order through the callback path; an order that cannot be read (or written as job
+        data) is skipped, counted and logged by id, and the run goes on with the rest."""
         received_at = utc_now()
+        order_id = order_id_of(raw)
         try:
+            check_writable(raw)
             updates = build_updates(parse_order(raw), received_at=received_at, verified_by="api")
-        except BadCallback as exc:
-            summary.malformed.append(_safe_order_id(raw))
-            log.warning("malformed order in the order list", order=_safe_order_id(raw), reason=exc.reason)
+            if self.dry_run:
+                for update in updates:
+                    job_data(update)  # what a real run would write: skipped alike when it cannot be
+                missing = await self._unseen(updates)
+            else:
+                missing = await self.intake.store(updates)  # job data is made before anything is sent
+        except (BadCallback, Unrepresentable) as exc:
+            summary.malformed.append(order_id)
+            reason = exc.reason if isinstance(exc, BadCallback) else clip(str(exc))
+            log.warning("malformed order in the order list; skipped", order=order_id, reason=reason)
             return
-        except (TypeError, ValueError, KeyError, ArithmeticError) as exc:
-            # parse_order should have refused it; one odd order must still not stop the whole run
-            summary.malformed.append(_safe_order_id(raw))
-            log.error(
-                "unreadable order in the order list", order=_safe_order_id(raw), error=type(exc).__name__
-            )
+        except (TypeError, ValueError, KeyError, ArithmeticError, RecursionError) as exc:
+            # parse_order should have refused it, or orjson cannot write it (a lone surrogate, an
+            # integer beyond 64 bits): one odd order must still not stop the whole run
+            summary.malformed.append(order_id)
+            log.error("unreadable order in the order list; skipped", order=order_id, error=type(exc).__name__)
             return
-        if self.dry_run:
-            fields = [event_key(u["event"]["sequence"], u["event"]["type"]) for u in updates]
-            seen = await self.redis.hmget(self.keys.seen(updates[0]["order_id"]), fields)
-            missing = [u["id"] for u, marker in zip(updates, seen, strict=True) if marker is None]
-        else:
-            missing = await self.intake.store(updates)
-            if missing:
-                log.warning("reconcile queued missed events", order=updates[0]["order_id"], queued=missing)
+        if missing and not self.dry_run:
+            log.warning("reconcile queued missed events", order=updates[0]["order_id"], queued=missing)
         summary.missed += missing
         summary.events_known += len(updates) - len(missing)
+
+    async def _unseen(self, updates: list[dict[str, Any]]) -> list[str]:
+        """The ids of the updates whose event the dedup has not seen (what a real run would queue)."""
+        fields = [event_key(u["event"]["sequence"], u["event"]["type"]) for u in updates]
+        seen = await self.redis.hmget(self.keys.seen(updates[0]["order_id"]), fields)
+        return [u["id"] for u, marker in zip(updates, seen, strict=True) if marker is None]
 
 
 # The lock is one key holding a random token; only its holder may renew or release it, and only while
@@ -478,7 +356,11 @@ class PeriodicReconcile:
                 await set_gauge(self.redis, self.keys, "intergiro_reconcile_watermark_timestamp_seconds", now)
             await count(self.redis, self.keys, "intergiro_reconcile_runs_total", outcome=summary.outcome)
             self.last = summary
-            log.info("reconcile run", **summary.as_json() | {"missed": summary.missed[:100]})
+            log.info(
+                "reconcile run",
+                **summary.as_json()
+                | {"missed": summary.missed[:100], "malformed_order_ids": summary.malformed[:100]},
+            )
             return summary.outcome
         finally:
             await lock.release()
@@ -545,7 +427,7 @@ async def reconcile_command(
         return _usage_error(str(exc))
     redis = async_redis(settings)
     try:
-        async with aiohttp.ClientSession() as session:
+        async with new_session(settings) as session:
             api = OrderApi(session, settings, retry)
             if args.every:
                 return await _run_periodic(PeriodicReconcile(redis, settings, api, lookback_seconds=lookback))

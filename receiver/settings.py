@@ -38,6 +38,7 @@ class Settings:
     intergiro_api_url: str = "https://merchant.intergiro.com"
     intergiro_api_key: str = field(default="", repr=False)
     intergiro_api_timeout_seconds: float = 10.0
+    intergiro_api_concurrency: int = 16
     dedup_ttl_seconds: int = 34_560_000
     queue_name: str = "order-updates"
     merchant_webhook_url: str = ""
@@ -135,6 +136,9 @@ class _Reader:
             intergiro_api_key=self.get("INTERGIRO_API_KEY", d.intergiro_api_key, str),
             intergiro_api_timeout_seconds=self.get(
                 "INTERGIRO_API_TIMEOUT_SECONDS", d.intergiro_api_timeout_seconds, _positive_float
+            ),
+            intergiro_api_concurrency=self.get(
+                "INTERGIRO_API_CONCURRENCY", d.intergiro_api_concurrency, _int_between(1, 1000)
             ),
             dedup_ttl_seconds=self.get(
                 "DEDUP_TTL_SECONDS", d.dedup_ttl_seconds, _int_between(1, 10 * 365 * 86400)

@@ -1,4 +1,5 @@
-"""Is this callback really from Intergiro? Local RS256/ES256 verification, or Intergiro's verify endpoint.
+"""Is this callback really from Intergiro? Local RS256/ES256 verification (Intergiro's verify endpoint
+is in `intergiro_api`).
 
 Local verification checks the signature with `cryptography` directly, against key objects loaded once
 from configuration, with the algorithm fixed by the key (so `none` and HMAC-with-a-public-key can never
@@ -19,7 +20,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 import pybase64
 from cryptography.exceptions import InvalidSignature
@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from receiver.errors import BadCallback, NotTrusted, Unavailable
+from receiver.errors import BadCallback, NotTrusted
 from receiver.keys import TrustedKey
 
 ALLOWED_ALGORITHMS = frozenset({"RS256", "ES256"})
@@ -344,40 +344,27 @@ def verify_local(token: bytes, keys: Sequence[TrustedKey], audience: str) -> Ver
     raise NoKeyVerifies("no trusted key verifies the signature")
 
 
-async def verify_remote(
-    session: aiohttp.ClientSession,
-    body: bytes,
-    content_type: str,
-    *,
-    api_url: str,
-    api_key: str,
-    timeout_seconds: float,
-) -> Verified:
-    """Ask Intergiro's verify endpoint; its order JSON is what we trust and normalize."""
-    url = f"{api_url}/v1/worker-order/order/verify"
-    headers = {
-        "Content-Type": content_type,
-        "Accept": "application/json",
-        "Authorization": f"Bearer {api_key}",
-    }
+def unverified_claims(token: bytes) -> dict[str, Any]:
+    """The payload of a well-formed compact JWS, its signature NOT checked: what remote verification
+    needs before it may send a token to Intergiro. Well-formed is three strict base64url segments, a
+    JSON object header with an accepted `alg` and no key of its own, and a JSON object payload;
+    anything else raises BadCallback (400), so junk is refused here and never costs a call."""
+    parts = token.split(b".")
     try:
-        async with session.post(
-            url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_seconds)
-        ) as answer:
-            text = await answer.read()
-            status = answer.status
-    except (TimeoutError, aiohttp.ClientError, OSError):
-        raise Unavailable("verify endpoint not reachable") from None
-    if status >= 500 or status in (408, 429):
-        raise Unavailable(f"verify endpoint answered {status}")
-    if status >= 400:
-        raise NotTrusted(f"verify endpoint refused the callback ({status})")
-    if status != 200:
-        raise Unavailable(f"verify endpoint answered {status}")
+        if len(parts) != 3 or not all(parts):
+            raise ValueError("not three segments")
+        header, payload, _ = (_strict_base64url(part) for part in parts)
+    except ValueError:
+        raise BadCallback("body is not a JWS (three base64url segments)") from None
     try:
-        order = strict_json(text)
+        decoded = strict_json(header)
+        claims = strict_json(payload)
     except (ValueError, UnicodeDecodeError, RecursionError):
-        raise Unavailable("verify endpoint answered something that is not JSON") from None
-    if not isinstance(order, dict):
-        raise Unavailable("verify endpoint answered something that is not an order")
-    return Verified(order=order, verified_by="remote")
+        raise BadCallback("token header or payload is not JSON (or repeats a key)") from None
+    if not isinstance(decoded, dict) or not isinstance(claims, dict):
+        raise BadCallback("token header or payload is not a JSON object")
+    try:
+        check_header(decoded)
+    except NotTrusted as exc:
+        raise BadCallback(exc.reason) from None
+    return claims

@@ -147,14 +147,33 @@ def jwt_post_headers() -> dict[str, str]:
 
 @pytest.fixture
 async def fake_intergiro(aiohttp_server: Any) -> AsyncIterator[Any]:
-    """A fake of Intergiro's verify endpoint: answers the order for tokens it was told about."""
+    """A fake of Intergiro's API: the verify endpoint answers the order for tokens it was told about
+    (`orders`: token -> order), and `GET /v1/order?start=&end=` lists `listed` by creation day.
+
+    `verify_answer`, when set, is awaited with the request and answers the verify call instead (a
+    redirect, an endless body, another order); `gate`, when set, is an asyncio.Event every verify
+    call waits for."""
     from aiohttp import web
 
-    state: dict[str, Any] = {"orders": {}, "status": None, "calls": 0, "auth": []}
+    state: dict[str, Any] = {
+        "orders": {},
+        "listed": [],
+        "status": None,
+        "calls": 0,
+        "list_calls": [],
+        "auth": [],
+        "verify_answer": None,
+        "gate": None,
+    }
 
-    async def verify(request: web.Request) -> web.Response:
+    async def verify(request: web.Request) -> web.StreamResponse:
         state["calls"] += 1
         state["auth"].append(request.headers.get("Authorization"))
+        if state["gate"] is not None:
+            await state["gate"].wait()
+        if state["verify_answer"] is not None:
+            answer: web.StreamResponse = await state["verify_answer"](request)
+            return answer
         if state["status"] is not None:
             return web.json_response({"status": state["status"], "type": "fake"}, status=state["status"])
         if request.headers.get("Authorization") != "Bearer test-api-key":
@@ -165,8 +184,16 @@ async def fake_intergiro(aiohttp_server: Any) -> AsyncIterator[Any]:
             return web.json_response({"status": 400, "type": "malformed content"}, status=400)
         return web.json_response(order)
 
+    async def list_orders(request: web.Request) -> web.Response:
+        state["list_calls"].append(dict(request.query))
+        if request.headers.get("Authorization") != "Bearer test-api-key":
+            return web.json_response({"status": 401, "type": "not authorized"}, status=401)
+        start, end = request.query["start"], request.query["end"]
+        return web.json_response([o for o in state["listed"] if start <= o["created"][:10] < end])
+
     app = web.Application()
     app.router.add_post("/v1/worker-order/order/verify", verify)
+    app.router.add_get("/v1/order", list_orders)
     server = await aiohttp_server(app)
     server.state = state
     yield server

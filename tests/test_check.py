@@ -62,6 +62,24 @@ async def test_a_verify_endpoint_accepting_the_api_key_passes(
     assert (code, lines[0].split(",")[0]) == (0, "ok: Redis reachable")
 
 
+async def test_a_verify_endpoint_redirecting_fails_naming_the_url(
+    redis_url: str, tmp_path: Path, fake_intergiro: Any
+) -> None:
+    from aiohttp import web
+
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": "http://127.0.0.1:9/elsewhere"})
+
+    fake_intergiro.state["verify_answer"] = redirect
+    remote = {"INTERGIRO_VERIFY": "remote", "INTERGIRO_API_URL": str(fake_intergiro.make_url("/"))}
+    code, lines = await check(
+        tmp_path, REDIS_URL=redis_url, INTERGIRO_API_KEY="test-api-key", **remote, **WEBHOOK
+    )
+    assert code == 1
+    assert [line.split(":")[:2] for line in lines] == [["problem", " INTERGIRO_API_URL"]]
+    assert "redirect (302)" in lines[0]
+
+
 async def test_a_bad_setting_fails_with_one_line_naming_the_variable(tmp_path: Path) -> None:
     code, lines = await check(tmp_path, RECEIVER_PORT="eighty")
     assert code == 1

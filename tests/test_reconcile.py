@@ -22,18 +22,11 @@ from aiohttp import web
 
 from receiver.cli import build_parser
 from receiver.connections import async_redis
+from receiver.intergiro_api import MAX_ORDER_PAGE_BYTES, OrderApi, RetryPolicy
 from receiver.logs import configure_logging
 from receiver.metrics import SHARED_METRICS
 from receiver.order import update_id
-from receiver.reconcile import (
-    BUSY,
-    COMPLETED,
-    NOT_DUE,
-    OrderApi,
-    PeriodicReconcile,
-    RetryPolicy,
-    reconcile_command,
-)
+from receiver.reconcile import BUSY, COMPLETED, NOT_DUE, PeriodicReconcile, reconcile_command
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
 from tests.conftest import queued_updates
@@ -327,6 +320,88 @@ async def test_a_listed_order_with_wrong_types_is_counted_malformed_and_the_othe
     assert summary["orders_listed"] == 5 and summary["events_queued"] == 6
     assert not any(key.startswith(b"rq:job:Broken0001") for key in sync_redis.keys())
     assert broken["payment"]["card"] not in captured.err
+
+
+def unwritable_orders(day: date) -> list[dict[str, Any]]:
+    """Orders the API may list that no update can carry: a lone surrogate (a string cut inside an
+    emoji), an integer beyond 64 bits or NaN in the customer's name, `meta` or the number."""
+    created = f"{day.isoformat()}T11:00:00.000Z"
+    return [
+        card_order("Surrogate0000001", created=created, customer={"name": "Ann \ud83d"}),
+        card_order("BigInteger000001", created=created, meta={"loyalty": 2**70}),
+        card_order("NotFinite0000001", created=created, meta={"rate": float("nan")}),
+        card_order("Surrogate0000002", created=created, number="n-\ud83d"),
+    ]
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+async def test_orders_that_cannot_be_written_are_skipped_by_id_and_the_rest_of_the_page_is_reconciled(
+    order_api: Any, api_settings: Settings, sync_redis: Any, capsys: Any, dry_run: bool
+) -> None:
+    configure_logging("console", "INFO")  # onto the stderr capsys captures
+    good = shop_orders()[:3]
+    order_api.state["orders"] = [good[0], *unwritable_orders(DAYS[0]), *good[1:]]
+    argv = [*WINDOW, "--json", *(["--dry-run"] if dry_run else [])]
+    assert await reconcile(api_settings, *argv) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["outcome"] == "completed"
+    assert summary["orders_listed"] == 7
+    assert summary["malformed_order_ids"] == [
+        "Surrogate0000001", "BigInteger000001", "NotFinite0000001", "Surrogate0000002",
+    ]  # fmt: skip
+    assert summary["events_missed"] == 6  # the three good orders, two events each
+    assert len(job_ids(sync_redis)) == (0 if dry_run else 6)
+    assert "malformed order in the order list; skipped" in captured.err
+    assert "BigInteger000001" in captured.err and "integer beyond 64 bits" in captured.err
+
+
+async def test_periodic_reconcile_moves_its_watermark_past_a_day_holding_an_unwritable_order(
+    order_api: Any, api_settings: Settings, sync_redis: Any
+) -> None:
+    today = datetime.now(UTC).date()
+    order_api.state["orders"] = [*shop_orders((today,))[:2], *unwritable_orders(today)]
+    settings = api_settings.with_changes(reconcile_interval_seconds=3600)
+    async with aiohttp.ClientSession() as session:
+        redis = async_redis(settings)
+        periodic = PeriodicReconcile(redis, settings, OrderApi(session, settings, NO_WAIT))
+        assert await periodic.tick() == COMPLETED
+        await redis.aclose()
+    assert periodic.last is not None and len(periodic.last.malformed) == 4
+    assert float(sync_redis.get(RedisKeys().reconcile_watermark)) > datetime.now(UTC).timestamp() - 60
+    assert len(job_ids(sync_redis)) == 4
+
+
+async def test_an_order_list_page_past_its_bound_fails_the_run_as_an_api_failure(
+    aiohttp_server: Any, make_settings: Callable[..., Settings], sync_redis: Any, capsys: Any
+) -> None:
+    sent = 0
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        nonlocal sent
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        chunk = b"[" + b"0," * 32767
+        try:
+            while sent < MAX_ORDER_PAGE_BYTES + 5 * 1024 * 1024:
+                await response.write(chunk)
+                sent += len(chunk)
+        except (ConnectionError, RuntimeError):
+            pass
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v1/order", endless)
+    server = await aiohttp_server(app)
+    settings = make_settings(
+        intergiro_api_url=str(server.make_url("")).rstrip("/"), intergiro_api_key="test-api-key"
+    )
+    assert await reconcile(settings, "--start", "2024-05-01", "--end", "2024-05-01", "--json") == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["outcome"] == "api_failed"
+    assert f"larger than {MAX_ORDER_PAGE_BYTES} bytes" in captured.err
+    assert sent < MAX_ORDER_PAGE_BYTES + 5 * 1024 * 1024  # not read to its end
+    assert job_ids(sync_redis) == []
 
 
 @pytest.mark.parametrize("paging", ["link", "next-url", "continuation"])

@@ -35,7 +35,8 @@ def test_defaults_are_the_contracts() -> None:
      ({"DEDUP_TTL_SECONDS": "-1"}, "DEDUP_TTL_SECONDS"), ({"MAX_BODY_BYTES": "1e9"}, "MAX_BODY_BYTES"),
      ({"REDIS_URL": "http://x"}, "REDIS_URL"), ({"MERCHANT_WEBHOOK_URL": "http://m/x"}, "MERCHANT_WEBHOOK_SECRET"),
      ({"MERCHANT_WEBHOOK_SECRET": "plain"}, "MERCHANT_WEBHOOK_SECRET"), ({"MERCHANT_HANDLER": "nocolon"}, "MERCHANT_HANDLER"),
-     ({"DELIVERY_BACKOFF_SECONDS": "nan"}, "DELIVERY_BACKOFF_SECONDS"), ({"INTERGIRO_PUBLIC_KEYS": "@/no/such/file"}, "INTERGIRO_PUBLIC_KEYS")],
+     ({"DELIVERY_BACKOFF_SECONDS": "nan"}, "DELIVERY_BACKOFF_SECONDS"), ({"INTERGIRO_PUBLIC_KEYS": "@/no/such/file"}, "INTERGIRO_PUBLIC_KEYS"),
+     ({"INTERGIRO_API_CONCURRENCY": "0"}, "INTERGIRO_API_CONCURRENCY"), ({"INTERGIRO_API_CONCURRENCY": "many"}, "INTERGIRO_API_CONCURRENCY")],
 )  # fmt: skip
 def test_a_bad_value_is_named(env: dict[str, str], variable: str) -> None:
     with pytest.raises(ConfigError) as caught:
