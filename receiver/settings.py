@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -41,12 +42,17 @@ class Settings:
     intergiro_api_concurrency: int = 16
     dedup_ttl_seconds: int = 34_560_000
     queue_name: str = "order-updates"
-    merchant_webhook_url: str = ""
+    merchant_webhook_url: str = field(default="", repr=False)  # may hold Basic auth credentials
     merchant_webhook_secret: str = field(default="", repr=False)
     merchant_handler: str = ""
     delivery_max_attempts: int = 8
     delivery_backoff_seconds: float = 2.0
     delivery_timeout_seconds: float = 10.0
+    merchant_tls_client_cert: str = ""
+    merchant_tls_client_key: str = ""
+    http_proxy: str = field(default="", repr=False)  # may hold the proxy's password
+    https_proxy: str = field(default="", repr=False)
+    no_proxy: str = ""
     max_body_bytes: int = 262_144
     max_callback_events: int = 200
     max_meta_bytes: int = 16_384
@@ -111,6 +117,12 @@ class _Reader:
             self.problems.append(f"{name}: {exc}")
             return default
 
+    def get_either(self, name: str, default: T, parse: Callable[[str], T]) -> T:
+        """`name`, or its lower-case spelling when `name` is unset (the proxy variables' custom)."""
+        if self.env.get(name, "").strip() == "" and self.env.get(name.lower(), "").strip() != "":
+            return self.get(name.lower(), default, parse)
+        return self.get(name, default, parse)
+
     def settings(self) -> Settings:
         d = Settings()
         s = Settings(
@@ -158,6 +170,15 @@ class _Reader:
             delivery_timeout_seconds=self.get(
                 "DELIVERY_TIMEOUT_SECONDS", d.delivery_timeout_seconds, _positive_float
             ),
+            merchant_tls_client_cert=self.get(
+                "MERCHANT_TLS_CLIENT_CERT", d.merchant_tls_client_cert, _pem_file("CERTIFICATE")
+            ),
+            merchant_tls_client_key=self.get(
+                "MERCHANT_TLS_CLIENT_KEY", d.merchant_tls_client_key, _pem_file("PRIVATE KEY")
+            ),
+            http_proxy=self.get_either("HTTP_PROXY", d.http_proxy, _proxy_url),
+            https_proxy=self.get_either("HTTPS_PROXY", d.https_proxy, _proxy_url),
+            no_proxy=self.get_either("NO_PROXY", d.no_proxy, str),
             max_body_bytes=self.get("MAX_BODY_BYTES", d.max_body_bytes, _int_between(1024, 64 * 1024 * 1024)),
             max_callback_events=self.get(
                 "MAX_CALLBACK_EVENTS", d.max_callback_events, _int_between(1, MAX_EVENTS)
@@ -182,9 +203,31 @@ class _Reader:
             self.problems.append(f"INTERGIRO_API_KEY: required when INTERGIRO_VERIFY={s.intergiro_verify}")
         if s.merchant_webhook_url and not s.merchant_webhook_secret:
             self.problems.append("MERCHANT_WEBHOOK_SECRET: required when MERCHANT_WEBHOOK_URL is set")
+        self.check_client_certificate(s)
         if self.problems:
             raise ConfigError(self.problems)
         return s
+
+    def check_client_certificate(self, s: Settings) -> None:
+        """Both or neither of the client certificate and key, and a key that belongs to the certificate."""
+        if any(p.startswith("MERCHANT_TLS_CLIENT_") for p in self.problems):
+            return  # a file already refused: its own line says why
+        cert, key = s.merchant_tls_client_cert, s.merchant_tls_client_key
+        if bool(cert) != bool(key):
+            missing, given = (
+                ("MERCHANT_TLS_CLIENT_KEY", "MERCHANT_TLS_CLIENT_CERT")
+                if cert
+                else ("MERCHANT_TLS_CLIENT_CERT", "MERCHANT_TLS_CLIENT_KEY")
+            )
+            self.problems.append(f"{missing}: required when {given} is set")
+        elif cert and key:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, lambda: b"")
+            except (ssl.SSLError, OSError) as exc:
+                self.problems.append(
+                    "MERCHANT_TLS_CLIENT_KEY: not the key of MERCHANT_TLS_CLIENT_CERT, or encrypted "
+                    f"(use an unencrypted PEM key): {getattr(exc, 'reason', None) or exc}"
+                )
 
 
 class _NameRecorder(dict[str, str]):
@@ -202,7 +245,8 @@ class _NameRecorder(dict[str, str]):
 def _setting_names() -> tuple[str, ...]:
     recorder = _NameRecorder()
     _Reader(recorder).settings()
-    return tuple(recorder.names)
+    # The lower-case spellings of the proxy variables are accepted, not documented.
+    return tuple(dict.fromkeys(n for n in recorder.names if n.isupper()))
 
 
 def _int_between(low: int, high: int) -> Callable[[str], int]:
@@ -273,6 +317,37 @@ def _http_url(raw: str) -> str:
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ValueError("must be an http:// or https:// URL")
     return raw.rstrip("/")
+
+
+def _pem_file(label: str) -> Callable[[str], str]:
+    """A readable PEM file holding a `-----BEGIN ...{label}-----` block."""
+
+    def parse(raw: str) -> str:
+        try:
+            with open(raw, "rb") as file:
+                text = file.read(1_000_000)
+        except OSError as exc:
+            raise ValueError(f"cannot read {raw} ({exc.strerror})") from None
+        if not re.search(rb"-----BEGIN [A-Z ]*" + label.encode() + rb"-----", text):
+            raise ValueError(f"{raw} holds no PEM {label.lower()}")
+        return raw
+
+    return parse
+
+
+def _proxy_url(raw: str) -> str:
+    """http(s)://[user:password@]host[:port]; a bare host:port means http://."""
+    url = raw if "://" in raw else f"http://{raw}"
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https"):
+        raise ValueError(f"{parsed.scheme}:// proxies are not supported (use http:// or https://)")
+    try:
+        parsed.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ValueError("bad port") from None
+    if not parsed.hostname:
+        raise ValueError("must be http://host:port or https://host:port")
+    return url
 
 
 def _key_prefix(raw: str) -> str:

@@ -18,6 +18,8 @@ from aiohttp import web
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 ROOT = Path(__file__).resolve().parents[1]
+# Not inherited by the worker processes: the tests' merchants are on this machine.
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY")
 
 
 @dataclass
@@ -65,7 +67,11 @@ class Sink:
 
 
 def worker_env(redis_url: str, **settings: Any) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MERCHANT_", "DELIVERY_", "QUEUE_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MERCHANT_", "DELIVERY_", "QUEUE_")) and k.upper() not in PROXY_VARIABLES
+    }
     env.update(REDIS_URL=redis_url, LOG_FORMAT="json", LOG_LEVEL="INFO", DELIVERY_TIMEOUT_SECONDS="1")
     env.update({k.upper(): str(v) for k, v in settings.items()})
     return env

@@ -29,7 +29,7 @@ from receiver.metrics import add, count, counter_increment, observation_incremen
 from receiver.rediskeys import RedisKeys
 from receiver.retry_after import parse_retry_after
 from receiver.settings import Settings
-from workers.merchant_http import AnswerError, MerchantConnection
+from workers.merchant_http import AnswerError, ConnectionOptions, MerchantConnection
 from workers.ordering import OrderChains
 
 MAX_BACKOFF_SECONDS = 3600.0
@@ -84,10 +84,12 @@ class WebhookTarget:
 
     name = "webhook"
 
-    def __init__(self, url: str, secret: str, timeout_seconds: float) -> None:
+    def __init__(
+        self, url: str, secret: str, timeout_seconds: float, options: ConnectionOptions | None = None
+    ) -> None:
         self.signer = Webhook(secret)
         try:
-            self.connection = MerchantConnection(url, timeout_seconds)
+            self.connection = MerchantConnection(url, timeout_seconds, options)
         except ValueError as exc:
             raise TargetNotConfigured(f"MERCHANT_WEBHOOK_URL: {exc}") from None
 
@@ -147,6 +149,7 @@ def build_targets(settings: Settings) -> list[WebhookTarget | HandlerTarget]:
                 settings.merchant_webhook_url,
                 settings.merchant_webhook_secret,
                 settings.delivery_timeout_seconds,
+                ConnectionOptions.from_settings(settings),
             )
         )
     if settings.merchant_handler:
