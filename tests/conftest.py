@@ -4,7 +4,6 @@ Intergiro's real captured callbacks as data."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,8 @@ from receiver.settings import Settings
 from tests.redis_server import RedisServer, usable_external_url
 from tests.sink import Sink
 
-SHARED = Path(os.environ.get("INTERGIRO_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
-INTERGIRO = SHARED / "intergiro"
+# Intergiro's real callbacks and keys, copied into the repository (tests/data/intergiro/README.md).
+INTERGIRO = Path(__file__).resolve().parent / "data" / "intergiro"
 
 
 def real_callbacks(kind: str | None = None) -> list[dict[str, Any]]:

@@ -319,3 +319,14 @@ async def test_metrics_of_other_processes_are_served_by_the_receiver(
     assert 'intergiro_delivery_seconds_bucket{le="+Inf"} 4.0' in text
     assert "intergiro_delivery_seconds_count 4.0" in text
     assert "intergiro_delivery_seconds_sum 100.173" in text
+
+
+def test_the_shipped_intergiro_keys_are_intergiros_published_ones() -> None:
+    from importlib import resources
+
+    from tests.conftest import INTERGIRO
+
+    shipped = json.loads(resources.files("receiver").joinpath("intergiro-keys.json").read_text())
+    published = json.loads((INTERGIRO / "public-keys.json").read_text())
+    for environment in ("production", "development"):
+        assert shipped[environment]["spki_base64"] == published[environment]["spki_base64"]

@@ -2,10 +2,8 @@
 
 import base64
 import json
-import os
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,8 +22,7 @@ from receiver.status import (
     order_amount,
     status_history,
 )
-
-SHARED = Path(os.environ.get("INTERGIRO_SHARED_DIR") or Path(__file__).resolve().parents[2] / "shared")
+from tests.conftest import INTERGIRO
 
 T_SHIRT = {"number": "ts001-b", "name": "Basic T-shirt, black", "price": 59.8, "vat": 14.95, "quantity": 2}
 TROUSERS = {"number": "tr001", "name": "Trousers", "price": 600, "vat": 150}
@@ -460,7 +457,7 @@ def test_status_order_is_the_readmes() -> None:
 
 def real_orders() -> list[Any]:
     orders = []
-    for line in (SHARED / "intergiro" / "real-callbacks.jsonl").read_text().splitlines():
+    for line in (INTERGIRO / "real-callbacks.jsonl").read_text().splitlines():
         callback = json.loads(line)
         if callback["kind"] == "order-jwt":
             payload = callback["body"].split(".")[1]
