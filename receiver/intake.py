@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from hiredis import pack_command
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from receiver.order import event_key
-from receiver.rediskeys import RQ_QUEUES, RedisKeys
-from workers.jobs import DELIVER_UPDATE, job_hash_template
+from receiver.rediskeys import RedisKeys
+from receiver.rqstore import QUEUES_KEY, job_data, job_hash_template, lua_string, rq_timestamp
 
 # KEYS: seen hash, order head, order waiting list, RQ queue, RQ queue set, active orders set (swept by the
 # workers for stale heads), then one RQ job key per update.
@@ -57,22 +55,6 @@ redis.call('EXPIRE', seen, ttl)
 if #queued > 0 then redis.call('SADD', queues, queue) end
 return queued
 """
-
-
-def lua_string(text: str) -> str:
-    """A Lua string literal of any text (every byte escaped, so a queue name cannot break out)."""
-    return '"' + "".join(f"\\{byte}" for byte in text.encode()) + '"'
-
-
-def rq_timestamp(moment: datetime | None = None) -> str:
-    """RQ's own timestamp format, for the job fields the script writes."""
-    # isoformat is several times cheaper than strftime and spells the same for a UTC moment
-    return (moment or datetime.now(UTC)).isoformat(timespec="microseconds")[:-6] + "Z"
-
-
-def job_data(update: dict[str, Any]) -> bytes:
-    """The job's `data` as RQ's JSON serializer reads it: [function, instance, args, kwargs]."""
-    return orjson.dumps([DELIVER_UPDATE, None, [update], {}])
 
 
 Batch = list[tuple[list[Any], "asyncio.Future[list[Any]]"]]
@@ -121,7 +103,7 @@ class Intake:
             self.keys.order_head(order_id),
             self.keys.order_waiting(order_id),
             self.keys.rq_queue,
-            RQ_QUEUES,
+            QUEUES_KEY,
             self.keys.active_orders,
             *(self.keys.rq_job(u["id"]) for u in updates),
         ]

@@ -1,12 +1,12 @@
 """Every Redis key the product writes, in one place. Ours share a prefix (`REDIS_KEY_PREFIX`);
-RQ's own keys (`rq:job:<id>`, `rq:queue:<name>`) keep RQ's names so RQ and rq-dashboard can read them."""
+RQ's own keys keep RQ's names (taken from RQ's classes in receiver/rqstore.py) so RQ and rq-dashboard
+can read them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-RQ_QUEUES = "rq:queues"
-RQ_JOB_PREFIX = "rq:job:"
+from receiver import rqstore
 
 
 @dataclass(frozen=True)
@@ -72,13 +72,13 @@ class RedisKeys:
 
     @property
     def rq_queue(self) -> str:
-        return f"rq:queue:{self.queue_name}"
+        return rqstore.queue_key(self.queue_name)
 
     @property
     def rq_workers(self) -> str:
         """RQ's set of the keys of the workers listening on the queue (alive while that key exists)."""
-        return f"rq:workers:{self.queue_name}"
+        return rqstore.workers_key(self.queue_name)
 
     @staticmethod
     def rq_job(job_id: str) -> str:
-        return f"{RQ_JOB_PREFIX}{job_id}"
+        return rqstore.job_key(job_id)

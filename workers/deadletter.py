@@ -2,7 +2,7 @@
 
 One Redis hash (`igr:dlq`): update id -> JSON entry {id, order_id, update, attempts, last_error,
 last_error_at, dead_lettered_at}. `requeue` puts the update back into its order's chain with the same
-id (see workers.ordering.REQUEUE), so it is delivered again, after whatever is its order's head then.
+id (see receiver.chains.REQUEUE), so it is delivered again, after whatever is its order's head then.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Any
 import orjson
 from redis import Redis
 
+from receiver.chains import OrderChains
 from receiver.connections import sync_redis
-from receiver.intake import job_data
 from receiver.rediskeys import RedisKeys
+from receiver.rqstore import job_data
 from receiver.settings import Settings
-from workers.ordering import OrderChains
 
 
 class DeadLetters:

@@ -21,16 +21,16 @@ import orjson
 from redis import Redis
 from standardwebhooks.webhooks import Webhook
 
+from receiver.chains import OrderChains
 from receiver.clock import utc_now
 from receiver.connections import sync_redis
-from receiver.intake import job_data
 from receiver.logs import log
 from receiver.metrics import add, count, counter_increment, observation_increments
 from receiver.rediskeys import RedisKeys
 from receiver.retry_after import parse_retry_after
+from receiver.rqstore import job_data
 from receiver.settings import Settings
 from workers.merchant_http import AnswerError, MerchantConnection
-from workers.ordering import OrderChains
 
 MAX_BACKOFF_SECONDS = 3600.0
 USER_AGENT = "intergiro-receiver"
@@ -243,7 +243,7 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> None:
     start = ctx.start_attempt(update)
     attempt, fields = start.attempt, start.record
     if not start.is_head:
-        # Every update a worker runs is its order's head (see workers.ordering); one that is not was
+        # Every update a worker runs is its order's head (see receiver.chains); one that is not was
         # finished already and runs again because its worker died before RQ recorded the end.
         redis.delete(record)
         count(redis, keys, "intergiro_deliveries_total", outcome="duplicate_skipped")
@@ -309,7 +309,7 @@ def dead_letter(
     error_at: str,
     counters: list[tuple[str, float]] | None = None,
 ) -> None:
-    """Move the update to the dead-letter queue and release its order (atomically, see ordering.py),
+    """Move the update to the dead-letter queue and release its order (atomically, see receiver/chains.py),
     adding `counters` (the last attempt's metrics) in the same step."""
     entry = {
         "id": update["id"],

@@ -31,7 +31,7 @@ from rq.utils import now
 
 from receiver.connections import sync_redis
 from receiver.logs import configure_logging, log
-from receiver.rediskeys import RQ_JOB_PREFIX
+from receiver.rqstore import DELIVER_UPDATE, RQ_RECOVERIES, job_key
 from receiver.settings import Settings
 from workers.delivery import (
     DeliveryContext,
@@ -42,7 +42,6 @@ from workers.delivery import (
     start_attempt_commands,
     use_context,
 )
-from workers.jobs import DELIVER_UPDATE, RQ_RECOVERIES
 
 STALE_HEAD_SWEEP_SECONDS = 30.0
 MAX_SCHEDULER_SLEEP_SECONDS = 1.0
@@ -115,7 +114,7 @@ class DeliveryWorker(SimpleWorker):
         except Exception:
             # RQ's bookkeeping failed (RQ 3.0 can fail reading a stale execution before its transaction
             # runs): the merchant has the update all the same, so finish it now, or the job RQ runs
-            # again would POST it again. A finish that did commit is not repeated (ordering.FINISH).
+            # again would POST it again. A finish that did commit is not repeated (receiver.chains.FINISH).
             for update, counters in context.finish_with_job or ():
                 context.chains.finish(update, counters=counters)
             raise
@@ -229,7 +228,7 @@ class Maintenance(threading.Thread):
         moved = 0
         for job_id, since in list(self._unstarted.items()):
             if now - since >= self.recovery_seconds:
-                keys = [self.queue.intermediate_queue_key, self.queue.key, RQ_JOB_PREFIX + job_id]
+                keys = [self.queue.intermediate_queue_key, self.queue.key, job_key(job_id)]
                 moved += int(self._requeue_unstarted(keys=keys, args=[job_id]))
                 del self._unstarted[job_id]
         return moved

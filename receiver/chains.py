@@ -1,4 +1,4 @@
-"""Per-order chains and the retry schedule, each change one Lua script.
+"""Per-order chains (join, advance, requeue) and the retry schedule, each change one Lua script.
 
 The receiver queues only an order's first undelivered update (its "head"); the others wait in the
 order's list (see receiver/intake.py). Here the workers move the chain on: when the head is finished
@@ -16,9 +16,10 @@ from typing import Any
 
 from redis import Redis
 
-from receiver.intake import rq_timestamp
-from receiver.rediskeys import RQ_JOB_PREFIX, RQ_QUEUES, RedisKeys
-from workers.jobs import job_hash_template
+from receiver.rediskeys import RedisKeys
+from receiver.rqstore import JOB_PREFIX as RQ_JOB_PREFIX
+from receiver.rqstore import QUEUES_KEY as RQ_QUEUES
+from receiver.rqstore import rq_timestamp, template_args
 
 # Shared by the scripts that end a head: make the next waiting update (whose job still exists) the head
 # and queue it, or, when none waits, delete the head. Expects head, waiting, queue, active, order_id,
@@ -165,8 +166,7 @@ class OrderChains:
     def __init__(self, redis: Redis, keys: RedisKeys) -> None:
         self.redis = redis
         self.keys = keys
-        template = job_hash_template(keys.queue_name)
-        self._fields = [x for pair in template.items() for x in pair]
+        self._fields = template_args(keys.queue_name)
         self._finish = redis.register_script(FINISH)
         self._schedule = redis.register_script(SCHEDULE_RETRY)
         self._move_due = redis.register_script(MOVE_DUE)
