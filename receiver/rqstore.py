@@ -94,6 +94,19 @@ def job_description(update_id: str) -> str:
     return f"deliver_update({update_id})"
 
 
+def enqueue_options(update_id: str) -> dict[str, Any]:
+    """How an update job is made: the options `Queue.enqueue` would take to write the same job as the
+    scripts (tests/test_rq_contract.py holds the scripts to it)."""
+    return {
+        "job_id": update_id,
+        "job_timeout": JOB_TIMEOUT_SECONDS,
+        "result_ttl": 0,
+        "failure_ttl": FAILURE_TTL_SECONDS,
+        "description": job_description(update_id),
+        "retry": Retry(max=RQ_RECOVERIES, interval=0),
+    }
+
+
 @cache
 def job_hash_template(queue_name: str) -> dict[str, str]:
     """The RQ job hash fields that are the same for every update job, taken from RQ itself.
@@ -101,10 +114,10 @@ def job_hash_template(queue_name: str) -> dict[str, str]:
     The scripts write jobs themselves, so they need the exact fields `Queue.enqueue` would write;
     asking RQ for them keeps us right across RQ versions.
     """
+    options = enqueue_options("template")
     job = Job.create(
         DELIVER_UPDATE, args=({},), id="template", connection=Redis(), serializer=JSONSerializer,
-        timeout=JOB_TIMEOUT_SECONDS, result_ttl=0, failure_ttl=FAILURE_TTL_SECONDS, origin=queue_name,
-        retry=Retry(max=RQ_RECOVERIES, interval=0),
+        origin=queue_name, timeout=options.pop("job_timeout"), **{k: v for k, v in options.items() if k != "job_id"},
     )  # fmt: skip
     fields = job.to_dict()
     for per_job in PER_JOB_FIELDS:
@@ -113,7 +126,7 @@ def job_hash_template(queue_name: str) -> dict[str, str]:
 
 
 # Written per job by the scripts (or by RQ as the job runs), never from the template.
-PER_JOB_FIELDS = ("data", "status", "created_at", "enqueued_at", "description", "started_at", "ended_at")
+PER_JOB_FIELDS = ("data", "status", "created_at", "enqueued_at", "description")
 
 
 def template_args(queue_name: str) -> list[str]:
