@@ -1,11 +1,15 @@
-"""Per-order chains (join, advance, requeue) and the retry schedule, each change one Lua script.
+"""Per-order chains: join, advance, requeue; and the retry schedule. Each change is one Lua script.
 
-The receiver queues only an order's first undelivered update (its "head"); the others wait in the
-order's list (see receiver/intake.py). Here the workers move the chain on: when the head is finished
-(delivered or dead-lettered) the next waiting update becomes the head and goes on the RQ queue. A
-retrying update stays head, so the order's later updates wait for it. Every script below changes
-several keys that must agree (head, waiting list, queue, job hash, schedule), so each is atomic: a
-worker dying between two commands would otherwise lose an update or block its order.
+An order's first unfinished update is its "head", the only one of the order on the RQ queue (or, while
+it waits for a retry, in RQ's ScheduledJobRegistry); the others wait in event order in the order's list
+and in RQ's DeferredJobRegistry. When the head is finished (delivered or dead-lettered) the next waiting
+update becomes the head and goes on the queue. Every script changes several keys that must agree (head,
+waiting list, queue, registries, job hash), so each is atomic: a process dying between two commands
+would otherwise lose an update or block its order.
+
+The fragments (join, advance, dead-lettering a job deleted from outside) are written once, in PRELUDE,
+and every script that changes a chain starts with it. Keys that are the same for every order are
+written into the scripts' text: the product runs on one Redis server (not Redis Cluster).
 """
 
 from __future__ import annotations
@@ -16,94 +20,186 @@ from typing import Any
 
 from redis import Redis
 
+from receiver.clock import utc_now
+from receiver.logs import log
+from receiver.metrics import counter_increment
 from receiver.rediskeys import RedisKeys
-from receiver.rqstore import JOB_PREFIX as RQ_JOB_PREFIX
-from receiver.rqstore import QUEUES_KEY as RQ_QUEUES
-from receiver.rqstore import rq_timestamp, template_args
+from receiver.rqstore import (
+    JOB_DATA_HEAD,
+    JOB_DATA_TAIL,
+    JOB_PREFIX,
+    QUEUES_KEY,
+    lua_string,
+    rq_timestamp,
+    template_args,
+)
 
-# Shared by the scripts that end a head: make the next waiting update (whose job still exists) the head
-# and queue it, or, when none waits, delete the head. Expects head, waiting, queue, active, order_id,
-# job_prefix, now in scope. Job keys are built here from ARGV's prefix: fine on one Redis server (the
-# product does not support Redis Cluster, where every key would have to be declared).
-ADVANCE = """
+DELETED_OUTSIDE = "job deleted outside intergiro-receiver"
+DEAD_LETTERED = counter_increment("intergiro_deliveries_total", outcome="dead_lettered")
+
+# KEYS[1] the order's head, KEYS[2] its waiting list; ARGV[1] order id, ARGV[2] now in RQ's format,
+# ARGV[3] now in Unix seconds, ARGV[4] now as the product writes it. The {NAMES} are filled in once.
+PRELUDE = """
+local head, waiting = KEYS[1], KEYS[2]
+local order_id, stamp, now, now_text = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local queue, queues, active, deferred = {QUEUE}, {QUEUES}, {ACTIVE}, {DEFERRED}
+local pending, dead_letters, metrics = {PENDING}, {DEAD_LETTERS}, {METRICS}
+local job_prefix, delivery_prefix = {JOB_PREFIX}, {DELIVERY_PREFIX}
+local fields = {FIELDS}
+local deleted = {}
+
+-- Join the order's chain: queued at once as its head when the order has none (or this is it),
+-- otherwise waiting behind it (listed in RQ's DeferredJobRegistry). Writes the job as RQ would.
+local function join(id, update)
+  local status = 'deferred'
+  local current = redis.call('GET', head)
+  if not current or current == id then
+    redis.call('SET', head, id)
+    redis.call('SADD', active, order_id)
+    redis.call('RPUSH', queue, id)
+    status = 'queued'
+  else
+    redis.call('RPUSH', waiting, id)
+    redis.call('ZADD', deferred, now, id)
+  end
+  redis.call('HSET', pending, id, update)
+  redis.call('HSET', job_prefix .. id, 'data', {DATA_HEAD} .. update .. {DATA_TAIL}, 'status', status,
+    'created_at', stamp, 'enqueued_at', stamp, 'description', 'deliver_update(' .. id .. ')', unpack(fields))
+  redis.call('SADD', queues, queue)
+  return status
+end
+
+-- An update whose RQ job was deleted from outside (rq-dashboard, `rq empty`, Job.delete()) goes to the
+-- dead-letter queue from the copy in `pending`, never silently away; the caller logs its id.
+local function dead_letter_deleted(id)
+  deleted[#deleted + 1] = id
+  local update = redis.call('HGET', pending, id)
+  if not update then return end
+  local record = delivery_prefix .. id
+  local attempts = tonumber(redis.call('HGET', record, 'attempts') or '0')
+  local entry = '{"id":' .. cjson.encode(id) .. ',"order_id":' .. cjson.encode(order_id)
+    .. ',"update":' .. update .. ',"attempts":' .. attempts .. ',"last_error":' .. {REASON}
+    .. ',"last_error_at":' .. cjson.encode(now_text) .. ',"dead_lettered_at":' .. cjson.encode(now_text) .. '}'
+  redis.call('HSET', dead_letters, id, entry)
+  redis.call('HDEL', pending, id)
+  redis.call('DEL', record)
+  redis.call('HINCRBYFLOAT', metrics, {DEAD_LETTERED_FIELD}, 1)
+end
+
+-- The head is finished: the next waiting update (whose job still exists) becomes the head and is
+-- queued; when none waits, the order has no head. Returns the new head, or ''.
 local function advance()
   while true do
     local next_id = redis.call('LPOP', waiting)
     if not next_id then
       redis.call('DEL', head)
       redis.call('SREM', active, order_id)
-      return false
+      return ''
     end
+    redis.call('ZREM', deferred, next_id)
     local job = job_prefix .. next_id
     if redis.call('EXISTS', job) == 1 then
       redis.call('SET', head, next_id)
       redis.call('SADD', active, order_id)
-      redis.call('HSET', job, 'status', 'queued', 'enqueued_at', now)
+      redis.call('HSET', job, 'status', 'queued', 'enqueued_at', stamp)
       redis.call('RPUSH', queue, next_id)
       return next_id
     end
+    dead_letter_deleted(next_id)
   end
 end
 """
 
-# KEYS: head, waiting, queue, active orders, delivery record, retry schedule, retry jobs, dead letters,
-# metrics. ARGV: update id, order id, job prefix, now, dead-letter entry ('' when delivered), then pairs
-# of metrics field and amount.
-# Ends an update (delivered, or dead-lettered with its entry), counts it in the shared metrics (once: an
-# attempt's delivery record is what the metrics are counted against) and, when it is its order's head,
-# moves the chain on. Not the head means it ran again after it was finished: the chain has moved on.
-FINISH = (
-    """
-local head, waiting, queue, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local id, order_id, job_prefix, now, entry = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-"""
-    + ADVANCE
-    + """
-if redis.call('DEL', KEYS[5]) == 1 then  -- counted once per attempt, however often it is finished
-  for i = 6, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[9], ARGV[i], ARGV[i + 1]) end
+# KEYS[3] the order's seen hash. ARGV[5] its TTL, then per update: event key, id, update (JSON).
+# Dedup and join in one step: a marker is never written without its job, nor a job without its marker.
+INTAKE = """
+local queued = {}
+for i = 6, #ARGV, 3 do
+  if redis.call('HSETNX', KEYS[3], ARGV[i], 1) == 1 then
+    join(ARGV[i + 1], ARGV[i + 2])
+    queued[#queued + 1] = ARGV[i + 1]
+  end
 end
-redis.call('ZREM', KEYS[6], id)
-redis.call('HDEL', KEYS[7], id)
-if entry ~= '' then redis.call('HSET', KEYS[8], id, entry) end
-if redis.call('GET', head) ~= id then return false end
-return advance()
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+return queued
 """
-)
 
-# KEYS: retry schedule, retry jobs, delivery record. ARGV: update id, due time, job data, error, error time.
-# The schedule entry and the job data it needs are written together, so a due update always has its job.
-SCHEDULE_RETRY = """
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-redis.call('HSET', KEYS[3], 'last_error', ARGV[4], 'last_error_at', ARGV[5])
+# KEYS[3] delivery record, KEYS[4] retry schedule. ARGV[5] update id, ARGV[6] dead-letter entry ('' when
+# delivered), then pairs of metrics field and amount.
+# Ends an update, counts it in the shared metrics (once: an attempt's delivery record is what the
+# metrics are counted against) and, when it is its order's head, moves the chain on. Not the head means
+# it ran again after it was finished: the chain has moved on.
+FINISH = """
+local id, entry = ARGV[5], ARGV[6]
+if redis.call('DEL', KEYS[3]) == 1 then
+  for i = 7, #ARGV, 2 do redis.call('HINCRBYFLOAT', metrics, ARGV[i], ARGV[i + 1]) end
+end
+redis.call('ZREM', KEYS[4], id)
+redis.call('HDEL', pending, id)
+if entry ~= '' then redis.call('HSET', dead_letters, id, entry) end
+if redis.call('GET', head) ~= id then return {''} end
+return {advance(), unpack(deleted)}
+"""
+
+# A head whose job is gone (deleted from outside) is dead-lettered and its order moves on; a missing
+# head with updates waiting is released the same way.
+RELEASE_STALE = """
+local id = redis.call('GET', head)
+if id then
+  if redis.call('EXISTS', job_prefix .. id) == 1 then return {''} end
+  dead_letter_deleted(id)
+elseif redis.call('LLEN', waiting) == 0 then
+  redis.call('SREM', active, order_id)
+  return {''}
+end
+return {advance(), unpack(deleted)}
+"""
+
+# KEYS[3] the job, KEYS[4] delivery record, KEYS[5] RQ's FailedJobRegistry. ARGV[5] update id, ARGV[6]
+# the update (JSON). Takes a dead-lettered update out of the dead-letter queue (and RQ's failed jobs)
+# and back into its order's chain with the same id. Returns 0 when it was not dead-lettered.
+REQUEUE = """
+local id = ARGV[5]
+if redis.call('HDEL', dead_letters, id) == 0 then return 0 end
+redis.call('DEL', KEYS[4])
+redis.call('ZREM', KEYS[5], id)
+redis.call('PERSIST', KEYS[3])
+redis.call('HDEL', KEYS[3], 'exc_info')
+join(id, ARGV[6])
 return 1
 """
 
-# KEYS: retry schedule, retry jobs, queue, RQ queue set. ARGV: now (Unix), job prefix, now (RQ format),
-# limit, template fields*2, template...
-# Moves due updates back onto the RQ queue (same job id, so the update stays its order's head). A job
-# still `started` is the attempt that scheduled the retry, not yet finished by RQ (which deletes the hash
-# when it is done); `queued` means RQ already re-queued it after a worker crash: both are left alone.
-# Returns the number moved and the next due time ('' when nothing is scheduled).
+# KEYS: retry schedule, delivery record, metrics. ARGV: update id, due time, error, error time, then
+# pairs of metrics field and amount. The job itself goes to RQ's ScheduledJobRegistry as RQ records
+# the attempt's Retry (workers/delivery.py).
+SCHEDULE_RETRY = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[2], 'last_error', ARGV[3], 'last_error_at', ARGV[4])
+for i = 5, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[3], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+# KEYS: retry schedule, RQ's ScheduledJobRegistry, queue, RQ queue set. ARGV: now (Unix), job prefix,
+# now (RQ format), limit.
+# Queues the updates whose retry is due, to the microsecond (RQ's own scheduler, if one runs, keeps
+# whole seconds and would queue them up to a second later). Only a job RQ recorded as scheduled moves;
+# one still `started` is the attempt that scheduled the retry, not yet recorded by RQ. Any other state
+# (queued by RQ's scheduler, deleted) leaves the schedule. Returns the number moved and the next due time.
 MOVE_DUE = """
-local schedule, jobs, queue = KEYS[1], KEYS[2], KEYS[3]
+local schedule, registry, queue = KEYS[1], KEYS[2], KEYS[3]
 local now, job_prefix, stamp, limit = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local fields = {}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
 local moved = 0
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', schedule, '-inf', now, 'LIMIT', 0, limit)) do
   local job = job_prefix .. id
   local status = redis.call('HGET', job, 'status')
-  if status ~= 'started' and status ~= 'queued' then
-    local data = redis.call('HGET', jobs, id)
+  if status == 'scheduled' then
     redis.call('ZREM', schedule, id)
-    redis.call('HDEL', jobs, id)
-    if data then
-      redis.call('HSET', job, 'data', data, 'status', 'queued', 'created_at', stamp, 'enqueued_at', stamp,
-        'description', 'deliver_update(' .. id .. ')', unpack(fields))
-      redis.call('RPUSH', queue, id)
-      moved = moved + 1
-    end
+    redis.call('ZREM', registry, id)
+    redis.call('HSET', job, 'status', 'queued', 'enqueued_at', stamp)
+    redis.call('RPUSH', queue, id)
+    moved = moved + 1
+  elseif status ~= 'started' then
+    redis.call('ZREM', schedule, id)
   end
 end
 if moved > 0 then redis.call('SADD', KEYS[4], queue) end
@@ -111,53 +207,34 @@ local first = redis.call('ZRANGE', schedule, 0, 0, 'WITHSCORES')
 return {moved, first[2] or ''}
 """
 
-# KEYS: head, waiting, queue, active orders, retry schedule. ARGV: order id, job prefix, now.
-# A head whose job is gone (purged, deleted by hand) and that is not scheduled for a retry would block
-# its order forever: release it. A missing head with updates waiting is released the same way.
-RELEASE_STALE = (
-    """
-local head, waiting, queue, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local order_id, job_prefix, now = ARGV[1], ARGV[2], ARGV[3]
-"""
-    + ADVANCE
-    + """
-local id = redis.call('GET', head)
-if id then
-  if redis.call('EXISTS', job_prefix .. id) == 1 or redis.call('ZSCORE', KEYS[5], id) then return false end
-elseif redis.call('LLEN', waiting) == 0 then
-  redis.call('SREM', active, order_id)
-  return false
-end
-return advance()
-"""
-)
 
-# KEYS: head, waiting, queue, RQ queue set, active orders, job, dead letters, delivery record.
-# ARGV: update id, order id, job data, now (RQ format), template fields*2, template...
-# Takes an update out of the dead-letter queue and back into its order's chain, with the same id: queued
-# at once when the order has no head, otherwise behind whatever waits. Returns 0 when it was not there.
-REQUEUE = """
-local head, waiting, queue, queues, active, job = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local id, order_id, data, stamp = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local fields = {}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-if redis.call('HDEL', KEYS[7], id) == 0 then return 0 end
-redis.call('DEL', KEYS[8])
-local status = 'deferred'
-local current = redis.call('GET', head)
-if not current or current == id then
-  redis.call('SET', head, id)
-  redis.call('SADD', active, order_id)
-  redis.call('RPUSH', queue, id)
-  status = 'queued'
-else
-  redis.call('RPUSH', waiting, id)
-end
-redis.call('HSET', job, 'data', data, 'status', status, 'created_at', stamp, 'enqueued_at', stamp,
-  'description', 'deliver_update(' .. id .. ')', unpack(fields))
-redis.call('SADD', queues, queue)
-return 1
-"""
+def chain_script(keys: RedisKeys, body: str) -> str:
+    """PRELUDE with this deployment's names written in, then `body`."""
+    names: dict[str, str | bytes] = {
+        "QUEUE": keys.rq_queue,
+        "QUEUES": QUEUES_KEY,
+        "ACTIVE": keys.active_orders,
+        "DEFERRED": keys.rq_deferred,
+        "PENDING": keys.pending_updates,
+        "DEAD_LETTERS": keys.dead_letters,
+        "METRICS": keys.metrics,
+        "JOB_PREFIX": JOB_PREFIX,
+        "DELIVERY_PREFIX": keys.delivery(""),
+        "DATA_HEAD": JOB_DATA_HEAD,
+        "DATA_TAIL": JOB_DATA_TAIL,
+        "REASON": '"' + DELETED_OUTSIDE + '"',  # as a JSON string
+        "DEAD_LETTERED_FIELD": DEAD_LETTERED[0],
+    }
+    text = PRELUDE
+    for name, value in names.items():
+        text = text.replace("{" + name + "}", lua_string(value))
+    fields = ", ".join(lua_string(x) for x in template_args(keys.queue_name))
+    return text.replace("{FIELDS}", "{" + fields + "}") + body
+
+
+def chain_args(order_id: str, stamp: str | None = None) -> list[Any]:
+    """ARGV[1..4] of every chain script."""
+    return [order_id, stamp or rq_timestamp(), repr(time.time()), utc_now()]
 
 
 class OrderChains:
@@ -166,29 +243,14 @@ class OrderChains:
     def __init__(self, redis: Redis, keys: RedisKeys) -> None:
         self.redis = redis
         self.keys = keys
-        self._fields = template_args(keys.queue_name)
-        self._finish = redis.register_script(FINISH)
+        self._finish = redis.register_script(chain_script(keys, FINISH))
+        self._release_stale = redis.register_script(chain_script(keys, RELEASE_STALE))
+        self._requeue = redis.register_script(chain_script(keys, REQUEUE))
         self._schedule = redis.register_script(SCHEDULE_RETRY)
         self._move_due = redis.register_script(MOVE_DUE)
-        self._release_stale = redis.register_script(RELEASE_STALE)
-        self._requeue = redis.register_script(REQUEUE)
 
     def _chain_keys(self, order_id: str) -> list[str]:
-        k = self.keys
-        return [k.order_head(order_id), k.order_waiting(order_id), k.rq_queue, k.active_orders]
-
-    def _finish_keys_args(
-        self, update: dict[str, Any], entry: bytes, counters: Iterable[tuple[str, float]]
-    ) -> tuple[list[str], list[Any]]:
-        k = self.keys
-        keys = [
-            *self._chain_keys(update["order_id"]),
-            k.delivery(update["id"]), k.retry_schedule, k.retry_jobs, k.dead_letters, k.metrics,
-        ]  # fmt: skip
-        args = [update["id"], update["order_id"], RQ_JOB_PREFIX, rq_timestamp(), entry]
-        for field, amount in counters:
-            args += (field, repr(amount))
-        return keys, args
+        return [self.keys.order_head(order_id), self.keys.order_waiting(order_id)]
 
     def finish(
         self,
@@ -198,37 +260,36 @@ class OrderChains:
     ) -> str | None:
         """End the update (delivered, or dead-lettered with its entry) and add `counters` (metrics hash
         field, amount) in the same step; returns the order's next head."""
-        keys, args = self._finish_keys_args(update, dead_letter_entry, counters)
-        return _text(self._finish(keys=keys, args=args))
-
-    def finish_in(
-        self, transaction: Any, update: dict[str, Any], counters: Iterable[tuple[str, float]]
-    ) -> None:
-        """Queue the end of a delivered update (as `finish`) on someone else's transaction. By the
-        script's text: a script whose SHA Redis forgot cannot be loaded again inside a transaction."""
-        keys, args = self._finish_keys_args(update, b"", counters)
-        transaction.execute_command("EVAL", FINISH, len(keys), *keys, *args)
-
-    def schedule_retry(self, update_id: str, due: float, job_data: bytes, error: str, error_at: str) -> None:
         k = self.keys
-        self._schedule(
-            keys=[k.retry_schedule, k.retry_jobs, k.delivery(update_id)],
-            args=[update_id, repr(due), job_data, error, error_at],
-        )
+        keys = [*self._chain_keys(update["order_id"]), k.delivery(update["id"]), k.retry_schedule]
+        args = [*chain_args(update["order_id"]), update["id"], dead_letter_entry]
+        for field, amount in counters:
+            args += (field, repr(amount))
+        return self._moved_on(update["order_id"], self._finish(keys=keys, args=args))
+
+    def schedule_retry(
+        self, update_id: str, due: float, error: str, error_at: str, counters: Iterable[tuple[str, float]]
+    ) -> None:
+        k = self.keys
+        args: list[Any] = [update_id, repr(due), error, error_at]
+        for field, amount in counters:
+            args += (field, repr(amount))
+        self._schedule(keys=[k.retry_schedule, k.delivery(update_id), k.metrics], args=args)
 
     def move_due(self, limit: int = 500) -> tuple[int, float | None]:
         """Queue the updates whose retry is due; returns how many, and when the next one is due."""
         k = self.keys
         moved, first = self._move_due(
-            keys=[k.retry_schedule, k.retry_jobs, k.rq_queue, RQ_QUEUES],
-            args=[repr(time.time()), RQ_JOB_PREFIX, rq_timestamp(), limit, *self._fields],
+            keys=[k.retry_schedule, k.rq_scheduled, k.rq_queue, QUEUES_KEY],
+            args=[repr(time.time()), JOB_PREFIX, rq_timestamp(), limit],
         )
         first = _text(first)
         return int(moved), float(first) if first else None
 
     def release_stale_heads(self) -> int:
-        """Sweep the orders that have a head; release those whose head's job is gone. Returns how many.
-        Each order is its own script run; a batch of them goes in one pipeline (one round trip)."""
+        """Sweep the orders that have a head; dead-letter heads whose job was deleted from outside and
+        move their orders on. Returns how many orders moved. Each order is its own script run; a batch
+        of them goes in one pipeline (one round trip)."""
         k = self.keys
         released = 0
         cursor = None
@@ -236,25 +297,44 @@ class OrderChains:
             cursor, batch = self.redis.sscan(k.active_orders, cursor or 0, count=500)
             if not batch:
                 continue
+            order_ids = [_text(raw) or "" for raw in batch]
             with self.redis.pipeline(transaction=False) as pipe:
-                for raw in batch:
-                    order_id = _text(raw) or ""
-                    keys = [*self._chain_keys(order_id), k.retry_schedule]
+                for order_id in order_ids:
                     self._release_stale(
-                        keys=keys, args=[order_id, RQ_JOB_PREFIX, rq_timestamp()], client=pipe
+                        keys=self._chain_keys(order_id), args=chain_args(order_id), client=pipe
                     )
-                released += sum(1 for answer in pipe.execute() if answer)
+                answers = pipe.execute()
+            for order_id, answer in zip(order_ids, answers, strict=True):
+                if len(answer) > 1 or _text(answer[0]):
+                    released += 1
+                self._moved_on(order_id, answer)
         return released
 
-    def requeue(self, update: dict[str, Any], job_data: bytes) -> bool:
+    def requeue(self, update: dict[str, Any], update_json: bytes) -> bool:
         """Put a dead-lettered update back into its order's chain; False when it was not dead-lettered."""
         k = self.keys
         keys = [
-            *self._chain_keys(update["order_id"])[:3], RQ_QUEUES, k.active_orders, k.rq_job(update["id"]),
-            k.dead_letters, k.delivery(update["id"]),
+            *self._chain_keys(update["order_id"]), k.rq_job(update["id"]), k.delivery(update["id"]), k.rq_failed,
         ]  # fmt: skip
-        args = [update["id"], update["order_id"], job_data, rq_timestamp(), *self._fields]
+        args = [*chain_args(update["order_id"]), update["id"], update_json]
         return bool(self._requeue(keys=keys, args=args))
+
+    def _moved_on(self, order_id: str, answer: list[Any]) -> str | None:
+        """The next head from a chain script's answer; logs the updates it dead-lettered because their
+        job had been deleted from outside."""
+        for raw in answer[1:]:
+            log.warning(
+                "update dead-lettered: its RQ job was deleted outside intergiro-receiver",
+                update=_text(raw),
+                order=order_id,
+                reason=DELETED_OUTSIDE,
+            )
+        return _text(answer[0]) or None
+
+
+def intake_script(keys: RedisKeys) -> str:
+    """The intake's dedup and join, for receiver/intake.py (KEYS: head, waiting, seen)."""
+    return chain_script(keys, INTAKE)
 
 
 def _text(value: Any) -> str | None:

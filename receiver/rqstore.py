@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from redis import Redis
 from rq.defaults import RQ_KEY_PREFIX
-from rq.job import Job, Retry
+from rq.job import Job
 from rq.queue import Queue
 from rq.registry import DeferredJobRegistry, FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -25,9 +25,9 @@ from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 # The job function, by its dotted name: the receiver never imports workers/ (see workers/jobs.py).
 DELIVER_UPDATE = "workers.jobs.deliver_update"
 JOB_TIMEOUT_SECONDS = 300
-# RQ re-queues a job whose worker died mid-attempt (found in its StartedJobRegistry) only while the job
-# has retries left; our own attempt count (DELIVERY_MAX_ATTEMPTS) decides when to give up.
-RQ_RECOVERIES = 1000
+# The budget of the `Retry` a delivery attempt returns to wait for its next attempt (RQ fails the job
+# after that many); our own attempt count (DELIVERY_MAX_ATTEMPTS) decides when to give up, far sooner.
+RETRY_BUDGET = 1_000_000
 FAILURE_TTL_SECONDS = 86400 * 30  # how long RQ keeps a dead-lettered update's job in its FailedJobRegistry
 
 JOB_PREFIX: str = Job.redis_job_namespace_prefix
@@ -103,7 +103,6 @@ def enqueue_options(update_id: str) -> dict[str, Any]:
         "result_ttl": 0,
         "failure_ttl": FAILURE_TTL_SECONDS,
         "description": job_description(update_id),
-        "retry": Retry(max=RQ_RECOVERIES, interval=0),
     }
 
 
@@ -112,7 +111,9 @@ def job_hash_template(queue_name: str) -> dict[str, str]:
     """The RQ job hash fields that are the same for every update job, taken from RQ itself.
 
     The scripts write jobs themselves, so they need the exact fields `Queue.enqueue` would write;
-    asking RQ for them keeps us right across RQ versions.
+    asking RQ for them keeps us right across RQ versions. No `Retry` on the job: an exception ends it in
+    RQ's FailedJobRegistry, where the workers' maintenance puts an attempt whose worker died (or failed
+    unexpectedly) back on the queue while the update is still its order's head and not dead-lettered.
     """
     options = enqueue_options("template")
     job = Job.create(

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from rq.job import Retry
 
-def deliver_update(update: dict[str, Any]) -> None:
-    """Deliver one update to the merchant: one attempt, whose outcome decides what happens next."""
+
+def deliver_update(update: dict[str, Any]) -> Retry | None:
+    """Deliver one update to the merchant: one attempt, whose outcome decides what happens next
+    (None: done; a `Retry`: RQ holds the job as scheduled; DeadLettered raised: RQ records it failed)."""
     from workers.delivery import deliver_from_job
 
-    deliver_from_job(update)
+    return deliver_from_job(update)
