@@ -27,7 +27,7 @@ from receiver.rediskeys import RedisKeys
 from tests.conftest import real_callbacks
 from tests.merchant_handlers import DELIVERED
 from tests.redis_server import free_port
-from tests.sink import ROOT, Sink, start_worker, stop, wait_for, worker_env
+from tests.sink import ROOT, Sink, log_events, start_worker, stop, wait_for, worker_env
 from tests.test_workers import EVENTS, post_order, webhook_settings
 
 KEYS = RedisKeys()
@@ -193,3 +193,22 @@ def test_an_rq_key_prefix_only_in_dot_env_stops_serve_and_worker_with_one_line(
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert "RQ_KEY_PREFIX" in lines[0] and command in lines[0]
+
+
+async def test_a_dead_letter_requeued_from_rqs_failed_jobs_is_not_posted_and_stays_failed_and_dead_lettered(
+    receiver: Any,
+    rsa_key: Any,
+    sink: Sink,
+    start: Any,
+    sync_redis: redis.Redis,
+    rq_queue: Queue,
+    worker_log: Path,
+) -> None:
+    sink.answer = lambda _id, _n: (400, {}, 0.0)
+    [dead] = await post_order(receiver, rsa_key, "RefusedOrder0002")
+    start(**webhook_settings(sink))
+    await wait_for(lambda: dead in rq_queue.failed_job_registry, what="the dead letter, failed")
+    rq_queue.failed_job_registry.requeue(dead)  # as rq-dashboard's Requeue does
+    await wait_for(lambda: log_events(worker_log, "update is dead-lettered, not delivered"), what="the rerun")
+    await wait_for(lambda: dead in rq_queue.failed_job_registry, what="failed again")
+    assert len(sink.attempts(dead)) == 1 and sync_redis.hexists(KEYS.dead_letters, dead)

@@ -175,6 +175,7 @@ class AttemptStart:
     is_head: bool
     attempt: int
     record: dict[bytes, bytes]
+    dead_lettered: bool = False
 
 
 def start_attempt_commands(pipe: Any, keys: RedisKeys, update: dict[str, Any]) -> None:
@@ -185,11 +186,14 @@ def start_attempt_commands(pipe: Any, keys: RedisKeys, update: dict[str, Any]) -
     pipe.hincrby(record, "attempts", 1)
     pipe.hgetall(record)
     pipe.zrem(keys.retry_schedule, update["id"])
+    pipe.hexists(keys.dead_letters, update["id"])
 
 
 def attempt_start(update: dict[str, Any], answers: list[Any]) -> AttemptStart:
-    head, attempt, record, _ = answers
-    return AttemptStart(update["id"], head == update["id"].encode(), int(attempt), record)
+    head, attempt, record, _, dead_lettered = answers
+    return AttemptStart(
+        update["id"], head == update["id"].encode(), int(attempt), record, bool(dead_lettered)
+    )
 
 
 @dataclass
@@ -250,6 +254,11 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> Retry | None:
         # finished already and runs again (its worker died before RQ recorded the end, or someone
         # queued its job by hand).
         redis.delete(record)
+        if start.dead_lettered:  # its job requeued from outside (rq-dashboard's Requeue): failed it stays
+            ctx.logger.info("update is dead-lettered, not delivered", update=update["id"])
+            raise DeadLettered(
+                "still in the dead-letter queue: requeue it with `intergiro-receiver dlq requeue`"
+            )
         count(redis, keys, "intergiro_deliveries_total", outcome="duplicate_skipped")
         ctx.logger.info("update already finished, not delivered again", update=update["id"])
         return None
