@@ -33,7 +33,7 @@ FAILURE_TTL_SECONDS = 86400 * 30  # how long RQ keeps a dead-lettered update's j
 JOB_PREFIX: str = Job.redis_job_namespace_prefix
 QUEUES_KEY: str = Queue.redis_queues_keys
 # orjson.dumps([DELIVER_UPDATE, None, [update], {}]) is exactly JOB_DATA_HEAD + update JSON + JOB_DATA_TAIL:
-# the scripts build a job's data around the update, and take the update back out of it, with these.
+# the scripts build a job's data around the update (whose copy they keep for dead-lettering) with these.
 JOB_DATA_HEAD = b'["' + DELIVER_UPDATE.encode() + b'",null,['
 JOB_DATA_TAIL = b"],{}]"
 

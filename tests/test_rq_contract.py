@@ -7,6 +7,7 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+import orjson
 import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
@@ -71,6 +72,7 @@ async def test_the_intake_script_writes_the_job_queue_enqueue_writes(
     for name in PER_JOB:  # RQ's timestamp format
         assert len(ours[name]) == len(rqs[name]) and ours[name].endswith(b"Z")
     assert sync_redis.hget(rqstore.job_key(update["id"]), "data") == rqstore.job_data(update)
+    assert rqstore.job_data(update) == orjson.dumps([rqstore.DELIVER_UPDATE, None, [update], {}])
     job = Job.fetch(update["id"], connection=sync_redis, serializer=JSONSerializer)
     assert (job.func_name, list(job.args), job.get_status()) == (
         rqstore.DELIVER_UPDATE,
