@@ -47,7 +47,7 @@ from tests.redis_server import RedisServer, free_port
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 NOOP_QUEUE = "bench-noop"
-TARGET = 0.70
+TARGET = 0.60  # issue 15: the price of an RQ upgrade that needs no code review
 EVENTS = ("0-order", "1-charge")  # the two events of every bench order, in sequence
 
 
@@ -127,10 +127,13 @@ def check_delivery(received: dict[str, list], orders: int, client: redis.Redis) 
     keys = RedisKeys()
     pending = (
         client.llen(keys.rq_queue) + client.scard(keys.active_orders) + client.zcard(keys.retry_schedule)
-    )
+        + client.hlen(keys.pending_updates) + client.zcard(keys.rq_deferred) + client.zcard(keys.rq_scheduled)
+        + client.zcard(keys.rq_failed)
+    )  # fmt: skip
     if left or pending or client.hlen(keys.dead_letters):
         problems.append(
-            f"left in Redis: {left[:3]}, {pending} queued/active/retrying, {client.hlen(keys.dead_letters)} dead"
+            f"left in Redis: {left[:3]}, {pending} queued/active/retrying/unfinished/in RQ's registries,"
+            f" {client.hlen(keys.dead_letters)} dead"
         )
     if problems:
         return "CHECK FAILED: " + "; ".join(problems)

@@ -1,8 +1,9 @@
 """bench/memory: Redis bytes per remembered (order id, event) marker.
 
 Stores N two-event orders through the real `Intake.store` (the same Lua step the receiver runs) on a
-Redis of its own, then deletes the RQ jobs, the queue and the per-order ordering keys, so that only the
-dedup markers remain (they are what outlives delivery: DEDUP_TTL_SECONDS, 400 days by default), and
+Redis of its own, then deletes the RQ jobs, the queue, the per-order ordering keys and the copies of the
+unfinished updates, so that only the dedup markers remain (they are what outlives delivery:
+DEDUP_TTL_SECONDS, 400 days by default), and
 divides the growth of `used_memory` by the number of events remembered.
 """
 
@@ -44,8 +45,9 @@ async def store_orders(url: str, orders: int) -> None:
 
 
 def delete_all_but_markers(client: redis.Redis) -> int:
-    # what delivery leaves behind: jobs, order chains and the set of orders with a pending head are gone
-    deleted = int(client.unlink(RedisKeys().active_orders))
+    # what delivery leaves behind: jobs, order chains, the set of orders with a pending head and the
+    # copies of unfinished updates are gone
+    deleted = int(client.unlink(RedisKeys().active_orders, RedisKeys().pending_updates))
     for pattern in ("rq:*", "igr:order:*"):
         batch = []
         for key in client.scan_iter(pattern, count=10_000):

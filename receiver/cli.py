@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from receiver.errors import ConfigError
 from receiver.logs import configure_logging
-from receiver.settings import Settings
+from receiver.settings import Settings, read_environment
 
 
 def load_settings(**overrides: str) -> Settings:
@@ -20,6 +20,17 @@ def load_settings(**overrides: str) -> Settings:
             print(f"intergiro-receiver: configuration error: {problem}", file=sys.stderr)
         raise SystemExit(1) from None
     return settings.with_changes(**overrides) if overrides else settings
+
+
+def refuse_split_rq_keys(command: str) -> None:
+    """RQ reads RQ_KEY_PREFIX from the process environment only: one set in `.env` alone would have the
+    receiver and the workers disagree with RQ's tools, so `serve` and `worker` stop with one line."""
+    from receiver.rqstore import rq_key_prefix_problem
+
+    problem = rq_key_prefix_problem(read_environment())
+    if problem:
+        print(f"intergiro-receiver {command}: {problem}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         raise SystemExit(run_send(args))
     settings = load_settings()
+    if args.command in ("serve", "worker"):
+        refuse_split_rq_keys(args.command)
     configure_logging(settings.log_format, settings.log_level)
     if args.command == "serve":
         from receiver.app import serve

@@ -9,70 +9,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from hiredis import pack_command
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from receiver.chains import chain_args, intake_script
 from receiver.order import event_key
-from receiver.rediskeys import RQ_QUEUES, RedisKeys
-from workers.jobs import DELIVER_UPDATE, job_hash_template
+from receiver.rediskeys import RedisKeys
+from receiver.rqstore import update_json
 
-# KEYS: seen hash, order head, order waiting list, RQ queue, RQ queue set, active orders set (swept by the
-# workers for stale heads), then one RQ job key per update.
-# ARGV: dedup TTL, created_at, order id, then per update: event key, id, data.
-# The job fields every update shares are written into the script's text once (`JOB_FIELDS`) rather than
-# sent with every call: packing twenty constant arguments per callback was most of redis-py's cost.
-# Per order, only the first undelivered update is pushed to the RQ queue (the "head"); the others wait
-# in event order and the worker that finishes the head pushes the next, so one order's updates reach
-# the merchant in sequence however many workers run.
-INTAKE_SCRIPT = """
-local seen, head, waiting, queue, queues, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local ttl, created_at, order_id = ARGV[1], ARGV[2], ARGV[3]
-local fields = {JOB_FIELDS}
-local first = 4
-local queued = {}
-local n = (#ARGV - first + 1) / 3
-for i = 0, n - 1 do
-  local ek, id, data = ARGV[first + 3 * i], ARGV[first + 3 * i + 1], ARGV[first + 3 * i + 2]
-  if redis.call('HSETNX', seen, ek, 1) == 1 then
-    local status = 'deferred'
-    if redis.call('SET', head, id, 'NX') then
-      redis.call('RPUSH', queue, id)
-      redis.call('SADD', active, order_id)
-      status = 'queued'
-    else
-      redis.call('RPUSH', waiting, id)
-    end
-    redis.call('HSET', KEYS[7 + i], 'data', data, 'status', status, 'created_at', created_at,
-      'enqueued_at', created_at, 'description', 'deliver_update(' .. id .. ')', unpack(fields))
-    queued[#queued + 1] = id
-  end
-end
-redis.call('EXPIRE', seen, ttl)
-if #queued > 0 then redis.call('SADD', queues, queue) end
-return queued
-"""
-
-
-def lua_string(text: str) -> str:
-    """A Lua string literal of any text (every byte escaped, so a queue name cannot break out)."""
-    return '"' + "".join(f"\\{byte}" for byte in text.encode()) + '"'
-
-
-def rq_timestamp(moment: datetime | None = None) -> str:
-    """RQ's own timestamp format, for the job fields the script writes."""
-    # isoformat is several times cheaper than strftime and spells the same for a UTC moment
-    return (moment or datetime.now(UTC)).isoformat(timespec="microseconds")[:-6] + "Z"
-
-
-def job_data(update: dict[str, Any]) -> bytes:
-    """The job's `data` as RQ's JSON serializer reads it: [function, instance, args, kwargs]."""
-    return orjson.dumps([DELIVER_UPDATE, None, [update], {}])
+# The script is receiver/chains.py's: the order's chain is joined there (the same fragment requeue
+# uses). Per order, only the first undelivered update is pushed to the RQ queue (the "head"); the
+# others wait in event order and the worker that finishes the head pushes the next, so one order's
+# updates reach the merchant in sequence however many workers run. What is the same for every call
+# (key names, the job fields every update shares) is written into the script's text once: packing
+# twenty constant arguments per callback was most of redis-py's cost.
 
 
 Batch = list[tuple[list[Any], "asyncio.Future[list[Any]]"]]
@@ -105,9 +59,7 @@ class Intake:
         self.min_replicas = min_replicas
         self.keys = keys
         self.ttl = dedup_ttl_seconds
-        template = job_hash_template(keys.queue_name)
-        fields = ", ".join(lua_string(x) for pair in template.items() for x in pair)
-        self._script = redis.register_script(INTAKE_SCRIPT.replace("{JOB_FIELDS}", "{" + fields + "}"))
+        self._script = redis.register_script(intake_script(keys))
         self._pending: Batch = []
 
     async def store(self, updates: Sequence[dict[str, Any]], created_at: str | None = None) -> list[str]:
@@ -116,21 +68,13 @@ class Intake:
         if not updates:
             return []
         order_id = updates[0]["order_id"]
-        keys = [
-            self.keys.seen(order_id),
-            self.keys.order_head(order_id),
-            self.keys.order_waiting(order_id),
-            self.keys.rq_queue,
-            RQ_QUEUES,
-            self.keys.active_orders,
-            *(self.keys.rq_job(u["id"]) for u in updates),
-        ]
-        args: list[Any] = [self.ttl, created_at or rq_timestamp(), order_id]
+        keys = [self.keys.order_head(order_id), self.keys.order_waiting(order_id), self.keys.seen(order_id)]
+        args: list[Any] = [*chain_args(order_id, created_at), self.ttl]
         for update in updates:
             args += [
                 event_key(update["event"]["sequence"], update["event"]["type"]),
                 update["id"],
-                job_data(update),
+                update_json(update),
             ]
         answer: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._pending.append(([self._script.sha, len(keys), *keys, *args], answer))

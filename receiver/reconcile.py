@@ -30,12 +30,13 @@ from redis.exceptions import RedisError
 from receiver.clock import utc_now
 from receiver.connections import async_redis
 from receiver.errors import BadCallback, clip
-from receiver.intake import Intake, job_data
+from receiver.intake import Intake
 from receiver.intergiro_api import ApiFailed, ApiRefused, OrderApi, RetryPolicy, new_session, order_id_of
 from receiver.logs import log
 from receiver.metrics import count, set_gauge
 from receiver.order import build_updates, event_key, parse_order
 from receiver.rediskeys import RedisKeys
+from receiver.rqstore import job_data
 from receiver.settings import Settings
 from receiver.verify import Unrepresentable, check_writable
 

@@ -1,12 +1,12 @@
 """Every Redis key the product writes, in one place. Ours share a prefix (`REDIS_KEY_PREFIX`);
-RQ's own keys (`rq:job:<id>`, `rq:queue:<name>`) keep RQ's names so RQ and rq-dashboard can read them."""
+RQ's own keys keep RQ's names (taken from RQ's classes in receiver/rqstore.py) so RQ and rq-dashboard
+can read them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-RQ_QUEUES = "rq:queues"
-RQ_JOB_PREFIX = "rq:job:"
+from receiver import rqstore
 
 
 @dataclass(frozen=True)
@@ -37,13 +37,15 @@ class RedisKeys:
 
     @property
     def retry_schedule(self) -> str:
-        """Sorted set of updates waiting for their next attempt: update id -> due time (Unix seconds)."""
+        """Sorted set of updates waiting for their next attempt: update id -> due time (Unix seconds, to
+        the microsecond; RQ's ScheduledJobRegistry, which lists them too, keeps whole seconds)."""
         return f"{self.prefix}retry:due"
 
     @property
-    def retry_jobs(self) -> str:
-        """Hash of the RQ job data of the updates in `retry_schedule`: update id -> job data."""
-        return f"{self.prefix}retry:jobs"
+    def pending_updates(self) -> str:
+        """Hash of every update not yet finished: update id -> the update (JSON). RQ's job holds it too;
+        this copy is what puts an update whose job was deleted from outside into the dead-letter queue."""
+        return f"{self.prefix}updates"
 
     @property
     def error_notes(self) -> str:
@@ -72,13 +74,25 @@ class RedisKeys:
 
     @property
     def rq_queue(self) -> str:
-        return f"rq:queue:{self.queue_name}"
+        return rqstore.queue_key(self.queue_name)
 
     @property
     def rq_workers(self) -> str:
         """RQ's set of the keys of the workers listening on the queue (alive while that key exists)."""
-        return f"rq:workers:{self.queue_name}"
+        return rqstore.workers_key(self.queue_name)
+
+    @property
+    def rq_deferred(self) -> str:
+        return rqstore.deferred_key(self.queue_name)
+
+    @property
+    def rq_scheduled(self) -> str:
+        return rqstore.scheduled_key(self.queue_name)
+
+    @property
+    def rq_failed(self) -> str:
+        return rqstore.failed_key(self.queue_name)
 
     @staticmethod
     def rq_job(job_id: str) -> str:
-        return f"{RQ_JOB_PREFIX}{job_id}"
+        return rqstore.job_key(job_id)

@@ -10,12 +10,14 @@ from typing import Any
 
 import pytest
 import redis
+import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from rq import Queue
 from rq.serializers import JSONSerializer
 
 from receiver.app import create_app
+from receiver.cli import main
 from receiver.keys import load_public_key
 from receiver.settings import Settings
 from tests.redis_server import RedisServer, usable_external_url
@@ -196,3 +198,21 @@ async def fake_intergiro(aiohttp_server: Any) -> AsyncIterator[Any]:
     server = await aiohttp_server(app)
     server.state = state
     yield server
+
+
+@pytest.fixture
+def cli(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[..., Any]:
+    """Runs `intergiro-receiver ARGS` in this process with the suite's Redis; returns (exit code, stdout)."""
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    logging_config = structlog.get_config()  # main() points structlog at the captured stderr
+
+    def run(*args: str) -> tuple[int, str]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main(list(args))
+        return int(exit_.value.code or 0), capsys.readouterr().out
+
+    yield run
+    structlog.configure(**logging_config)

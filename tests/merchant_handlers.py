@@ -28,3 +28,7 @@ def flaky(update: dict[str, Any]) -> None:
 def refuses(update: dict[str, Any]) -> None:
     _client().incr(CALLS)
     raise PermanentDeliveryError("unknown order number")
+
+
+def takes(update: dict[str, Any]) -> None:
+    _client().rpush(DELIVERED, update["id"])

@@ -4,35 +4,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
-from receiver.cli import main
 from receiver.rediskeys import RedisKeys
 from tests.sink import SECRET, Sink, start_worker, stop, wait_for, worker_env
 from tests.test_workers import post_order
-
-
-@pytest.fixture
-def cli(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> Callable[..., Any]:
-    """Runs `intergiro-receiver ARGS` in this process with the suite's Redis; returns (exit code, stdout)."""
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    logging_config = structlog.get_config()  # main() points structlog at the captured stderr
-
-    def run(*args: str) -> tuple[int, str]:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit_:
-            main(list(args))
-        return int(exit_.value.code or 0), capsys.readouterr().out
-
-    yield run
-    structlog.configure(**logging_config)
 
 
 @pytest.fixture

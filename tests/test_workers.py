@@ -19,15 +19,15 @@ from rq.serializers import JSONSerializer
 from standardwebhooks.webhooks import Webhook
 
 from receiver.app import CALLBACK_PATH
+from receiver.chains import OrderChains
 from receiver.rediskeys import RedisKeys
 from receiver.retry_after import parse_retry_after
+from receiver.rqstore import DELIVER_UPDATE
 from tests.conftest import queued_updates
 from tests.helpers import JWT, card_order, token
 from tests.merchant_handlers import CALLS, DELIVERED
 from tests.sink import ROOT, SECRET, Sink, log_events, start_worker, stop, wait_for, worker_env
 from workers.delivery import backoff_delay
-from workers.jobs import DELIVER_UPDATE
-from workers.ordering import OrderChains
 
 EVENTS = ("order", "charge", "refund")
 

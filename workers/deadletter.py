@@ -1,8 +1,10 @@
 """The dead-letter queue: updates that failed for good, kept for ops to inspect, requeue or purge.
 
 One Redis hash (`igr:dlq`): update id -> JSON entry {id, order_id, update, attempts, last_error,
-last_error_at, dead_lettered_at}. `requeue` puts the update back into its order's chain with the same
-id (see workers.ordering.REQUEUE), so it is delivered again, after whatever is its order's head then.
+last_error_at, dead_lettered_at}. The update's RQ job stays, as failed, in RQ's FailedJobRegistry (for
+RQ's failure TTL, 30 days), so RQ's tools count it; an update whose job was deleted from outside has
+an entry here only. `requeue` puts the update back into its order's chain with the same
+id (see receiver.chains.REQUEUE), so it is delivered again, after whatever is its order's head then.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from typing import Any
 import orjson
 from redis import Redis
 
+from receiver.chains import OrderChains
 from receiver.connections import sync_redis
-from receiver.intake import job_data
 from receiver.rediskeys import RedisKeys
+from receiver.rqstore import update_json
 from receiver.settings import Settings
-from workers.ordering import OrderChains
 
 
 class DeadLetters:
@@ -47,10 +49,16 @@ class DeadLetters:
         if entry is None:
             return False
         update = entry["update"]
-        return OrderChains(self.redis, self.keys).requeue(update, job_data(update))
+        return OrderChains(self.redis, self.keys).requeue(update, update_json(update))
 
     def purge(self, update_id: str) -> bool:
-        return bool(self.redis.hdel(self.keys.dead_letters, update_id))
+        """Forget the update, and its job in RQ's FailedJobRegistry, in one step."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.keys.dead_letters, update_id)
+            pipe.zrem(self.keys.rq_failed, update_id)
+            pipe.delete(self.keys.rq_job(update_id))
+            removed, _, _ = pipe.execute()
+        return bool(removed)
 
 
 def run_dlq_command(settings: Settings, args: argparse.Namespace) -> int:

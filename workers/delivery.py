@@ -10,6 +10,7 @@ last of DELIVERY_MAX_ATTEMPTS attempts.
 from __future__ import annotations
 
 import importlib
+import math
 import random
 import time
 from collections.abc import Callable
@@ -19,18 +20,19 @@ from typing import Any
 
 import orjson
 from redis import Redis
+from rq.job import Retry
 from standardwebhooks.webhooks import Webhook
 
+from receiver.chains import OrderChains
 from receiver.clock import utc_now
 from receiver.connections import sync_redis
-from receiver.intake import job_data
 from receiver.logs import log
-from receiver.metrics import add, count, counter_increment, observation_increments
+from receiver.metrics import count, counter_increment, observation_increments
 from receiver.rediskeys import RedisKeys
 from receiver.retry_after import parse_retry_after
+from receiver.rqstore import RETRY_BUDGET
 from receiver.settings import Settings
 from workers.merchant_http import AnswerError, ConnectionOptions, MerchantConnection
-from workers.ordering import OrderChains
 
 MAX_BACKOFF_SECONDS = 3600.0
 USER_AGENT = "intergiro-receiver"
@@ -57,6 +59,12 @@ class PermanentDeliveryError(DeliveryError):
     """Raise from a MERCHANT_HANDLER to dead-letter the update at once instead of retrying it."""
 
     retryable = False
+
+
+class DeadLettered(Exception):
+    """Raised by the job once its update is in the dead-letter queue, so that RQ records the job as
+    failed (RQ's FailedJobRegistry, where `rq info` and rq-dashboard count it). `intergiro-receiver dlq
+    requeue` is the way back: it puts the update into its order's chain again, in order."""
 
 
 class TargetNotConfigured(Exception):
@@ -170,20 +178,25 @@ class AttemptStart:
     is_head: bool
     attempt: int
     record: dict[bytes, bytes]
+    dead_lettered: bool = False
 
 
 def start_attempt_commands(pipe: Any, keys: RedisKeys, update: dict[str, Any]) -> None:
-    """Queue the three commands that start an attempt on a transaction; `attempt_start` reads their
-    answers. DeliveryWorker sends them in RQ's own preparation of the job, so they cost no round trip."""
+    """Queue the commands that start an attempt on a transaction; `attempt_start` reads their answers.
+    The attempt leaves the retry schedule (RQ's own scheduler may have queued it)."""
     record = keys.delivery(update["id"])
     pipe.get(keys.order_head(update["order_id"]))
     pipe.hincrby(record, "attempts", 1)
     pipe.hgetall(record)
+    pipe.zrem(keys.retry_schedule, update["id"])
+    pipe.hexists(keys.dead_letters, update["id"])
 
 
 def attempt_start(update: dict[str, Any], answers: list[Any]) -> AttemptStart:
-    head, attempt, record = answers
-    return AttemptStart(update["id"], head == update["id"].encode(), int(attempt), record)
+    head, attempt, record, _, dead_lettered = answers
+    return AttemptStart(
+        update["id"], head == update["id"].encode(), int(attempt), record, bool(dead_lettered)
+    )
 
 
 @dataclass
@@ -196,17 +209,9 @@ class DeliveryContext:
     chains: OrderChains
     targets: list[WebhookTarget | HandlerTarget]
     logger: Any  # bound once: structlog's module-level proxy binds anew on every call
-    prepared: AttemptStart | None = None  # the attempt DeliveryWorker started as it prepared the job
-    # A list while DeliveryWorker runs a job: delivered updates to finish in RQ's own record of the
-    # job's success (one transaction) instead of a round trip of their own; None: finish at once.
-    finish_with_job: list[tuple[dict[str, Any], list[tuple[str, float]]]] | None = None
 
     def start_attempt(self, update: dict[str, Any]) -> AttemptStart:
-        """The attempt's start as DeliveryWorker prepared it, or (under a plain `rq worker`) its own
-        round trip."""
-        prepared, self.prepared = self.prepared, None
-        if prepared is not None and prepared.update_id == update["id"]:
-            return prepared
+        """Count the attempt (before the POST, so an attempt whose worker dies still counts)."""
         with self.redis.pipeline(transaction=True) as pipe:
             start_attempt_commands(pipe, self.keys, update)
             return attempt_start(update, pipe.execute())
@@ -234,24 +239,32 @@ def current_context() -> DeliveryContext:
     return _context
 
 
-def deliver_from_job(update: dict[str, Any]) -> None:
-    """One attempt at delivering `update`; records the outcome in Redis and never raises for the
-    merchant's failures (the outcome is a retry or a dead letter, both kept in Redis)."""
-    deliver(current_context(), update)
+def deliver_from_job(update: dict[str, Any]) -> Retry | None:
+    """One attempt at delivering `update` (see `deliver`)."""
+    return deliver(current_context(), update)
 
 
-def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> None:
+def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> Retry | None:
+    """One attempt; records its outcome in Redis. Returns None when the update is done (delivered, or
+    finished before), a `Retry` for RQ to hold the job in its ScheduledJobRegistry until the next
+    attempt, and raises DeadLettered when the update went to the dead-letter queue."""
     settings, keys, redis = ctx.settings, ctx.keys, ctx.redis
     record = keys.delivery(update["id"])
     start = ctx.start_attempt(update)
     attempt, fields = start.attempt, start.record
     if not start.is_head:
-        # Every update a worker runs is its order's head (see workers.ordering); one that is not was
-        # finished already and runs again because its worker died before RQ recorded the end.
+        # Every update a worker runs is its order's head (see receiver.chains); one that is not was
+        # finished already and runs again (its worker died before RQ recorded the end, or someone
+        # queued its job by hand).
         redis.delete(record)
+        if start.dead_lettered:  # its job requeued from outside (rq-dashboard's Requeue): failed it stays
+            ctx.logger.info("update is dead-lettered, not delivered", update=update["id"])
+            raise DeadLettered(
+                "still in the dead-letter queue: requeue it with `intergiro-receiver dlq requeue`"
+            )
         count(redis, keys, "intergiro_deliveries_total", outcome="duplicate_skipped")
         ctx.logger.info("update already finished, not delivered again", update=update["id"])
-        return
+        return None
     done = {k.decode() for k in fields if k.startswith(b"done:")}
     if attempt > settings.delivery_max_attempts:
         # Only after attempts that never reported back (their worker died): give up like any last attempt.
@@ -259,7 +272,7 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> None:
         dead_letter(
             ctx, update, attempt - 1, last_error, fields.get(b"last_error_at", b"").decode() or utc_now()
         )
-        return
+        raise DeadLettered(last_error)
     pending = [t for t in ctx.targets if f"done:{t.name}" not in done]  # others took it in an earlier attempt
     started = time.perf_counter()
     failure: DeliveryError | None = None
@@ -278,22 +291,19 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> None:
     result = "success" if failure is None else "retryable" if failure.retryable else "permanent"
     attempt_counters = [ATTEMPTS[result], *observation_increments("intergiro_delivery_seconds", elapsed)]
     if failure is None:
-        # Delivered: the chain's next step and the attempt's metrics in one script run.
-        if ctx.finish_with_job is not None:
-            ctx.finish_with_job.append((update, [*attempt_counters, DELIVERED]))
-        else:
-            ctx.chains.finish(update, counters=[*attempt_counters, DELIVERED])
+        # Delivered: the chain's next step and the attempt's metrics in one script run, before RQ records
+        # the job's end: a job RQ runs again after that (its record failed, its worker died) finds the
+        # update no longer its order's head and does not POST it again.
+        ctx.chains.finish(update, counters=[*attempt_counters, DELIVERED])
         ctx.logger.debug("update delivered", update=update["id"], attempt=attempt)
-        return
+        return None
     error, error_at = str(failure), utc_now()
     if not failure.retryable or attempt >= settings.delivery_max_attempts:
         dead_letter(ctx, update, attempt, error, error_at, attempt_counters)
-        return
+        raise DeadLettered(error)
     delay = backoff_delay(attempt, settings.delivery_backoff_seconds, failure.retry_after)
-    ctx.chains.schedule_retry(update["id"], time.time() + delay, job_data(update), error, error_at)
-    with redis.pipeline(transaction=False) as pipe:
-        add(pipe, keys, [*attempt_counters, RETRY_SCHEDULED])
-        pipe.execute()
+    due = time.time() + delay
+    ctx.chains.schedule_retry(update["id"], due, error, error_at, [*attempt_counters, RETRY_SCHEDULED])
     ctx.logger.info(
         "delivery retry scheduled",
         update=update["id"],
@@ -302,6 +312,9 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> None:
         retry_in=round(delay, 4),
         retry_after=failure.retry_after,
     )
+    # RQ keeps the job, as scheduled, in its ScheduledJobRegistry (in whole seconds: never sooner than
+    # `due`); the workers' maintenance queues it at `due` to the microsecond (receiver.chains.MOVE_DUE).
+    return Retry(max=RETRY_BUDGET, interval=max(1, math.ceil(delay)))
 
 
 def dead_letter(
@@ -312,7 +325,7 @@ def dead_letter(
     error_at: str,
     counters: list[tuple[str, float]] | None = None,
 ) -> None:
-    """Move the update to the dead-letter queue and release its order (atomically, see ordering.py),
+    """Move the update to the dead-letter queue and release its order (atomically, see receiver.chains),
     adding `counters` (the last attempt's metrics) in the same step."""
     entry = {
         "id": update["id"],

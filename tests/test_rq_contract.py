@@ -1,0 +1,97 @@
+"""The jobs the product writes from Lua are RQ's own jobs: for the same update, the hash the intake
+script writes is the one `Queue.enqueue` (installed RQ, JSON serializer) writes, field by field but for
+the per-job values; and a stock RQ SimpleWorker runs such a job."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from redis.asyncio import Redis as AsyncRedis
+from rq import Queue, SimpleWorker
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+import workers.delivery
+from receiver import rqstore
+from receiver.intake import Intake
+from receiver.order import build_updates, parse_order
+from receiver.rediskeys import RedisKeys
+from tests.helpers import card_order
+from tests.merchant_handlers import DELIVERED
+
+PER_JOB = {"created_at", "enqueued_at"}  # times; the ids are in the keys and the description
+
+
+def fields(client: redis.Redis, job_id: str) -> dict[str, bytes]:
+    raw = client.hgetall(rqstore.job_key(job_id))
+    found = {k.decode(): v for k, v in raw.items()}
+    try:  # RQ compresses what it writes and reads either (Job.restore)
+        found["data"] = zlib.decompress(found["data"])
+    except zlib.error:
+        pass
+    return found
+
+
+def as_rq_reads(data: bytes) -> Any:
+    """A job's data as RQ's JSON serializer reads it (RQ's own dumps puts spaces after separators)."""
+    return JSONSerializer.loads(data)
+
+
+async def stored_update(redis_url: str, settings: Any) -> dict[str, Any]:
+    update = build_updates(parse_order(card_order("ContractOrder001")), received_at="2026-01-01T09:00:00.000Z",
+                           verified_by="local:test")[0]  # fmt: skip
+    client = AsyncRedis.from_url(redis_url)
+    intake = Intake(client, RedisKeys(settings.redis_key_prefix, settings.queue_name), 3600)
+    assert await intake.store([update]) == [update["id"]]
+    await client.aclose()
+    return update
+
+
+async def test_the_intake_script_writes_the_job_queue_enqueue_writes(
+    redis_url: str, sync_redis: redis.Redis, settings: Any
+) -> None:
+    update = await stored_update(redis_url, settings)
+    queue = Queue(settings.queue_name, connection=sync_redis, serializer=JSONSerializer)
+    other_id = "enqueued-by-rq"
+    queue.enqueue(rqstore.DELIVER_UPDATE, update, **rqstore.enqueue_options(other_id))
+
+    ours, rqs = fields(sync_redis, update["id"]), fields(sync_redis, other_id)
+    assert set(ours) == set(rqs)
+    rqs["description"] = rqs["description"].replace(other_id.encode(), update["id"].encode())
+    assert (
+        as_rq_reads(ours.pop("data"))
+        == as_rq_reads(rqs.pop("data"))
+        == [rqstore.DELIVER_UPDATE, None, [update], {}]
+    )
+    for name in sorted(set(ours) - PER_JOB):
+        assert (name, ours[name]) == (name, rqs[name])
+    for name in PER_JOB:  # RQ's timestamp format
+        assert len(ours[name]) == len(rqs[name]) and ours[name].endswith(b"Z")
+    assert sync_redis.hget(rqstore.job_key(update["id"]), "data") == rqstore.job_data(update)
+    assert rqstore.job_data(update) == orjson.dumps([rqstore.DELIVER_UPDATE, None, [update], {}])
+    job = Job.fetch(update["id"], connection=sync_redis, serializer=JSONSerializer)
+    assert (job.func_name, list(job.args), job.get_status()) == (
+        rqstore.DELIVER_UPDATE,
+        [update],
+        JobStatus.QUEUED,
+    )
+    assert sync_redis.lrange(queue.key, 0, -1) == [update["id"].encode(), other_id.encode()]
+
+
+async def test_a_stock_rq_simple_worker_with_the_json_serializer_runs_the_job(
+    redis_url: str, sync_redis: redis.Redis, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    update = await stored_update(redis_url, settings)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("MERCHANT_HANDLER", "tests.merchant_handlers:takes")
+    monkeypatch.delenv("MERCHANT_WEBHOOK_URL", raising=False)
+    monkeypatch.setattr(workers.delivery, "_context", None)  # built from the environment by the job
+    queue = Queue(settings.queue_name, connection=sync_redis, serializer=JSONSerializer)
+    worker = SimpleWorker([queue], connection=sync_redis, serializer=JSONSerializer)
+    assert worker.work(burst=True, with_scheduler=False)
+    assert sync_redis.lrange(DELIVERED, 0, -1) == [update["id"].encode()]
+    assert not sync_redis.exists(rqstore.job_key(update["id"]))  # done: RQ deleted it (result_ttl 0)
