@@ -30,6 +30,7 @@ from receiver.errors import (
     UnsupportedMediaType,
     clip,
 )
+from receiver.history import callback_note, request_id
 from receiver.intake import Intake
 from receiver.intergiro_api import IntergiroApi
 from receiver.keys import TrustedKey
@@ -68,6 +69,7 @@ KEYS = web.AppKey("keys", RedisKeys)
 TRUSTED_KEYS = web.AppKey("trusted_keys", tuple[TrustedKey, ...])
 ORDER_ID = web.RequestKey("order_id", str)
 ORDER_LIMITS = web.AppKey("order_limits", OrderLimits)
+REQUEST_ID = web.RequestKey("request_id", str)
 CALLBACK_LOG = web.AppKey("callback_log", structlog.typing.FilteringBoundLogger)
 
 
@@ -92,7 +94,13 @@ def answer_rejections(
             return await handler(request)
         except CallbackRejected as exc:
             request.app[METRICS].count_callback(f"rejected_{exc.status}")
-            log.info("callback rejected", status=exc.status, reason=exc.reason, order=request.get(ORDER_ID))
+            log.info(
+                "callback rejected",
+                status=exc.status,
+                reason=exc.reason,
+                order=request.get(ORDER_ID),
+                request_id=request.get(REQUEST_ID),
+            )
             headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
             response = json_response(
                 {"status": "rejected", "error": exc.error, "reason": exc.reason}, exc.status, headers
@@ -192,6 +200,7 @@ async def receive_callback(request: web.Request) -> web.Response:
     """POST /callbacks/intergiro: verify, normalize, dedup + enqueue; 200 only once it is in Redis."""
     app = request.app
     settings = app[SETTINGS]
+    request[REQUEST_ID] = request_id(request.headers)
     content_type = request.content_type.lower()
     if content_type not in ACCEPTED_TYPES:
         raise UnsupportedMediaType("send application/jwt (or application/json)")
@@ -211,6 +220,7 @@ async def receive_callback(request: web.Request) -> web.Response:
     verified = await verify_callback(app, body, content_type)
     order = parse_order(verified.order, app[ORDER_LIMITS])
     request[ORDER_ID] = order["id"]
+    note = callback_note(received_at, verified.verified_by, request[REQUEST_ID], order.get("number"))
     events = order.get("event") or ()
     new: set[str] | None = None  # event keys not seen yet; None: not looked up
     if len(events) >= PRECHECK_MIN_EVENTS:
@@ -226,14 +236,21 @@ async def receive_callback(request: web.Request) -> web.Response:
         if new is not None:
             updates = [u for u in updates if event_key(u["event"]["sequence"], u["event"]["type"]) in new]
         try:
-            queued = await app[INTAKE].store(updates, received_at)
+            queued = await app[INTAKE].store(updates, received_at, note)
         except RedisError:
             raise Unavailable("redis not reachable; nothing was stored") from None
+    else:
+        await app[INTAKE].remember(order["id"], note, "duplicate")
     outcome = "accepted" if queued else "duplicate"
     app[METRICS].count_callback(outcome)
     app[METRICS].updates_queued.inc(len(queued))
     app[CALLBACK_LOG].info(
-        "callback", order=order["id"], outcome=outcome, queued=len(queued), verified_by=verified.verified_by
+        "callback",
+        order=order["id"],
+        outcome=outcome,
+        queued=queued,
+        verified_by=verified.verified_by,
+        request_id=request[REQUEST_ID],
     )
     if not queued:
         return json_response({"status": "duplicate", "order": order["id"]})
@@ -293,7 +310,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[REDIS] = redis
     # The intake's own client has no socket timeout: it bounds each batch itself (see Intake._run).
     intake_redis = async_redis(settings, timeout=None)
-    app[INTAKE] = Intake(intake_redis, app[KEYS], settings.dedup_ttl_seconds, settings.redis_min_replicas)
+    app[INTAKE] = Intake(
+        intake_redis,
+        app[KEYS],
+        settings.dedup_ttl_seconds,
+        settings.redis_min_replicas,
+        history_ttl=settings.history_retention_seconds,
+    )
     app[INTERGIRO] = IntergiroApi(settings)
     # Bound once as logging is now configured: the module's lazy proxy looks the configuration up on
     # every call, a cost the one line per callback need not pay.

@@ -47,6 +47,22 @@ local pending, dead_letters, metrics = {PENDING}, {DEAD_LETTERS}, {METRICS}
 local job_prefix, delivery_prefix = {JOB_PREFIX}, {DELIVERY_PREFIX}
 local fields = {FIELDS}
 local deleted = {}
+local history_prefix, history_ttl = {HISTORY_PREFIX}, {HISTORY_TTL}
+
+-- One entry of the order's history (receiver/history.py), in the step that changes what it tells of;
+-- kept history_ttl seconds after the order's last entry (0: no history). Updates are named there by
+-- their id without the order id and its dash (`1-charge`): the list is the order's already.
+local function short(id)
+  return cjson.encode(string.sub(id, #order_id + 2))
+end
+
+local function remember(entry)
+  if history_ttl > 0 then
+    local key = history_prefix .. order_id
+    redis.call('RPUSH', key, entry)
+    redis.call('EXPIRE', key, history_ttl)
+  end
+end
 
 -- Join the order's chain: queued at once as its head when the order has none (or this is it),
 -- otherwise waiting behind it (listed in RQ's DeferredJobRegistry). Writes the job as RQ would.
@@ -84,6 +100,7 @@ local function dead_letter_deleted(id)
   redis.call('HDEL', pending, id)
   redis.call('DEL', record)
   redis.call('HINCRBYFLOAT', metrics, {DEAD_LETTERED_FIELD}, 1)
+  remember('{"kind":"deleted_outside","at":' .. cjson.encode(now_text) .. ',"update":' .. short(id) .. '}')
 end
 
 -- The head is finished: the next waiting update (whose job still exists) becomes the head and is
@@ -110,29 +127,50 @@ local function advance()
 end
 """
 
-# KEYS[3] the order's seen hash. ARGV[5] its TTL, then per update: event key, id, update (JSON).
+# KEYS[3] the order's seen hash. ARGV[5] its TTL; ARGV[6] the history entry's start ('' for none: a JSON
+# object without its closing brace, completed here with `outcome` and `queued`); ARGV[7] '1' to write it
+# even when nothing was queued (a callback, not a reconcile run); ARGV[8] the merchant order number's
+# index key ('' for none); then per update: event key, id, update (JSON), status.
 # Dedup and join in one step: a marker is never written without its job, nor a job without its marker.
 INTAKE = """
-local queued = {}
-for i = 6, #ARGV, 3 do
+local queued, items = {}, {}
+for i = 9, #ARGV, 4 do
   if redis.call('HSETNX', KEYS[3], ARGV[i], 1) == 1 then
     join(ARGV[i + 1], ARGV[i + 2])
     queued[#queued + 1] = ARGV[i + 1]
+    items[#items + 1] = '{"id":' .. short(ARGV[i + 1]) .. ',"status":' .. cjson.encode(ARGV[i + 3]) .. '}'
   end
 end
 redis.call('EXPIRE', KEYS[3], ARGV[5])
+if ARGV[6] ~= '' and history_ttl > 0 and (#queued > 0 or ARGV[7] == '1') then
+  local outcome = 'duplicate'
+  if #queued > 0 then outcome = 'accepted' end
+  remember(ARGV[6] .. ',"outcome":"' .. outcome .. '","queued":[' .. table.concat(items, ',') .. ']}')
+  if ARGV[8] ~= '' then  -- the merchant order number's orders, comma-separated (a string: the smallest key)
+    local known = redis.call('GET', ARGV[8])
+    if not known then
+      redis.call('SET', ARGV[8], order_id, 'EX', history_ttl)
+    else
+      if #known < 4096 and not string.find(',' .. known .. ',', ',' .. order_id .. ',', 1, true) then
+        redis.call('APPEND', ARGV[8], ',' .. order_id)
+      end
+      redis.call('EXPIRE', ARGV[8], history_ttl)
+    end
+  end
+end
 return queued
 """
 
 # KEYS[3] delivery record, KEYS[4] retry schedule. ARGV[5] update id, ARGV[6] dead-letter entry ('' when
-# delivered), then pairs of metrics field and amount.
+# delivered), ARGV[7] the attempt's history entry ('' for none), then pairs of metrics field and amount.
 # Ends an update, counts it in the shared metrics (once: an attempt's delivery record is what the
 # metrics are counted against) and, when it is its order's head, moves the chain on. Not the head means
 # it ran again after it was finished: the chain has moved on.
 FINISH = """
 local id, entry = ARGV[5], ARGV[6]
 if redis.call('DEL', KEYS[3]) == 1 then
-  for i = 7, #ARGV, 2 do redis.call('HINCRBYFLOAT', metrics, ARGV[i], ARGV[i + 1]) end
+  for i = 8, #ARGV, 2 do redis.call('HINCRBYFLOAT', metrics, ARGV[i], ARGV[i + 1]) end
+  if ARGV[7] ~= '' then remember(ARGV[7]) end
 end
 redis.call('ZREM', KEYS[4], id)
 redis.call('HDEL', pending, id)
@@ -166,16 +204,22 @@ redis.call('ZREM', KEYS[5], id)
 redis.call('PERSIST', KEYS[3])
 redis.call('HDEL', KEYS[3], 'exc_info')
 join(id, ARGV[6])
+remember('{"kind":"requeue","at":' .. cjson.encode(now_text) .. ',"update":' .. short(id) .. '}')
 return 1
 """
 
-# KEYS: retry schedule, delivery record, metrics. ARGV: update id, due time, error, error time, then
-# pairs of metrics field and amount. The job itself goes to RQ's ScheduledJobRegistry as RQ records
-# the attempt's Retry (workers/delivery.py).
+# KEYS: retry schedule, delivery record, metrics, the order's history. ARGV: update id, due time, error,
+# error time, the attempt's history entry ('' for none), the history's TTL, then pairs of metrics field
+# and amount. The job itself goes to RQ's ScheduledJobRegistry as RQ records the attempt's Retry
+# (workers/delivery.py).
 SCHEDULE_RETRY = """
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('HSET', KEYS[2], 'last_error', ARGV[3], 'last_error_at', ARGV[4])
-for i = 5, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[3], ARGV[i], ARGV[i + 1]) end
+for i = 7, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[3], ARGV[i], ARGV[i + 1]) end
+if ARGV[5] ~= '' and tonumber(ARGV[6]) > 0 then
+  redis.call('RPUSH', KEYS[4], ARGV[5])
+  redis.call('EXPIRE', KEYS[4], ARGV[6])
+end
 return 1
 """
 
@@ -208,8 +252,8 @@ return {moved, first[2] or ''}
 """
 
 
-def chain_script(keys: RedisKeys, body: str) -> str:
-    """PRELUDE with this deployment's names written in, then `body`."""
+def chain_script(keys: RedisKeys, body: str, history_ttl: int = 0) -> str:
+    """PRELUDE with this deployment's names (and the history's TTL, 0 for none) written in, then `body`."""
     names: dict[str, str | bytes] = {
         "QUEUE": keys.rq_queue,
         "QUEUES": QUEUES_KEY,
@@ -224,11 +268,13 @@ def chain_script(keys: RedisKeys, body: str) -> str:
         "DATA_TAIL": JOB_DATA_TAIL,
         "REASON": '"' + DELETED_OUTSIDE + '"',  # as a JSON string
         "DEAD_LETTERED_FIELD": DEAD_LETTERED[0],
+        "HISTORY_PREFIX": keys.history(""),
     }
     text = PRELUDE
     for name, value in names.items():
         text = text.replace("{" + name + "}", lua_string(value))
     fields = ", ".join(lua_string(x) for x in template_args(keys.queue_name))
+    text = text.replace("{HISTORY_TTL}", str(int(history_ttl)))
     return text.replace("{FIELDS}", "{" + fields + "}") + body
 
 
@@ -240,12 +286,13 @@ def chain_args(order_id: str, stamp: str | None = None) -> list[Any]:
 class OrderChains:
     """The scripts above, bound to one Redis client and the product's keys."""
 
-    def __init__(self, redis: Redis, keys: RedisKeys) -> None:
+    def __init__(self, redis: Redis, keys: RedisKeys, history_ttl: int = 0) -> None:
         self.redis = redis
         self.keys = keys
-        self._finish = redis.register_script(chain_script(keys, FINISH))
-        self._release_stale = redis.register_script(chain_script(keys, RELEASE_STALE))
-        self._requeue = redis.register_script(chain_script(keys, REQUEUE))
+        self.history_ttl = history_ttl
+        self._finish = redis.register_script(chain_script(keys, FINISH, history_ttl))
+        self._release_stale = redis.register_script(chain_script(keys, RELEASE_STALE, history_ttl))
+        self._requeue = redis.register_script(chain_script(keys, REQUEUE, history_ttl))
         self._schedule = redis.register_script(SCHEDULE_RETRY)
         self._move_due = redis.register_script(MOVE_DUE)
 
@@ -257,24 +304,32 @@ class OrderChains:
         update: dict[str, Any],
         dead_letter_entry: bytes = b"",
         counters: Iterable[tuple[str, float]] = (),
+        history: bytes = b"",
     ) -> str | None:
         """End the update (delivered, or dead-lettered with its entry) and add `counters` (metrics hash
-        field, amount) in the same step; returns the order's next head."""
+        field, amount) and the attempt's `history` entry in the same step; returns the order's next head."""
         k = self.keys
         keys = [*self._chain_keys(update["order_id"]), k.delivery(update["id"]), k.retry_schedule]
-        args = [*chain_args(update["order_id"]), update["id"], dead_letter_entry]
+        args = [*chain_args(update["order_id"]), update["id"], dead_letter_entry, history]
         for field, amount in counters:
             args += (field, repr(amount))
         return self._moved_on(update["order_id"], self._finish(keys=keys, args=args))
 
     def schedule_retry(
-        self, update_id: str, due: float, error: str, error_at: str, counters: Iterable[tuple[str, float]]
+        self,
+        update: dict[str, Any],
+        due: float,
+        error: str,
+        error_at: str,
+        counters: Iterable[tuple[str, float]],
+        history: bytes = b"",
     ) -> None:
         k = self.keys
-        args: list[Any] = [update_id, repr(due), error, error_at]
+        args: list[Any] = [update["id"], repr(due), error, error_at, history, self.history_ttl]
         for field, amount in counters:
             args += (field, repr(amount))
-        self._schedule(keys=[k.retry_schedule, k.delivery(update_id), k.metrics], args=args)
+        keys = [k.retry_schedule, k.delivery(update["id"]), k.metrics, k.history(update["order_id"])]
+        self._schedule(keys=keys, args=args)
 
     def move_due(self, limit: int = 500) -> tuple[int, float | None]:
         """Queue the updates whose retry is due; returns how many, and when the next one is due."""
@@ -332,9 +387,9 @@ class OrderChains:
         return _text(answer[0]) or None
 
 
-def intake_script(keys: RedisKeys) -> str:
+def intake_script(keys: RedisKeys, history_ttl: int = 0) -> str:
     """The intake's dedup and join, for receiver/intake.py (KEYS: head, waiting, seen)."""
-    return chain_script(keys, INTAKE)
+    return chain_script(keys, INTAKE, history_ttl)
 
 
 def _text(value: Any) -> str | None:

@@ -67,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     send.add_argument("--new-id", action="store_true", help="give the order a fresh random id")
     send.add_argument("--iat-seconds", action="store_true", help="iat in seconds (default: milliseconds)")
+    trace = commands.add_parser(
+        "trace",
+        help="what happened to an order: its callbacks, updates and every delivery attempt",
+        description="The story of one order, in time order. Exit 0 when something is known, 1 when "
+        "nothing is, 2 on bad arguments.",
+    )
+    trace.add_argument("key", metavar="KEY", help="an order id, an update id or a merchant order number")
+    trace.add_argument(
+        "--json", action="store_true", help="one JSON document (a list when KEY names several orders)"
+    )
     reconcile = commands.add_parser("reconcile", help="queue order events whose callbacks never arrived")
     window = reconcile.add_mutually_exclusive_group()
     window.add_argument(
@@ -112,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from workers.deadletter import run_dlq_command
 
         raise SystemExit(run_dlq_command(settings, args))
+    elif args.command == "trace":
+        from receiver.history import run_trace
+
+        raise SystemExit(run_trace(settings, args.key, as_json=args.json))
     elif args.command == "reconcile":
         from receiver.reconcile import run_reconcile
 

@@ -17,6 +17,8 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from receiver.chains import chain_args, intake_script
+from receiver.history import HistoryNote, indexable_number
+from receiver.logs import log
 from receiver.order import event_key
 from receiver.rediskeys import RedisKeys
 from receiver.rqstore import update_json
@@ -53,28 +55,46 @@ class Intake:
         dedup_ttl_seconds: int,
         min_replicas: int = 0,
         timeout_seconds: float = 5.0,
+        history_ttl: int = 0,
     ) -> None:
         self.redis = redis
         self.timeout_seconds = timeout_seconds
         self.min_replicas = min_replicas
         self.keys = keys
         self.ttl = dedup_ttl_seconds
-        self._script = redis.register_script(intake_script(keys))
+        self.history_ttl = history_ttl
+        self._script = redis.register_script(intake_script(keys, history_ttl))
         self._pending: Batch = []
 
-    async def store(self, updates: Sequence[dict[str, Any]], created_at: str | None = None) -> list[str]:
+    async def store(
+        self,
+        updates: Sequence[dict[str, Any]],
+        created_at: str | None = None,
+        history: HistoryNote | None = None,
+    ) -> list[str]:
         """Queue the updates (all of one order) whose event is new; returns the ids queued now.
-        `created_at` (RQ's job timestamps; now when not given) may be the callback's `received_at`."""
+        `created_at` (RQ's job timestamps; now when not given) may be the callback's `received_at`;
+        `history` is the order history's entry of this step, written in it."""
         if not updates:
             return []
         order_id = updates[0]["order_id"]
         keys = [self.keys.order_head(order_id), self.keys.order_waiting(order_id), self.keys.seen(order_id)]
         args: list[Any] = [*chain_args(order_id, created_at), self.ttl]
+        if history is None or not self.history_ttl:
+            args += [b"", b"", b""]
+        else:
+            number = indexable_number(updates[0].get("order_number"))
+            args += [
+                history.start,
+                b"1" if history.always else b"",
+                self.keys.history_number(number) if number else b"",
+            ]
         for update in updates:
             args += [
                 event_key(update["event"]["sequence"], update["event"]["type"]),
                 update["id"],
                 update_json(update),
+                update["status"],
             ]
         answer: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._pending.append(([self._script.sha, len(keys), *keys, *args], answer))
@@ -97,6 +117,21 @@ class Intake:
         except TimeoutError:
             raise RedisTimeoutError(f"no answer from Redis within {self.timeout_seconds:g} s") from None
         return {key for key, flag in zip(event_keys, flags, strict=True) if flag is None}
+
+    async def remember(self, order_id: str, history: HistoryNote, outcome: str) -> None:
+        """Write a history entry outside the intake script (a callback answered from `new_events`
+        alone). Best effort: a history that cannot be written never fails the callback."""
+        if not self.history_ttl:
+            return
+        key = self.keys.history(order_id)
+        try:
+            async with asyncio.timeout(self.timeout_seconds):
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.rpush(key, history.start + b',"outcome":"' + outcome.encode() + b'","queued":[]}')
+                    pipe.expire(key, self.history_ttl)
+                    await pipe.execute()
+        except (RedisError, TimeoutError) as exc:
+            log.warning("history entry not written", order=order_id, error=type(exc).__name__)
 
     async def _run(self, calls: list[list[Any]]) -> list[Any]:
         """One write of script calls on one connection, then their answers in order; with

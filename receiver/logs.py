@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -36,6 +37,12 @@ def add_timestamp(logger: Any, method_name: str, event_dict: MutableMapping[str,
     return event_dict
 
 
+def add_pid(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> Any:
+    """`pid`: which process wrote the line (workers and receivers run several)."""
+    event_dict["pid"] = os.getpid()
+    return event_dict
+
+
 def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     renderer: structlog.types.Processor = (
         structlog.dev.ConsoleRenderer(colors=False)
@@ -48,6 +55,7 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
         processors=[
             structlog.processors.add_log_level,
             add_timestamp,
+            add_pid,
             *exceptions,
             renderer,
         ],
@@ -62,6 +70,7 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
                 structlog.stdlib.add_logger_name,
                 structlog.processors.add_log_level,
                 add_timestamp,
+                add_pid,
             ],
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *exceptions, renderer],
         )

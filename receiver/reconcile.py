@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from receiver.clock import utc_now
 from receiver.connections import async_redis
 from receiver.errors import BadCallback, clip
+from receiver.history import reconcile_note
 from receiver.intake import Intake
 from receiver.intergiro_api import ApiFailed, ApiRefused, OrderApi, RetryPolicy, new_session, order_id_of
 from receiver.logs import log
@@ -149,7 +150,9 @@ class Reconciler:
     def __init__(self, redis: Redis, settings: Settings, api: OrderApi, *, dry_run: bool = False) -> None:
         self.redis = redis
         self.keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
-        self.intake = Intake(redis, self.keys, settings.dedup_ttl_seconds)
+        self.intake = Intake(
+            redis, self.keys, settings.dedup_ttl_seconds, history_ttl=settings.history_retention_seconds
+        )
         self.api = api
         self.dry_run = dry_run
 
@@ -206,7 +209,8 @@ class Reconciler:
                     job_data(update)  # what a real run would write: skipped alike when it cannot be
                 missing = await self._unseen(updates)
             else:
-                missing = await self.intake.store(updates)  # job data is made before anything is sent
+                # job data is made before anything is sent
+                missing = await self.intake.store(updates, history=reconcile_note(received_at))
         except (BadCallback, Unrepresentable) as exc:
             summary.malformed.append(order_id)
             reason = exc.reason if isinstance(exc, BadCallback) else clip(str(exc))

@@ -57,6 +57,15 @@ class RedisKeys:
         """Hash of dead-lettered updates: update id -> JSON entry (update, attempts, last error, time)."""
         return f"{self.prefix}dlq"
 
+    def history(self, order_id: str) -> str:
+        """List of the order's history entries (receiver/history.py), kept HISTORY_RETENTION_SECONDS."""
+        return f"{self.prefix}history:{order_id}"
+
+    def history_number(self, number: str) -> str:
+        """The ids of the orders that carry this merchant order number, comma-separated, kept as long as
+        their history."""
+        return f"{self.prefix}history:number:{number}"
+
     @property
     def metrics(self) -> str:
         """Hash of metrics shared by every process (see receiver.metrics)."""

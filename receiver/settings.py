@@ -58,6 +58,7 @@ class Settings:
     max_meta_bytes: int = 16_384
     max_customer_bytes: int = 4_096
     receiver_max_connections: int = 512
+    history_retention_seconds: int = 2_592_000
     reconcile_interval_seconds: int = 0
     reconcile_lookback_seconds: int = 172_800
     log_format: str = "json"
@@ -189,6 +190,9 @@ class _Reader:
             ),
             receiver_max_connections=self.get(
                 "RECEIVER_MAX_CONNECTIONS", d.receiver_max_connections, _int_between(1, 100_000)
+            ),
+            history_retention_seconds=self.get(
+                "HISTORY_RETENTION_SECONDS", d.history_retention_seconds, _int_between(0, 400 * 86400)
             ),
             reconcile_interval_seconds=self.get(
                 "RECONCILE_INTERVAL_SECONDS", d.reconcile_interval_seconds, _int_between(0, 86400 * 7)

@@ -3,14 +3,18 @@ Intergiro's real captured callbacks as data."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 import structlog
+from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from rq import Queue
@@ -21,7 +25,7 @@ from receiver.cli import main
 from receiver.keys import load_public_key
 from receiver.settings import Settings
 from tests.redis_server import RedisServer, usable_external_url
-from tests.sink import Sink
+from tests.sink import Sink, start_worker, stop, worker_env
 
 # Intergiro's real callbacks and keys, copied into the repository (tests/data/intergiro/README.md).
 INTERGIRO = Path(__file__).resolve().parent / "data" / "intergiro"
@@ -216,3 +220,84 @@ def cli(
 
     yield run
     structlog.configure(**logging_config)
+
+
+@pytest.fixture
+def workers(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Starts `intergiro-receiver worker` processes with the given settings; stops them after the test."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, **settings: Any) -> subprocess.Popen[bytes]:
+        process = start_worker(worker_env(redis_url, **settings), tmp_path / "worker.log", *args)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        stop(process)
+
+
+# The days the fake order list holds orders on; an order that is no object is listed on the first.
+DAYS = (date(2024, 5, 1), date(2024, 5, 2), date(2024, 5, 3))
+
+
+@pytest.fixture
+async def order_api(aiohttp_server: Any) -> AsyncIterator[Any]:
+    """A fake of Intergiro's `GET /v1/order?start=&end=`: the orders created in [start, end)."""
+    state: dict[str, Any] = {
+        "orders": [],  # raw JSON values, listed by their `created` date (non-objects on every day)
+        "failures": [],  # statuses answered first, one per request
+        "retry_after": None,
+        "status": None,  # answered to every request when set
+        "paging": None,  # None (one array), "link", "next-url" or "continuation"
+        "page_size": 1000,
+        "gate": None,  # an asyncio.Event every request waits for
+        "hang": 0,  # how many requests get no answer at all
+        "requests": [],
+    }
+
+    def created_on(raw: Any, start: str, end: str) -> bool:
+        if not isinstance(raw, dict) or not isinstance(raw.get("created"), str):
+            return start == DAYS[0].isoformat()
+        return start <= raw["created"][:10] < end
+
+    async def list_orders(request: web.Request) -> web.Response:
+        state["requests"].append(dict(request.query))
+        if state["gate"] is not None:
+            await state["gate"].wait()
+        if state["hang"]:
+            state["hang"] -= 1
+            await asyncio.Event().wait()
+        if request.headers.get("Authorization") != "Bearer test-api-key":
+            return web.json_response({"status": 401, "type": "not authorized"}, status=401)
+        if state["failures"]:
+            status = state["failures"].pop(0)
+            headers = {"Retry-After": state["retry_after"]} if state["retry_after"] else None
+            return web.json_response({"status": status, "type": "fake"}, status=status, headers=headers)
+        if state["status"] is not None:
+            return web.json_response({"status": state["status"], "type": "fake"}, status=state["status"])
+        start, end = request.query["start"], request.query["end"]
+        orders = [o for o in state["orders"] if created_on(o, start, end)]
+        page = int(request.query.get("page") or request.query.get("continuation") or 0)
+        size = state["page_size"]
+        chunk, more = orders[page * size : (page + 1) * size], len(orders) > (page + 1) * size
+        next_url = f"/v1/order?start={start}&end={end}&page={page + 1}"
+        if state["paging"] == "next-url":
+            return web.json_response({"orders": chunk, "next": next_url if more else None})
+        if state["paging"] == "continuation":
+            return web.json_response({"data": chunk, "continuation": str(page + 1) if more else ""})
+        headers = {"Link": f'<{next_url}>; rel="next"'} if more and state["paging"] == "link" else None
+        return web.json_response(chunk, headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/v1/order", list_orders)
+    server = await aiohttp_server(app)
+    server.state = state
+    yield server
+
+
+@pytest.fixture
+def api_settings(make_settings: Callable[..., Settings], order_api: Any) -> Settings:
+    return make_settings(
+        intergiro_api_url=str(order_api.make_url("")).rstrip("/"), intergiro_api_key="test-api-key"
+    )

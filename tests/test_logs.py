@@ -63,4 +63,5 @@ def test_library_records_are_json_lines_too_and_configuring_twice_adds_no_second
     [line] = capsys.readouterr().err.splitlines()
     assert json.loads(line) | {"timestamp": None} == {
         "event": "Listening on order-updates", "logger": "rq.worker", "level": "info", "timestamp": None,
+        "pid": os.getpid(),
     }  # fmt: skip

@@ -8,12 +8,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 from rq import Queue
 from rq.serializers import JSONSerializer
 from standardwebhooks.webhooks import Webhook
@@ -26,25 +24,10 @@ from receiver.rqstore import DELIVER_UPDATE
 from tests.conftest import queued_updates
 from tests.helpers import JWT, card_order, token
 from tests.merchant_handlers import CALLS, DELIVERED
-from tests.sink import ROOT, SECRET, Sink, log_events, start_worker, stop, wait_for, worker_env
+from tests.sink import ROOT, SECRET, Sink, log_events, wait_for, worker_env
 from workers.delivery import backoff_delay
 
 EVENTS = ("order", "charge", "refund")
-
-
-@pytest.fixture
-def workers(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """Starts `intergiro-receiver worker` processes with the given settings; stops them after the test."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(*args: str, **settings: Any) -> subprocess.Popen[bytes]:
-        process = start_worker(worker_env(redis_url, **settings), tmp_path / "worker.log", *args)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        stop(process)
 
 
 def webhook_settings(sink: Sink, **more: Any) -> dict[str, Any]:

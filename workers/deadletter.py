@@ -17,16 +17,20 @@ import orjson
 from redis import Redis
 
 from receiver.chains import OrderChains
+from receiver.clock import utc_now
 from receiver.connections import sync_redis
+from receiver.history import entry as history_entry
+from receiver.history import short_id
 from receiver.rediskeys import RedisKeys
 from receiver.rqstore import update_json
 from receiver.settings import Settings
 
 
 class DeadLetters:
-    def __init__(self, redis: Redis, keys: RedisKeys) -> None:
+    def __init__(self, redis: Redis, keys: RedisKeys, history_ttl: int = 0) -> None:
         self.redis = redis
         self.keys = keys
+        self.history_ttl = history_ttl
 
     def entries(self) -> list[dict[str, Any]]:
         """Every entry, oldest dead-lettered first."""
@@ -49,22 +53,31 @@ class DeadLetters:
         if entry is None:
             return False
         update = entry["update"]
-        return OrderChains(self.redis, self.keys).requeue(update, update_json(update))
+        return OrderChains(self.redis, self.keys, self.history_ttl).requeue(update, update_json(update))
 
     def purge(self, update_id: str) -> bool:
-        """Forget the update, and its job in RQ's FailedJobRegistry, in one step."""
+        """Forget the update, and its job in RQ's FailedJobRegistry, in one step (the order's history
+        keeps that it was purged)."""
+        entry = self.get(update_id)
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hdel(self.keys.dead_letters, update_id)
             pipe.zrem(self.keys.rq_failed, update_id)
             pipe.delete(self.keys.rq_job(update_id))
-            removed, _, _ = pipe.execute()
+            if entry is not None and self.history_ttl:
+                history = self.keys.history(entry["order_id"])
+                pipe.rpush(
+                    history, history_entry("purge", utc_now(), update=short_id(update_id, entry["order_id"]))
+                )
+                pipe.expire(history, self.history_ttl)
+            removed = pipe.execute()[0]
         return bool(removed)
 
 
 def run_dlq_command(settings: Settings, args: argparse.Namespace) -> int:
     """`intergiro-receiver dlq list|show|requeue|purge`: 0 when done, 1 when an id is not there."""
     redis = sync_redis(settings, timeout=10)
-    dlq = DeadLetters(redis, RedisKeys(settings.redis_key_prefix, settings.queue_name))
+    keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+    dlq = DeadLetters(redis, keys, settings.history_retention_seconds)
     try:
         return _run(dlq, args)
     finally:

@@ -26,6 +26,7 @@ from standardwebhooks.webhooks import Webhook
 from receiver.chains import OrderChains
 from receiver.clock import utc_now
 from receiver.connections import sync_redis
+from receiver.history import attempt_entry
 from receiver.logs import log
 from receiver.metrics import count, counter_increment, observation_increments
 from receiver.rediskeys import RedisKeys
@@ -50,9 +51,12 @@ class DeliveryError(Exception):
 
     retryable = True
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, retry_after: float | None = None, http_status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.http_status = http_status
 
 
 class PermanentDeliveryError(DeliveryError):
@@ -101,7 +105,8 @@ class WebhookTarget:
         except ValueError as exc:
             raise TargetNotConfigured(f"MERCHANT_WEBHOOK_URL: {exc}") from None
 
-    def __call__(self, update: dict[str, Any]) -> None:
+    def __call__(self, update: dict[str, Any]) -> int:
+        """POST the update; returns the merchant's 2xx status, raises DeliveryError otherwise."""
         body = orjson.dumps(update)
         sent_at = datetime.now(UTC)
         headers = {
@@ -117,11 +122,11 @@ class WebhookTarget:
         except (OSError, AnswerError) as exc:  # refused, timed out, reset, TLS, unreadable answer
             raise DeliveryError(f"POST failed: {type(exc).__name__}: {exc}") from None
         if 200 <= status < 300:
-            return
+            return status
         message = f"merchant answered HTTP {status}"
         if is_retryable_status(status):
-            raise DeliveryError(message, parse_retry_after(retry_after))
-        raise PermanentDeliveryError(message)
+            raise DeliveryError(message, parse_retry_after(retry_after), http_status=status)
+        raise PermanentDeliveryError(message, http_status=status)
 
 
 class HandlerTarget:
@@ -220,7 +225,8 @@ class DeliveryContext:
     def create(cls, settings: Settings) -> DeliveryContext:
         redis = sync_redis(settings, timeout=10)
         keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
-        return cls(settings, redis, keys, OrderChains(redis, keys), build_targets(settings), log.bind())
+        chains = OrderChains(redis, keys, settings.history_retention_seconds)
+        return cls(settings, redis, keys, chains, build_targets(settings), log.bind())
 
 
 _context: DeliveryContext | None = None
@@ -274,13 +280,17 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> Retry | None:
         )
         raise DeadLettered(last_error)
     pending = [t for t in ctx.targets if f"done:{t.name}" not in done]  # others took it in an earlier attempt
-    started = time.perf_counter()
+    at, started = utc_now(), time.perf_counter()
     failure: DeliveryError | None = None
+    http_status: int | None = None
+    tried: list[str] = []
     for n, target in enumerate(pending):
+        tried.append(target.name)
         try:
-            target(update)
+            http_status = target(update) or http_status
         except DeliveryError as exc:
             failure = exc
+            http_status = exc.http_status
             break
         except Exception as exc:  # e.g. RQ's job timeout firing mid-POST: retry like a network error
             failure = DeliveryError(f"{target.name}: {type(exc).__name__}: {exc}")
@@ -290,25 +300,47 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> Retry | None:
     elapsed = time.perf_counter() - started
     result = "success" if failure is None else "retryable" if failure.retryable else "permanent"
     attempt_counters = [ATTEMPTS[result], *observation_increments("intergiro_delivery_seconds", elapsed)]
+    target_names = "+".join(tried)
+
+    def history(outcome: str) -> bytes:
+        error = None if failure is None else str(failure)
+        return attempt_entry(
+            update["id"], update["order_id"], at, target_names, outcome, http_status, error, elapsed * 1000
+        )
+
     if failure is None:
         # Delivered: the chain's next step and the attempt's metrics in one script run, before RQ records
         # the job's end: a job RQ runs again after that (its record failed, its worker died) finds the
         # update no longer its order's head and does not POST it again.
-        ctx.chains.finish(update, counters=[*attempt_counters, DELIVERED])
-        ctx.logger.debug("update delivered", update=update["id"], attempt=attempt)
+        ctx.chains.finish(update, counters=[*attempt_counters, DELIVERED], history=history("delivered"))
+        ctx.logger.info(
+            "update delivered",
+            update=update["id"],
+            order=update["order_id"],
+            attempt=attempt,
+            target=target_names,
+            http_status=http_status,
+            duration_ms=round(elapsed * 1000, 1),
+        )
         return None
     error, error_at = str(failure), utc_now()
     if not failure.retryable or attempt >= settings.delivery_max_attempts:
-        dead_letter(ctx, update, attempt, error, error_at, attempt_counters)
+        dead_letter(ctx, update, attempt, error, error_at, attempt_counters, history("dead_lettered"))
         raise DeadLettered(error)
     delay = backoff_delay(attempt, settings.delivery_backoff_seconds, failure.retry_after)
     due = time.time() + delay
-    ctx.chains.schedule_retry(update["id"], due, error, error_at, [*attempt_counters, RETRY_SCHEDULED])
+    ctx.chains.schedule_retry(
+        update, due, error, error_at, [*attempt_counters, RETRY_SCHEDULED], history=history("retry")
+    )
     ctx.logger.info(
         "delivery retry scheduled",
         update=update["id"],
+        order=update["order_id"],
         attempt=attempt,
+        target=target_names,
+        http_status=http_status,
         error=error,
+        duration_ms=round(elapsed * 1000, 1),
         retry_in=round(delay, 4),
         retry_after=failure.retry_after,
     )
@@ -324,9 +356,14 @@ def dead_letter(
     error: str,
     error_at: str,
     counters: list[tuple[str, float]] | None = None,
+    history: bytes | None = None,
 ) -> None:
     """Move the update to the dead-letter queue and release its order (atomically, see receiver.chains),
-    adding `counters` (the last attempt's metrics) in the same step."""
+    adding `counters` (the last attempt's metrics) and its `history` entry in the same step."""
+    if history is None:  # no attempt of its own (its earlier ones never reported back)
+        history = attempt_entry(
+            update["id"], update["order_id"], error_at, "", "dead_lettered", None, error, 0
+        )
     entry = {
         "id": update["id"],
         "order_id": update["order_id"],
@@ -336,7 +373,9 @@ def dead_letter(
         "last_error_at": error_at,
         "dead_lettered_at": utc_now(),
     }
-    next_head = ctx.chains.finish(update, orjson.dumps(entry), counters=[*(counters or ()), DEAD_LETTERED])
+    next_head = ctx.chains.finish(
+        update, orjson.dumps(entry), counters=[*(counters or ()), DEAD_LETTERED], history=history
+    )
     ctx.logger.warning(
         "update dead-lettered",
         update=update["id"],
