@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         raise SystemExit(run_workers(settings, burst=args.burst, processes=args.processes))
     elif args.command == "dlq":
-        from workers.deadletter import run_dlq_command
+        from receiver.deadletters import run_dlq_command
 
         raise SystemExit(run_dlq_command(settings, args))
     elif args.command == "trace":
