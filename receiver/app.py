@@ -316,6 +316,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         settings.dedup_ttl_seconds,
         settings.redis_min_replicas,
         history_ttl=settings.history_retention_seconds,
+        destinations=settings.destinations,
     )
     app[INTERGIRO] = IntergiroApi(settings)
     # Bound once as logging is now configured: the module's lazy proxy looks the configuration up on

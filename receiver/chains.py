@@ -10,17 +10,23 @@ would otherwise lose an update or block its order.
 The fragments (join, advance, dead-lettering a job deleted from outside) are written once, in PRELUDE,
 and every script that changes a chain starts with it. Keys that are the same for every order are
 written into the scripts' text: the product runs on one Redis server (not Redis Cluster).
+
+Chains are per destination (receiver/destinations.py): an OrderChains is bound to one destination's
+keys, and its chain members are that destination's job ids (`<update id>@<name>`; the update id itself
+for `merchant`). The intake joins, in its one step, the chain of every destination the update matches.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+import orjson
 from redis import Redis
 
 from receiver.clock import utc_now
+from receiver.destinations import MERCHANT, REMOVED
 from receiver.logs import log
 from receiver.metrics import counter_increment
 from receiver.rediskeys import RedisKeys
@@ -35,7 +41,6 @@ from receiver.rqstore import (
 )
 
 DELETED_OUTSIDE = "job deleted outside intergiro-receiver"
-DEAD_LETTERED = counter_increment("intergiro_deliveries_total", outcome="dead_lettered")
 
 # KEYS[1] the order's head, KEYS[2] its waiting list; ARGV[1] order id, ARGV[2] now in RQ's format,
 # ARGV[3] now in Unix seconds, ARGV[4] now as the product writes it. The {NAMES} are filled in once.
@@ -48,12 +53,20 @@ local job_prefix, delivery_prefix = {JOB_PREFIX}, {DELIVERY_PREFIX}
 local fields = {FIELDS}
 local deleted = {}
 local history_prefix, history_ttl = {HISTORY_PREFIX}, {HISTORY_TTL}
+local retry_schedule, scheduled = {RETRY_SCHEDULE}, {SCHEDULED}
+-- the destination's job id suffix ('' for merchant) and what its history and dead-letter entries add
+local suffix, dest_field = {SUFFIX}, {DEST_FIELD}
 
 -- One entry of the order's history (receiver/history.py), in the step that changes what it tells of;
 -- kept history_ttl seconds after the order's last entry (0: no history). Updates are named there by
--- their id without the order id and its dash (`1-charge`): the list is the order's already.
-local function short(id)
+-- their id without the order id and its dash (`1-charge`): the list is the order's already; a
+-- destination's job id is named by its update's id and the destination.
+local function plain(id)
   return cjson.encode(string.sub(id, #order_id + 2))
+end
+
+local function short(id)
+  return cjson.encode(string.sub(id, #order_id + 2, #id - #suffix)) .. dest_field
 end
 
 local function remember(entry)
@@ -85,22 +98,29 @@ local function join(id, update)
   return status
 end
 
--- An update whose RQ job was deleted from outside (rq-dashboard, `rq empty`, Job.delete()) goes to the
--- dead-letter queue from the copy in `pending`, never silently away; the caller logs its id.
-local function dead_letter_deleted(id)
-  deleted[#deleted + 1] = id
+-- An unfinished update goes to the dead-letter queue from the copy in `pending`, with `reason`, never
+-- silently away; the history tells it as `kind`.
+local function dead_letter_pending(id, reason, kind)
   local update = redis.call('HGET', pending, id)
   if not update then return end
   local record = delivery_prefix .. id
   local attempts = tonumber(redis.call('HGET', record, 'attempts') or '0')
   local entry = '{"id":' .. cjson.encode(id) .. ',"order_id":' .. cjson.encode(order_id)
-    .. ',"update":' .. update .. ',"attempts":' .. attempts .. ',"last_error":' .. {REASON}
-    .. ',"last_error_at":' .. cjson.encode(now_text) .. ',"dead_lettered_at":' .. cjson.encode(now_text) .. '}'
+    .. ',"update":' .. update .. ',"attempts":' .. attempts .. ',"last_error":' .. cjson.encode(reason)
+    .. ',"last_error_at":' .. cjson.encode(now_text) .. ',"dead_lettered_at":' .. cjson.encode(now_text)
+    .. dest_field .. '}'
   redis.call('HSET', dead_letters, id, entry)
   redis.call('HDEL', pending, id)
   redis.call('DEL', record)
   redis.call('HINCRBYFLOAT', metrics, {DEAD_LETTERED_FIELD}, 1)
-  remember('{"kind":"deleted_outside","at":' .. cjson.encode(now_text) .. ',"update":' .. short(id) .. '}')
+  remember('{"kind":"' .. kind .. '","at":' .. cjson.encode(now_text) .. ',"update":' .. short(id) .. '}')
+end
+
+-- An update whose RQ job was deleted from outside (rq-dashboard, `rq empty`, Job.delete()) is
+-- dead-lettered with the reason; the caller logs its id.
+local function dead_letter_deleted(id)
+  deleted[#deleted + 1] = id
+  dead_letter_pending(id, {REASON}, 'deleted_outside')
 end
 
 -- The head is finished: the next waiting update (whose job still exists) becomes the head and is
@@ -127,18 +147,33 @@ local function advance()
 end
 """
 
-# KEYS[3] the order's seen hash. ARGV[5] its TTL; ARGV[6] the history entry's start ('' for none: a JSON
-# object without its closing brace, completed here with `outcome` and `queued`); ARGV[7] '1' to write it
-# even when nothing was queued (a callback, not a reconcile run); ARGV[8] the merchant order number's
-# index key ('' for none); then per update: event key, id, update (JSON), status.
-# Dedup and join in one step: a marker is never written without its job, nor a job without its marker.
+# KEYS[1], KEYS[2] the order's head and waiting list in the first destination's chain, KEYS[3] the order's
+# seen hash, then head and waiting list in each further destination's chain. ARGV[5] the seen hash's
+# TTL; ARGV[6] the history entry's start ('' for none: a JSON object without its closing brace, completed
+# here with `outcome` and `queued`); ARGV[7] '1' to write it even when nothing was queued (a callback,
+# not a reconcile run); ARGV[8] the merchant order number's index key ('' for none); then per update:
+# event key, id, update (JSON), status, and the destinations it goes to ('1' at the index of each).
+# Dedup and fan-out in one step: a marker is never written without the jobs of every destination the
+# update matches, nor a job without its marker: no destination can miss an update another got.
 INTAKE = """
 local queued, items = {}, {}
-for i = 9, #ARGV, 4 do
+local targets = {TARGETS}  -- per destination: queue, active orders, deferred registry, job fields, ...
+local function use(n)
+  if n == 1 then head, waiting = KEYS[1], KEYS[2] else head, waiting = KEYS[2 * n], KEYS[2 * n + 1] end
+  local t = targets[n]
+  queue, active, deferred, fields, suffix, dest_field = t[1], t[2], t[3], t[4], t[5], t[6]
+end
+for i = 9, #ARGV, 5 do
   if redis.call('HSETNX', KEYS[3], ARGV[i], 1) == 1 then
-    join(ARGV[i + 1], ARGV[i + 2])
+    local wanted = ARGV[i + 4]
+    for n = 1, #targets do
+      if string.sub(wanted, n, n) == '1' then
+        use(n)
+        join(ARGV[i + 1] .. suffix, ARGV[i + 2])
+      end
+    end
     queued[#queued + 1] = ARGV[i + 1]
-    items[#items + 1] = '{"id":' .. short(ARGV[i + 1]) .. ',"status":' .. cjson.encode(ARGV[i + 3]) .. '}'
+    items[#items + 1] = '{"id":' .. plain(ARGV[i + 1]) .. ',"status":' .. cjson.encode(ARGV[i + 3]) .. '}'
   end
 end
 redis.call('EXPIRE', KEYS[3], ARGV[5])
@@ -191,6 +226,25 @@ elseif redis.call('LLEN', waiting) == 0 then
   return {''}
 end
 return {advance(), unpack(deleted)}
+"""
+
+# Every unfinished delivery of the order is dead-lettered with ARGV[5] as its reason and taken off the
+# queue and RQ's registries (the destination was removed from the configuration); the chain is gone.
+DROP = """
+local ids = redis.call('LRANGE', waiting, 0, -1)
+local id = redis.call('GET', head)
+if id then table.insert(ids, 1, id) end
+for _, x in ipairs(ids) do
+  redis.call('LREM', queue, 0, x)
+  redis.call('ZREM', deferred, x)
+  redis.call('ZREM', scheduled, x)
+  redis.call('ZREM', retry_schedule, x)
+  dead_letter_pending(x, ARGV[5], 'destination_removed')
+  redis.call('DEL', job_prefix .. x)
+end
+redis.call('DEL', head, waiting)
+redis.call('SREM', active, order_id)
+return #ids
 """
 
 # KEYS[3] the job, KEYS[4] delivery record, KEYS[5] RQ's FailedJobRegistry. ARGV[5] update id, ARGV[6]
@@ -266,9 +320,13 @@ def chain_script(keys: RedisKeys, body: str, history_ttl: int = 0) -> str:
         "DELIVERY_PREFIX": keys.delivery(""),
         "DATA_HEAD": JOB_DATA_HEAD,
         "DATA_TAIL": JOB_DATA_TAIL,
-        "REASON": '"' + DELETED_OUTSIDE + '"',  # as a JSON string
-        "DEAD_LETTERED_FIELD": DEAD_LETTERED[0],
+        "REASON": DELETED_OUTSIDE,
+        "DEAD_LETTERED_FIELD": _dead_lettered_field(keys.destination),
         "HISTORY_PREFIX": keys.history(""),
+        "RETRY_SCHEDULE": keys.retry_schedule,
+        "SCHEDULED": keys.rq_scheduled,
+        "SUFFIX": keys.job_id(""),
+        "DEST_FIELD": _dest_field(keys.destination),
     }
     text = PRELUDE
     for name, value in names.items():
@@ -276,6 +334,16 @@ def chain_script(keys: RedisKeys, body: str, history_ttl: int = 0) -> str:
     fields = ", ".join(lua_string(x) for x in template_args(keys.queue_name))
     text = text.replace("{HISTORY_TTL}", str(int(history_ttl)))
     return text.replace("{FIELDS}", "{" + fields + "}") + body
+
+
+def _dead_lettered_field(destination: str) -> str:
+    labels = {} if destination == MERCHANT else {"destination": destination}
+    return counter_increment("intergiro_deliveries_total", 1, outcome="dead_lettered", **labels)[0]
+
+
+def _dest_field(destination: str) -> str:
+    """What a non-merchant destination's history and dead-letter entries add (JSON, after a field)."""
+    return "" if destination == MERCHANT else ',"destination":' + orjson.dumps(destination).decode()
 
 
 def chain_args(order_id: str, stamp: str | None = None) -> list[Any]:
@@ -309,8 +377,9 @@ class OrderChains:
         """End the update (delivered, or dead-lettered with its entry) and add `counters` (metrics hash
         field, amount) and the attempt's `history` entry in the same step; returns the order's next head."""
         k = self.keys
-        keys = [*self._chain_keys(update["order_id"]), k.delivery(update["id"]), k.retry_schedule]
-        args = [*chain_args(update["order_id"]), update["id"], dead_letter_entry, history]
+        job = k.job_id(update["id"])
+        keys = [*self._chain_keys(update["order_id"]), k.delivery(job), k.retry_schedule]
+        args = [*chain_args(update["order_id"]), job, dead_letter_entry, history]
         for field, amount in counters:
             args += (field, repr(amount))
         return self._moved_on(update["order_id"], self._finish(keys=keys, args=args))
@@ -325,10 +394,11 @@ class OrderChains:
         history: bytes = b"",
     ) -> None:
         k = self.keys
-        args: list[Any] = [update["id"], repr(due), error, error_at, history, self.history_ttl]
+        job = k.job_id(update["id"])
+        args: list[Any] = [job, repr(due), error, error_at, history, self.history_ttl]
         for field, amount in counters:
             args += (field, repr(amount))
-        keys = [k.retry_schedule, k.delivery(update["id"]), k.metrics, k.history(update["order_id"])]
+        keys = [k.retry_schedule, k.delivery(job), k.metrics, k.history(update["order_id"])]
         self._schedule(keys=keys, args=args)
 
     def move_due(self, limit: int = 500) -> tuple[int, float | None]:
@@ -368,11 +438,28 @@ class OrderChains:
     def requeue(self, update: dict[str, Any], update_json: bytes) -> bool:
         """Put a dead-lettered update back into its order's chain; False when it was not dead-lettered."""
         k = self.keys
-        keys = [
-            *self._chain_keys(update["order_id"]), k.rq_job(update["id"]), k.delivery(update["id"]), k.rq_failed,
-        ]  # fmt: skip
-        args = [*chain_args(update["order_id"]), update["id"], update_json]
+        job = k.job_id(update["id"])
+        keys = [*self._chain_keys(update["order_id"]), k.rq_job(job), k.delivery(job), k.rq_failed]
+        args = [*chain_args(update["order_id"]), job, update_json]
         return bool(self._requeue(keys=keys, args=args))
+
+    def drop_all(self, reason: str = REMOVED) -> int:
+        """Dead-letter every unfinished delivery of this destination with `reason` (it was removed from
+        the configuration); returns how many. One script run per order, in pipelined batches."""
+        k = self.keys
+        dropped = 0
+        script = self.redis.register_script(chain_script(k, DROP, self.history_ttl))
+        while True:
+            batch = [_text(raw) or "" for raw in self.redis.srandmember(k.active_orders, 500) or []]
+            if not batch:
+                break
+            with self.redis.pipeline(transaction=False) as pipe:
+                for order_id in batch:
+                    script(keys=self._chain_keys(order_id), args=[*chain_args(order_id), reason], client=pipe)
+                dropped += sum(int(n) for n in pipe.execute())
+        # orders with a retry due or a job on the queue but no chain any more (none should be left)
+        self.redis.delete(k.retry_schedule, k.rq_queue, k.rq_deferred, k.rq_scheduled)
+        return dropped
 
     def _moved_on(self, order_id: str, answer: list[Any]) -> str | None:
         """The next head from a chain script's answer; logs the updates it dead-lettered because their
@@ -387,9 +474,20 @@ class OrderChains:
         return _text(answer[0]) or None
 
 
-def intake_script(keys: RedisKeys, history_ttl: int = 0) -> str:
-    """The intake's dedup and join, for receiver/intake.py (KEYS: head, waiting, seen)."""
-    return chain_script(keys, INTAKE, history_ttl)
+def intake_script(keys: RedisKeys, history_ttl: int = 0, destinations: Sequence[str] = (MERCHANT,)) -> str:
+    """The intake's dedup and fan-out, for receiver/intake.py (KEYS: the first destination's head and
+    waiting list, seen, then each further destination's head and waiting list). `keys` are
+    `merchant`'s; each destination's are derived from them."""
+    own = [keys if name == MERCHANT else keys.for_destination(name) for name in destinations]
+    targets = []
+    for k in own:
+        fields = ", ".join(lua_string(x) for x in template_args(k.queue_name))
+        values = [k.rq_queue, k.active_orders, k.rq_deferred]
+        targets.append(
+            "{" + ", ".join(lua_string(v) for v in values) + ", {" + fields + "}, "
+            + lua_string(k.job_id("")) + ", " + lua_string(_dest_field(k.destination)) + "}"
+        )  # fmt: skip
+    return chain_script(own[0], INTAKE.replace("{TARGETS}", "{" + ", ".join(targets) + "}"), history_ttl)
 
 
 def _text(value: Any) -> str | None:

@@ -39,11 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("serve", help="run the HTTP receiver")
     worker = commands.add_parser("worker", help="run RQ workers that deliver updates")
     worker.add_argument("--burst", action="store_true", help="stop when the queue is empty")
-    worker.add_argument("--processes", type=int, default=1, metavar="N", help="worker processes (default 1)")
+    worker.add_argument(
+        "--processes", type=int, default=1, metavar="N", help="worker processes per destination (default 1)"
+    )
+    worker.add_argument(
+        "--destination", action="append", metavar="NAME", help="serve only this destination (repeatable)"
+    )
     dlq = commands.add_parser("dlq", help="inspect and act on the dead-letter queue")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     dlq_list = dlq_commands.add_parser("list", help="list dead-lettered updates")
     dlq_list.add_argument("--json", action="store_true", help="one JSON document")
+    dlq_list.add_argument(
+        "--destination", metavar="NAME", help="only this destination's (merchant: MERCHANT_*)"
+    )
     dlq_show = dlq_commands.add_parser("show", help="show one dead-lettered update")
     dlq_show.add_argument("id")
     for action in ("requeue", "purge"):
@@ -51,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         target = sub.add_mutually_exclusive_group(required=True)
         target.add_argument("id", nargs="?")
         target.add_argument("--all", action="store_true")
+        sub.add_argument("--destination", metavar="NAME", help="with --all: only this destination's")
     commands.add_parser("check", help="validate configuration and reach Redis (and the API when used)")
     commands.add_parser("dev", help="everything on one machine for trying it out")
     send = commands.add_parser("send", help="sign an order as Intergiro does and POST it")
@@ -117,7 +126,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "worker":
         from workers.runner import run_workers
 
-        raise SystemExit(run_workers(settings, burst=args.burst, processes=args.processes))
+        raise SystemExit(
+            run_workers(settings, burst=args.burst, processes=args.processes, destinations=args.destination)
+        )
     elif args.command == "dlq":
         from receiver.deadletters import run_dlq_command
 

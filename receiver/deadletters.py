@@ -1,7 +1,8 @@
 """The dead-letter queue: updates that failed for good, kept for ops to inspect, requeue or purge.
 
 One Redis hash (`igr:dlq`): update id -> JSON entry {id, order_id, update, attempts, last_error,
-last_error_at, dead_lettered_at}. The update's RQ job stays, as failed, in RQ's FailedJobRegistry (for
+last_error_at, dead_lettered_at}, and `destination` when it is not `merchant` (its id is then the
+delivery's job id, `<update id>@<destination>`). The update's RQ job stays, as failed, in RQ's FailedJobRegistry (for
 RQ's failure TTL, 30 days), so RQ's tools count it; an update whose job was deleted from outside has
 an entry here only. `requeue` puts the update back into its order's chain with the same
 id (see receiver.chains.REQUEUE), so it is delivered again, after whatever is its order's head then.
@@ -19,6 +20,7 @@ from redis import Redis
 from receiver.chains import OrderChains
 from receiver.clock import utc_now
 from receiver.connections import sync_redis
+from receiver.destinations import MERCHANT
 from receiver.history import entry as history_entry
 from receiver.history import short_id
 from receiver.rediskeys import RedisKeys
@@ -32,17 +34,26 @@ class DeadLetters:
         self.keys = keys
         self.history_ttl = history_ttl
 
-    def entries(self) -> list[dict[str, Any]]:
-        """Every entry, oldest dead-lettered first."""
+    def entries(self, destination: str | None = None) -> list[dict[str, Any]]:
+        """Every entry (of `destination`, when given), oldest dead-lettered first."""
         raw = self.redis.hgetall(self.keys.dead_letters)
         entries = [orjson.loads(v) for v in raw.values()]
+        if destination is not None:
+            entries = [e for e in entries if e.get("destination", MERCHANT) == destination]
         return sorted(entries, key=lambda e: (e.get("dead_lettered_at", ""), e["id"]))
+
+    def _keys(self, entry: dict[str, Any]) -> RedisKeys:
+        """The keys of the destination the entry's delivery was for."""
+        name = entry.get("destination", MERCHANT)
+        return self.keys if name == MERCHANT else self.keys.for_destination(name)
 
     def get(self, update_id: str) -> dict[str, Any] | None:
         raw = self.redis.hget(self.keys.dead_letters, update_id)
         return None if raw is None else dict(orjson.loads(raw))
 
-    def ids(self) -> list[str]:
+    def ids(self, destination: str | None = None) -> list[str]:
+        if destination is not None:
+            return sorted(e["id"] for e in self.entries(destination))
         return sorted(
             k.decode() if isinstance(k, bytes) else k for k in self.redis.hkeys(self.keys.dead_letters)
         )
@@ -53,20 +64,25 @@ class DeadLetters:
         if entry is None:
             return False
         update = entry["update"]
-        return OrderChains(self.redis, self.keys, self.history_ttl).requeue(update, update_json(update))
+        return OrderChains(self.redis, self._keys(entry), self.history_ttl).requeue(
+            update, update_json(update)
+        )
 
     def purge(self, update_id: str) -> bool:
         """Forget the update, and its job in RQ's FailedJobRegistry, in one step (the order's history
         keeps that it was purged)."""
         entry = self.get(update_id)
+        own = self.keys if entry is None else self._keys(entry)
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hdel(self.keys.dead_letters, update_id)
-            pipe.zrem(self.keys.rq_failed, update_id)
+            pipe.zrem(own.rq_failed, update_id)
             pipe.delete(self.keys.rq_job(update_id))
             if entry is not None and self.history_ttl:
                 history = self.keys.history(entry["order_id"])
+                short = short_id(entry["update"]["id"], entry["order_id"])
                 pipe.rpush(
-                    history, history_entry("purge", utc_now(), update=short_id(update_id, entry["order_id"]))
+                    history,
+                    history_entry("purge", utc_now(), update=short, destination=entry.get("destination")),
                 )
                 pipe.expire(history, self.history_ttl)
             removed = pipe.execute()[0]
@@ -78,21 +94,26 @@ def run_dlq_command(settings: Settings, args: argparse.Namespace) -> int:
     redis = sync_redis(settings, timeout=10)
     keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
     dlq = DeadLetters(redis, keys, settings.history_retention_seconds)
+    configured = {d.name for d in settings.destinations}
     try:
-        return _run(dlq, args)
+        return _run(dlq, args, configured)
     finally:
         redis.close()
 
 
-def _run(dlq: DeadLetters, args: argparse.Namespace) -> int:
+def _run(dlq: DeadLetters, args: argparse.Namespace, configured: set[str]) -> int:
     command = args.dlq_command
+    destination = getattr(args, "destination", None)
     if command == "list":
-        entries = dlq.entries()
+        entries = dlq.entries(destination)
         if args.json:
             print(orjson.dumps(entries, option=orjson.OPT_INDENT_2).decode())
             return 0
         for e in entries:
-            print(f"{e['id']}  attempts={e['attempts']}  at={e['dead_lettered_at']}  error={e['last_error']}")
+            print(
+                f"{e['id']}  destination={e.get('destination', MERCHANT)}  attempts={e['attempts']}  "
+                f"at={e['dead_lettered_at']}  error={e['last_error']}"
+            )
         print(f"{len(entries)} dead-lettered update(s)")
         return 0
     if command == "show":
@@ -104,7 +125,16 @@ def _run(dlq: DeadLetters, args: argparse.Namespace) -> int:
         return 0
     act = dlq.requeue if command == "requeue" else dlq.purge
     done_word = "requeued" if command == "requeue" else "purged"
-    ids = dlq.ids() if args.all else [args.id]
+    ids = dlq.ids(destination) if args.all else [args.id]
+    if command == "requeue":
+        unserved = [
+            i for i in ids if (found := dlq.get(i)) and found.get("destination", MERCHANT) not in configured
+        ]
+        for i in unserved:
+            print(f"dlq: {i} is for a destination no longer configured; not requeued", file=sys.stderr)
+        ids = [i for i in ids if i not in unserved]
+        if unserved and not ids:
+            return 1
     missing = [i for i in ids if not act(i)]
     for i in ids:
         if i not in missing:

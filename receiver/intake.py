@@ -17,6 +17,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from receiver.chains import chain_args, intake_script
+from receiver.destinations import MERCHANT, Destination
 from receiver.history import HistoryNote, indexable_number
 from receiver.logs import log
 from receiver.order import event_key
@@ -56,14 +57,23 @@ class Intake:
         min_replicas: int = 0,
         timeout_seconds: float = 5.0,
         history_ttl: int = 0,
+        destinations: Sequence[Destination] = (Destination(MERCHANT),),
     ) -> None:
+        """`destinations`: each update is queued, in the same step, for every one whose filters it
+        passes (one delivery per destination, each in that destination's chain of the order)."""
         self.redis = redis
+        self.destinations = tuple(destinations)
+        self._chain_keys = [
+            keys if d.name == MERCHANT else keys.for_destination(d.name) for d in destinations
+        ]
         self.timeout_seconds = timeout_seconds
         self.min_replicas = min_replicas
         self.keys = keys
         self.ttl = dedup_ttl_seconds
         self.history_ttl = history_ttl
-        self._script = redis.register_script(intake_script(keys, history_ttl))
+        self._script = redis.register_script(
+            intake_script(keys, history_ttl, [d.name for d in self.destinations])
+        )
         self._pending: Batch = []
 
     async def store(
@@ -78,7 +88,10 @@ class Intake:
         if not updates:
             return []
         order_id = updates[0]["order_id"]
-        keys = [self.keys.order_head(order_id), self.keys.order_waiting(order_id), self.keys.seen(order_id)]
+        first, *others = self._chain_keys
+        keys = [first.order_head(order_id), first.order_waiting(order_id), self.keys.seen(order_id)]
+        for k in others:
+            keys += (k.order_head(order_id), k.order_waiting(order_id))
         args: list[Any] = [*chain_args(order_id, created_at), self.ttl]
         if history is None or not self.history_ttl:
             args += [b"", b"", b""]
@@ -95,6 +108,7 @@ class Intake:
                 update["id"],
                 update_json(update),
                 update["status"],
+                "".join("1" if d.matches(update) else "0" for d in self.destinations),
             ]
         answer: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._pending.append(([self._script.sha, len(keys), *keys, *args], answer))

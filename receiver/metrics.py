@@ -25,11 +25,19 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 SHARED_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "intergiro_deliveries_total": (
         "counter",
-        "Deliveries of updates to the merchant, by outcome.",
-        ("outcome",),
+        "Deliveries of updates, by outcome and destination (none: merchant).",
+        ("outcome", "destination"),
     ),
-    "intergiro_delivery_attempts_total": ("counter", "Delivery attempts, by result.", ("result",)),
-    "intergiro_delivery_seconds": ("histogram", "Time of one delivery attempt.", ()),
+    "intergiro_delivery_attempts_total": (
+        "counter",
+        "Delivery attempts, by result and destination (none: merchant).",
+        ("result", "destination"),
+    ),
+    "intergiro_delivery_seconds": (
+        "histogram",
+        "Time of one delivery attempt, by destination (none: merchant).",
+        ("destination",),
+    ),
     "intergiro_reconcile_runs_total": ("counter", "Reconcile runs, by outcome.", ("outcome",)),
     "intergiro_reconcile_orders_scanned_total": ("counter", "Orders listed by reconcile.", ()),
     "intergiro_reconcile_missed_events_total": (
@@ -137,6 +145,11 @@ class SharedMetrics(Collector):
                     bounds = [str(b) for b in LATENCY_BUCKETS] + ["+Inf"]
                     counts = itertools.accumulate(group["buckets"].get(b, 0.0) for b in bounds)
                     family.add_metric(list(key), list(zip(bounds, counts, strict=True)), group["sum"])
+            # `merchant`'s series carry no destination label: a deployment without fan-out keeps its own
+            family.samples = [
+                s._replace(labels={k: v for k, v in s.labels.items() if k != "destination" or v})
+                for s in family.samples
+            ]
             yield family
 
 

@@ -151,7 +151,11 @@ class Reconciler:
         self.redis = redis
         self.keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
         self.intake = Intake(
-            redis, self.keys, settings.dedup_ttl_seconds, history_ttl=settings.history_retention_seconds
+            redis,
+            self.keys,
+            settings.dedup_ttl_seconds,
+            history_ttl=settings.history_retention_seconds,
+            destinations=settings.destinations,
         )
         self.api = api
         self.dry_run = dry_run

@@ -4,15 +4,41 @@ can read them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from receiver import rqstore
+from receiver.destinations import MERCHANT, job_id, queue_name
 
 
 @dataclass(frozen=True)
 class RedisKeys:
+    """The keys of one destination's deliveries (`merchant`'s unless made by `for_destination`) and the
+    keys every destination shares (dedup, dead letters, history, metrics). `queue_name` is the
+    destination's RQ queue."""
+
     prefix: str = "igr:"
     queue_name: str = "order-updates"
+    destination: str = MERCHANT
+
+    def for_destination(self, name: str) -> RedisKeys:
+        """The keys of destination `name` (from `merchant`'s, whose queue is QUEUE_NAME)."""
+        assert self.destination == MERCHANT, "made from merchant's keys only"
+        return replace(self, destination=name, queue_name=queue_name(self.queue_name, name))
+
+    @property
+    def _own(self) -> str:
+        """Where this destination's chain keys live: `merchant`'s where they were before fan-out."""
+        return self.prefix if self.destination == MERCHANT else f"{self.prefix}dest:{self.destination}:"
+
+    def job_id(self, update_id: str) -> str:
+        """The RQ job id of the update's delivery to this destination (the update id for `merchant`)."""
+        return job_id(update_id, self.destination)
+
+    @property
+    def destinations(self) -> str:
+        """Set of the destination names the workers last ran with: one gone from the configuration has
+        its pending deliveries dead-lettered."""
+        return f"{self.prefix}destinations"
 
     def seen(self, order_id: str) -> str:
         """Hash of the order's seen event keys, kept DEDUP_TTL_SECONDS after its last callback."""
@@ -20,16 +46,16 @@ class RedisKeys:
 
     def order_head(self, order_id: str) -> str:
         """The update of this order now queued or retrying; later updates wait behind it."""
-        return f"{self.prefix}order:{order_id}:head"
+        return f"{self._own}order:{order_id}:head"
 
     def order_waiting(self, order_id: str) -> str:
         """List of this order's update ids waiting for the head to be delivered, in event order."""
-        return f"{self.prefix}order:{order_id}:waiting"
+        return f"{self._own}order:{order_id}:waiting"
 
     @property
     def active_orders(self) -> str:
         """Set of order ids that have a head: the workers sweep it for heads whose job is gone."""
-        return f"{self.prefix}orders:active"
+        return f"{self._own}orders:active"
 
     def delivery(self, update_id: str) -> str:
         """Hash of one undelivered update's attempts: count, last error and its time, targets done."""
@@ -39,7 +65,7 @@ class RedisKeys:
     def retry_schedule(self) -> str:
         """Sorted set of updates waiting for their next attempt: update id -> due time (Unix seconds, to
         the microsecond; RQ's ScheduledJobRegistry, which lists them too, keeps whole seconds)."""
-        return f"{self.prefix}retry:due"
+        return f"{self._own}retry:due"
 
     @property
     def pending_updates(self) -> str:

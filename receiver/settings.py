@@ -13,9 +13,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+from receiver.destinations import MERCHANT, NAME_PATTERN, Destination
 from receiver.errors import ConfigError
 from receiver.keys import INTERGIRO_ENVIRONMENTS, TrustedKey, intergiro_key, load_public_key, split_key_list
-from receiver.order import MAX_EVENTS, OrderLimits
+from receiver.order import CREATED_EVENT, EVENT_TYPES, MAX_EVENTS, OrderLimits
+from receiver.status import STATUS_ORDER
 
 VERIFY_MODES = ("local", "remote", "local-then-remote")
 LOG_FORMATS = ("json", "console")
@@ -61,6 +63,7 @@ class Settings:
     history_retention_seconds: int = 2_592_000
     reconcile_interval_seconds: int = 0
     reconcile_lookback_seconds: int = 172_800
+    extra_destinations: tuple[Destination, ...] = ()  # DESTINATIONS and DESTINATION_<NAME>_*
     log_format: str = "json"
     log_level: str = "INFO"
 
@@ -81,6 +84,30 @@ class Settings:
     @property
     def order_limits(self) -> OrderLimits:
         return OrderLimits(self.max_callback_events, self.max_meta_bytes, self.max_customer_bytes)
+
+    @property
+    def merchant(self) -> Destination:
+        """The `MERCHANT_*` settings as the destination `merchant`."""
+        return Destination(
+            MERCHANT, self.merchant_webhook_url, self.merchant_webhook_secret, self.merchant_handler,
+            timeout_seconds=self.delivery_timeout_seconds, max_attempts=self.delivery_max_attempts,
+            backoff_seconds=self.delivery_backoff_seconds, tls_client_cert=self.merchant_tls_client_cert,
+            tls_client_key=self.merchant_tls_client_key, http_proxy=self.http_proxy,
+            https_proxy=self.https_proxy, no_proxy=self.no_proxy,
+        )  # fmt: skip
+
+    @property
+    def destinations(self) -> tuple[Destination, ...]:
+        """Every destination updates are queued for: `merchant` first when MERCHANT_WEBHOOK_URL or
+        MERCHANT_HANDLER is set, or when DESTINATIONS is empty (its queue is then the one a downstream
+        service may consume itself, as without fan-out), then the DESTINATIONS in their order."""
+        merchant = self.merchant
+        if merchant.configured or not self.extra_destinations:
+            return (merchant, *self.extra_destinations)
+        return self.extra_destinations
+
+    def destination(self, name: str) -> Destination | None:
+        return next((d for d in self.destinations if d.name == name), None)
 
     def with_changes(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -207,29 +234,73 @@ class _Reader:
             self.problems.append(f"INTERGIRO_API_KEY: required when INTERGIRO_VERIFY={s.intergiro_verify}")
         if s.merchant_webhook_url and not s.merchant_webhook_secret:
             self.problems.append("MERCHANT_WEBHOOK_SECRET: required when MERCHANT_WEBHOOK_URL is set")
-        self.check_client_certificate(s)
+        self.check_client_certificate(
+            "MERCHANT_TLS_CLIENT_", s.merchant_tls_client_cert, s.merchant_tls_client_key
+        )
+        s = replace(s, extra_destinations=self.destinations(s))
         if self.problems:
             raise ConfigError(self.problems)
         return s
 
-    def check_client_certificate(self, s: Settings) -> None:
-        """Both or neither of the client certificate and key, and a key that belongs to the certificate."""
-        if any(p.startswith("MERCHANT_TLS_CLIENT_") for p in self.problems):
-            return  # a file already refused: its own line says why
-        cert, key = s.merchant_tls_client_cert, s.merchant_tls_client_key
-        if bool(cert) != bool(key):
-            missing, given = (
-                ("MERCHANT_TLS_CLIENT_KEY", "MERCHANT_TLS_CLIENT_CERT")
-                if cert
-                else ("MERCHANT_TLS_CLIENT_CERT", "MERCHANT_TLS_CLIENT_KEY")
+    def destinations(self, s: Settings) -> tuple[Destination, ...]:
+        """DESTINATIONS, each from its DESTINATION_<NAME>_* variables (delivery settings default to the
+        DELIVERY_* ones, proxies to the global ones)."""
+        names: tuple[str, ...] = self.get("DESTINATIONS", (), _destination_names)
+        found: list[Destination] = []
+        for name in names:
+            p = f"DESTINATION_{name.upper().replace('-', '_')}_"
+            destination = Destination(
+                name,
+                url=self.get(p + "URL", "", _http_url),
+                secret=self.get(p + "SECRET", "", _webhook_secret),
+                handler=self.get(p + "HANDLER", "", _handler_path),
+                events=self.get(p + "EVENTS", frozenset(), _names_of("event type", (*EVENT_TYPES, CREATED_EVENT))),
+                statuses=self.get(p + "STATUSES", frozenset(), _names_of("status", STATUS_ORDER)),
+                timeout_seconds=self.get(p + "TIMEOUT_SECONDS", s.delivery_timeout_seconds, _positive_float),
+                max_attempts=self.get(p + "MAX_ATTEMPTS", s.delivery_max_attempts, _int_between(1, 100)),
+                backoff_seconds=self.get(p + "BACKOFF_SECONDS", s.delivery_backoff_seconds, _nonnegative_float),
+                tls_client_cert=self.get(p + "TLS_CLIENT_CERT", "", _pem_file("CERTIFICATE")),
+                tls_client_key=self.get(p + "TLS_CLIENT_KEY", "", _pem_file("PRIVATE KEY")),
+                http_proxy=self.get(p + "HTTP_PROXY", s.http_proxy, _proxy_url),
+                https_proxy=self.get(p + "HTTPS_PROXY", s.https_proxy, _proxy_url),
+                no_proxy=self.get(p + "NO_PROXY", s.no_proxy, str),
+            )  # fmt: skip
+            if not any(problem.startswith(p) for problem in self.problems):
+                if not destination.configured:
+                    self.problems.append(f"{p}URL: required (or {p}HANDLER) for the destination {name}")
+                elif destination.url and not destination.secret:
+                    self.problems.append(f"{p}SECRET: required when {p}URL is set")
+            self.check_client_certificate(
+                p + "TLS_CLIENT_", destination.tls_client_cert, destination.tls_client_key
             )
+            found.append(destination)
+        known = {
+            p + v
+            for p in (f"DESTINATION_{n.upper().replace('-', '_')}_" for n in names)
+            for v in DESTINATION_VARIABLES
+        }
+        for stray in (
+            []
+            if any(x.startswith("DESTINATIONS:") for x in self.problems)
+            else sorted(n for n in self.env if n.startswith("DESTINATION_") and n not in known)
+        ):
+            self.problems.append(f"{stray}: not a setting of any destination in DESTINATIONS")
+        return tuple(found)
+
+    def check_client_certificate(self, prefix: str, cert: str, key: str) -> None:
+        """Both or neither of the client certificate and key (`<prefix>CERT`, `<prefix>KEY`), and a key
+        that belongs to the certificate."""
+        if any(p.startswith(prefix) for p in self.problems):
+            return  # a file already refused: its own line says why
+        if bool(cert) != bool(key):
+            missing, given = (prefix + "KEY", prefix + "CERT") if cert else (prefix + "CERT", prefix + "KEY")
             self.problems.append(f"{missing}: required when {given} is set")
         elif cert and key:
             try:
                 ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, lambda: b"")
             except (ssl.SSLError, OSError) as exc:
                 self.problems.append(
-                    "MERCHANT_TLS_CLIENT_KEY: not the key of MERCHANT_TLS_CLIENT_CERT, or encrypted "
+                    f"{prefix}KEY: not the key of {prefix}CERT, or encrypted "
                     f"(use an unencrypted PEM key): {getattr(exc, 'reason', None) or exc}"
                 )
 
@@ -378,6 +449,41 @@ def _webhook_secret(raw: str) -> str:
     if len(decoded) < 24:
         raise ValueError("secret is too short (24 bytes at least)")
     return raw
+
+
+# What DESTINATION_<NAME>_ is followed by (a variable of a name not in DESTINATIONS, or misspelt, stops
+# the process: a destination left unconfigured by a typo must not go unnoticed).
+DESTINATION_VARIABLES = (
+    "URL", "SECRET", "HANDLER", "EVENTS", "STATUSES", "TIMEOUT_SECONDS", "MAX_ATTEMPTS", "BACKOFF_SECONDS",
+    "TLS_CLIENT_CERT", "TLS_CLIENT_KEY", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+)  # fmt: skip
+
+
+def _destination_names(raw: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in raw.split(","))
+    for name in names:
+        if not re.fullmatch(NAME_PATTERN, name):
+            raise ValueError(f"{name!r} is not a destination name (a-z, 0-9 and -, at most 40)")
+        if name == MERCHANT:
+            raise ValueError("merchant is the MERCHANT_* settings' destination; name the others differently")
+    if len(set(names)) != len(names):
+        raise ValueError("a destination is named twice")
+    return names
+
+
+def _names_of(what: str, allowed: tuple[str, ...]) -> Callable[[str], frozenset[str]]:
+    """A comma-separated list of names, each one of `allowed`."""
+
+    def parse(raw: str) -> frozenset[str]:
+        names = [n.strip() for n in raw.split(",") if n.strip()]
+        for name in names:
+            if name not in allowed:
+                raise ValueError(
+                    f"{name!r} is not a{'n' if what[0] in 'aeiou' else ''} {what} ({', '.join(sorted(allowed))})"
+                )
+        return frozenset(names)
+
+    return parse
 
 
 def _handler_path(raw: str) -> str:

@@ -1,6 +1,7 @@
 """One delivery attempt of an order-status update, and what its outcome means.
 
-Targets: a Standard Webhooks-signed POST to MERCHANT_WEBHOOK_URL and/or MERCHANT_HANDLER, a Python
+One worker process delivers to one destination (receiver/destinations.py; `merchant` is the MERCHANT_*
+settings). Its targets: a Standard Webhooks-signed POST to its URL and/or its handler, a Python
 function. 2xx (or a handler that returns) is done; a network error, a timeout, 408, 429 and 5xx (or a
 handler's exception) are retried with exponential backoff and full jitter, honouring Retry-After; any
 other answer (or PermanentDeliveryError from a handler) dead-letters the update at once, as does the
@@ -26,6 +27,7 @@ from standardwebhooks.webhooks import Webhook
 from receiver.chains import OrderChains
 from receiver.clock import utc_now
 from receiver.connections import sync_redis
+from receiver.destinations import MERCHANT, Destination
 from receiver.history import attempt_entry
 from receiver.logs import log
 from receiver.metrics import count, counter_increment, observation_increments
@@ -37,13 +39,6 @@ from workers.merchant_http import AnswerError, ConnectionOptions, MerchantConnec
 
 MAX_BACKOFF_SECONDS = 3600.0
 USER_AGENT = "intergiro-receiver"
-DELIVERED = counter_increment("intergiro_deliveries_total", outcome="delivered")
-DEAD_LETTERED = counter_increment("intergiro_deliveries_total", outcome="dead_lettered")
-RETRY_SCHEDULED = counter_increment("intergiro_deliveries_total", outcome="retry_scheduled")
-ATTEMPTS = {
-    result: counter_increment("intergiro_delivery_attempts_total", result=result)
-    for result in ("success", "retryable", "permanent")
-}
 
 
 class DeliveryError(Exception):
@@ -72,7 +67,15 @@ class DeadLettered(Exception):
 
 
 class TargetNotConfigured(Exception):
-    """Neither MERCHANT_WEBHOOK_URL nor MERCHANT_HANDLER is set, or the handler cannot be imported."""
+    """Neither MERCHANT_WEBHOOK_URL nor MERCHANT_HANDLER is set (nor a destination's URL or handler),
+    or the handler cannot be imported."""
+
+
+def variable(destination: str, name: str) -> str:
+    """The setting a destination's target comes from: MERCHANT_WEBHOOK_URL, DESTINATION_ERP_URL, ..."""
+    if destination == MERCHANT:
+        return {"URL": "MERCHANT_WEBHOOK_URL", "HANDLER": "MERCHANT_HANDLER"}[name]
+    return f"DESTINATION_{destination.upper().replace('-', '_')}_{name}"
 
 
 def backoff_delay(
@@ -97,13 +100,18 @@ class WebhookTarget:
     name = "webhook"
 
     def __init__(
-        self, url: str, secret: str, timeout_seconds: float, options: ConnectionOptions | None = None
+        self,
+        url: str,
+        secret: str,
+        timeout_seconds: float,
+        options: ConnectionOptions | None = None,
+        setting: str = "MERCHANT_WEBHOOK_URL",
     ) -> None:
         self.signer = Webhook(secret)
         try:
             self.connection = MerchantConnection(url, timeout_seconds, options)
         except ValueError as exc:
-            raise TargetNotConfigured(f"MERCHANT_WEBHOOK_URL: {exc}") from None
+            raise TargetNotConfigured(f"{setting}: {exc}") from None
 
     def __call__(self, update: dict[str, Any]) -> int:
         """POST the update; returns the merchant's 2xx status, raises DeliveryError otherwise."""
@@ -134,14 +142,14 @@ class HandlerTarget:
 
     name = "handler"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, setting: str = "MERCHANT_HANDLER") -> None:
         module_name, _, function_name = path.partition(":")
         try:
             function = getattr(importlib.import_module(module_name), function_name)
         except (ImportError, AttributeError) as exc:
-            raise TargetNotConfigured(f"MERCHANT_HANDLER: cannot import {path}: {exc}") from None
+            raise TargetNotConfigured(f"{setting}: cannot import {path}: {exc}") from None
         if not callable(function):
-            raise TargetNotConfigured(f"MERCHANT_HANDLER: {path} is not callable")
+            raise TargetNotConfigured(f"{setting}: {path} is not callable")
         self.function: Callable[[dict[str, Any]], Any] = function
 
     def __call__(self, update: dict[str, Any]) -> None:
@@ -153,23 +161,22 @@ class HandlerTarget:
             raise DeliveryError(f"handler raised {type(exc).__name__}: {exc}") from None
 
 
-def build_targets(settings: Settings) -> list[WebhookTarget | HandlerTarget]:
-    """The configured targets, webhook first; raises TargetNotConfigured when there is none."""
+def build_targets(config: Settings | Destination) -> list[WebhookTarget | HandlerTarget]:
+    """A destination's targets (`merchant`'s for Settings), webhook first; raises TargetNotConfigured
+    when there is none."""
+    d = config.merchant if isinstance(config, Settings) else config
     targets: list[WebhookTarget | HandlerTarget] = []
-    if settings.merchant_webhook_url:
-        targets.append(
-            WebhookTarget(
-                settings.merchant_webhook_url,
-                settings.merchant_webhook_secret,
-                settings.delivery_timeout_seconds,
-                ConnectionOptions.from_settings(settings),
-            )
+    if d.url:
+        options = ConnectionOptions(
+            d.http_proxy, d.https_proxy, d.no_proxy, d.tls_client_cert, d.tls_client_key
         )
-    if settings.merchant_handler:
-        targets.append(HandlerTarget(settings.merchant_handler))
+        targets.append(WebhookTarget(d.url, d.secret, d.timeout_seconds, options, variable(d.name, "URL")))
+    if d.handler:
+        targets.append(HandlerTarget(d.handler, variable(d.name, "HANDLER")))
     if not targets:
         raise TargetNotConfigured(
             "set MERCHANT_WEBHOOK_URL (with MERCHANT_WEBHOOK_SECRET) or MERCHANT_HANDLER"
+            + ("" if d.name == MERCHANT else " (or deliver only to DESTINATIONS with --destination)")
         )
     return targets
 
@@ -189,19 +196,46 @@ class AttemptStart:
 def start_attempt_commands(pipe: Any, keys: RedisKeys, update: dict[str, Any]) -> None:
     """Queue the commands that start an attempt on a transaction; `attempt_start` reads their answers.
     The attempt leaves the retry schedule (RQ's own scheduler may have queued it)."""
-    record = keys.delivery(update["id"])
+    job = keys.job_id(update["id"])
+    record = keys.delivery(job)
     pipe.get(keys.order_head(update["order_id"]))
     pipe.hincrby(record, "attempts", 1)
     pipe.hgetall(record)
-    pipe.zrem(keys.retry_schedule, update["id"])
-    pipe.hexists(keys.dead_letters, update["id"])
+    pipe.zrem(keys.retry_schedule, job)
+    pipe.hexists(keys.dead_letters, job)
 
 
-def attempt_start(update: dict[str, Any], answers: list[Any]) -> AttemptStart:
+def attempt_start(update: dict[str, Any], answers: list[Any], job: str | None = None) -> AttemptStart:
+    """`job`: the delivery's job id (the update id, `merchant`'s)."""
     head, attempt, record, _, dead_lettered = answers
-    return AttemptStart(
-        update["id"], head == update["id"].encode(), int(attempt), record, bool(dead_lettered)
-    )
+    job = job or update["id"]
+    return AttemptStart(job, head == job.encode(), int(attempt), record, bool(dead_lettered))
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """The metrics fields of one destination's deliveries (labelled with it, except `merchant`'s)."""
+
+    delivered: tuple[str, float]
+    dead_lettered: tuple[str, float]
+    retry_scheduled: tuple[str, float]
+    attempts: dict[str, tuple[str, float]]
+    labels: dict[str, str]
+
+    @classmethod
+    def of(cls, destination: Destination) -> Outcomes:
+        labels = destination.label
+
+        def outcome(name: str) -> tuple[str, float]:
+            return counter_increment("intergiro_deliveries_total", 1, outcome=name, **labels)
+
+        attempts = {
+            result: counter_increment("intergiro_delivery_attempts_total", 1, result=result, **labels)
+            for result in ("success", "retryable", "permanent")
+        }
+        return cls(
+            outcome("delivered"), outcome("dead_lettered"), outcome("retry_scheduled"), attempts, labels
+        )
 
 
 @dataclass
@@ -210,23 +244,39 @@ class DeliveryContext:
 
     settings: Settings
     redis: Redis
-    keys: RedisKeys
+    keys: RedisKeys  # the destination's
     chains: OrderChains
     targets: list[WebhookTarget | HandlerTarget]
     logger: Any  # bound once: structlog's module-level proxy binds anew on every call
+    destination: Destination
+    outcomes: Outcomes
 
     def start_attempt(self, update: dict[str, Any]) -> AttemptStart:
         """Count the attempt (before the POST, so an attempt whose worker dies still counts)."""
         with self.redis.pipeline(transaction=True) as pipe:
             start_attempt_commands(pipe, self.keys, update)
-            return attempt_start(update, pipe.execute())
+            return attempt_start(update, pipe.execute(), self.keys.job_id(update["id"]))
 
     @classmethod
-    def create(cls, settings: Settings) -> DeliveryContext:
+    def create(cls, settings: Settings, destination: Destination | None = None) -> DeliveryContext:
+        """The context of one destination's worker (`merchant`'s when not given)."""
+        destination = destination or settings.merchant
         redis = sync_redis(settings, timeout=10)
         keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+        if destination.name != MERCHANT:
+            keys = keys.for_destination(destination.name)
         chains = OrderChains(redis, keys, settings.history_retention_seconds)
-        return cls(settings, redis, keys, chains, build_targets(settings), log.bind())
+        logger = log.bind() if destination.name == MERCHANT else log.bind(destination=destination.name)
+        return cls(
+            settings,
+            redis,
+            keys,
+            chains,
+            build_targets(destination),
+            logger,
+            destination,
+            Outcomes.of(destination),
+        )
 
 
 _context: DeliveryContext | None = None
@@ -254,8 +304,9 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> Retry | None:
     """One attempt; records its outcome in Redis. Returns None when the update is done (delivered, or
     finished before), a `Retry` for RQ to hold the job in its ScheduledJobRegistry until the next
     attempt, and raises DeadLettered when the update went to the dead-letter queue."""
-    settings, keys, redis = ctx.settings, ctx.keys, ctx.redis
-    record = keys.delivery(update["id"])
+    destination, keys, redis, outcomes = ctx.destination, ctx.keys, ctx.redis, ctx.outcomes
+    job = keys.job_id(update["id"])
+    record = keys.delivery(job)
     start = ctx.start_attempt(update)
     attempt, fields = start.attempt, start.record
     if not start.is_head:
@@ -264,15 +315,15 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> Retry | None:
         # queued its job by hand).
         redis.delete(record)
         if start.dead_lettered:  # its job requeued from outside (rq-dashboard's Requeue): failed it stays
-            ctx.logger.info("update is dead-lettered, not delivered", update=update["id"])
+            ctx.logger.info("update is dead-lettered, not delivered", update=job)
             raise DeadLettered(
                 "still in the dead-letter queue: requeue it with `intergiro-receiver dlq requeue`"
             )
-        count(redis, keys, "intergiro_deliveries_total", outcome="duplicate_skipped")
-        ctx.logger.info("update already finished, not delivered again", update=update["id"])
+        count(redis, keys, "intergiro_deliveries_total", 1, outcome="duplicate_skipped", **outcomes.labels)
+        ctx.logger.info("update already finished, not delivered again", update=job)
         return None
     done = {k.decode() for k in fields if k.startswith(b"done:")}
-    if attempt > settings.delivery_max_attempts:
+    if attempt > destination.max_attempts:
         # Only after attempts that never reported back (their worker died): give up like any last attempt.
         last_error = fields.get(b"last_error", b"worker stopped during the attempt").decode()
         dead_letter(
@@ -299,8 +350,13 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> Retry | None:
             redis.hset(record, f"done:{target.name}", 1)
     elapsed = time.perf_counter() - started
     result = "success" if failure is None else "retryable" if failure.retryable else "permanent"
-    attempt_counters = [ATTEMPTS[result], *observation_increments("intergiro_delivery_seconds", elapsed)]
+    attempt_counters = [
+        outcomes.attempts[result],
+        *observation_increments("intergiro_delivery_seconds", elapsed, **outcomes.labels),
+    ]
     target_names = "+".join(tried)
+    if destination.name != MERCHANT:  # the history and the log tell the destinations' attempts apart
+        target_names = f"{destination.name}:{target_names}"
 
     def history(outcome: str) -> bytes:
         error = None if failure is None else str(failure)
@@ -312,7 +368,9 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> Retry | None:
         # Delivered: the chain's next step and the attempt's metrics in one script run, before RQ records
         # the job's end: a job RQ runs again after that (its record failed, its worker died) finds the
         # update no longer its order's head and does not POST it again.
-        ctx.chains.finish(update, counters=[*attempt_counters, DELIVERED], history=history("delivered"))
+        ctx.chains.finish(
+            update, counters=[*attempt_counters, outcomes.delivered], history=history("delivered")
+        )
         ctx.logger.info(
             "update delivered",
             update=update["id"],
@@ -324,13 +382,13 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> Retry | None:
         )
         return None
     error, error_at = str(failure), utc_now()
-    if not failure.retryable or attempt >= settings.delivery_max_attempts:
+    if not failure.retryable or attempt >= destination.max_attempts:
         dead_letter(ctx, update, attempt, error, error_at, attempt_counters, history("dead_lettered"))
         raise DeadLettered(error)
-    delay = backoff_delay(attempt, settings.delivery_backoff_seconds, failure.retry_after)
+    delay = backoff_delay(attempt, destination.backoff_seconds, failure.retry_after)
     due = time.time() + delay
     ctx.chains.schedule_retry(
-        update, due, error, error_at, [*attempt_counters, RETRY_SCHEDULED], history=history("retry")
+        update, due, error, error_at, [*attempt_counters, outcomes.retry_scheduled], history=history("retry")
     )
     ctx.logger.info(
         "delivery retry scheduled",
@@ -360,12 +418,14 @@ def dead_letter(
 ) -> None:
     """Move the update to the dead-letter queue and release its order (atomically, see receiver.chains),
     adding `counters` (the last attempt's metrics) and its `history` entry in the same step."""
+    name = ctx.destination.name
     if history is None:  # no attempt of its own (its earlier ones never reported back)
         history = attempt_entry(
-            update["id"], update["order_id"], error_at, "", "dead_lettered", None, error, 0
-        )
+            update["id"], update["order_id"], error_at, "" if name == MERCHANT else f"{name}:", "dead_lettered",
+            None, error, 0,
+        )  # fmt: skip
     entry = {
-        "id": update["id"],
+        "id": ctx.keys.job_id(update["id"]),
         "order_id": update["order_id"],
         "update": update,
         "attempts": attempts,
@@ -373,12 +433,14 @@ def dead_letter(
         "last_error_at": error_at,
         "dead_lettered_at": utc_now(),
     }
+    if name != MERCHANT:
+        entry["destination"] = name
     next_head = ctx.chains.finish(
-        update, orjson.dumps(entry), counters=[*(counters or ()), DEAD_LETTERED], history=history
+        update, orjson.dumps(entry), counters=[*(counters or ()), ctx.outcomes.dead_lettered], history=history
     )
     ctx.logger.warning(
         "update dead-lettered",
-        update=update["id"],
+        update=entry["id"],
         attempts=attempts,
         error=error,
         next_update_of_order=next_head,

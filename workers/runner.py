@@ -1,5 +1,9 @@
 """`intergiro-receiver worker`: RQ workers that deliver updates, one process each (workers/worker.py),
 plus in every process a maintenance thread (workers/maintenance.py).
+
+Each process serves one destination (its own RQ queue), so a destination that is down or slow holds
+only its own processes: `--processes N` starts N per destination served (every configured one, or
+those named with `--destination`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from receiver.chains import OrderChains
+from receiver.connections import sync_redis
+from receiver.destinations import REMOVED, Destination
 from receiver.logs import configure_logging, log
+from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
 from workers.delivery import DeliveryContext, TargetNotConfigured, build_targets, use_context
 from workers.maintenance import Maintenance
@@ -25,25 +33,33 @@ from workers.worker import DeliveryWorker, attempt_death_penalty, attempt_timeou
 MAX_RESTART_PAUSE_SECONDS = 10.0
 
 
-def work(settings: Settings, burst: bool) -> int:
-    """One worker process: deliver until stopped (or, with burst, until the queue is empty)."""
+def work(settings: Settings, burst: bool, destination: Destination | None = None) -> int:
+    """One worker process of one destination (`merchant` when not given): deliver until stopped (or,
+    with burst, until its queue is empty)."""
     configure_logging(settings.log_format, settings.log_level)
     try:
-        context = DeliveryContext.create(settings)
+        context = DeliveryContext.create(settings, destination)
     except TargetNotConfigured as exc:
         print(f"intergiro-receiver worker: {exc}", file=sys.stderr)
         return 1
     use_context(context)
-    timeout = attempt_timeout_seconds(settings)
-    maintenance = Maintenance(context, settings.queue_name, recovery_seconds=max(1.0, timeout / 2))
-    queue = Queue(settings.queue_name, connection=context.redis, serializer=JSONSerializer)
+    queue_name = context.keys.queue_name
+    timeout = attempt_timeout_seconds(context.destination.timeout_seconds)
+    maintenance = Maintenance(context, queue_name, recovery_seconds=max(1.0, timeout / 2))
+    queue = Queue(queue_name, connection=context.redis, serializer=JSONSerializer)
     if burst:
         maintenance.chains.move_due()
         maintenance.recover_abandoned()
         maintenance.chains.release_stale_heads()
     maintenance.start()
     rq_level = "DEBUG" if settings.log_level == "DEBUG" else "WARNING"
-    log.info("worker starting", queue=settings.queue_name, pid=os.getpid(), burst=burst)
+    log.info(
+        "worker starting",
+        queue=queue_name,
+        destination=context.destination.name,
+        pid=os.getpid(),
+        burst=burst,
+    )
     pause = 1.0
     try:
         while True:
@@ -82,26 +98,76 @@ def pause_before_restart(seconds: float) -> bool:
     return not stopped.wait(seconds)
 
 
-def _child(settings: Settings, burst: bool) -> None:
-    raise SystemExit(work(settings, burst))
+def _child(settings: Settings, burst: bool, destination: Destination) -> None:
+    raise SystemExit(work(settings, burst, destination))
 
 
-def run_workers(settings: Settings, burst: bool = False, processes: int = 1) -> int:
-    """Start `processes` worker processes (or work in this one) and wait for them; 1 when any failed."""
+def served_destinations(settings: Settings, names: list[str] | None) -> list[Destination]:
+    """The destinations named (every configured one when None); ValueError names one not configured."""
+    if not names:
+        return list(settings.destinations)
+    served = []
+    for name in dict.fromkeys(names):
+        destination = settings.destination(name)
+        if destination is None:
+            configured = ", ".join(d.name for d in settings.destinations)
+            raise ValueError(f"--destination {name}: not a configured destination ({configured})")
+        served.append(destination)
+    return served
+
+
+def retire_removed_destinations(settings: Settings) -> dict[str, int]:
+    """Dead-letter, with the reason `destination removed`, the pending deliveries of every destination
+    the workers ran with before and the configuration no longer has; then remember the configured set.
+    Returns how many were dead-lettered per removed destination."""
+    redis = sync_redis(settings, timeout=10)
     try:
-        build_targets(settings)  # refuse to start, with one line, before forking anything
-    except TargetNotConfigured as exc:
+        keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+        configured = [d.name for d in settings.destinations]
+        known = {raw.decode() for raw in redis.smembers(keys.destinations)}  # type: ignore[union-attr]
+        dropped = {}
+        for name in sorted(known - set(configured)):
+            own = keys if name == keys.destination else keys.for_destination(name)
+            dropped[name] = OrderChains(redis, own, settings.history_retention_seconds).drop_all(REMOVED)
+            redis.srem(keys.destinations, name)
+            log.warning(
+                "destination removed: its pending deliveries dead-lettered",
+                destination=name,
+                count=dropped[name],
+            )
+        redis.sadd(keys.destinations, *configured)
+        return dropped
+    finally:
+        redis.close()
+
+
+def run_workers(
+    settings: Settings, burst: bool = False, processes: int = 1, destinations: list[str] | None = None
+) -> int:
+    """Start `processes` worker processes per destination served (or work in this one when that makes
+    one) and wait for them; 1 when any failed."""
+    try:
+        served = served_destinations(settings, destinations)
+        for destination in served:
+            build_targets(destination)  # refuse to start, with one line, before forking anything
+    except (TargetNotConfigured, ValueError) as exc:
         print(f"intergiro-receiver worker: {exc}", file=sys.stderr)
         return 1
     if processes < 1:
         print("intergiro-receiver worker: --processes must be 1 or more", file=sys.stderr)
         return 1
-    if processes == 1:
-        return work(settings, burst)
+    try:
+        retire_removed_destinations(settings)
+    except RedisError as exc:
+        log.warning("could not check for removed destinations", error=str(exc))
+    if processes == 1 and len(served) == 1:
+        return work(settings, burst, served[0])
     logging.getLogger("rq").setLevel(logging.WARNING)
     fork = multiprocessing.get_context("fork")
     children = [
-        fork.Process(target=_child, args=(settings, burst), name=f"worker-{n}") for n in range(processes)
+        fork.Process(target=_child, args=(settings, burst, d), name=f"worker-{d.name}-{n}")
+        for d in served
+        for n in range(processes)
     ]
     for child in children:
         child.start()

@@ -30,9 +30,11 @@ from receiver.settings import Settings
 DEQUEUE_WAIT_SECONDS = 5
 
 
-def attempt_timeout_seconds(settings: Settings) -> int:
-    """How long one attempt may run: a POST's connect + read timeouts plus a handler's share, and slack."""
-    return math.ceil(2 * settings.delivery_timeout_seconds) + 2
+def attempt_timeout_seconds(config: Settings | float) -> int:
+    """How long one attempt may run: a POST's connect + read timeouts (DELIVERY_TIMEOUT_SECONDS, or a
+    destination's own) plus a handler's share, and slack."""
+    timeout = config.delivery_timeout_seconds if isinstance(config, Settings) else config
+    return math.ceil(2 * timeout) + 2
 
 
 def attempt_death_penalty(seconds: int) -> type[UnixSignalDeathPenalty]:

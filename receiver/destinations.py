@@ -1,0 +1,79 @@
+"""Destinations: the downstream systems each update is delivered to, and the filters that pick theirs.
+
+Every destination has its own per-order chain, RQ queue, retry schedule, attempt counts and dead
+letters (receiver/chains.py, per destination); the intake queues one delivery per (update, matching
+destination) in its one atomic step. The `MERCHANT_*` settings are the destination `merchant`, whose
+Redis keys, RQ queue (`QUEUE_NAME`) and job ids (the update id) are exactly those of a deployment
+without fan-out; another destination NAME has the queue `<QUEUE_NAME>.<NAME>`, job ids
+`<update id>@<NAME>` and its chain keys under `<prefix>dest:<NAME>:`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+MERCHANT = "merchant"
+NAME_PATTERN = r"[a-z0-9-]{1,40}"
+JOB_ID_SEPARATOR = "@"
+REMOVED = "destination removed"
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One downstream system: a signed webhook and/or a Python handler, with optional filters on the
+    update's event type and status (empty: every update), and its own delivery settings."""
+
+    name: str
+    url: str = field(default="", repr=False)  # may hold Basic auth credentials
+    secret: str = field(default="", repr=False)
+    handler: str = ""
+    events: frozenset[str] = frozenset()
+    statuses: frozenset[str] = frozenset()
+    timeout_seconds: float = 10.0
+    max_attempts: int = 8
+    backoff_seconds: float = 2.0
+    tls_client_cert: str = ""
+    tls_client_key: str = ""
+    http_proxy: str = field(default="", repr=False)
+    https_proxy: str = field(default="", repr=False)
+    no_proxy: str = ""
+
+    def matches(self, update: Mapping[str, Any]) -> bool:
+        """Whether the update passes this destination's filters."""
+        if self.events and update["event"]["type"] not in self.events:
+            return False
+        return not self.statuses or update["status"] in self.statuses
+
+    @property
+    def configured(self) -> bool:
+        """Whether there is something to deliver to (a URL or a handler)."""
+        return bool(self.url or self.handler)
+
+    @property
+    def label(self) -> dict[str, str]:
+        """The metrics label of its deliveries: none for `merchant`, so a deployment without fan-out
+        keeps its series exactly."""
+        return {} if self.name == MERCHANT else {"destination": self.name}
+
+
+def job_id(update_id: str, destination: str) -> str:
+    """The RQ job id (and chain member) of one update's delivery to one destination."""
+    return update_id if destination == MERCHANT else f"{update_id}{JOB_ID_SEPARATOR}{destination}"
+
+
+def split_job_id(delivery_id: str) -> tuple[str, str]:
+    """(update id, destination) of a delivery's job id."""
+    update_id, separator, destination = delivery_id.rpartition(JOB_ID_SEPARATOR)
+    return (update_id, destination) if separator else (delivery_id, MERCHANT)
+
+
+def queue_name(base: str, destination: str) -> str:
+    """The destination's RQ queue: QUEUE_NAME for `merchant`, `<QUEUE_NAME>.<name>` for the others."""
+    return base if destination == MERCHANT else f"{base}.{destination}"
+
+
+def matching(destinations: tuple[Destination, ...], update: Mapping[str, Any]) -> list[int]:
+    """Indexes of the destinations whose filters the update passes."""
+    return [n for n, d in enumerate(destinations) if d.matches(update)]
