@@ -12,7 +12,7 @@ and every script that changes a chain starts with it. Keys that are the same for
 written into the scripts' text: the product runs on one Redis server (not Redis Cluster).
 
 Chains are per destination (receiver/destinations.py): an OrderChains is bound to one destination's
-keys, and its chain members are that destination's job ids (`<update id>@<name>`; the update id itself
+keys, and its chain members are that destination's job ids (`<update id>__<name>`; the update id itself
 for `merchant`). The intake joins, in its one step, the chain of every destination the update matches.
 """
 

@@ -2,7 +2,7 @@
 
 One Redis hash (`igr:dlq`): update id -> JSON entry {id, order_id, update, attempts, last_error,
 last_error_at, dead_lettered_at}, and `destination` when it is not `merchant` (its id is then the
-delivery's job id, `<update id>@<destination>`). The update's RQ job stays, as failed, in RQ's FailedJobRegistry (for
+delivery's job id, `<update id>__<destination>`). The update's RQ job stays, as failed, in RQ's FailedJobRegistry (for
 RQ's failure TTL, 30 days), so RQ's tools count it; an update whose job was deleted from outside has
 an entry here only. `requeue` puts the update back into its order's chain with the same
 id (see receiver.chains.REQUEUE), so it is delivered again, after whatever is its order's head then.

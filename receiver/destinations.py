@@ -5,7 +5,7 @@ letters (receiver/chains.py, per destination); the intake queues one delivery pe
 destination) in its one atomic step. The `MERCHANT_*` settings are the destination `merchant`, whose
 Redis keys, RQ queue (`QUEUE_NAME`) and job ids (the update id) are exactly those of a deployment
 without fan-out; another destination NAME has the queue `<QUEUE_NAME>.<NAME>`, job ids
-`<update id>@<NAME>` and its chain keys under `<prefix>dest:<NAME>:`.
+`<update id>__<NAME>` and its chain keys under `<prefix>dest:<NAME>:`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 MERCHANT = "merchant"
 NAME_PATTERN = r"[a-z0-9-]{1,40}"
-JOB_ID_SEPARATOR = "@"
+JOB_ID_SEPARATOR = "__"  # RQ allows letters, digits, _ and - in job ids; names have no _
 REMOVED = "destination removed"
 
 

@@ -32,3 +32,13 @@ def refuses(update: dict[str, Any]) -> None:
 
 def takes(update: dict[str, Any]) -> None:
     _client().rpush(DELIVERED, update["id"])
+
+
+BOOKS = "test:handler:books"
+
+
+def books(update: dict[str, Any]) -> None:
+    """A destination's handler (tests/test_fanout.py): records the update, whole."""
+    import orjson
+
+    _client().rpush(BOOKS, orjson.dumps(update))

@@ -70,7 +70,8 @@ def worker_env(redis_url: str, **settings: Any) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("MERCHANT_", "DELIVERY_", "QUEUE_")) and k.upper() not in PROXY_VARIABLES
+        if not k.startswith(("MERCHANT_", "DELIVERY_", "QUEUE_", "DESTINATION"))
+        and k.upper() not in PROXY_VARIABLES
     }
     env.update(REDIS_URL=redis_url, LOG_FORMAT="json", LOG_LEVEL="INFO", DELIVERY_TIMEOUT_SECONDS="1")
     env.update({k.upper(): str(v) for k, v in settings.items()})
