@@ -57,9 +57,14 @@ async def find_problems(settings: Settings) -> list[str]:
                     )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             problems.append(f"INTERGIRO_API_URL: cannot reach the verify endpoint ({type(exc).__name__})")
-    if not settings.merchant_webhook_url and not settings.merchant_handler:
+    if (
+        not settings.merchant_webhook_url
+        and not settings.merchant_handler
+        and not settings.extra_destinations
+    ):
         problems.append(
-            "MERCHANT_WEBHOOK_URL or MERCHANT_HANDLER: set at least one, or workers have nowhere to deliver"
+            "MERCHANT_WEBHOOK_URL or MERCHANT_HANDLER: set at least one (or DESTINATIONS), or workers have "
+            "nowhere to deliver"
         )
     return problems
 

@@ -7,11 +7,16 @@ orders through a set (`<prefix>history:number:<number>`) kept as long. Entries:
 - `callback`: a verified callback: `at`, `outcome` (`accepted`, `duplicate`), `verified_by`,
   `request_id`, `order_number`, `queued` (each queued update's `id` and `status`);
 - `reconcile`: events `reconcile` found and queued: `at`, `queued` as above;
-- `attempt`: one delivery attempt of `update`: `at` (its start), `target`, `outcome` (`delivered`,
-  `retry`, `dead_lettered`), `http_status`, `error`, `duration_ms`;
+- `attempt`: one delivery attempt of `update`: `at` (its start), `target` (`webhook`, `handler`, both
+  joined by `+`; a destination other than `merchant` names itself first: `erp:webhook`), `outcome`
+  (`delivered`, `retry`, `dead_lettered`), `http_status`, `error`, `duration_ms`;
 - `requeue`: ops requeued a dead-lettered `update`;
 - `deleted_outside`: the RQ job of `update` was deleted from outside the product and it was
-  dead-lettered.
+  dead-lettered; `destination_removed`: its destination left the configuration with it pending.
+  Entries of a destination other than `merchant` carry its name in `destination` (attempts in `target`).
+
+`trace` keeps each update's `state` as `merchant`'s chain tells it; the other destinations' are in its
+`destinations` (name -> the outcome of its last attempt), and their attempts name them.
 
 Entries are written by the same Lua scripts that change the state they describe (intake, finish,
 retry, requeue), so the history never tells of something that did not happen. An update's event type
@@ -218,12 +223,13 @@ def story(entries: list[dict[str, Any]], order_id: str, live: LiveState) -> dict
         elif kind == "purge" and e["update"] in updates:
             updates[e["update"]]["purged_at"] = at
             finished[e["update"]] = "purged"
-        elif kind in ("attempt", "deleted_outside"):
+        elif kind in ("attempt", "deleted_outside", "destination_removed"):
             update = updates.setdefault(
                 e["update"],
                 {"id": e["update"], "event": None, "status": None, "state": None, "queued_at": None,
                  "queued_by": None, "attempts": []},
             )  # fmt: skip
+            destination = e.get("destination") or _destination_of(e.get("target"))
             if kind == "attempt":
                 update["attempts"].append(
                     {
@@ -235,18 +241,33 @@ def story(entries: list[dict[str, Any]], order_id: str, live: LiveState) -> dict
                         "duration_ms": e.get("duration_ms"),
                     }
                 )
-                if e.get("outcome") in ("delivered", "dead_lettered"):
-                    finished[e["update"]] = e["outcome"]
+                outcome = str(e.get("outcome"))
             else:
+                error = (
+                    "job deleted outside intergiro-receiver"
+                    if kind == "deleted_outside"
+                    else "destination removed"
+                )
                 update["attempts"].append(
-                    {"at": at, "target": None, "outcome": "dead_lettered", "http_status": None,
-                     "error": "job deleted outside intergiro-receiver", "duration_ms": None}
+                    {"at": at, "target": f"{destination}:" if destination else None, "outcome": "dead_lettered",
+                     "http_status": None, "error": error, "duration_ms": None}
                 )  # fmt: skip
-                finished[e["update"]] = "dead_lettered"
+                outcome = "dead_lettered"
+            if destination:  # another destination's: its own state, never merchant's
+                update.setdefault("destinations", {})[destination] = outcome
+            elif outcome in ("delivered", "dead_lettered"):
+                finished[e["update"]] = outcome
     for update_id, update in updates.items():
         update["state"] = _state(update_id, finished.get(update_id), live)
     ordered = sorted(updates.values(), key=lambda u: (u["event"] or {}).get("sequence") or -1)
     return {"order_id": order_id, "order_number": order_number, "callbacks": callbacks, "updates": ordered}
+
+
+def _destination_of(target: Any) -> str | None:
+    """The destination an attempt's target names (`erp:webhook`), None for `merchant`'s."""
+    if isinstance(target, str) and ":" in target:
+        return target.split(":", 1)[0]
+    return None
 
 
 def _state(update_id: str, finished: str | None, live: LiveState) -> str:

@@ -106,6 +106,7 @@ async def test_two_webhooks_and_a_handler_get_exactly_their_filters_updates_once
         "erp:webhook",
         "warehouse:webhook",
     ]
+    assert charge["destinations"] == {"books": "delivered", "erp": "delivered", "warehouse": "delivered"}
     metrics = await (await receiver.get("/metrics")).text()
     assert 'intergiro_deliveries_total{destination="erp",outcome="delivered"} 40.0' in metrics
     assert 'intergiro_deliveries_total{destination="warehouse",outcome="delivered"} 20.0' in metrics

@@ -164,3 +164,45 @@ def test_a_bad_proxy_url_is_named_and_its_password_not_shown(env: dict[str, str]
 def test_proxy_passwords_do_not_show_in_the_settings_repr() -> None:
     s = Settings.from_env({"HTTPS_PROXY": "http://relay:hunter2@proxy.test:3128"})
     assert "hunter2" not in repr(s)
+
+
+HANDLER = {"DESTINATIONS": "erp", "DESTINATION_ERP_HANDLER": "tests.merchant_handlers:books"}
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [({"DESTINATIONS": "ERP"}, "DESTINATIONS"), ({"DESTINATIONS": "merchant"}, "DESTINATIONS"),
+     ({"DESTINATIONS": "erp,erp"}, "DESTINATIONS"), ({"DESTINATIONS": "erp"}, "DESTINATION_ERP_URL"),
+     ({"DESTINATIONS": "erp", "DESTINATION_ERP_URL": "http://erp/x"}, "DESTINATION_ERP_SECRET"),
+     ({**HANDLER, "DESTINATION_ERP_URL": "ftp://erp"}, "DESTINATION_ERP_URL"),
+     ({**HANDLER, "DESTINATION_ERP_SECRET": "plain"}, "DESTINATION_ERP_SECRET"),
+     ({"DESTINATIONS": "erp", "DESTINATION_ERP_HANDLER": "nocolon"}, "DESTINATION_ERP_HANDLER"),
+     ({**HANDLER, "DESTINATION_ERP_EVENTS": "charged"}, "DESTINATION_ERP_EVENTS"),
+     ({**HANDLER, "DESTINATION_ERP_STATUSES": "charge"}, "DESTINATION_ERP_STATUSES"),
+     ({**HANDLER, "DESTINATION_ERP_TIMEOUT_SECONDS": "0"}, "DESTINATION_ERP_TIMEOUT_SECONDS"),
+     ({**HANDLER, "DESTINATION_ERP_MAX_ATTEMPTS": "0"}, "DESTINATION_ERP_MAX_ATTEMPTS"),
+     ({**HANDLER, "DESTINATION_ERP_BACKOFF_SECONDS": "-1"}, "DESTINATION_ERP_BACKOFF_SECONDS"),
+     ({**HANDLER, "DESTINATION_ERP_TLS_CLIENT_CERT": "/no/such.pem"}, "DESTINATION_ERP_TLS_CLIENT_CERT"),
+     ({**HANDLER, "DESTINATION_ERP_HTTPS_PROXY": "socks5://p:1"}, "DESTINATION_ERP_HTTPS_PROXY"),
+     ({**HANDLER, "DESTINATION_ERP_TIMEOUT": "3"}, "DESTINATION_ERP_TIMEOUT"),
+     ({**HANDLER, "DESTINATION_ERPP_URL": "http://erp/x"}, "DESTINATION_ERPP_URL")],
+)  # fmt: skip
+def test_a_bad_destination_value_is_named(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    assert [p.split(":")[0] for p in caught.value.problems] == [variable]
+
+
+def test_destinations_come_after_merchant_with_their_filters_and_merchant_only_when_configured() -> None:
+    env = {**HANDLER, "DESTINATION_ERP_EVENTS": "charge, refund", "DESTINATION_ERP_STATUSES": "charged"}
+    s = Settings.from_env(env)
+    [erp] = s.destinations
+    assert (erp.name, erp.events, erp.statuses, erp.timeout_seconds) == (
+        "erp",
+        {"charge", "refund"},
+        {"charged"},
+        10.0,
+    )
+    with_merchant = Settings.from_env({**env, "MERCHANT_HANDLER": "tests.merchant_handlers:takes"})
+    assert [d.name for d in with_merchant.destinations] == ["merchant", "erp"]
+    assert [d.name for d in Settings.from_env({}).destinations] == ["merchant"]  # as before fan-out
