@@ -7,7 +7,11 @@ no-op first in even ones):
             order's second update waits for its first) delivered by `intergiro-receiver worker --burst
             --processes P` (DeliveryWorker, a SimpleWorker) as signed POSTs to the sink;
   no-op     N no-op jobs enqueued with `rq` (JSON serializer) on another queue and run by P forked
-            SimpleWorkers in burst mode (bench/noop_worker.py).
+            SimpleWorkers in burst mode (bench/noop_worker.py);
+  fan-out   with --destinations 2: the same N updates queued for two destinations (`merchant` and
+            `erp`, each its own sink process and secret), delivered by `worker --burst --processes P`
+            (P processes per destination); each destination's updates/s is timed to its sink's last
+            delivery, beside the one-destination delivery run of the same round.
 A run is timed from the first job leaving the queue (process start-up is not counted) to the exit of
 the worker command. After every delivery run it checks that the sink got every update exactly once,
 each order's in sequence, that sampled signatures verify, and that Redis keeps nothing of them.
@@ -46,6 +50,7 @@ from tests.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+ERP_SECRET = "whsec_" + "RVJQLXNlY3JldC1mb3ItdGhlLWVycC1kZXN0aW5hdGlvbg=="
 NOOP_QUEUE = "bench-noop"
 TARGET = 0.60  # issue 15: the price of an RQ upgrade that needs no code review
 EVENTS = ("0-order", "1-charge")  # the two events of every bench order, in sequence
@@ -64,9 +69,12 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def store_updates(url: str, orders: int) -> None:
+async def store_updates(url: str, orders: int, settings: Settings | None = None) -> None:
+    """Store the bench's updates through the real intake (for `settings`' destinations: `merchant` alone
+    when not given)."""
     client = Redis.from_url(url)
-    intake = Intake(client, RedisKeys(), Settings().dedup_ttl_seconds)
+    settings = settings or Settings()
+    intake = Intake(client, RedisKeys(), settings.dedup_ttl_seconds, destinations=settings.destinations)
     for start in range(0, orders, 50):
         batch = [
             build_updates(parse_order(bench_order(i)), received_at="2026-01-01T09:00:06.000Z",
@@ -102,7 +110,10 @@ def timed(command: list[str], env: dict[str, str], cwd: Path, log: Path, client:
     return time.perf_counter() - started, children_cpu() - cpu_before, code
 
 
-def check_delivery(received: dict[str, list], orders: int, client: redis.Redis) -> str:
+def check_delivery(
+    received: dict[str, list], orders: int, client: redis.Redis, secret: str = SECRET,
+    destinations: tuple[str, ...] = ("merchant",),
+) -> str:  # fmt: skip
     ids: list[str] = received["ids"]
     expected = {f"{order_id(i)}-{e}" for i in range(orders) for e in EVENTS}
     problems = []
@@ -116,20 +127,22 @@ def check_delivery(received: dict[str, list], orders: int, client: redis.Redis) 
     )  # fmt: skip
     if out_of_order:
         problems.append(f"{out_of_order} orders delivered out of sequence")
-    hook = Webhook(SECRET)
+    hook = Webhook(secret)
     for sample in received["samples"]:
         try:
             hook.verify(sample["body"], sample["headers"])
         except Exception as exc:
             problems.append(f"a signature did not verify: {exc}")
             break
-    left = [k for pattern in ("rq:job:*", "igr:order:*", "igr:delivery:*") for k in client.scan_iter(pattern)]
+    patterns = ("rq:job:*", "igr:order:*", "igr:delivery:*", "igr:dest:*")
+    left = [k for pattern in patterns for k in client.scan_iter(pattern)]
     keys = RedisKeys()
-    pending = (
-        client.llen(keys.rq_queue) + client.scard(keys.active_orders) + client.zcard(keys.retry_schedule)
-        + client.hlen(keys.pending_updates) + client.zcard(keys.rq_deferred) + client.zcard(keys.rq_scheduled)
-        + client.zcard(keys.rq_failed)
-    )  # fmt: skip
+    pending = client.hlen(keys.pending_updates)
+    for own in (keys if name == "merchant" else keys.for_destination(name) for name in destinations):
+        pending += (
+            client.llen(own.rq_queue) + client.scard(own.active_orders) + client.zcard(own.retry_schedule)
+            + client.zcard(own.rq_deferred) + client.zcard(own.rq_scheduled) + client.zcard(own.rq_failed)
+        )  # fmt: skip
     if left or pending or client.hlen(keys.dead_letters):
         problems.append(
             f"left in Redis: {left[:3]}, {pending} queued/active/retrying/unfinished/in RQ's registries,"
@@ -162,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=3, help="rounds of delivery and no-op in turn (default 3)"
     )
+    parser.add_argument(
+        "--destinations", type=int, choices=(1, 2), default=1,
+        help="2: also a fan-out run per round, every update to two destinations (default 1)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     orders = max(1, args.updates // 2)
     count = orders * 2
@@ -174,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     sink = subprocess.Popen(
         [sys.executable, "-m", "bench.drain_sink", str(sink_port)], cwd=ROOT, env=base_env
     )
+    fan_out = args.destinations == 2
+    erp_port = free_port()
+    erp_sink = (
+        subprocess.Popen([sys.executable, "-m", "bench.drain_sink", str(erp_port)], cwd=ROOT, env=base_env)
+        if fan_out
+        else None
+    )
     worker_command = [str(Path(sys.executable).parent / "intergiro-receiver"), "worker", "--burst",
                       "--processes", str(args.processes)]  # fmt: skip
     noop_command = [sys.executable, "-m", "bench.noop_worker", server.url, NOOP_QUEUE, str(args.processes)]
@@ -185,11 +209,22 @@ def main(argv: list[str] | None = None) -> int:
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "INFO",
     }
+    fan_out_env = {
+        **worker_env,
+        "DESTINATIONS": "erp",
+        "DESTINATION_ERP_URL": f"http://127.0.0.1:{erp_port}/hooks",
+        "DESTINATION_ERP_SECRET": ERP_SECRET,
+    }
     systems = {"delivery": Runs(), "no-op": Runs()}
+    if fan_out:
+        systems["fan-out"] = Runs()
+    per_destination: dict[str, list[float]] = {"merchant": [], "erp": []}
     ratios: list[float] = []
     failures = 0
     try:
         wait_for_port(sink_port, sink, "sink")
+        if erp_sink is not None:
+            wait_for_port(erp_port, erp_sink, "erp sink")
         client = redis.Redis.from_url(server.url)
         assert server.process is not None
         redis_pid = server.process.pid
@@ -203,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             )[1],
             "no-op": timed(noop_command, base_env, ROOT, workdir / "noop.log", client, "rq:queue:x")[1],
         }
+        if fan_out:
+            startup["fan-out"] = timed(
+                worker_command, fan_out_env, workdir, workdir / "worker.log", client, "rq:queue:x"
+            )[1]
         for round_number in range(1, args.rounds + 1):
             rates = {}
             # ABBA: the system run first alternates, so a drift of the machine's speed favours neither
@@ -211,18 +250,46 @@ def main(argv: list[str] | None = None) -> int:
                 if name == "delivery":
                     asyncio.run(store_updates(server.url, orders))
                     command, env, cwd, queue_key = worker_command, worker_env, workdir, RedisKeys().rq_queue
+                elif name == "fan-out":
+                    asyncio.run(
+                        store_updates(server.url, orders, Settings.from_env(fan_out_env, dotenv=False))
+                    )
+                    command, env, cwd, queue_key = worker_command, fan_out_env, workdir, RedisKeys().rq_queue
                 else:
                     enqueue_noops(client, count)
                     command, env, cwd, queue_key = noop_command, base_env, ROOT, f"rq:queue:{NOOP_QUEUE}"
                 redis_before, sink_before = cpu_seconds(redis_pid), cpu_seconds(sink.pid)
                 seconds, cpu, code = timed(command, env, cwd, workdir / f"{name}.log", client, queue_key)
+                started_at = time.time() - seconds  # the wall clock the sinks stamp deliveries with
                 runs.rates.append(count / seconds)
-                runs.worker_cpu_us.append(max(0.0, cpu - startup[name]) / count * 1e6)
-                runs.redis_cpu_us.append((cpu_seconds(redis_pid) - redis_before) / count * 1e6)
-                runs.sink_cpu_us.append((cpu_seconds(sink.pid) - sink_before) / count * 1e6)
+                jobs = 2 * count if name == "fan-out" else count  # CPU per delivery
+                runs.worker_cpu_us.append(max(0.0, cpu - startup[name]) / jobs * 1e6)
+                runs.redis_cpu_us.append((cpu_seconds(redis_pid) - redis_before) / jobs * 1e6)
+                runs.sink_cpu_us.append((cpu_seconds(sink.pid) - sink_before) / jobs * 1e6)
                 if name == "delivery":
                     with urlopen(f"http://127.0.0.1:{sink_port}/received") as answer:
                         verdict = check_delivery(orjson.loads(answer.read()), orders, client)
+                elif name == "fan-out":
+                    verdicts, own_rates = [], []
+                    for destination, port, secret in (
+                        ("merchant", sink_port, SECRET),
+                        ("erp", erp_port, ERP_SECRET),
+                    ):
+                        with urlopen(f"http://127.0.0.1:{port}/received") as answer:
+                            received = orjson.loads(answer.read())
+                        verdicts.append(
+                            f"{destination}: "
+                            + check_delivery(received, orders, client, secret, ("merchant", "erp"))
+                        )
+                        own_rates.append(count / max(1e-6, received["last_at"] - started_at))
+                        per_destination[destination].append(own_rates[-1])
+                    runs.rates[-1] = 2 * count / seconds  # deliveries/s, both destinations together
+                    verdict = (
+                        "; ".join(verdicts)
+                        + f"; per destination: merchant {own_rates[0]:,.0f}, erp {own_rates[1]:,.0f} updates/s"
+                    )
+                    if any("CHECK FAILED" in v for v in verdicts):
+                        verdict = "CHECK FAILED: " + verdict
                 else:
                     verdict = check_noop(client)
                 if code:
@@ -234,14 +301,34 @@ def main(argv: list[str] | None = None) -> int:
                       f" sink {runs.sink_cpu_us[-1]:3.0f} us  {verdict}", flush=True)  # fmt: skip
             ratios.append(rates["delivery"] / rates["no-op"])
         print_table(systems, ratios, args.processes)
+        if fan_out:
+            print_fan_out(systems, per_destination, args.processes)
     finally:
         sink.terminate()
         sink.wait(10)
+        if erp_sink is not None:
+            erp_sink.terminate()
+            erp_sink.wait(10)
         server.cleanup()
     if failures:
         print(f"bench: {failures} run(s) failed their check; worker logs in {workdir}", file=sys.stderr)
         return 1
     return 0
+
+
+def print_fan_out(systems: dict[str, Runs], per_destination: dict[str, list[float]], processes: int) -> None:
+    one = systems["delivery"].rates
+    print(
+        f"\nfan-out, same rounds ({processes} worker process(es) per destination; one machine's cores shared):"
+    )
+    print(f"{'round':<7} {'1 destination':>14} {'merchant':>9} {'erp':>9} {'both':>9}  (updates/s)")
+    rows = zip(
+        one, per_destination["merchant"], per_destination["erp"], systems["fan-out"].rates, strict=True
+    )
+    for n, (single, merchant, erp, both) in enumerate(rows, start=1):
+        print(f"{n:<7} {single:>14,.0f} {merchant:>9,.0f} {erp:>9,.0f} {both:>9,.0f}")
+    print(f"{'median':<7} {median(one):>14,.0f} {median(per_destination['merchant']):>9,.0f}"
+          f" {median(per_destination['erp']):>9,.0f} {median(systems['fan-out'].rates):>9,.0f}")  # fmt: skip
 
 
 def print_table(systems: dict[str, Runs], ratios: list[float], processes: int) -> None:

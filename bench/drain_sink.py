@@ -9,6 +9,7 @@ forgets it for the next run.
 from __future__ import annotations
 
 import sys
+import time
 
 import orjson
 from aiohttp import web
@@ -21,11 +22,13 @@ SAMPLE_EVERY = 50
 def make_app() -> web.Application:
     ids: list[str] = []
     samples: list[dict[str, str]] = []
+    last_at = [0.0]  # when the last delivery arrived (Unix time): a destination's rate ends there
 
     async def hook(request: web.Request) -> web.Response:
         body = await request.read()
         update_id = request.headers.get("webhook-id", "")
         ids.append(update_id)
+        last_at[0] = time.time()
         if len(ids) % SAMPLE_EVERY == 1:
             samples.append(
                 {"headers": {str(k): v for k, v in request.headers.items()}, "body": body.decode()}
@@ -33,7 +36,7 @@ def make_app() -> web.Application:
         return web.Response(status=200)
 
     async def received(request: web.Request) -> web.Response:
-        answer = orjson.dumps({"ids": ids, "samples": samples})
+        answer = orjson.dumps({"ids": ids, "samples": samples, "last_at": last_at[0]})
         ids.clear()
         samples.clear()
         return web.Response(body=answer, content_type="application/json")

@@ -44,3 +44,11 @@ def test_the_drain_benchmark_runs_and_finds_every_update_delivered_once_in_seque
     assert "ok: 40 updates each POSTed once, 20 orders in sequence" in out, out
     assert "ok: queue drained, no failed job" in out, out
     assert "no-op jobs/s" in out
+
+
+def test_the_drain_benchmark_with_two_destinations_delivers_every_update_to_each_once_in_sequence() -> None:
+    out = run_bench(
+        "bench.drain", "--updates", "40", "--rounds", "1", "--processes", "1", "--destinations", "2"
+    )
+    assert out.count("ok: 40 updates each POSTed once, 20 orders in sequence") == 3, out
+    assert "fan-out, same rounds" in out
