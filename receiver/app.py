@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from receiver.clock import utc_now
 from receiver.connections import async_redis
+from receiver.destinations import MERCHANT
 from receiver.errors import (
     BadCallback,
     BodyTimeout,
@@ -280,13 +281,21 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     app = request.app
+    keys = app[KEYS]
+    # queue depth and workers summed over every destination's queue (`merchant`'s alone without fan-out)
+    queues = [
+        keys if d.name == MERCHANT else keys.for_destination(d.name) for d in app[SETTINGS].destinations
+    ]
     try:
         async with app[REDIS].pipeline(transaction=False) as pipe:
-            pipe.llen(app[KEYS].rq_queue)
-            pipe.hlen(app[KEYS].dead_letters)
-            pipe.hgetall(app[KEYS].metrics)
-            pipe.smembers(app[KEYS].rq_workers)
-            depth, dead, shared, workers = await pipe.execute()
+            pipe.hlen(keys.dead_letters)
+            pipe.hgetall(keys.metrics)
+            for own in queues:
+                pipe.llen(own.rq_queue)
+                pipe.smembers(own.rq_workers)
+            dead, shared, *per_queue = await pipe.execute()
+        depth = sum(per_queue[0::2])
+        workers = set().union(*per_queue[1::2])
         app[METRICS].queue_depth.set(depth)
         app[METRICS].workers_alive.set(await workers_alive(app[REDIS], workers))
         app[METRICS].dead_letter_depth.set(dead)

@@ -21,13 +21,13 @@ from typing import Any
 
 import orjson
 from redis import Redis
-from rq.job import Retry
+from rq.job import Retry, get_current_job
 from standardwebhooks.webhooks import Webhook
 
 from receiver.chains import OrderChains
 from receiver.clock import utc_now
 from receiver.connections import sync_redis
-from receiver.destinations import MERCHANT, Destination
+from receiver.destinations import MERCHANT, Destination, queue_name
 from receiver.history import attempt_entry
 from receiver.logs import log
 from receiver.metrics import count, counter_increment, observation_increments
@@ -289,8 +289,18 @@ def use_context(context: DeliveryContext) -> None:
 
 
 def current_context() -> DeliveryContext:
-    if _context is None:  # a plain `rq worker` imported us: build from the environment
-        use_context(DeliveryContext.create(Settings.from_env()))
+    if _context is None:  # a plain `rq worker` imported us: build from the environment, for the job's queue
+        settings = Settings.from_env()
+        job = get_current_job()
+        destination = next(
+            (
+                d
+                for d in settings.destinations
+                if job and job.origin == queue_name(settings.queue_name, d.name)
+            ),
+            None,
+        )
+        use_context(DeliveryContext.create(settings, destination))
     assert _context is not None
     return _context
 

@@ -156,10 +156,11 @@ def run_workers(
     if processes < 1:
         print("intergiro-receiver worker: --processes must be 1 or more", file=sys.stderr)
         return 1
-    try:
-        retire_removed_destinations(settings)
-    except RedisError as exc:
-        log.warning("could not check for removed destinations", error=str(exc))
+    if not destinations:  # a worker of some destinations only (another team's, maybe with older settings)
+        try:  # never decides that the others were removed
+            retire_removed_destinations(settings)
+        except RedisError as exc:
+            log.warning("could not check for removed destinations", error=str(exc))
     if processes == 1 and len(served) == 1:
         return work(settings, burst, served[0])
     logging.getLogger("rq").setLevel(logging.WARNING)
