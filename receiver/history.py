@@ -350,9 +350,12 @@ def render(document: dict[str, Any]) -> list[str]:
     lines.append("  now:")
     for update in document["updates"]:
         event = update["event"] or {}
+        others = "".join(
+            f"; {name}: {state}" for name, state in sorted(update.get("destinations", {}).items())
+        )
         lines.append(
             f"    {update['id']}  {event.get('type')} -> {update['status']}: {update['state']} "
-            f"after {len(update['attempts'])} attempt(s)"
+            f"after {len(update['attempts'])} attempt(s){others}"
         )
     return lines
 

@@ -15,7 +15,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from receiver.app import CALLBACK_PATH
 from receiver.chains import OrderChains
 from receiver.destinations import REMOVED
-from receiver.history import trace
+from receiver.history import render, trace
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
 from tests.helpers import JWT, card_order, token
@@ -107,6 +107,10 @@ async def test_two_webhooks_and_a_handler_get_exactly_their_filters_updates_once
         "warehouse:webhook",
     ]
     assert charge["destinations"] == {"books": "delivered", "erp": "delivered", "warehouse": "delivered"}
+    assert (
+        "charge -> charged: delivered after 3 attempt(s); books: delivered; erp: delivered; warehouse: delivered"
+        in "\n".join(render(story))
+    )
     metrics = await (await receiver.get("/metrics")).text()
     assert 'intergiro_deliveries_total{destination="erp",outcome="delivered"} 40.0' in metrics
     assert 'intergiro_deliveries_total{destination="warehouse",outcome="delivered"} 20.0' in metrics
