@@ -14,13 +14,15 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from receiver.app import CALLBACK_PATH
 from receiver.chains import OrderChains
-from receiver.destinations import REMOVED
+from receiver.destinations import REMOVED, Destination
 from receiver.history import render, trace
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
+from tests.conftest import DAYS
 from tests.helpers import JWT, card_order, token
 from tests.merchant_handlers import BOOKS
 from tests.sink import SECRET, Sink, wait_for
+from tests.test_reconcile import WINDOW, reconcile
 from workers.runner import retire_removed_destinations
 
 ERP_SECRET = "whsec_" + "RVJQLXNlY3JldC1mb3ItdGhlLWVycC1kZXN0aW5hdGlvbg=="
@@ -219,3 +221,21 @@ async def test_a_destination_added_later_gets_updates_from_then_on_and_one_remov
     keys = RedisKeys().for_destination("warehouse")
     assert not sync_redis.exists(keys.rq_queue, keys.active_orders, keys.order_head("Changing00000001"))
     assert OrderChains(sync_redis, keys).drop_all() == 0
+
+
+async def test_reconcile_queues_each_missed_event_for_every_destination_its_filters_match(
+    order_api: Any, api_settings: Settings, sync_redis: Any
+) -> None:
+    order_api.state["orders"] = [
+        card_order("Reconciled000001", EVENTS[:2], created=f"{DAYS[0].isoformat()}T10:00:00.000Z")
+    ]
+    erp = Destination("erp", handler="tests.merchant_handlers:books", events=frozenset({"charge"}))
+    settings = api_settings.with_changes(
+        merchant_handler="tests.merchant_handlers:takes", extra_destinations=(erp,)
+    )
+    assert await reconcile(settings, *WINDOW, "--json") == 0
+    jobs = sorted(k.decode().removeprefix("rq:job:") for k in sync_redis.scan_iter("rq:job:*"))
+    assert jobs == ["Reconciled000001-0-order", "Reconciled000001-1-charge", "Reconciled000001-1-charge__erp"]
+    erp_keys = RedisKeys().for_destination("erp")
+    assert sync_redis.lrange(erp_keys.rq_queue, 0, -1) == [b"Reconciled000001-1-charge__erp"]
+    assert sync_redis.lrange(RedisKeys().rq_queue, 0, -1) == [b"Reconciled000001-0-order"]
