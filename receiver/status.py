@@ -37,6 +37,9 @@ STATUS_ORDER: tuple[str, ...] = (
     "synchronized",
 )
 
+MAX_NUMBER = 1e12
+"""Largest price, quantity or amount (either sign) an order may hold: larger is no real price or
+quantity, and would overflow floats and the precision of the exact sums."""
 MAX_UNITS = 10_000
 """Most units (and most item lines) an order may have."""
 MAX_EVENTS = 1_000
@@ -131,6 +134,25 @@ def minor_units(currency: str) -> int:
     return _MINOR_UNITS.get(currency.upper(), 2) if isinstance(currency, str) else 2
 
 
+def is_number(value: Any) -> TypeGuard[int | float]:
+    """Whether `value` is a number as an order holds one: an int or a float within ±MAX_NUMBER, not a bool.
+
+    Not a Decimal either: an order is JSON, which is read as ints and floats, and an update carrying a
+    Decimal could not be written (orjson refuses it), so the status model and `parse_order` accept the
+    same numbers.
+    """
+    kind = type(value)
+    # The exact types JSON gives are settled first: isinstance calls are a good part of parsing's cost.
+    if (
+        kind is not float
+        and kind is not int
+        and (not isinstance(value, int | float) or isinstance(value, bool))
+    ):
+        return False
+    number: float = value
+    return -MAX_NUMBER <= number <= MAX_NUMBER
+
+
 _T = TypeVar("_T")
 
 
@@ -155,7 +177,7 @@ def _places(order: Mapping[str, Any]) -> int:
 def _buckets(order: Mapping[str, Any], places: int) -> "_Buckets":
     """The order's amount, all of it still `created`."""
     items = order.get("items")
-    if _is_number(items):
+    if is_number(items):
         return _AmountBuckets(_amount(items, "items", places), places)
     return _UnitBuckets(_lines(items, "items"))
 
@@ -226,7 +248,7 @@ def _whole_order_history(
             return None
         movable = units > 0
         amount = _round(total, places)
-    elif _is_number(items):
+    elif is_number(items):
         total = _round(_number(items, "items"), places)
         if total < 0:
             return None
@@ -276,7 +298,7 @@ def _cached_line(item: object) -> tuple[int, Decimal] | None:
     other label is read by `_line` every time.
     """
     if type(item) is not dict:
-        if not _is_number(item):
+        if not is_number(item):
             return None
         item = {"price": item}
     price, rebate, vat, quantity = (
@@ -340,7 +362,7 @@ _KEY_FIELDS = ("number", "name", "price", "unit", "vat", "rebate")
 
 def _lines(value: object, what: str) -> list[_Line]:
     """The lines of an Item, an Item[], or a number standing for the line `{price: n}`."""
-    if _is_number(value):
+    if is_number(value):
         value = {"price": value}
     if isinstance(value, Mapping):
         return [_line(value, what)]
@@ -348,7 +370,7 @@ def _lines(value: object, what: str) -> list[_Line]:
         if len(value) > MAX_UNITS:
             raise StatusError(f"{what} has {len(value)} lines, more than {MAX_UNITS}")
         return [
-            _line({"price": item} if _is_number(item) else item, f"{what}[{i}]")
+            _line({"price": item} if is_number(item) else item, f"{what}[{i}]")
             for i, item in enumerate(value)
         ]
     raise StatusError(f"{what} is neither a number, an item nor a list of items")
@@ -376,7 +398,7 @@ def _key_field(value: object, what: str) -> object:
     """A field as lines are compared: absent and null alike, numbers by value (1 == 1.0)."""
     if value is None or isinstance(value, str):
         return value
-    if _is_number(value):
+    if is_number(value):
         return _number(value, what)
     raise StatusError(f"{what} is neither a string nor a number")
 
@@ -426,7 +448,7 @@ class _AmountBuckets:
         """What the event covers; None (or zero, as in Intergiro's model) means a whole bucket."""
         if event_items is None:
             return None
-        if _is_number(event_items):
+        if is_number(event_items):
             return _amount(event_items, "event items", self._places)
         lines = _lines(event_items, "event items")
         return _round(sum((line.unit_amount * line.quantity for line in lines), Decimal(0)), self._places)
@@ -586,22 +608,15 @@ def _round_to_total(exact: Mapping[str, Decimal], places: int) -> dict[str, Deci
     return {status: Decimal(count).scaleb(-places) for status, count in minor.items() if count}
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float, Decimal)) and not isinstance(value, bool)
-
-
 def _is_list(value: object) -> TypeGuard[Sequence[Any]]:
     return isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray))
 
 
 def _number(value: object, what: str) -> Decimal:
     """A JSON number as the decimal it was written as (0.1 stays 0.1, never 0.1000000000000000055...)."""
-    if not _is_number(value):
+    if not is_number(value):
         raise StatusError(f"{what} is not a number: {value!r}")
-    number = value if isinstance(value, Decimal) else Decimal(str(value))
-    if not number.is_finite():
-        raise StatusError(f"{what} is not a finite number: {value!r}")
-    return number
+    return Decimal(str(value))
 
 
 def _optional_number(value: object, what: str) -> Decimal:

@@ -24,14 +24,13 @@ from receiver.order import (  # the spec both share: limits, allowlists, pattern
     MAX_DEPTH,
     MAX_EVENTS,
     MAX_ITEMS,
-    MAX_NUMBER,
     PAYMENT_FIELDS,
     UPDATE_VERSION,
     _money,
     snake,
     update_id,
 )
-from receiver.status import StatusError, minor_units, order_amount, status_history
+from receiver.status import MAX_NUMBER, StatusError, minor_units, order_amount, status_history
 
 
 def snake_keys(value: Any, depth: int = 0) -> Any:

@@ -10,14 +10,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from receiver.errors import BadCallback
+from receiver.order import parse_order
 from receiver.status import (
     MAX_EVENT_LINES,
     MAX_EVENTS,
+    MAX_NUMBER,
     MAX_UNITS,
     STATUS_ORDER,
     StatusError,
     change,
     history_and_amount,
+    is_number,
     minor_units,
     order_amount,
     status_history,
@@ -368,6 +372,29 @@ def test_a_zero_amount_order_lists_no_bucket_and_no_event_moves_it() -> None:
 def test_malformed_orders_are_refused_with_status_error(order: Any) -> None:
     with pytest.raises(StatusError):
         status_history(order)
+
+
+@pytest.mark.parametrize(
+    "price", [True, Decimal(10), MAX_NUMBER * 10, -MAX_NUMBER * 10, 10**13, float("nan"), float("inf")]
+)
+def test_the_model_refuses_exactly_the_numbers_parse_order_refuses(price: Any) -> None:
+    order = {"id": "Order0001", "currency": "SEK", "payment": {"type": "card"}, "event": []}
+    with pytest.raises(BadCallback, match=r"^items\.price is not a number$"):
+        parse_order({**order, "items": {"price": price}})
+    with pytest.raises(StatusError, match="price is not a number"):
+        status_history({**order, "items": {"price": price}})
+
+
+@pytest.mark.parametrize("price", [MAX_NUMBER, -MAX_NUMBER, int(MAX_NUMBER), 0.005])
+def test_numbers_up_to_the_bound_are_numbers_to_both(price: float) -> None:
+    assert is_number(price)
+    assert parse_order(
+        {"id": "O1", "currency": "SEK", "payment": {"type": "card"}, "items": {"price": price}}
+    )
+    if price > 0:
+        assert order_amount({"currency": "SEK", "items": {"price": price}}) == Decimal(str(price)).quantize(
+            Decimal("0.01")
+        )
 
 
 def test_status_error_is_a_value_error() -> None:
