@@ -2,6 +2,7 @@
 
 import base64
 import json
+import re
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
@@ -705,17 +706,28 @@ def spelled(result: Any) -> str:
     return repr(result)  # Decimal("1.50") and Decimal("1.5") are equal but spelled apart
 
 
+def with_an_event_listing_items(order: dict[str, Any]) -> dict[str, Any]:
+    """`order` with a last event that lists items but moves nothing (a `fail`): the model then keeps
+    the order unit by unit (or by amount) instead of in one piece."""
+    return {**order, "event": [*(order["event"] or []), {"type": "fail", "items": 1}]}
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.one_of(whole_order_orders(), orders()))
-def test_history_and_amount_are_exactly_the_general_models(order: dict[str, Any]) -> None:
+def test_history_and_amount_are_the_unit_by_unit_models_for_every_order(order: dict[str, Any]) -> None:
     try:
-        expected: Any = (status_history(order), order_amount(order))
+        unit_by_unit = history_and_amount(with_an_event_listing_items(order))
     except StatusError as error:
         with pytest.raises(StatusError) as raised:
             history_and_amount(order)
         assert str(raised.value) == str(error)
+        with pytest.raises(StatusError, match=re.escape(str(error))):
+            status_history(order)
         return
-    assert spelled(history_and_amount(order)) == spelled(expected)
+    history, amount = unit_by_unit
+    assert history[-1] == (history[-2] if len(history) > 1 else ("created", history[-1][1]))
+    assert spelled(history_and_amount(order)) == spelled((history[:-1], amount))
+    assert spelled((status_history(order), order_amount(order))) == spelled((history[:-1], amount))
 
 
 @pytest.mark.parametrize(
