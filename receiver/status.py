@@ -1,8 +1,8 @@
 """An order's status after each of its events, computed as Intergiro's own model does.
 
 Pure: the decoded order JSON in, `Decimal` amounts per status out. The rules are in
-`../shared/intergiro/README.md`, "How Intergiro computes an order's status": every unit starts at
-`created` and the events are applied in list order; the status the callback itself carries is ignored.
+`tests/data/intergiro/status-rules.md` (Intergiro's own, as the team gathered them): every unit starts
+at `created` and the events are applied in list order; the status the callback itself carries is ignored.
 
 The `created` bucket is listed like any other: present when non-zero, absent when zero.
 

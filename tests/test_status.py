@@ -1,4 +1,4 @@
-"""An order's status after each event, as Intergiro's own model computes it (intergiro/README.md)."""
+"""An order's status after each event, as Intergiro's own model computes it (tests/data/intergiro/status-rules.md)."""
 
 import base64
 import json
@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from receiver.errors import BadCallback
-from receiver.order import parse_order
+from receiver.order import EVENT_TYPES as EVENT_TYPES_ACCEPTED
+from receiver.order import build_updates, parse_order
 from receiver.status import (
     MAX_EVENT_LINES,
     MAX_EVENTS,
@@ -31,6 +32,7 @@ from tests.conftest import INTERGIRO
 
 T_SHIRT = {"number": "ts001-b", "name": "Basic T-shirt, black", "price": 59.8, "vat": 14.95, "quantity": 2}
 TROUSERS = {"number": "tr001", "name": "Trousers", "price": 600, "vat": 150}
+ORDER_EVENT = {"type": "order", "date": "2026-11-27T00:00:00Z"}
 
 
 def history(
@@ -398,8 +400,25 @@ def test_numbers_up_to_the_bound_are_numbers_to_both(price: float) -> None:
         )
 
 
-def test_status_error_is_a_value_error() -> None:
-    assert issubclass(StatusError, ValueError)
+@pytest.mark.parametrize(
+    ("item", "why"),
+    [
+        ({"price": 10, "quantity": 1.5}, "items quantity 1.5 is not a whole number of units"),
+        ({"price": 10, "rebate": 11}, "items is worth -1 per unit, less than nothing"),
+        (
+            {"price": 1, "quantity": MAX_UNITS + 1},
+            f"the order has {MAX_UNITS + 1} units, more than {MAX_UNITS}",
+        ),
+    ],
+)
+def test_a_callback_whose_statuses_cannot_be_computed_is_answered_400_saying_why(item: Any, why: str) -> None:
+    # parse_order takes these (each field alone is fine); the status model is what refuses them
+    order = parse_order(
+        {"id": "O1", "currency": "SEK", "payment": {"type": "card"}, "items": item, "event": [ORDER_EVENT]}
+    )
+    with pytest.raises(BadCallback) as refused:
+        build_updates(order, received_at="2026-11-27T00:00:00Z", verified_by="remote")
+    assert (refused.value.status, refused.value.reason) == (400, f"order amounts cannot be computed: {why}")
 
 
 def test_events_listing_more_than_ten_thousand_item_lines_are_refused() -> None:
@@ -433,19 +452,34 @@ def test_an_order_with_more_than_a_thousand_events_is_refused() -> None:
 
 # --- the transition table ------------------------------------------------------------------------------
 
-TABLE = {
-    "defer": ({"synchronized", "created", "pending"}, "deferred"),
-    "pend": ({"synchronized", "created", "deferred"}, "pending"),
-    "deny": ({"synchronized", "created", "deferred", "pending"}, "denied"),
-    "order": ({"synchronized", "created", "deferred", "pending"}, "ordered"),
-    "cancel": ({"synchronized", "created", "deferred", "pending", "ordered"}, "cancelled"),
-    "charge": ({"synchronized", "ordered"}, "charged"),
-    "pay": ({"synchronized", "charged"}, "paid"),
-    "refund": ({"synchronized", "charged", "paid"}, "refunded"),
-    "synchronize": (set(STATUS_ORDER), "synchronized"),
-    "settle": (set(), ""),
-    "fail": (set(), ""),
-}
+RULES = (INTERGIRO / "status-rules.md").read_text()
+
+
+def rules_status_order() -> tuple[str, ...]:
+    """The status order as the rules state it ("Status order (used below): created, deferred, ...")."""
+    stated = re.search(r"^Status order \(used below\): ([a-z,\s]+)\.$", RULES, re.MULTILINE)
+    assert stated is not None, "the rules no longer state the status order"
+    return tuple(re.split(r",\s*", stated.group(1)))
+
+
+def rules_table() -> dict[str, tuple[set[str], str]]:
+    """The rules' transition table: event type -> (statuses a unit takes it in, status it moves to)."""
+    table = {}
+    for row in RULES.splitlines():
+        cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
+        if not row.startswith("| ") or len(cells) != 3 or cells[0] == "event":
+            continue
+        event_types, sources, target = cells
+        statuses = {
+            "any": set(rules_status_order()),
+            "never move units": set(),
+        }.get(sources, set(sources.split(", ")))
+        for event_type in event_types.split(", "):
+            table[event_type] = (statuses, target)
+    return table
+
+
+TABLE = rules_table()
 PAIRS = [(status, event) for event in TABLE for status in STATUS_ORDER]
 
 
@@ -464,20 +498,12 @@ def test_no_status_takes_an_unknown_event(event: str) -> None:
     assert all(change(status, event) is None for status in STATUS_ORDER)
 
 
-def test_status_order_is_the_readmes() -> None:
-    assert STATUS_ORDER == (
-        "created",
-        "deferred",
-        "pending",
-        "denied",
-        "ordered",
-        "cancelled",
-        "charged",
-        "paid",
-        "refunded",
-        "settled",
-        "synchronized",
-    )
+def test_the_rules_table_covers_every_event_type_the_receiver_accepts() -> None:
+    assert set(TABLE) == EVENT_TYPES_ACCEPTED
+
+
+def test_status_order_is_the_rules() -> None:
+    assert STATUS_ORDER == rules_status_order()
 
 
 # --- real callbacks ----------------------------------------------------------------------------------
