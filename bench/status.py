@@ -8,7 +8,6 @@ Times, per order, what the receiver runs for every callback (`history_and_amount
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import timeit
 from collections.abc import Callable
@@ -16,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.tokens import bench_order
+from receiver.keys import intergiro_key
 from receiver.order import build_updates, parse_order
 from receiver.status import history_and_amount
+from receiver.verify import strict_json, verify_local
 
 REAL_CALLBACKS = (
     Path(__file__).resolve().parent.parent / "tests" / "data" / "intergiro" / "real-callbacks.jsonl"
@@ -25,15 +26,16 @@ REAL_CALLBACKS = (
 
 
 def real_orders() -> list[dict[str, Any]]:
-    """The orders of the real callbacks (signed tokens' payloads and plain JSON orders)."""
+    """The orders of the real callbacks as the receiver reads them: each token verified with
+    Intergiro's production key, each JSON order parsed strictly."""
+    keys = [intergiro_key("production")]
     orders = []
     for line in REAL_CALLBACKS.read_text().splitlines():
         callback = json.loads(line)
         if callback["kind"] == "order-jwt":
-            payload = callback["body"].split(".")[1]
-            orders.append(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
+            orders.append(verify_local(callback["body"].encode(), keys, "production").order)
         elif callback["kind"] == "order-json":
-            orders.append(json.loads(callback["body"]))
+            orders.append(strict_json(callback["body"]))
     return orders
 
 
