@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from receiver.errors import BadCallback, BodyTooLarge
-from receiver.status import StatusError, history_and_amount, minor_units
+from receiver.status import StatusError, history_and_amount, is_number, minor_units
 
 UPDATE_VERSION = 1
 EVENT_TYPES = frozenset(
@@ -26,8 +26,6 @@ EVENT_TYPES = frozenset(
 CREATED_EVENT = "created"
 MAX_EVENTS = 1000
 MAX_ITEMS = 1000
-# Larger numbers are no real price or quantity, and would overflow floats and Decimal's precision.
-MAX_NUMBER = 1e12
 MAX_DEPTH = 32  # of nested objects and lists anywhere in an order (`meta` included)
 
 
@@ -114,19 +112,6 @@ def is_error_object(body: Any) -> bool:
     )
 
 
-def _is_number(value: Any) -> bool:
-    kind = type(value)
-    # The exact types JSON gives are settled first: isinstance calls are a good part of parsing's cost.
-    if (
-        kind is not float
-        and kind is not int
-        and (not isinstance(value, int | float) or isinstance(value, bool))
-    ):
-        return False
-    number: float = value
-    return -MAX_NUMBER <= number <= MAX_NUMBER
-
-
 def _nested_within(value: Any, limit: int) -> bool:
     """Whether no object or list sits deeper than `limit` (`value` itself is level 0)."""
     # orjson, indenting, writes each member of an object or list on a line of its own, two spaces
@@ -162,14 +147,14 @@ def _fits(container: dict[Any, Any] | list[Any], room: int) -> bool:
 def _item_problem(item: Any) -> str | None:
     if not isinstance(item, dict):
         return " is not an item"
-    if not _is_number(item.get("price")):
+    if not is_number(item.get("price")):
         return ".price is not a number"
     quantity = item.get("quantity")
-    if quantity is not None and not _is_number(quantity):
+    if quantity is not None and not is_number(quantity):
         return ".quantity is not a number"
     for name in ("vat", "rebate"):
         value = item.get(name)
-        if value is not None and not _is_number(value):
+        if value is not None and not is_number(value):
             return f".{name} is not a number"
     if quantity is not None and quantity < 0:
         return ".quantity is negative"
@@ -181,7 +166,7 @@ def _item_problem(item: Any) -> str | None:
 
 
 def _items_problem(items: Any) -> str | None:
-    if _is_number(items):
+    if is_number(items):
         return None if items >= 0 else " is negative"
     if isinstance(items, dict):
         return _item_problem(items)
@@ -259,7 +244,7 @@ def parse_order(body: Any, limits: OrderLimits = DEFAULT_LIMITS) -> dict[str, An
             problem = _items_problem(event["items"])
             if problem is not None:
                 raise BadCallback(f"event[{index}].items{problem}")
-        if event_type == "settle" and event.get("net") is not None and not _is_number(event["net"]):
+        if event_type == "settle" and event.get("net") is not None and not is_number(event["net"]):
             raise BadCallback(f"event[{index}].net is not a number")
     return order
 
@@ -287,7 +272,7 @@ _OF_JSON_TYPE: dict[str, Callable[[Any], bool]] = {
     "string": lambda value: isinstance(value, str),
     "array": lambda value: isinstance(value, list),
     "object": lambda value: isinstance(value, dict),
-    "number": _is_number,
+    "number": is_number,
     "any": lambda value: True,
 }
 _EXACT_TYPE: dict[str, type | None] = {

@@ -1,10 +1,14 @@
 """An order's status after each of its events, computed as Intergiro's own model does.
 
 Pure: the decoded order JSON in, `Decimal` amounts per status out. The rules are in
-`../shared/intergiro/README.md`, "How Intergiro computes an order's status": every unit starts at
-`created` and the events are applied in list order; the status the callback itself carries is ignored.
+`tests/data/intergiro/status-rules.md` (Intergiro's own, as the team gathered them): every unit starts
+at `created` and the events are applied in list order; the status the callback itself carries is ignored.
 
 The `created` bucket is listed like any other: present when non-zero, absent when zero.
+
+One history loop applies the events to the order's buckets, which are kept as the events need them
+(`_buckets`): in one piece when no event lists items (the common callback: each event then offers every
+unit, so all units share one status), by amount when `items` is a number, and unit by unit otherwise.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +41,9 @@ STATUS_ORDER: tuple[str, ...] = (
     "synchronized",
 )
 
+MAX_NUMBER = 1e12
+"""Largest price, quantity or amount (either sign) an order may hold: larger is no real price or
+quantity, and would overflow floats and the precision of the exact sums."""
 MAX_UNITS = 10_000
 """Most units (and most item lines) an order may have."""
 MAX_EVENTS = 1_000
@@ -77,25 +84,15 @@ class StatusError(ValueError):
     """The order's statuses cannot be computed: malformed amounts or quantities, or too much work."""
 
 
+# (status, event type) -> the status a unit in that status moves to on that event
+_CHANGES: dict[tuple[str, str], str] = {
+    (status, event_type): target for event_type, (sources, target) in _MOVES.items() for status in sources
+} | {(status, "synchronize"): "synchronized" for status in STATUS_ORDER}
+
+
 def change(status: str, event_type: str) -> str | None:
     """The status a unit in `status` moves to on `event_type`, or None when it cannot take it."""
-    if status not in STATUS_ORDER:
-        return None
-    if event_type == "synchronize":
-        return "synchronized"
-    rule = _MOVES.get(event_type)
-    if rule is None or status not in rule[0]:
-        return None
-    return rule[1]
-
-
-# change() as a table, for the short path: (status, event type) -> the status it moves to
-_CHANGES = {
-    (status, event_type): target
-    for status in STATUS_ORDER
-    for event_type in [*_MOVES, "synchronize"]
-    if (target := change(status, event_type)) is not None
-}
+    return _CHANGES.get((status, event_type))
 
 
 def status_history(order: Mapping[str, Any]) -> list[tuple[str, dict[str, Decimal]]]:
@@ -103,7 +100,7 @@ def status_history(order: Mapping[str, Any]) -> list[tuple[str, dict[str, Decima
 
     Raises StatusError for an order whose statuses cannot be computed.
     """
-    return _guarded(_history, order)
+    return _guarded(_history, order)[0]
 
 
 def order_amount(order: Mapping[str, Any]) -> Decimal:
@@ -112,23 +109,32 @@ def order_amount(order: Mapping[str, Any]) -> Decimal:
 
 
 def history_and_amount(order: Mapping[str, Any]) -> tuple[list[tuple[str, dict[str, Decimal]]], Decimal]:
-    """`status_history(order)` and `order_amount(order)` together, as the receiver needs both.
-
-    The common callback (whole-order events, no event listing `items`, plain item lines) takes a
-    short path that gives the very same result; anything else takes the general model.
-    """
-    try:
-        fast = _whole_order_history(order) if isinstance(order, dict) else None
-    except (DecimalException, ValueError, TypeError, KeyError, AttributeError, IndexError):
-        fast = None  # the general model names the problem
-    if fast is not None:
-        return fast
-    return status_history(order), order_amount(order)
+    """`status_history(order)` and `order_amount(order)` together, computed once, as the receiver needs both."""
+    return _guarded(_history, order)
 
 
 def minor_units(currency: str) -> int:
     """How many decimals the currency's amounts have: 2 unless ISO 4217 says 0 (JPY, KRW, ISK...) or 3."""
     return _MINOR_UNITS.get(currency.upper(), 2) if isinstance(currency, str) else 2
+
+
+def is_number(value: Any) -> TypeGuard[int | float]:
+    """Whether `value` is a number as an order holds one: an int or a float within ±MAX_NUMBER, not a bool.
+
+    Not a Decimal either: an order is JSON, which is read as ints and floats, and an update carrying a
+    Decimal could not be written (orjson refuses it), so the status model and `parse_order` accept the
+    same numbers.
+    """
+    kind = type(value)
+    # The exact types JSON gives are settled first: isinstance calls are a good part of parsing's cost.
+    if (
+        kind is not float
+        and kind is not int
+        and (not isinstance(value, int | float) or isinstance(value, bool))
+    ):
+        return False
+    number: float = value
+    return -MAX_NUMBER <= number <= MAX_NUMBER
 
 
 _T = TypeVar("_T")
@@ -137,7 +143,7 @@ _T = TypeVar("_T")
 def _guarded(compute: Callable[[Mapping[str, Any]], _T], order: Mapping[str, Any]) -> _T:
     """Compute with exact decimals, and let bad data out only as StatusError."""
     try:
-        if not isinstance(order, Mapping):
+        if type(order) is not dict and not isinstance(order, Mapping):
             raise StatusError("the order is not an object")
         with localcontext(_EXACT):
             return compute(order)
@@ -152,178 +158,84 @@ def _places(order: Mapping[str, Any]) -> int:
     return minor_units(order.get("currency", ""))
 
 
-def _buckets(order: Mapping[str, Any], places: int) -> "_Buckets":
-    """The order's amount, all of it still `created`."""
+def _buckets(order: Mapping[str, Any], places: int, events: Sequence[Mapping[str, Any]]) -> "_Buckets":
+    """The order's amount, all of it still `created`, kept as `events` need it: in one piece when none
+    of them lists items (each then offers every unit, or the whole amount), else by amount or by unit."""
     items = order.get("items")
-    if _is_number(items):
-        return _AmountBuckets(_amount(items, "items", places), places)
-    return _UnitBuckets(_lines(items, "items"))
+    whole = True
+    for event in events:
+        if event.get("items") is not None:
+            whole = False
+            break
+    if type(items) is not list and is_number(items):
+        amount = _amount(items, "items", places)
+        return _WholeOrder(amount, places, movable=amount > 0) if whole else _AmountBuckets(amount, places)
+    lines = _lines(items, "items")
+    units = 0
+    total = _ZERO
+    for line in lines:
+        units += line.quantity
+        total += line.unit_amount * line.quantity
+    if units > MAX_UNITS:
+        raise StatusError(f"the order has {units} units, more than {MAX_UNITS}")
+    return (
+        _WholeOrder(total, places, movable=units > 0) if whole else _UnitBuckets(lines, units, total, places)
+    )
 
 
 def _amount_of(order: Mapping[str, Any]) -> Decimal:
-    places = _places(order)
-    return _round(_buckets(order, places).total(), places)
+    return _buckets(order, _places(order), ()).amount()
 
 
-def _history(order: Mapping[str, Any]) -> list[tuple[str, dict[str, Decimal]]]:
+def _history(order: Mapping[str, Any]) -> tuple[list[tuple[str, dict[str, Decimal]]], Decimal]:
     places = _places(order)
     events = _events(order.get("event"))
-    buckets = _buckets(order, places)
+    buckets = _buckets(order, places, events)
+    amount = buckets.amount()
     result: list[tuple[str, dict[str, Decimal]]] = []
     previous = "created"
-    settled = Decimal(0)
+    settled = settled_rounded = _ZERO
     for event in events:
         event_type = event.get("type")
         if event_type == "settle":
             settled += _number(event.get("net"), "settle net")
+            settled_rounded = _round(settled, places)
             previous = "settled"
         elif isinstance(event_type, str) and event_type != "fail":
             previous = buckets.apply(event_type, event.get("items")) or previous
-        statuses = {**_round_to_total(buckets.exact(), places), "settled": _round(settled, places)}
-        result.append(
-            (previous, {status: statuses[status] for status in STATUS_ORDER if statuses.get(status)})
-        )
-    return result
-
-
-def _whole_order_history(
-    order: Mapping[str, Any],
-) -> tuple[list[tuple[str, dict[str, Decimal]]], Decimal] | None:
-    """The history when no event lists items, or None (then the general model decides).
-
-    Every event then offers every unit (or the whole amount), so all of the order's units are in one
-    status at any time: the buckets are that status holding the whole amount, and `settled` beside it.
-    Rounding one bucket to the total is rounding the total: the bucket is the order amount.
-
-    The arithmetic names its context (`_EXACT`) instead of entering a local one, which costs more than
-    the sums of a small order.
-    """
-    events = order.get("event")
-    if events is None:
-        events = []
-    if type(events) is not list or len(events) > MAX_EVENTS:
-        return None
-    for event in events:
-        if type(event) is not dict or event.get("items") is not None:
-            return None
-    places = minor_units(order.get("currency", ""))
-    items = order.get("items")
-    if type(items) is dict:
-        items = [items]
-    if type(items) is list:
-        if len(items) > MAX_UNITS:
-            return None
-        units = 0
-        total = _ZERO
-        for index, item in enumerate(items):
-            line = _cached_line(item)
-            if line is None:
-                return None
-            units += line[0]
-            # 0 + the first amount would only respell it (the total is only used rounded)
-            total = _EXACT.add(total, line[1]) if index else line[1]
-        if units > MAX_UNITS:
-            return None
-        movable = units > 0
-        amount = _round(total, places)
-    elif _is_number(items):
-        total = _round(_number(items, "items"), places)
-        if total < 0:
-            return None
-        movable = total > 0
-        amount = _round(_EXACT.add(_ZERO, total), places)  # as `total()` adds up: -0.00 becomes 0.00
-    else:
-        return None
-    current = "created"
-    previous = "created"
-    settled = settled_rounded = _ZERO
-    result: list[tuple[str, dict[str, Decimal]]] = []
-    for event in events:
-        event_type = event.get("type")
-        if event_type == "settle":
-            settled = _EXACT.add(settled, _number(event.get("net"), "settle net"))
-            settled_rounded = _round(settled, places)
-            previous = "settled"
-        elif isinstance(event_type, str) and event_type != "fail" and movable:
-            target = _CHANGES.get((current, event_type))
-            if target is not None:
-                current = previous = target
-        # the two buckets in STATUS_ORDER (only `synchronized` comes after `settled`), when non-zero
-        statuses: dict[str, Decimal] = {}
-        if current == "synchronized" and settled_rounded:
-            statuses["settled"] = settled_rounded
-        if amount:
-            statuses[current] = amount
-        if settled_rounded and current != "synchronized":
-            statuses["settled"] = settled_rounded
+        statuses = buckets.rounded()
+        if settled_rounded:
+            statuses = _with_settled(statuses, settled_rounded)
         result.append((previous, statuses))
     return result, amount
 
 
-_NUMBER_TYPES = frozenset({int, float, type(None)})
-_LABEL_TYPES = frozenset({str, type(None)})
-_LINE_CACHE: dict[tuple[object, ...], tuple[int, Decimal]] = {}
-_LINE_CACHE_SIZE = 4096
+def _with_settled(statuses: dict[str, Decimal], settled: Decimal) -> dict[str, Decimal]:
+    """`statuses` (in STATUS_ORDER) with `settled` in its place: last but `synchronized`."""
+    synchronized = statuses.pop("synchronized", None)
+    statuses["settled"] = settled
+    if synchronized is not None:
+        statuses["synchronized"] = synchronized
+    return statuses
 
 
-def _cached_line(item: object) -> tuple[int, Decimal] | None:
-    """A line's units and amount (`_line(item)`'s quantity, and unit amount times quantity), remembered
-    by its price, rebate, vat and quantity (shops sell the same lines again and again); None when the
-    item is not a plain line (the general model then decides).
-
-    Number, name and unit only tell lines apart, which whole-order events never need: as strings (or
-    absent) they cannot make `_line` fail, so only their types are part of the key; a line with any
-    other label is read by `_line` every time.
-    """
-    if type(item) is not dict:
-        if not _is_number(item):
-            return None
-        item = {"price": item}
-    price, rebate, vat, quantity = (
-        item.get("price"),
-        item.get("rebate"),
-        item.get("vat"),
-        item.get("quantity"),
-    )
-    # the amounts, their types (1 and 1.0 stay apart, as their decimals do), and the labels' types
-    key = (
-        price, rebate, vat, quantity, type(price), type(rebate), type(vat), type(quantity),
-        type(item.get("number")), type(item.get("name")), type(item.get("unit")),
-    )  # fmt: skip
-    try:
-        line = _LINE_CACHE.get(key)
-    except TypeError:  # a field that cannot be hashed: not a plain line
-        return None
-    if line is not None:
-        return line  # plain and without a zero, or it would not have been stored
-    if not _NUMBER_TYPES.issuperset(key[4:8]) or 0.0 in key[:4]:
-        return None  # not plain; or a zero, where 0.0 and -0.0 are equal keys for different decimals
-    try:
-        with localcontext(_EXACT):
-            parsed = _line(item, "items")
-            line = (parsed.quantity, parsed.unit_amount * parsed.quantity)
-    except (StatusError, DecimalException):
-        return None
-    if _LABEL_TYPES.issuperset(key[8:]):
-        if len(_LINE_CACHE) >= _LINE_CACHE_SIZE:
-            _LINE_CACHE.clear()
-        _LINE_CACHE[key] = line
-    return line
-
-
-def _events(value: object) -> list[Mapping[str, Any]]:
+def _events(value: object) -> Sequence[Mapping[str, Any]]:
     if value is None:
-        return []
+        return ()
     if not _is_list(value):
         raise StatusError("the order's event is not a list")
     if len(value) > MAX_EVENTS:
         raise StatusError(f"the order has {len(value)} events, more than {MAX_EVENTS}")
-    if not all(isinstance(event, Mapping) for event in value):
-        raise StatusError("an event is not an object")
-    lines = sum(len(items) for event in value if _is_list(items := event.get("items")))
+    lines = 0
+    for event in value:
+        if type(event) is not dict and not isinstance(event, Mapping):
+            raise StatusError("an event is not an object")
+        items = event.get("items")
+        if items is not None and _is_list(items):
+            lines += len(items)
     if lines > MAX_EVENT_LINES:
         raise StatusError(f"the order's events list {lines} item lines, more than {MAX_EVENT_LINES}")
-    return list(value)
+    return value
 
 
 @dataclass(frozen=True)
@@ -340,18 +252,70 @@ _KEY_FIELDS = ("number", "name", "price", "unit", "vat", "rebate")
 
 def _lines(value: object, what: str) -> list[_Line]:
     """The lines of an Item, an Item[], or a number standing for the line `{price: n}`."""
-    if _is_number(value):
-        value = {"price": value}
-    if isinstance(value, Mapping):
-        return [_line(value, what)]
-    if _is_list(value):
-        if len(value) > MAX_UNITS:
-            raise StatusError(f"{what} has {len(value)} lines, more than {MAX_UNITS}")
-        return [
-            _line({"price": item} if _is_number(item) else item, f"{what}[{i}]")
-            for i, item in enumerate(value)
-        ]
-    raise StatusError(f"{what} is neither a number, an item nor a list of items")
+    if type(value) is not list:  # the usual shape first: the checks below cost more than the lines
+        if is_number(value):
+            value = {"price": value}
+        if isinstance(value, Mapping):
+            return [_remembered_line(value, what)]
+        if not _is_list(value):
+            raise StatusError(f"{what} is neither a number, an item nor a list of items")
+    if len(value) > MAX_UNITS:
+        raise StatusError(f"{what} has {len(value)} lines, more than {MAX_UNITS}")
+    return [_remembered_line(item, what, index) for index, item in enumerate(value)]
+
+
+_AMOUNT_TYPES = frozenset({int, float, type(None)})
+_NONE_TYPE = type(None)
+_LABEL_LENGTH = 64
+_LINE_CACHE: dict[tuple[object, ...], _Line] = {}
+_LINE_CACHE_SIZE = 4096
+
+
+def _remembered_line(item: object, what: str, index: int = -1) -> _Line:
+    """`_line` of the item (`what`, or its `index` in `what`), remembered when it is a plain line: shops
+    sell the same lines again and again, and reading one is most of the model's work on a small order.
+
+    The key is all that `_line` reads, the amounts' types included (1 and 1.0 are different decimals).
+    """
+    key: tuple[object, ...] | None
+    if type(item) is dict:
+        price, rebate, vat, quantity = (
+            item.get("price"),
+            item.get("rebate"),
+            item.get("vat"),
+            item.get("quantity"),
+        )
+        key = (
+            price, rebate, vat, quantity, type(price), type(rebate), type(vat), type(quantity),
+            item.get("number"), item.get("name"), item.get("unit"),
+        )  # fmt: skip
+    elif type(item) is int or type(item) is float:
+        key = (item, None, None, None, type(item), _NONE_TYPE, _NONE_TYPE, _NONE_TYPE, None, None, None)
+    else:
+        key = None
+    try:
+        line = _LINE_CACHE.get(key) if key is not None else None
+    except TypeError:  # a label that cannot be hashed: no plain line
+        key = line = None
+    if line is not None:
+        return line  # only plain lines are stored, and no other key equals one of theirs
+    line = _line({"price": item} if is_number(item) else item, what if index < 0 else f"{what}[{index}]")
+    if key is not None and _plain(key):
+        if len(_LINE_CACHE) >= _LINE_CACHE_SIZE:
+            _LINE_CACHE.clear()
+        _LINE_CACHE[key] = line
+    return line
+
+
+def _plain(key: tuple[object, ...]) -> bool:
+    """Whether a line's key may be remembered: amounts that are ints, floats or absent, and none of them
+    zero (0.0 and -0.0 are equal keys for different decimals); labels that are short strings or absent
+    (so that the cache stays small)."""
+    return (
+        _AMOUNT_TYPES.issuperset(key[4:8])
+        and 0.0 not in key[:4]
+        and all(label is None or (type(label) is str and len(label) <= _LABEL_LENGTH) for label in key[8:])
+    )
 
 
 def _line(item: object, what: str) -> _Line:
@@ -376,7 +340,7 @@ def _key_field(value: object, what: str) -> object:
     """A field as lines are compared: absent and null alike, numbers by value (1 == 1.0)."""
     if value is None or isinstance(value, str):
         return value
-    if _is_number(value):
+    if is_number(value):
         return _number(value, what)
     raise StatusError(f"{what} is neither a string nor a number")
 
@@ -396,11 +360,38 @@ class _Buckets(Protocol):
     def apply(self, event_type: str, event_items: object) -> str | None:
         """Apply one event that may move units; the status it moved them to, or None when none could take it."""
 
-    def exact(self) -> dict[str, Decimal]:
-        """The amount per status, exact (not yet rounded to the currency's minor unit)."""
+    def rounded(self) -> dict[str, Decimal]:
+        """The non-zero amounts per status in STATUS_ORDER, rounded to the currency's minor unit so that
+        they add up to `amount()`."""
 
-    def total(self) -> Decimal:
-        """The order's amount, exact."""
+    def amount(self) -> Decimal:
+        """The order's amount, rounded to the currency's minor unit."""
+
+
+class _WholeOrder:
+    """No event lists items: each offers every unit (or the whole amount), so all of the order's units
+    are in one status at any time, holding the whole amount, and no unit needs its own status.
+
+    Rounding that one bucket to the total is rounding the total.
+    """
+
+    def __init__(self, total: Decimal, places: int, *, movable: bool) -> None:
+        self._status = "created"
+        # 0 + total, as the other buckets add up (-0.00 becomes 0.00)
+        self._amount = _round(_ZERO + total, places)
+        self._movable = movable  # an order of no units, or an amount of nothing, takes no event
+
+    def apply(self, event_type: str, event_items: object) -> str | None:
+        target = _CHANGES.get((self._status, event_type)) if self._movable else None
+        if target is not None:
+            self._status = target
+        return target
+
+    def rounded(self) -> dict[str, Decimal]:
+        return {self._status: self._amount} if self._amount else {}
+
+    def amount(self) -> Decimal:
+        return self._amount
 
 
 class _AmountBuckets:
@@ -426,16 +417,16 @@ class _AmountBuckets:
         """What the event covers; None (or zero, as in Intergiro's model) means a whole bucket."""
         if event_items is None:
             return None
-        if _is_number(event_items):
+        if is_number(event_items):
             return _amount(event_items, "event items", self._places)
         lines = _lines(event_items, "event items")
         return _round(sum((line.unit_amount * line.quantity for line in lines), Decimal(0)), self._places)
 
-    def exact(self) -> dict[str, Decimal]:
-        return dict(self._amounts)
+    def rounded(self) -> dict[str, Decimal]:
+        return _round_to_total(self._amounts, self._places)
 
-    def total(self) -> Decimal:
-        return sum(self._amounts.values(), Decimal(0))
+    def amount(self) -> Decimal:
+        return _round(sum(self._amounts.values(), Decimal(0)), self._places)
 
 
 class _UnitBuckets:
@@ -448,10 +439,9 @@ class _UnitBuckets:
     stays small however many units the order has.
     """
 
-    def __init__(self, lines: list[_Line]) -> None:
-        units = sum(line.quantity for line in lines)
-        if units > MAX_UNITS:
-            raise StatusError(f"the order has {units} units, more than {MAX_UNITS}")
+    def __init__(self, lines: list[_Line], units: int, total: Decimal, places: int) -> None:
+        """`lines` hold `units` units worth `total` in all."""
+        self._places = places
         self._labels = _LabelTable()
         created = self._labels.label("created")
         self._runs: dict[tuple[object, ...], list[tuple[int, int]]] = {}
@@ -461,7 +451,7 @@ class _UnitBuckets:
             if line.quantity:
                 _append_run(self._runs.setdefault(line.key, []), created, line.quantity)
         self._units = {"created": units}
-        self._amounts = {"created": sum((line.unit_amount * line.quantity for line in lines), Decimal(0))}
+        self._amounts = {"created": total}
 
     def apply(self, event_type: str, event_items: object) -> str | None:
         if event_items is None:
@@ -514,11 +504,11 @@ class _UnitBuckets:
         self._runs[key] = after
         return moved
 
-    def exact(self) -> dict[str, Decimal]:
-        return dict(self._amounts)
+    def rounded(self) -> dict[str, Decimal]:
+        return _round_to_total(self._amounts, self._places)
 
-    def total(self) -> Decimal:
-        return sum(self._amounts.values(), Decimal(0))
+    def amount(self) -> Decimal:
+        return _round(sum(self._amounts.values(), Decimal(0)), self._places)
 
 
 class _LabelTable:
@@ -586,22 +576,17 @@ def _round_to_total(exact: Mapping[str, Decimal], places: int) -> dict[str, Deci
     return {status: Decimal(count).scaleb(-places) for status, count in minor.items() if count}
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float, Decimal)) and not isinstance(value, bool)
-
-
 def _is_list(value: object) -> TypeGuard[Sequence[Any]]:
-    return isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray))
+    return type(value) is list or (
+        isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray))
+    )
 
 
 def _number(value: object, what: str) -> Decimal:
     """A JSON number as the decimal it was written as (0.1 stays 0.1, never 0.1000000000000000055...)."""
-    if not _is_number(value):
+    if not is_number(value):
         raise StatusError(f"{what} is not a number: {value!r}")
-    number = value if isinstance(value, Decimal) else Decimal(str(value))
-    if not number.is_finite():
-        raise StatusError(f"{what} is not a finite number: {value!r}")
-    return number
+    return Decimal(str(value))
 
 
 def _optional_number(value: object, what: str) -> Decimal:

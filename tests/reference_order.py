@@ -3,8 +3,8 @@ It shares receiver/order.py's constants and the helpers that did not change; the
 
 receiver/order.py does the same work with fewer calls and allocations; tests/test_order.py checks that it
 gives exactly what this does (same updates, same key order, same numbers and types, same reasons). The
-statuses here come from the general per-unit model (`status_history`, `order_amount`), not the short
-path, so the check also covers `history_and_amount`.
+statuses here come from `status_history` and `order_amount`, each computed on its own, where
+receiver/order.py computes both at once (`history_and_amount`).
 """
 
 from __future__ import annotations
@@ -24,14 +24,13 @@ from receiver.order import (  # the spec both share: limits, allowlists, pattern
     MAX_DEPTH,
     MAX_EVENTS,
     MAX_ITEMS,
-    MAX_NUMBER,
     PAYMENT_FIELDS,
     UPDATE_VERSION,
     _money,
     snake,
     update_id,
 )
-from receiver.status import StatusError, minor_units, order_amount, status_history
+from receiver.status import MAX_NUMBER, StatusError, minor_units, order_amount, status_history
 
 
 def snake_keys(value: Any, depth: int = 0) -> Any:

@@ -628,6 +628,8 @@ def test_memory_stays_bounded_over_a_batch_of_hostile_bodies(
         for body in bodies * 10:
             status, answer = live.post(body)
             assert_refused_without_a_trace(status, answer, store)
+            # refused for what it holds, once read, verified and parsed in full: never for its length
+            assert b"body is larger than" not in answer, answer[:300]
             CASES["http memory batch"] += 1
 
     batch()  # warm up caches, pools and interned strings before measuring
@@ -639,7 +641,6 @@ def test_memory_stays_bounded_over_a_batch_of_hostile_bodies(
         after, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert all(len(body) < 262_144 for body in bodies)
     print(f"hostile batch: {len(bodies) * 10} bodies in {time.monotonic() - started:.1f}s, "
           f"peak {peak / 2**20:.1f} MiB, kept {(after - before) / 2**20:.2f} MiB")  # fmt: skip
     assert peak < 64 * 2**20, "one hostile body should never cost more than tens of MiB"

@@ -1,7 +1,8 @@
-"""An order's status after each event, as Intergiro's own model computes it (intergiro/README.md)."""
+"""An order's status after each event, as Intergiro's own model computes it (tests/data/intergiro/status-rules.md)."""
 
 import base64
 import json
+import re
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
@@ -10,14 +11,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from receiver.errors import BadCallback
+from receiver.order import EVENT_TYPES as EVENT_TYPES_ACCEPTED
+from receiver.order import build_updates, parse_order
 from receiver.status import (
     MAX_EVENT_LINES,
     MAX_EVENTS,
+    MAX_NUMBER,
     MAX_UNITS,
     STATUS_ORDER,
     StatusError,
     change,
     history_and_amount,
+    is_number,
     minor_units,
     order_amount,
     status_history,
@@ -26,6 +32,7 @@ from tests.conftest import INTERGIRO
 
 T_SHIRT = {"number": "ts001-b", "name": "Basic T-shirt, black", "price": 59.8, "vat": 14.95, "quantity": 2}
 TROUSERS = {"number": "tr001", "name": "Trousers", "price": 600, "vat": 150}
+ORDER_EVENT = {"type": "order", "date": "2026-11-27T00:00:00Z"}
 
 
 def history(
@@ -370,8 +377,48 @@ def test_malformed_orders_are_refused_with_status_error(order: Any) -> None:
         status_history(order)
 
 
-def test_status_error_is_a_value_error() -> None:
-    assert issubclass(StatusError, ValueError)
+@pytest.mark.parametrize(
+    "price", [True, Decimal(10), MAX_NUMBER * 10, -MAX_NUMBER * 10, 10**13, float("nan"), float("inf")]
+)
+def test_the_model_refuses_exactly_the_numbers_parse_order_refuses(price: Any) -> None:
+    order = {"id": "Order0001", "currency": "SEK", "payment": {"type": "card"}, "event": []}
+    with pytest.raises(BadCallback, match=r"^items\.price is not a number$"):
+        parse_order({**order, "items": {"price": price}})
+    with pytest.raises(StatusError, match="price is not a number"):
+        status_history({**order, "items": {"price": price}})
+
+
+@pytest.mark.parametrize("price", [MAX_NUMBER, -MAX_NUMBER, int(MAX_NUMBER), 0.005])
+def test_numbers_up_to_the_bound_are_numbers_to_both(price: float) -> None:
+    assert is_number(price)
+    assert parse_order(
+        {"id": "O1", "currency": "SEK", "payment": {"type": "card"}, "items": {"price": price}}
+    )
+    if price > 0:
+        assert order_amount({"currency": "SEK", "items": {"price": price}}) == Decimal(str(price)).quantize(
+            Decimal("0.01")
+        )
+
+
+@pytest.mark.parametrize(
+    ("item", "why"),
+    [
+        ({"price": 10, "quantity": 1.5}, "items quantity 1.5 is not a whole number of units"),
+        ({"price": 10, "rebate": 11}, "items is worth -1 per unit, less than nothing"),
+        (
+            {"price": 1, "quantity": MAX_UNITS + 1},
+            f"the order has {MAX_UNITS + 1} units, more than {MAX_UNITS}",
+        ),
+    ],
+)
+def test_a_callback_whose_statuses_cannot_be_computed_is_answered_400_saying_why(item: Any, why: str) -> None:
+    # parse_order takes these (each field alone is fine); the status model is what refuses them
+    order = parse_order(
+        {"id": "O1", "currency": "SEK", "payment": {"type": "card"}, "items": item, "event": [ORDER_EVENT]}
+    )
+    with pytest.raises(BadCallback) as refused:
+        build_updates(order, received_at="2026-11-27T00:00:00Z", verified_by="remote")
+    assert (refused.value.status, refused.value.reason) == (400, f"order amounts cannot be computed: {why}")
 
 
 def test_events_listing_more_than_ten_thousand_item_lines_are_refused() -> None:
@@ -405,19 +452,34 @@ def test_an_order_with_more_than_a_thousand_events_is_refused() -> None:
 
 # --- the transition table ------------------------------------------------------------------------------
 
-TABLE = {
-    "defer": ({"synchronized", "created", "pending"}, "deferred"),
-    "pend": ({"synchronized", "created", "deferred"}, "pending"),
-    "deny": ({"synchronized", "created", "deferred", "pending"}, "denied"),
-    "order": ({"synchronized", "created", "deferred", "pending"}, "ordered"),
-    "cancel": ({"synchronized", "created", "deferred", "pending", "ordered"}, "cancelled"),
-    "charge": ({"synchronized", "ordered"}, "charged"),
-    "pay": ({"synchronized", "charged"}, "paid"),
-    "refund": ({"synchronized", "charged", "paid"}, "refunded"),
-    "synchronize": (set(STATUS_ORDER), "synchronized"),
-    "settle": (set(), ""),
-    "fail": (set(), ""),
-}
+RULES = (INTERGIRO / "status-rules.md").read_text()
+
+
+def rules_status_order() -> tuple[str, ...]:
+    """The status order as the rules state it ("Status order (used below): created, deferred, ...")."""
+    stated = re.search(r"^Status order \(used below\): ([a-z,\s]+)\.$", RULES, re.MULTILINE)
+    assert stated is not None, "the rules no longer state the status order"
+    return tuple(re.split(r",\s*", stated.group(1)))
+
+
+def rules_table() -> dict[str, tuple[set[str], str]]:
+    """The rules' transition table: event type -> (statuses a unit takes it in, status it moves to)."""
+    table = {}
+    for row in RULES.splitlines():
+        cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
+        if not row.startswith("| ") or len(cells) != 3 or cells[0] == "event":
+            continue
+        event_types, sources, target = cells
+        statuses = {
+            "any": set(rules_status_order()),
+            "never move units": set(),
+        }.get(sources, set(sources.split(", ")))
+        for event_type in event_types.split(", "):
+            table[event_type] = (statuses, target)
+    return table
+
+
+TABLE = rules_table()
 PAIRS = [(status, event) for event in TABLE for status in STATUS_ORDER]
 
 
@@ -436,20 +498,12 @@ def test_no_status_takes_an_unknown_event(event: str) -> None:
     assert all(change(status, event) is None for status in STATUS_ORDER)
 
 
-def test_status_order_is_the_readmes() -> None:
-    assert STATUS_ORDER == (
-        "created",
-        "deferred",
-        "pending",
-        "denied",
-        "ordered",
-        "cancelled",
-        "charged",
-        "paid",
-        "refunded",
-        "settled",
-        "synchronized",
-    )
+def test_the_rules_table_covers_every_event_type_the_receiver_accepts() -> None:
+    assert set(TABLE) == EVENT_TYPES_ACCEPTED
+
+
+def test_status_order_is_the_rules() -> None:
+    assert STATUS_ORDER == rules_status_order()
 
 
 # --- real callbacks ----------------------------------------------------------------------------------
@@ -678,17 +732,28 @@ def spelled(result: Any) -> str:
     return repr(result)  # Decimal("1.50") and Decimal("1.5") are equal but spelled apart
 
 
+def with_an_event_listing_items(order: dict[str, Any]) -> dict[str, Any]:
+    """`order` with a last event that lists items but moves nothing (a `fail`): the model then keeps
+    the order unit by unit (or by amount) instead of in one piece."""
+    return {**order, "event": [*(order["event"] or []), {"type": "fail", "items": 1}]}
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.one_of(whole_order_orders(), orders()))
-def test_history_and_amount_are_exactly_the_general_models(order: dict[str, Any]) -> None:
+def test_history_and_amount_are_the_unit_by_unit_models_for_every_order(order: dict[str, Any]) -> None:
     try:
-        expected: Any = (status_history(order), order_amount(order))
+        unit_by_unit = history_and_amount(with_an_event_listing_items(order))
     except StatusError as error:
         with pytest.raises(StatusError) as raised:
             history_and_amount(order)
         assert str(raised.value) == str(error)
+        with pytest.raises(StatusError, match=re.escape(str(error))):
+            status_history(order)
         return
-    assert spelled(history_and_amount(order)) == spelled(expected)
+    history, amount = unit_by_unit
+    assert history[-1] == (history[-2] if len(history) > 1 else ("created", history[-1][1]))
+    assert spelled(history_and_amount(order)) == spelled((history[:-1], amount))
+    assert spelled((status_history(order), order_amount(order))) == spelled((history[:-1], amount))
 
 
 @pytest.mark.parametrize(
