@@ -1,7 +1,8 @@
 """The merchant endpoint of bench/drain, in a process of its own (on uvloop): answers every POST 200 at once.
 
 It verifies no signature while the workers run (so it is not the bottleneck); it records every
-delivery's `webhook-id` in arrival order and keeps every 50th request's headers and body, whose
+delivery's `webhook-id` in arrival order with its receipt time (`time.monotonic()`, one clock for
+every process on Linux: bench/e2e compares it with the sender's) and keeps every 50th request's headers and body, whose
 Standard Webhooks signatures the bench checks after the run. `GET /received` hands that over and
 forgets it for the next run.
 """
@@ -9,6 +10,7 @@ forgets it for the next run.
 from __future__ import annotations
 
 import sys
+import time
 
 import orjson
 from aiohttp import web
@@ -20,10 +22,12 @@ SAMPLE_EVERY = 50
 
 def make_app() -> web.Application:
     ids: list[str] = []
+    times: list[float] = []
     samples: list[dict[str, str]] = []
 
     async def hook(request: web.Request) -> web.Response:
         body = await request.read()
+        times.append(time.monotonic())
         update_id = request.headers.get("webhook-id", "")
         ids.append(update_id)
         if len(ids) % SAMPLE_EVERY == 1:
@@ -33,8 +37,9 @@ def make_app() -> web.Application:
         return web.Response(status=200)
 
     async def received(request: web.Request) -> web.Response:
-        answer = orjson.dumps({"ids": ids, "samples": samples})
+        answer = orjson.dumps({"ids": ids, "times": times, "samples": samples})
         ids.clear()
+        times.clear()
         samples.clear()
         return web.Response(body=answer, content_type="application/json")
 
