@@ -168,11 +168,11 @@ def signatures_verify(samples: list[dict]) -> bool:
     return True
 
 
-def wait_for_workers(client: redis.Redis, count: int, workers: subprocess.Popen[bytes]) -> None:
+def wait_for_workers(client: redis.Redis, count: int, workers: list[subprocess.Popen[bytes]]) -> None:
     deadline = time.monotonic() + 60
     while client.scard("rq:workers") < count:
-        if workers.poll() is not None:
-            raise SystemExit(f"bench: the worker command exited at start with code {workers.returncode}")
+        if any(w.poll() is not None for w in workers):
+            raise SystemExit("bench: a worker command exited at start")
         if time.monotonic() > deadline:
             raise SystemExit(f"bench: {count} worker process(es) did not register in 60 s")
         time.sleep(0.05)
@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="sending time per rate (default 10)")
     parser.add_argument("--processes", type=int, default=1, help="`worker --processes N` (default 1)")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="worker commands started, each with --processes N, as compose and k8s replicas (default 1)")  # fmt: skip
     parser.add_argument("--redis", choices=PERSISTENCE, default="always",
                         help="persistence: deploy/redis.conf as is (always, the default), everysec, none")  # fmt: skip
     parser.add_argument("--limit-ms", type=float, default=100.0, help="the p99 to stay under (default 100)")
@@ -232,13 +234,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sink = start("sink", [sys.executable, "-m", "bench.drain_sink", str(sink_port)], base_env, ROOT)
         receiver = start("receiver", [command, "serve"], app_env, workdir)  # workdir: no .env of ours
-        workers = start("worker", [command, "worker", "--processes", str(args.processes)], app_env, workdir)
+        workers = [
+            start(f"worker-{n}", [command, "worker", "--processes", str(args.processes)], app_env, workdir)
+            for n in range(args.replicas)
+        ]
         wait_for_port(sink_port, sink, "sink")
         wait_for_port(receiver_port, receiver, "receiver")
         client = redis.Redis.from_url(server.url)
-        wait_for_workers(client, args.processes, workers)
+        wait_for_workers(client, args.processes * args.replicas, workers)
         print(server.describe())
-        print(f"receiver: `intergiro-receiver serve` (1 process); workers: `intergiro-receiver worker"
+        print(f"receiver: `intergiro-receiver serve` (1 process); workers: {args.replicas} x `intergiro-receiver worker"
               f" --processes {args.processes}`; merchant: bench/drain_sink.py; {args.seconds:g} s per rate,"
               f" open-loop sender, one update per callback", flush=True)  # fmt: skip
         url = f"http://127.0.0.1:{receiver_port}/callbacks/intergiro"
