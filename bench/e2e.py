@@ -72,6 +72,8 @@ class RateResult:
     behind: bool
     undelivered: int
     snapshots: int = 0  # Redis forks (BGSAVE) while the rate ran
+    fsync_max_ms: int = 0  # Redis' slowest fsync while the rate ran (its latency monitor)
+    slow_fsync_seconds: int = 0  # seconds in which an fsync took 10 ms or more
 
 
 async def send_at_rate(url: str, tokens: list[bytes], rate: int) -> list[Sent]:
@@ -245,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         client = redis.Redis.from_url(server.url)
         wait_for_workers(client, args.processes * args.replicas, workers)
         print(server.describe())
+        client.config_set("latency-monitor-threshold", 1)  # record every fsync of 1 ms or more
         print(f"receiver: `intergiro-receiver serve` (1 process); workers: {args.replicas} x `intergiro-receiver worker"
               f" --processes {args.processes}`; merchant: bench/drain_sink.py; {args.seconds:g} s per rate,"
               f" open-loop sender, one update per callback", flush=True)  # fmt: skip
@@ -254,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         offset = WARM_UP
         for rate, count in zip(rates, counts, strict=True):
             forks = client.info("stats")["total_forks"]
+            client.execute_command("LATENCY", "RESET")
             records = run_sender(url, tokens[offset : offset + count], rate)
             offset += count
             expected = {u for r in records if r.status == 200 for u in r.queued}
@@ -261,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
             result = measure(rate, records, receipts, args.seconds)
             # a snapshot (deploy/redis.conf: `save ... 60 10000`) forks, and its disk writes slow the fsyncs
             result.snapshots = client.info("stats")["total_forks"] - forks
+            # Redis' own record of its slow fsyncs (`appendfsync always`), at most one sample a second
+            history = client.execute_command("LATENCY", "HISTORY", "aof-fsync-always")
+            result.fsync_max_ms = max((int(ms) for _at, ms in history), default=0)
+            result.slow_fsync_seconds = sum(1 for _at, ms in history if int(ms) >= 10)
             results.append(result)
             signed = "signatures ok" if signatures_verify(samples) else "A SIGNATURE DID NOT VERIFY"
             problem = result.failed or result.undelivered or not signed.endswith("ok")
@@ -269,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                   f" {result.delivered:,} delivered; p50 {result.p50_ms:,.1f} ms, p99 {result.p99_ms:,.1f} ms,"
                   f" max {result.max_ms:,.1f} ms; 200 p99 {result.answer_p99_ms:.1f} ms;"
                   f" {result.backlog} undelivered at the end of sending, last delivery {result.drained_s:.2f} s"
-                  f" after it; Redis snapshots (forks) {result.snapshots}; {signed}", flush=True)  # fmt: skip
+                  f" after it; Redis snapshots (forks) {result.snapshots}, slowest fsync {result.fsync_max_ms} ms,"
+                  f" {result.slow_fsync_seconds} s with one >= 10 ms; {signed}", flush=True)  # fmt: skip
             if result.behind and not args.keep_going and rate != rates[-1]:
                 print(f"fell behind at {rate}/s: the higher rates are skipped (--keep-going runs them)")
                 break
@@ -295,10 +304,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(results: list[RateResult], args: argparse.Namespace) -> None:
     print(f"\n{'rate/s':>6} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9} {'200 p99 ms':>10}"
-          f" {'backlog':>8} {'drain s':>8} {'forks':>5}  behind")  # fmt: skip
+          f" {'backlog':>8} {'drain s':>8} {'forks':>5} {'fsync max ms':>12}  behind")  # fmt: skip
     for r in results:
         print(f"{r.rate:>6} {r.p50_ms:>9,.1f} {r.p99_ms:>9,.1f} {r.max_ms:>9,.1f} {r.answer_p99_ms:>10.1f}"
-              f" {r.backlog:>8} {r.drained_s:>8.2f} {r.snapshots:>5}  {'yes' if r.behind else 'no'}")  # fmt: skip
+              f" {r.backlog:>8} {r.drained_s:>8.2f} {r.snapshots:>5} {r.fsync_max_ms:>12}  {'yes' if r.behind else 'no'}")  # fmt: skip
     held = 0  # the highest rate that held, with every lower rate holding too
     for r in sorted(results, key=lambda r: r.rate):
         if r.p99_ms > args.limit_ms or r.behind:
