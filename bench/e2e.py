@@ -131,7 +131,7 @@ def collect(sink_port: int, expected: set[str], timeout: float) -> tuple[dict[st
         time.sleep(0.1)
 
 
-def measure(rate: int, records: list[Sent], receipts: dict[str, float], seconds: float) -> RateResult:
+def measure(rate: int, records: list[Sent], receipts: dict[str, float]) -> RateResult:
     accepted = [r for r in records if r.status == 200]
     latencies = sorted(
         receipts[u] - r.answered for r in accepted for u in r.queued if u in receipts
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             offset += count
             expected = {u for r in records if r.status == 200 for u in r.queued}
             receipts, samples = collect(sink_port, expected, args.drain_timeout)
-            result = measure(rate, records, receipts, args.seconds)
+            result = measure(rate, records, receipts)
             # a snapshot (deploy/redis.conf: `save ... 60 10000`) forks, and its disk writes slow the fsyncs
             result.snapshots = client.info("stats")["total_forks"] - forks
             # Redis' own record of its slow fsyncs (`appendfsync always`), at most one sample a second
@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             failures += bool(problem)
             print(f"rate {rate:>4}/s: {result.accepted:,} accepted ({result.failed} refused/failed),"
                   f" {result.delivered:,} delivered; p50 {result.p50_ms:,.1f} ms, p99 {result.p99_ms:,.1f} ms,"
-                  f" max {result.max_ms:,.1f} ms; 200 p99 {result.answer_p99_ms:.1f} ms;"
+                  f" max {result.max_ms:,.1f} ms; 200 p99 {result.answer_p99_ms:.1f} ms; sender at most"
+                  f" {result.send_lag_ms:.1f} ms late;"
                   f" {result.backlog} undelivered at the end of sending, last delivery {result.drained_s:.2f} s"
                   f" after it; Redis snapshots (forks) {result.snapshots}, slowest fsync {result.fsync_max_ms} ms,"
                   f" {result.slow_fsync_seconds} s with one >= 10 ms; {signed}", flush=True)  # fmt: skip
