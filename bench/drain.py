@@ -1,6 +1,8 @@
 """bench/drain: updates/s the workers deliver, against RQ's own no-op job rate, same run.
 
-Starts its own Redis on a free port and a merchant sink (bench/drain_sink.py, its own process, 200 at
+Starts its own Redis on a free port, configured from deploy/redis.conf (`appendfsync always`, as
+production runs it; `--redis everysec` or `--redis none` for no persistence: bench/production_redis.py),
+and a merchant sink (bench/drain_sink.py, its own process, 200 at
 once). Each round, on a freshly emptied Redis, the two systems in turn (delivery first in odd rounds,
 no-op first in even ones):
   delivery  N updates (two events each of N/2 orders, stored through the real `Intake.store`, so one
@@ -41,12 +43,13 @@ from rq.serializers import JSONSerializer
 from standardwebhooks.webhooks import Webhook
 
 from bench.ingest import cpu_seconds, wait_for_port
+from bench.production_redis import PERSISTENCE, ProductionRedis
 from bench.tokens import bench_order, order_id
 from receiver.intake import Intake
 from receiver.order import build_updates, parse_order
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -179,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         "--destinations", type=int, choices=(1, 2), default=1,
         help="2: also a fan-out run per round, every update to two destinations (default 1)",
     )  # fmt: skip
+    parser.add_argument("--redis", choices=PERSISTENCE, default="always",
+                        help="persistence: deploy/redis.conf as is (always, the default), everysec, none")  # fmt: skip
     args = parser.parse_args(argv)
     orders = max(1, args.updates // 2)
     count = orders * 2
-    server = RedisServer()
+    server = ProductionRedis(args.redis)
     server.start()
     workdir = Path(tempfile.mkdtemp(prefix="igr-drain-"))
     sink_port = free_port()
@@ -230,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         redis_pid = server.process.pid
         print(f"{count:,} updates ({orders:,} orders x 2 events) / {count:,} no-op jobs per run,"
               f" {args.processes} worker process(es), {args.rounds} rounds; Redis {server.url}", flush=True)  # fmt: skip
+        print(server.describe(), flush=True)
         # start-up CPU of each command (an empty burst run), subtracted from the CPU per job below
         client.flushdb()
         startup = {

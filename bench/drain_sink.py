@@ -1,7 +1,8 @@
 """The merchant endpoint of bench/drain, in a process of its own (on uvloop): answers every POST 200 at once.
 
 It verifies no signature while the workers run (so it is not the bottleneck); it records every
-delivery's `webhook-id` in arrival order and keeps every 50th request's headers and body, whose
+delivery's `webhook-id` in arrival order with its receipt time (`time.monotonic()`, one clock for
+every process on Linux: bench/e2e compares it with the sender's) and keeps every 50th request's headers and body, whose
 Standard Webhooks signatures the bench checks after the run. `GET /received` hands that over and
 forgets it for the next run.
 """
@@ -21,11 +22,13 @@ SAMPLE_EVERY = 50
 
 def make_app() -> web.Application:
     ids: list[str] = []
+    times: list[float] = []
     samples: list[dict[str, str]] = []
     last_at = [0.0]  # when the last delivery arrived (Unix time): a destination's rate ends there
 
     async def hook(request: web.Request) -> web.Response:
         body = await request.read()
+        times.append(time.monotonic())
         update_id = request.headers.get("webhook-id", "")
         ids.append(update_id)
         last_at[0] = time.time()
@@ -36,8 +39,9 @@ def make_app() -> web.Application:
         return web.Response(status=200)
 
     async def received(request: web.Request) -> web.Response:
-        answer = orjson.dumps({"ids": ids, "samples": samples, "last_at": last_at[0]})
+        answer = orjson.dumps({"ids": ids, "times": times, "samples": samples, "last_at": last_at[0]})
         ids.clear()
+        times.clear()
         samples.clear()
         return web.Response(body=answer, content_type="application/json")
 

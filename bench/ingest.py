@@ -1,6 +1,8 @@
 """bench/ingest: callbacks/s and latency of the receiver against its ceiling and a baseline, same run.
 
-Starts its own Redis on a free port and three servers, one process each:
+Starts its own Redis on a free port, configured from deploy/redis.conf (`appendfsync always`, as
+production runs it; `--redis everysec` or `--redis none` for no persistence: bench/production_redis.py),
+and three servers, one process each:
   (a) ceiling   a bare aiohttp app that reads the body and answers 200 (bench/bare.py)
   (b) baseline  the straightforward receiver: PyJWT + SET NX + RQ enqueue in a thread pool (bench/baseline.py)
   (c) receiver  `intergiro-receiver serve`, production settings (LOG_LEVEL=INFO, JSON logs, local verify)
@@ -25,8 +27,9 @@ from pathlib import Path
 import redis
 
 from bench.load import LoadResult, run_asyncio, run_wrk, wrk_available
+from bench.production_redis import PERSISTENCE, ProductionRedis
 from bench.tokens import CACHE, order_id, public_pem, token_pool
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENTS = ((0, "order"), (1, "charge"))  # (sequence, type) of the two events in every bench token
@@ -199,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--loader", choices=("auto", "wrk", "asyncio"), default="auto")
     parser.add_argument("--log-level", default="INFO", help="the receiver's LOG_LEVEL (default INFO)")
+    parser.add_argument("--redis", choices=PERSISTENCE, default="always",
+                        help="persistence: deploy/redis.conf as is (always, the default), everysec, none")  # fmt: skip
     args = parser.parse_args(argv)
     if args.loader == "auto":
         args.loader = "wrk" if wrk_available() else "asyncio"
@@ -207,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     tokens_file = CACHE / "tokens.txt"
     print(f"token size {len(tokens[0])} bytes; load: {args.loader}, {args.connections} connections,"
           f" {args.seconds:g} s per run, {args.rounds} rounds; receiver LOG_LEVEL={args.log_level}", flush=True)  # fmt: skip
-    redis_server = RedisServer()
+    redis_server = ProductionRedis(args.redis)
     redis_server.start()
+    print(redis_server.describe(), flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="igr-bench-"))
     servers: dict[str, Server] = {}
     failures = 0

@@ -51,8 +51,9 @@ def order_id(index: int) -> str:
     return f"bench{index:011d}"
 
 
-def bench_order(index: int) -> dict[str, Any]:
-    """A card order in the shape of Intergiro's real callbacks (camelCase), ordered and charged."""
+def bench_order(index: int, events: int = 2) -> dict[str, Any]:
+    """A card order in the shape of Intergiro's real callbacks (camelCase), ordered and charged
+    (`events=1`: only ordered, as the first callback of a progressive order carries)."""
     oid = order_id(index)
     return {
         "id": oid,
@@ -103,23 +104,24 @@ def bench_order(index: int) -> dict[str, Any]:
         "event": [
             {"type": "order", "date": "2026-01-01T09:00:01.000Z"},
             {"type": "charge", "date": "2026-01-01T09:00:05.000Z", "reference": f"charge-{index}"},
-        ],
+        ][:events],
     }
 
 
-def _sign_range(args: tuple[Path, int, int]) -> list[str]:
-    cache, start, stop = args
+def _sign_range(args: tuple[Path, int, int, int]) -> list[str]:
+    cache, start, stop, events = args
     key = bench_key(cache)
-    return [sign_order(bench_order(i), key, "production", iat=ISSUED_AT) for i in range(start, stop)]
+    return [sign_order(bench_order(i, events), key, "production", iat=ISSUED_AT) for i in range(start, stop)]
 
 
-def token_pool(count: int, cache: Path = CACHE) -> list[bytes]:
-    """`count` tokens of distinct orders (0 .. count-1), signing only those not cached yet."""
-    path = cache / "tokens.txt"
+def token_pool(count: int, cache: Path = CACHE, events: int = 2) -> list[bytes]:
+    """`count` tokens of distinct orders (0 .. count-1) with `events` events each, signing only those
+    not cached yet."""
+    path = cache / ("tokens.txt" if events == 2 else f"tokens-{events}-event.txt")
     bench_key(cache)
     have = path.read_bytes().split(b"\n")[:-1] if path.exists() else []
     if len(have) < count:
-        chunks = [(cache, s, min(s + 2000, count)) for s in range(len(have), count, 2000)]
+        chunks = [(cache, s, min(s + 2000, count), events) for s in range(len(have), count, 2000)]
         with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             with path.open("ab") as out:
                 for signed in pool.map(_sign_range, chunks):

@@ -1,6 +1,6 @@
 """The benchmarks still run: each once, briefly, with tiny numbers (no timing is asserted; their own
 checks are: one job per event for the ingest runs, only the markers left for the memory run, each
-update POSTed once and in sequence for the drain run)."""
+update POSTed once and in sequence for the drain run, every update delivered for the end-to-end run)."""
 
 from __future__ import annotations
 
@@ -52,3 +52,10 @@ def test_the_drain_benchmark_with_two_destinations_delivers_every_update_to_each
     )
     assert out.count("ok: 40 updates each POSTed once, 20 orders in sequence") == 3, out
     assert "fan-out, same rounds" in out
+
+
+def test_the_end_to_end_benchmark_runs_and_prints_its_table() -> None:
+    out = run_bench("bench.e2e", "--rates", "5", "--seconds", "1", "--processes", "1")
+    assert "appendfsync always" in out, out
+    assert "rate/s" in out and "p99 ms" in out, out
+    assert "highest rate with p99 <= 100 ms" in out, out
