@@ -421,8 +421,8 @@ async def listen(runner: web.AppRunner, host: str, port: int, max_connections: i
 
 
 def event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop where it is installed (Linux, macOS): its C event loop and transports take about a third
-    off the receiver's CPU per callback; asyncio's own loop elsewhere."""
+    """uvloop where it is installed (Linux, macOS): its C event loop and transports cut the receiver's
+    CPU per callback; asyncio's own loop elsewhere."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency wherever it builds
@@ -431,9 +431,9 @@ def event_loop() -> asyncio.AbstractEventLoop:
 
 
 async def freeze_startup_objects(app: web.Application) -> None:
-    """Move everything made at start (modules, the app, its clients: ~60,000 objects) out of the
-    garbage collector's reach: a full collection over them stalls every callback in flight for tens
-    of milliseconds, which was most of the receiver's p99 latency."""
+    """Move everything made at start (modules, the app, its clients: tens of thousands of objects) out
+    of the garbage collector's reach: a full collection over them stalls every callback in flight, and
+    was the main part of the receiver's p99 latency."""
     gc.collect()
     gc.freeze()
 

@@ -22,7 +22,7 @@ _HANDLER_MARK = "_intergiro_receiver"
 
 
 def _dumps(event: Any, **kw: Any) -> str:
-    """orjson, several times faster than `json.dumps` for one log line; the standard library's text
+    """orjson, faster than `json.dumps` for one log line; the standard library's text
     for what orjson does not write the same way (non-ASCII, integers beyond 64 bits)."""
     try:
         line = orjson.dumps(event, default=kw.get("default"))

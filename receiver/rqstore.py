@@ -77,7 +77,7 @@ def started_key(queue_name: str) -> str:
 
 def rq_timestamp(moment: datetime | None = None) -> str:
     """RQ's own timestamp format (rq.utils.utcformat), for the job fields the scripts write."""
-    # isoformat is several times cheaper than strftime and spells the same for a UTC moment
+    # isoformat is cheaper than strftime and spells the same for a UTC moment
     return (moment or datetime.now(UTC)).isoformat(timespec="microseconds")[:-6] + "Z"
 
 

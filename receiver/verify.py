@@ -73,7 +73,7 @@ def strict_json(data: bytes | str, *, writable: bool = True) -> Any:
     `writable` is false, values no update could carry (Unrepresentable, naming where; with `writable`
     false such numbers are left in the value as `_NotFinite` objects, for callers that check a part).
 
-    orjson parses first (three times faster), and its value is taken only when it surely is the
+    orjson parses first (it is faster), and its value is taken only when it surely is the
     standard library's. That is so when orjson writes the text back byte for byte (as it does the
     compact JSON of PyJWT and of Intergiro): its output never repeats a key, its floats are the
     shortest spelling that reads back as the same float, and it writes at most 254 levels deep, far

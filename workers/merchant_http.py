@@ -4,8 +4,8 @@ process, which POSTs one update at a time.
 urllib3 gives what a webhook client needs through its public API: a proxy (`ProxyManager`: an
 `http://` URL is forwarded, an `https://` one tunnelled with CONNECT), a client certificate (the
 TLS context), streamed answers read only up to a bound, no redirects and no retries of its own. It
-is one package with no dependencies of its own, and costs about half the CPU per POST of httpx's
-sync client (about 150 against 300 us, measured in one run against a local aiohttp sink).
+is one package with no dependencies of its own, and costs less CPU per POST than httpx's sync client
+(docs/performance.md).
 
 What urllib3 leaves to us: the proxy variables are read by `receiver.settings` (so `.env` counts
 too) and NO_PROXY is matched here; credentials written in the URL become Basic auth and are kept out
