@@ -194,6 +194,11 @@ async def test_purge_through_the_api_forgets_the_dead_letter_and_the_story_says_
     workers(**webhook_settings(sink))
     [update_id] = await post_order(receiver, rsa_key, "ApiPurgeOrder001")
     await wait_for(lambda: sync_redis.hexists(RedisKeys().dead_letters, update_id), what="the dead letter")
+    for page in ("/dlq", f"/dlq/{update_id}", f"/orders?key={update_id}"):
+        shown = await ops.get(page, headers=BEARER)
+        assert shown.status == 200 and update_id in await shown.text(), page
+    overview = await (await ops.get("/", headers=BEARER)).text()
+    assert '<b id="dlq-depth">1</b>' in overview
     answer = await ops.post(f"/api/dlq/{update_id}/purge", headers=BEARER)
     assert answer.status == 200 and (await answer.json())["status"] == "purged"
     assert sync_redis.hlen(RedisKeys().dead_letters) == 0
