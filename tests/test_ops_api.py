@@ -276,3 +276,10 @@ async def test_sign_in_never_follows_next_off_the_site(ops: Any) -> None:
     for target in ("//evil.example/", "https://evil.example/", "/\\evil.example"):
         answer = await ops.post("/login", data={"token": TOKEN, "next": target}, allow_redirects=False)
         assert answer.headers["Location"] == "/", target
+
+
+def test_the_readme_shows_a_screenshot_of_each_page_the_browser_test_takes() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for page in ("login", "overview", "dlq", "dlq-entry", "confirm", "order", "retrying"):
+        assert f"(docs/images/ops-{page}.png)" in readme, page
+        assert (ROOT / "docs" / "images" / f"ops-{page}.png").stat().st_size > 10_000, page
