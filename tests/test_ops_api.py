@@ -283,3 +283,59 @@ def test_the_readme_shows_a_screenshot_of_each_page_the_browser_test_takes() -> 
     for page in ("login", "overview", "dlq", "dlq-entry", "confirm", "order", "retrying"):
         assert f"(docs/images/ops-{page}.png)" in readme, page
         assert (ROOT / "docs" / "images" / f"ops-{page}.png").stat().st_size > 10_000, page
+
+
+async def test_all_matching_the_filter_are_listed_for_confirmation_and_only_they_are_purged(
+    ops: Any, receiver: Any, rsa_key: Any, sink: Sink, workers: Any, sync_redis: Any
+) -> None:
+    sink.answer = lambda _id, _n: (400, {}, 0.0)
+    workers(**webhook_settings(sink))
+    [keep] = await post_order(receiver, rsa_key, "KeepThisOrder001")
+    [drop] = await post_order(receiver, rsa_key, "DropThisOrder001")
+    await wait_for(lambda: sync_redis.hlen(RedisKeys().dead_letters) == 2, what="both dead letters")
+    csrf = await sign_in(ops)
+    page = await (await ops.get("/dlq?q=dropthis&newer=1h")).text()
+    assert drop in page and keep not in page
+
+    filter_ = {"q": "dropthis", "older": "", "newer": "1h", "csrf": csrf, "action": "purge"}
+    confirm = await ops.post("/dlq/confirm?scope=matching", data=filter_)
+    text = await confirm.text()
+    assert confirm.status == 200 and f'name="id" value="{drop}"' in text and keep not in text
+    assert sync_redis.hlen(RedisKeys().dead_letters) == 2  # nothing done before the confirmation
+
+    answer = await ops.post(
+        "/dlq/act",
+        data={"csrf": csrf, "action": "purge", "confirm": "yes", "id": drop},
+        allow_redirects=False,
+    )
+    assert answer.status == 303
+    assert sync_redis.hkeys(RedisKeys().dead_letters) == [keep.encode()]
+    selected = await ops.post("/dlq/confirm", data={"csrf": csrf, "action": "requeue", "id": keep})
+    assert f'name="id" value="{keep}"' in await selected.text()
+
+
+def test_retry_now_queues_a_scheduled_retry_makes_a_started_one_due_and_drops_any_other(
+    sync_redis: redis.Redis,
+) -> None:
+    from receiver.chains import OrderChains
+
+    keys = RedisKeys()
+    chains = OrderChains(sync_redis, keys)
+    for update_id, status in (("A-0-order", "scheduled"), ("B-0-order", "started"), ("C-0-order", "queued")):
+        sync_redis.zadd(keys.retry_schedule, {update_id: time.time() + 3600})
+        sync_redis.zadd(keys.rq_scheduled, {update_id: time.time() + 3600})
+        sync_redis.hset(keys.rq_job(update_id), "status", status)
+    assert chains.retry_now("A-0-order")
+    assert sync_redis.lrange(keys.rq_queue, 0, -1) == [b"A-0-order"]
+    assert sync_redis.hget(keys.rq_job("A-0-order"), "status") == b"queued"
+    assert sync_redis.zscore(keys.retry_schedule, "A-0-order") is None
+    assert sync_redis.zscore(keys.rq_scheduled, "A-0-order") is None
+
+    assert chains.retry_now("B-0-order")
+    assert (sync_redis.zscore(keys.retry_schedule, "B-0-order") or 0) <= time.time()
+    assert sync_redis.hget(keys.rq_job("B-0-order"), "status") == b"started"
+
+    assert not chains.retry_now("C-0-order")
+    assert sync_redis.zscore(keys.retry_schedule, "C-0-order") is None
+    assert not chains.retry_now("Nobody-0-order")
+    assert sync_redis.lrange(keys.rq_queue, 0, -1) == [b"A-0-order"]

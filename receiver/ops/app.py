@@ -393,8 +393,7 @@ STATIC_TYPES = {"ops.css": "text/css", "ops.js": "text/javascript"}
 def templates() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("receiver.ops", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
+        autoescape=True,  # every value is escaped: errors and order fields come from outside
     )
     env.filters["urlquote"] = lambda text: quote(str(text), safe="")
     return env
