@@ -306,10 +306,14 @@ async def workers_alive(redis: Redis, names: set[bytes]) -> int:
     return int(await redis.exists(*names)) if names else 0
 
 
-async def flush_callback_minutes(app: web.Application) -> None:
-    """Every few seconds, add the callbacks counted per minute to Redis (the ops console's overview)."""
-    while True:
-        await asyncio.sleep(CALLBACK_MINUTES_FLUSH_SECONDS)
+async def flush_callback_minutes(app: web.Application, stopping: asyncio.Event) -> None:
+    """Every few seconds, add the callbacks counted per minute to Redis (the ops console's overview),
+    until `stopping` is set (a flag, not only cancellation: redis-py may swallow a cancellation)."""
+    while not stopping.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), CALLBACK_MINUTES_FLUSH_SECONDS)
+        if stopping.is_set():
+            return
         with contextlib.suppress(RedisError):
             await app[METRICS].minutes.flush(app[REDIS], app[KEYS])
 
@@ -331,13 +335,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     # Bound once as logging is now configured: the module's lazy proxy looks the configuration up on
     # every call, a cost the one line per callback need not pay.
     app[CALLBACK_LOG] = log.bind()
-    flusher = asyncio.create_task(flush_callback_minutes(app))
+    stopping = asyncio.Event()
+    flusher = asyncio.create_task(flush_callback_minutes(app, stopping))
     yield
+    stopping.set()
     flusher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await flusher
-    with contextlib.suppress(RedisError):
-        await app[METRICS].minutes.flush(redis, app[KEYS])  # the last seconds' callbacks
+    await asyncio.wait([flusher], timeout=CALLBACK_MINUTES_FLUSH_SECONDS)  # bounded, whatever Redis does
     await app[INTERGIRO].close()
     await intake_redis.aclose()
     await redis.aclose()

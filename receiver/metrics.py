@@ -146,8 +146,10 @@ class SharedMetrics(Collector):
 class CallbackMinutes:
     """Callbacks per minute by outcome, for the ops console: counted in memory per process and added to
     one Redis hash per minute (summed over every process) by `flush` every few seconds, so counting
-    costs a callback no round trip. (The order histories hold verified callbacks only, spread over one
-    key per order: no way to count rejections, nor cheap to read.)"""
+    costs a callback no round trip; a process that stops loses its last few seconds' counts (a
+    final flush on the way out could hang a stop while Redis fails over). (The order histories hold
+    verified callbacks only, spread over one key per order: no way to count rejections, nor cheap to
+    read.)"""
 
     def __init__(self) -> None:
         self.pending: dict[tuple[int, str], int] = {}
@@ -167,7 +169,7 @@ class CallbackMinutes:
                     pipe.hincrby(keys.callback_minute(minute), outcome, amount)
                     pipe.expire(keys.callback_minute(minute), CALLBACK_MINUTES_KEPT * 60)
                 await pipe.execute()
-        except Exception:
+        except Exception:  # Redis failed: count them next time
             oldest = int(time.time()) // 60 - CALLBACK_MINUTES_KEPT
             for key, amount in taken.items():
                 if key[0] > oldest:

@@ -88,7 +88,11 @@ async def signed_in(
 ) -> web.StreamResponse:
     """Every route but /login and the assets needs the bearer token or a session; every POST with a
     session also needs its CSRF token (a form field, or the X-CSRF-Token header for the API)."""
-    response = await _signed_in(request, handler)
+    try:
+        response = await _signed_in(request, handler)
+    except web.HTTPException as exc:  # 400, 404, 503 raised below get the headers too
+        exc.headers.update(SECURITY_HEADERS)
+        raise
     response.headers.update(SECURITY_HEADERS)
     return response
 
