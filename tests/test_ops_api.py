@@ -339,3 +339,28 @@ def test_retry_now_queues_a_scheduled_retry_makes_a_started_one_due_and_drops_an
     assert sync_redis.zscore(keys.retry_schedule, "C-0-order") is None
     assert not chains.retry_now("Nobody-0-order")
     assert sync_redis.lrange(keys.rq_queue, 0, -1) == [b"A-0-order"]
+
+
+async def test_nothing_the_console_shows_holds_a_secret_or_a_card_token(
+    aiohttp_client: Any, make_settings: Any, sync_redis: redis.Redis, receiver: Any, rsa_key: Any
+) -> None:
+    from tests.sink import SECRET
+
+    settings = make_settings(ops_token=TOKEN, merchant_webhook_url="http://127.0.0.1:9/hooks",
+                             merchant_webhook_secret=SECRET, intergiro_api_key="api-key-kept-secret")  # fmt: skip
+    ops = await aiohttp_client(create_ops_app(settings, redis=sync_redis))
+    [update_id] = await post_order(receiver, rsa_key, "SecretsOrder0001")
+    keys = RedisKeys()
+    update = json.loads(sync_redis.hget(keys.pending_updates, update_id) or b"{}")  # as the worker has it
+    entry = {"id": update_id, "order_id": "SecretsOrder0001", "update": update, "attempts": 1,
+             "last_error": "merchant answered HTTP 400", "last_error_at": "2026-01-01T00:00:00Z",
+             "dead_lettered_at": "2026-01-01T00:00:00Z"}  # fmt: skip
+    sync_redis.hset(keys.dead_letters, update_id, json.dumps(entry))
+    shown = ""
+    for path in ("/", "/dlq", f"/dlq/{update_id}", "/retrying", "/orders?key=SecretsOrder0001", *GETS):
+        shown += await (await ops.get(path, headers=BEARER)).text()
+    shown += await (await ops.get("/api/orders/SecretsOrder0001", headers=BEARER)).text()
+    assert "SecretsOrder0001" in shown and '"last4":"1111"' in shown  # the entry's update, in full
+    card_token = "c2VjcmV0LWNhcmQtdG9rZW4"  # the middle of the order's payment.card (tests/helpers.py)
+    for secret in (TOKEN, SECRET, "api-key-kept-secret", card_token):
+        assert secret not in shown, secret
