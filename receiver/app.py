@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import signal
@@ -51,6 +52,7 @@ ERROR_NOTES_KEPT = 200
 ERROR_NOTE_TEXT_CHARS = 200
 ERROR_NOTES_TTL_SECONDS = 7 * 86400
 LINGER_SECONDS = 1.0
+CALLBACK_MINUTES_FLUSH_SECONDS = 5.0
 # A callback with this many events or more is checked against the order's seen events before its
 # updates are built: a replay of a long event list then costs one read, not the job data of every event.
 # (A first callback carries one event, which is all but always new: that read would be a round trip
@@ -313,6 +315,18 @@ async def workers_alive(redis: Redis, names: set[bytes]) -> int:
     return int(await redis.exists(*names)) if names else 0
 
 
+async def flush_callback_minutes(app: web.Application, stopping: asyncio.Event) -> None:
+    """Every few seconds, add the callbacks counted per minute to Redis (the ops console's overview),
+    until `stopping` is set (a flag, not only cancellation: redis-py may swallow a cancellation)."""
+    while not stopping.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), CALLBACK_MINUTES_FLUSH_SECONDS)
+        if stopping.is_set():
+            return
+        with contextlib.suppress(RedisError):
+            await app[METRICS].minutes.flush(app[REDIS], app[KEYS])
+
+
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     redis = async_redis(settings)
@@ -331,7 +345,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     # Bound once as logging is now configured: the module's lazy proxy looks the configuration up on
     # every call, a cost the one line per callback need not pay.
     app[CALLBACK_LOG] = log.bind()
+    stopping = asyncio.Event()
+    flusher = asyncio.create_task(flush_callback_minutes(app, stopping))
     yield
+    stopping.set()
+    flusher.cancel()
+    await asyncio.wait([flusher], timeout=CALLBACK_MINUTES_FLUSH_SECONDS)  # bounded, whatever Redis does
     await app[INTERGIRO].close()
     await intake_redis.aclose()
     await redis.aclose()

@@ -305,6 +305,34 @@ local first = redis.call('ZRANGE', schedule, 0, 0, 'WITHSCORES')
 return {moved, first[2] or ''}
 """
 
+# KEYS: retry schedule, RQ's ScheduledJobRegistry, queue, RQ queue set. ARGV: update id, now (Unix), job
+# prefix, now (RQ format).
+# Ops' "retry now": one update waiting for its next attempt is made due at once, by MOVE_DUE's rules, in
+# one step (schedule, registry, job and queue must agree). A job RQ recorded as scheduled is queued now;
+# one still `started` (the attempt that scheduled the retry is being recorded) is made due now, and the
+# next sweep queues it; any other state leaves the schedule, as MOVE_DUE does. Returns 1 queued, 2 due,
+# 0 when the update was not waiting for a retry.
+RETRY_NOW = """
+local schedule, registry, queue = KEYS[1], KEYS[2], KEYS[3]
+local id, now, job_prefix, stamp = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if not redis.call('ZSCORE', schedule, id) then return 0 end
+local job = job_prefix .. id
+local status = redis.call('HGET', job, 'status')
+if status == 'scheduled' then
+  redis.call('ZREM', schedule, id)
+  redis.call('ZREM', registry, id)
+  redis.call('HSET', job, 'status', 'queued', 'enqueued_at', stamp)
+  redis.call('RPUSH', queue, id)
+  redis.call('SADD', KEYS[4], queue)
+  return 1
+elseif status == 'started' then
+  redis.call('ZADD', schedule, 'XX', now, id)
+  return 2
+end
+redis.call('ZREM', schedule, id)
+return 0
+"""
+
 
 def chain_script(keys: RedisKeys, body: str, history_ttl: int = 0) -> str:
     """PRELUDE with this deployment's names (and the history's TTL, 0 for none) written in, then `body`."""
@@ -363,6 +391,7 @@ class OrderChains:
         self._requeue = redis.register_script(chain_script(keys, REQUEUE, history_ttl))
         self._schedule = redis.register_script(SCHEDULE_RETRY)
         self._move_due = redis.register_script(MOVE_DUE)
+        self._retry_now = redis.register_script(RETRY_NOW)
 
     def _chain_keys(self, order_id: str) -> list[str]:
         return [self.keys.order_head(order_id), self.keys.order_waiting(order_id)]
@@ -410,6 +439,16 @@ class OrderChains:
         )
         first = _text(first)
         return int(moved), float(first) if first else None
+
+    def retry_now(self, update_id: str) -> bool:
+        """Make an update waiting for its next attempt due now (queued at once when RQ has recorded its
+        retry); False when it was not waiting for a retry."""
+        k = self.keys
+        answer = self._retry_now(
+            keys=[k.retry_schedule, k.rq_scheduled, k.rq_queue, QUEUES_KEY],
+            args=[update_id, repr(time.time()), JOB_PREFIX, rq_timestamp()],
+        )
+        return bool(int(answer))
 
     def release_stale_heads(self) -> int:
         """Sweep the orders that have a head; dead-letter heads whose job was deleted from outside and

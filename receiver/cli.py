@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument(
         "--json", action="store_true", help="one JSON document (a list when KEY names several orders)"
     )
+    commands.add_parser("ops", help="the ops console (web) and its JSON API on OPS_HOST:OPS_PORT")
     reconcile = commands.add_parser("reconcile", help="queue order events whose callbacks never arrived")
     window = reconcile.add_mutually_exclusive_group()
     window.add_argument(
@@ -137,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from receiver.history import run_trace
 
         raise SystemExit(run_trace(settings, args.key, as_json=args.json))
+    elif args.command == "ops":
+        from receiver.ops.app import run_ops
+
+        raise SystemExit(run_ops(settings))
     elif args.command == "reconcile":
         from receiver.reconcile import run_reconcile
 

@@ -43,6 +43,8 @@ DEV_DIR = Path(".dev")
 SIGNING_KEY = DEV_DIR / "signing-key.pem"
 SIGNING_PUBLIC_KEY = DEV_DIR / "signing-key.pub.pem"
 WEBHOOK_SECRET_FILE = DEV_DIR / "webhook-secret"
+OPS_TOKEN_FILE = DEV_DIR / "ops-token"
+DEFAULT_OPS_PORT = 8081
 REDIS_DIR = DEV_DIR / "redis"
 REDIS_PIDFILE = REDIS_DIR / "redis.pid"
 DEFAULT_RECEIVER_PORT = 8080
@@ -109,6 +111,16 @@ def ensure_webhook_secret() -> str:
     return WEBHOOK_SECRET_FILE.read_text().strip()
 
 
+def ensure_ops_token() -> str:
+    """The ops console's token for dev, made once (signing in again needs it when the link is used)."""
+    DEV_DIR.mkdir(exist_ok=True)
+    if not OPS_TOKEN_FILE.exists():
+        fd = os.open(OPS_TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(32) + "\n")
+    return OPS_TOKEN_FILE.read_text().strip()
+
+
 def _version(binary: str) -> tuple[int, ...]:
     try:
         out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
@@ -144,11 +156,18 @@ class Plan:
     redis_port: int | None  # None: REDIS_URL was given, no embedded Redis
     sink_port: int | None  # None: MERCHANT_WEBHOOK_URL was given, no local sink
     notes: list[str] = field(default_factory=list)
+    ops_port: int = DEFAULT_OPS_PORT
+    ops_token_made: bool = False  # OPS_TOKEN was unset: dev made one, kept in OPS_TOKEN_FILE
 
     @property
     def receiver_url(self) -> str:
         host = "127.0.0.1" if self.receiver_host in ("0.0.0.0", "::", "") else self.receiver_host  # noqa: S104
         return f"http://{host}:{self.receiver_port}"
+
+    @property
+    def ops_url(self) -> str:
+        host = self.env["OPS_HOST"]
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{self.ops_port}"  # noqa: S104
 
 
 def plan_dev(environment: Mapping[str, str]) -> Plan:
@@ -172,6 +191,20 @@ def plan_dev(environment: Mapping[str, str]) -> Plan:
             port = free_port(host)
             notes.append(f"port {DEFAULT_RECEIVER_PORT} is taken: the receiver listens on {port} instead")
         env["RECEIVER_PORT"] = str(port)
+    env.setdefault("OPS_HOST", "127.0.0.1")
+    if env.get("OPS_PORT", "").strip():
+        ops_port = Settings.from_env({"OPS_PORT": env["OPS_PORT"]}).ops_port
+        if not port_is_free(env["OPS_HOST"], ops_port):
+            raise DevError(f"OPS_PORT: port {ops_port} is taken (set another, or unset it for a free one)")
+    else:
+        ops_port = DEFAULT_OPS_PORT
+        if not port_is_free(env["OPS_HOST"], ops_port):
+            ops_port = free_port(env["OPS_HOST"])
+            notes.append(f"port {DEFAULT_OPS_PORT} is taken: the ops console listens on {ops_port} instead")
+        env["OPS_PORT"] = str(ops_port)
+    ops_token_made = not env.get("OPS_TOKEN", "").strip()
+    if ops_token_made:
+        env["OPS_TOKEN"] = ensure_ops_token()
     env.setdefault("INTERGIRO_ENVIRONMENT", "development")
     if env.get("INTERGIRO_PUBLIC_KEYS", "").strip():
         notes.append("INTERGIRO_PUBLIC_KEYS is set: the dev signing key is not added to it")
@@ -184,7 +217,7 @@ def plan_dev(environment: Mapping[str, str]) -> Plan:
         env["MERCHANT_WEBHOOK_SECRET"] = ensure_webhook_secret()
     env.setdefault("LOG_FORMAT", "console")
     Settings.from_env(env)  # bad settings stop dev here, before anything starts
-    return Plan(env, host, port, redis_port, sink_port, notes)
+    return Plan(env, host, port, redis_port, sink_port, notes, ops_port, ops_token_made)
 
 
 def sink_app(secret: str) -> web.Application:
@@ -302,7 +335,39 @@ def send_command(plan: Plan) -> str:
     return shlex.join(argv)
 
 
-def banner(plan: Plan, redis_from: str) -> list[str]:
+async def wait_for_console(plan: Plan, children: Children) -> str:
+    """Wait until the console answers; then a one-time sign-in link to it."""
+    from receiver.connections import sync_redis
+    from receiver.ops.app import make_sign_in_link
+    from receiver.rediskeys import RedisKeys
+
+    deadline = asyncio.get_running_loop().time() + START_TIMEOUT_SECONDS
+    async with aiohttp.ClientSession() as session:
+        while True:
+            exited = children.exited()
+            if exited:
+                raise DevError(f"{exited[0]} stopped (exit code {exited[1]}) while starting")
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with session.get(
+                    f"{plan.ops_url}/healthz", timeout=aiohttp.ClientTimeout(total=1)
+                ) as answer:
+                    if answer.status == 200:
+                        break
+            if asyncio.get_running_loop().time() > deadline:
+                raise DevError(
+                    f"the ops console did not answer at {plan.ops_url} in {START_TIMEOUT_SECONDS:.0f}s"
+                )
+            await asyncio.sleep(0.1)
+    settings = Settings.from_env(plan.env)
+    redis = sync_redis(settings)
+    try:
+        keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+        return await asyncio.to_thread(make_sign_in_link, redis, keys, plan.ops_url)
+    finally:
+        redis.close()
+
+
+def banner(plan: Plan, redis_from: str, sign_in_link: str) -> list[str]:
     redis_line = (
         f"{plan.env['REDIS_URL']} ({redis_from}, data in {REDIS_DIR}/, append-only file on)"
         if plan.redis_port
@@ -319,6 +384,9 @@ def banner(plan: Plan, redis_from: str) -> list[str]:
         f"  receiver  {plan.receiver_url}{CALLBACK_PATH}  (/healthz /readyz /metrics)",
         f"  redis     {redis_line}",
         f"  merchant  {sink_line}",
+        f"  console   {plan.ops_url}/  (the ops console: dead letters, retries, order stories)",
+        f"  sign in   {sign_in_link}  (once, within 10 minutes; after that with OPS_TOKEN"
+        f"{f', kept in {OPS_TOKEN_FILE}' if plan.ops_token_made else ''})",
         f"  trusts    {SIGNING_PUBLIC_KEY} (private key {SIGNING_KEY}) beside Intergiro's"
         f" {plan.env['INTERGIRO_ENVIRONMENT']} key",
         *(f"  note      {note}" for note in plan.notes),
@@ -352,8 +420,10 @@ async def start_all(plan: Plan, children: Children, sinks: list[web.AppRunner]) 
         await web.TCPSite(sink, "127.0.0.1", plan.sink_port).start()
     await children.start("receiver", [sys.executable, "-m", "receiver", "serve"], plan.env)
     await children.start("worker", [sys.executable, "-m", "receiver", "worker"], plan.env)
+    await children.start("ops", [sys.executable, "-m", "receiver", "ops"], plan.env)
     await wait_until_ready(plan.receiver_url, children)
-    for line in banner(plan, redis_from):
+    link = await wait_for_console(plan, children)
+    for line in banner(plan, redis_from, link):
         say(line)
 
 
@@ -403,7 +473,7 @@ async def run(plan: Plan) -> int:
         code = 1
     finally:
         stopped.cancel()
-        say("dev: stopping receiver, worker and Redis ...")
+        say("dev: stopping the console, receiver, worker and Redis ...")
         await children.stop()
         for sink in sinks:
             await sink.cleanup()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import time
 from collections.abc import Iterable, Mapping
 from functools import cache
 from typing import Any
@@ -19,6 +20,8 @@ from prometheus_client.registry import Collector
 
 from receiver.rediskeys import RedisKeys
 
+# Callbacks per minute by outcome (the ops console's overview) are kept this many minutes in Redis.
+CALLBACK_MINUTES_KEPT = 120
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 # Metrics shared through Redis: name -> (kind, help, label names).
@@ -153,6 +156,40 @@ class SharedMetrics(Collector):
             yield family
 
 
+class CallbackMinutes:
+    """Callbacks per minute by outcome, for the ops console: counted in memory per process and added to
+    one Redis hash per minute (summed over every process) by `flush` every few seconds, so counting
+    costs a callback no round trip; a process that stops loses its last few seconds' counts (a
+    final flush on the way out could hang a stop while Redis fails over). (The order histories hold
+    verified callbacks only, spread over one key per order: no way to count rejections, nor cheap to
+    read.)"""
+
+    def __init__(self) -> None:
+        self.pending: dict[tuple[int, str], int] = {}
+
+    def count(self, outcome: str) -> None:
+        key = (int(time.time()) // 60, outcome)
+        self.pending[key] = self.pending.get(key, 0) + 1
+
+    async def flush(self, redis: Any, keys: RedisKeys) -> None:
+        """Add what was counted since the last flush (kept for the next one when Redis fails)."""
+        if not self.pending:
+            return
+        taken, self.pending = self.pending, {}
+        try:
+            async with redis.pipeline(transaction=False) as pipe:
+                for (minute, outcome), amount in taken.items():
+                    pipe.hincrby(keys.callback_minute(minute), outcome, amount)
+                    pipe.expire(keys.callback_minute(minute), CALLBACK_MINUTES_KEPT * 60)
+                await pipe.execute()
+        except Exception:  # Redis failed: count them next time
+            oldest = int(time.time()) // 60 - CALLBACK_MINUTES_KEPT
+            for key, amount in taken.items():
+                if key[0] > oldest:
+                    self.pending[key] = self.pending.get(key, 0) + amount
+            raise
+
+
 class ReceiverMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -198,6 +235,7 @@ class ReceiverMetrics:
             "RQ workers listening on the queue whose heartbeat has not expired.",
             registry=self.registry,
         )
+        self.minutes = CallbackMinutes()
         self.shared = SharedMetrics()
         self.registry.register(self.shared)
         self._children: dict[tuple[int, str], Any] = {}
@@ -213,6 +251,7 @@ class ReceiverMetrics:
 
     def count_callback(self, outcome: str) -> None:
         self._child(self.callbacks, outcome).inc()
+        self.minutes.count(outcome)
 
     def observe_verification(self, method: str, seconds: float) -> None:
         self._child(self.verification_seconds, method).observe(seconds)

@@ -92,6 +92,15 @@ class RedisKeys:
         their history."""
         return f"{self.prefix}history:number:{number}"
 
+    def callback_minute(self, minute: int) -> str:
+        """Hash of one minute's callbacks (Unix minute): outcome -> count, summed over every receiver
+        process and kept CALLBACK_MINUTES_KEPT minutes, for the ops console's overview."""
+        return f"{self.prefix}callbacks:minute:{minute}"
+
+    def ops_sign_in_link(self, nonce: str) -> str:
+        """A one-time sign-in link of the ops console (made by `dev`), deleted when used or expired."""
+        return f"{self.prefix}ops:sign-in:{nonce}"
+
     @property
     def metrics(self) -> str:
         """Hash of metrics shared by every process (see receiver.metrics)."""

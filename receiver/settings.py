@@ -64,6 +64,9 @@ class Settings:
     reconcile_interval_seconds: int = 0
     reconcile_lookback_seconds: int = 172_800
     extra_destinations: tuple[Destination, ...] = ()  # DESTINATIONS and DESTINATION_<NAME>_*
+    ops_host: str = "127.0.0.1"
+    ops_port: int = 8081
+    ops_token: str = field(default="", repr=False)
     log_format: str = "json"
     log_level: str = "INFO"
 
@@ -227,6 +230,9 @@ class _Reader:
             reconcile_lookback_seconds=self.get(
                 "RECONCILE_LOOKBACK_SECONDS", d.reconcile_lookback_seconds, _int_between(60, 86400 * 400)
             ),
+            ops_host=self.get("OPS_HOST", d.ops_host, str),
+            ops_port=self.get("OPS_PORT", d.ops_port, _int_between(1, 65535)),
+            ops_token=self.get("OPS_TOKEN", d.ops_token, _ops_token),
             log_format=self.get("LOG_FORMAT", d.log_format, _choice(LOG_FORMATS)),
             log_level=self.get("LOG_LEVEL", d.log_level, _log_level),
         )
@@ -504,6 +510,15 @@ def _keys(raw: str) -> tuple[TrustedKey, ...]:
         except ValueError as exc:
             raise ValueError(f"key {number}: {exc}") from None
     return tuple(keys)
+
+
+OPS_TOKEN_MIN_CHARS = 32
+
+
+def _ops_token(raw: str) -> str:
+    if len(raw) < OPS_TOKEN_MIN_CHARS:
+        raise ValueError(f"must be at least {OPS_TOKEN_MIN_CHARS} characters (it is {len(raw)})")
+    return raw
 
 
 def _log_level(raw: str) -> str:

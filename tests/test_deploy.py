@@ -108,7 +108,7 @@ def test_every_yaml_file_in_deploy_parses(path: Path) -> None:
 
 def test_every_kubernetes_object_names_its_kind_and_itself() -> None:
     kinds = sorted(o["kind"] for o in k8s_objects())
-    assert kinds == sorted(["ConfigMap", "Secret", "Deployment", "Deployment", "Service",
+    assert kinds == sorted(["ConfigMap", "Secret", "Deployment", "Deployment", "Deployment", "Service", "Service",
                             "PodDisruptionBudget", "PodDisruptionBudget", "HorizontalPodAutoscaler"])  # fmt: skip
     assert all(o["apiVersion"] and o["metadata"]["name"] for o in k8s_objects())
     listed = docs(DEPLOY / "k8s" / "kustomization.yaml")[0]["resources"]
@@ -139,7 +139,7 @@ def test_the_image_is_slim_python_runs_as_a_user_checks_healthz_and_enters_the_c
 def test_every_command_line_in_compose_and_kubernetes_is_a_real_cli_command() -> None:
     commands = [["intergiro-receiver", *s["command"]] for s in compose_app_services().values()]
     commands += [c.get("command", ["intergiro-receiver"]) + c.get("args", []) for c in app_containers()]
-    assert len(commands) == 4
+    assert len(commands) == 6
     for argv in commands:
         assert_real_command(argv)
 
@@ -198,6 +198,29 @@ def test_the_receiver_is_ready_on_readyz_alive_on_healthz_and_behind_the_service
     for o in objects.values():
         if o["kind"] == "Deployment":
             assert o["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_the_ops_console_runs_in_compose_and_kubernetes_internal_only_with_the_token_from_the_secret() -> (
+    None
+):
+    service = compose()["services"]["ops"]
+    assert service["command"] == ["ops"]
+    assert all(p.startswith("127.0.0.1:") for p in service["ports"])  # the host's loopback only
+    assert (
+        service["environment"]["OPS_PORT"]
+        != compose()["services"]["receiver"]["environment"]["RECEIVER_PORT"]
+    )
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in k8s_objects()}
+    [container] = objects["Deployment", "intergiro-ops"]["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["ops"]
+    assert {"secretRef": {"name": "intergiro-receiver"}} in container["envFrom"]
+    secret = objects["Secret", "intergiro-receiver"]
+    assert "OPS_TOKEN" in secret["stringData"]
+    ops_service = objects["Service", "intergiro-ops"]
+    assert ops_service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
+    assert {e["name"]: e["value"] for e in container["env"]}["OPS_PORT"] == str(port)
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
 
 
 def served_metric_names() -> set[str]:

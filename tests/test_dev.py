@@ -4,7 +4,9 @@ and Ctrl-C stops everything (no process left, every port free)."""
 from __future__ import annotations
 
 import hashlib
+import http.cookiejar
 import importlib.util
+import json
 import os
 import queue
 import re
@@ -15,6 +17,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,8 +109,10 @@ def test_bin_dev_in_a_fresh_clone_delivers_the_printed_send_command_to_the_sink_
     clone: Path,
 ) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MERCHANT_WEBHOOK_URL")}
-    receiver_port = free_port()
+    receiver_port, ops_port = free_port(), free_port()
     env.update(INTERGIRO_VENV=str(VENV), RECEIVER_PORT=str(receiver_port), PYTHONUNBUFFERED="1")
+    env.update(OPS_PORT=str(ops_port))
+    env.pop("OPS_TOKEN", None)
     dev = subprocess.Popen(
         [str(clone / "bin" / "dev")], cwd=clone, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
@@ -118,6 +124,8 @@ def test_bin_dev_in_a_fresh_clone_delivers_the_printed_send_command_to_the_sink_
         sink_port = int(
             output.wait_for(r"^  merchant +http://127\.0\.0\.1:(\d+)").split(":")[2].split("/")[0]
         )
+        assert f"http://127.0.0.1:{ops_port}/" in output.wait_for(r"^  console ")
+        link = output.wait_for(r"^  sign in ").split()[2]
         output.wait_for("^Send a signed test callback")
         command = output.wait_for(r"send card-ordered --url").strip()
         assert redis_port != 6379
@@ -131,12 +139,22 @@ def test_bin_dev_in_a_fresh_clone_delivers_the_printed_send_command_to_the_sink_
 
         delivered = output.wait_for(r"^sink: received SampleCard000001-0-order ")
         assert "status=ordered" in delivered and "signature ok" in delivered
+
+        # the console's one-time link signs a browser in (its cookie then opens the API), once
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        assert browser.open(link, timeout=10).status == 200
+        story = json.loads(browser.open(f"http://127.0.0.1:{ops_port}/api/orders/SampleCard000001").read())
+        assert story["order_id"] == "SampleCard000001"
+        with pytest.raises(urllib.error.HTTPError) as again:
+            browser.open(link, timeout=10)
+        assert again.value.code == 401
+        assert len((clone / ".dev" / "ops-token").read_text().strip()) >= 32
     finally:
         os.killpg(dev.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         code = dev.wait(timeout=30)
     assert code == 0
     assert processes_in(clone) == []
-    assert all(port_is_free(port) for port in (receiver_port, redis_port, sink_port))
+    assert all(port_is_free(port) for port in (receiver_port, redis_port, sink_port, ops_port))
     # The data stays on disk, in the append-only file (one file before Redis 7, a folder since).
     assert list((clone / ".dev" / "redis").glob("appendonly*"))
 

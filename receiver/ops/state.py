@@ -1,0 +1,211 @@
+"""What the ops console shows, read from Redis: the pipeline's overview, the updates waiting for a retry,
+the dead-letter queue filtered. Plain functions of a (sync) Redis client; the app runs them in a thread.
+
+Nothing here returns a secret: updates carry no card token (receiver/order.py), Intergiro Error notes
+are the allowlisted fields only (receiver/app.py), and RQ's worker records are read for names and jobs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from redis import Redis
+from rq import Queue, Worker
+from rq.serializers import JSONSerializer
+
+from receiver.destinations import MERCHANT, split_job_id
+from receiver.history import parse_update_id
+from receiver.rediskeys import RedisKeys
+
+OVERVIEW_MINUTES = 60
+ERROR_NOTES_SHOWN = 10
+
+
+def iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def callbacks_per_minute(redis: Redis, keys: RedisKeys, now: float) -> list[dict[str, Any]]:
+    """The last OVERVIEW_MINUTES minutes, oldest first: {minute, outcome: count...}."""
+    this_minute = int(now) // 60
+    minutes = range(this_minute - OVERVIEW_MINUTES + 1, this_minute + 1)
+    with redis.pipeline(transaction=False) as pipe:
+        for minute in minutes:
+            pipe.hgetall(keys.callback_minute(minute))
+        answers = pipe.execute()
+    return [
+        {"minute": iso(minute * 60), "counts": {_text(k): int(v) for k, v in answer.items()}}
+        for minute, answer in zip(minutes, answers, strict=True)
+    ]
+
+
+def workers(redis: Redis, queue_name: str) -> list[dict[str, Any]]:
+    """RQ's live workers on the queue (RQ's public API: Worker.all, get_current_job) and the update each
+    is delivering now."""
+    queue = Queue(queue_name, connection=redis, serializer=JSONSerializer)
+    found = []
+    for worker in Worker.all(connection=redis, queue=queue, serializer=JSONSerializer):
+        job = worker.get_current_job()
+        update_id = job.id if job is not None else None
+        parsed = parse_update_id(split_job_id(update_id)[0]) if update_id else None
+        found.append(
+            {
+                "name": worker.name,
+                "hostname": worker.hostname,
+                "pid": worker.pid,
+                "state": str(worker.get_state()),
+                "delivering": update_id,
+                "order_id": parsed[0] if parsed else None,
+                "last_heartbeat": worker.last_heartbeat.isoformat() if worker.last_heartbeat else None,
+                "successful_jobs": worker.successful_job_count,
+                "failed_jobs": worker.failed_job_count,
+            }
+        )
+    return sorted(found, key=lambda w: w["name"])
+
+
+def destination_keys(keys: RedisKeys, names: Sequence[str]) -> list[RedisKeys]:
+    """The keys of every destination (`merchant`'s are `keys` themselves)."""
+    return [keys if name == MERCHANT else keys.for_destination(name) for name in names] or [keys]
+
+
+def overview(
+    redis: Redis, keys: RedisKeys, now: float | None = None, destinations: Sequence[RedisKeys] = ()
+) -> dict[str, Any]:
+    """Everything the overview page shows, as GET /api/overview answers it; the pipeline's figures are
+    summed over `destinations` (every destination's keys; `keys` alone when none is given) and given
+    per destination too."""
+    now = time.time() if now is None else now
+    each = list(destinations) or [keys]
+    with redis.pipeline(transaction=False) as pipe:
+        for dest in each:
+            pipe.llen(dest.rq_queue)
+            pipe.zcard(dest.rq_deferred)
+            pipe.zcard(dest.retry_schedule)
+        figures = pipe.execute()
+    per_destination = {
+        dest.destination: {
+            "queue_depth": figures[3 * i],
+            "waiting": figures[3 * i + 1],
+            "retrying": figures[3 * i + 2],
+        }
+        for i, dest in enumerate(each)
+    }
+    with redis.pipeline(transaction=False) as pipe:
+        pipe.llen(keys.rq_queue)
+        pipe.zcard(keys.rq_deferred)
+        pipe.zcard(keys.retry_schedule)
+        pipe.hlen(keys.dead_letters)
+        pipe.get(keys.reconcile_watermark)
+        pipe.exists(keys.reconcile_lock)
+        pipe.hgetall(keys.metrics)
+        pipe.lrange(keys.error_notes, 0, ERROR_NOTES_SHOWN - 1)
+        _, _, _, dead, watermark, reconciling, shared, notes = pipe.execute()
+    depth = sum(f["queue_depth"] for f in per_destination.values())
+    waiting = sum(f["waiting"] for f in per_destination.values())
+    retrying = sum(f["retrying"] for f in per_destination.values())
+    counters = {_text(k): float(v) for k, v in shared.items()}
+    runs = {
+        field.split("outcome=", 1)[1]: int(value)
+        for field, value in counters.items()
+        if field.startswith("intergiro_reconcile_runs_total|")
+    }
+    minutes = callbacks_per_minute(redis, keys, now)
+    last_hour: dict[str, int] = {}
+    for minute in minutes:
+        for outcome, n in minute["counts"].items():
+            last_hour[outcome] = last_hour.get(outcome, 0) + n
+    return {
+        "at": iso(now),
+        "callbacks_per_minute": minutes,
+        "callbacks_last_hour": last_hour,
+        "queue_depth": depth,
+        "waiting": waiting,
+        "retrying": retrying,
+        "dead_letters": dead,
+        "destinations": per_destination,
+        "workers": [w for dest in each for w in workers(redis, dest.queue_name)],
+        "reconcile": {
+            "last_completed_window_end": iso(float(watermark)) if watermark else None,
+            "running": bool(reconciling),
+            "runs": runs,
+            "missed_events": int(counters.get("intergiro_reconcile_missed_events_total", 0)),
+            "orders_scanned": int(counters.get("intergiro_reconcile_orders_scanned_total", 0)),
+        },
+        "intergiro_errors": [orjson.loads(n) for n in notes],
+    }
+
+
+def retrying(
+    redis: Redis,
+    keys: RedisKeys,
+    now: float | None = None,
+    limit: int = 1000,
+    destinations: Sequence[RedisKeys] = (),
+) -> list[dict[str, Any]]:
+    """Updates waiting for their next attempt, soonest first: due time, attempts, last error (and the
+    destination, for one other than `merchant`), over every destination's retry schedule."""
+    now = time.time() if now is None else now
+    found = []
+    for dest in list(destinations) or [keys]:
+        found += _retrying(redis, dest, now, limit)
+    return sorted(found, key=lambda u: u["due_at"] or "")[:limit]
+
+
+def _retrying(redis: Redis, keys: RedisKeys, now: float, limit: int) -> list[dict[str, Any]]:
+    scheduled: list[tuple[bytes, float]] = redis.zrange(  # type: ignore[assignment]
+        keys.retry_schedule, 0, limit - 1, withscores=True
+    )
+    with redis.pipeline(transaction=False) as pipe:
+        for raw_id, _ in scheduled:
+            pipe.hgetall(keys.delivery(_text(raw_id)))
+        records = pipe.execute()
+    found = []
+    for (raw_id, due), record in zip(scheduled, records, strict=True):
+        update_id = _text(raw_id)
+        fields = {_text(k): _text(v) for k, v in record.items()}
+        parsed = parse_update_id(split_job_id(update_id)[0])
+        found.append(
+            {
+                "id": update_id,
+                "order_id": parsed[0] if parsed else None,
+                "due_at": iso(due),
+                "due_in_seconds": round(max(due - now, 0.0), 1),
+                "attempts": int(fields.get("attempts", 0) or 0),
+                "last_error": fields.get("last_error"),
+                "last_error_at": fields.get("last_error_at"),
+                **({} if keys.destination == MERCHANT else {"destination": keys.destination}),
+            }
+        )
+    return found
+
+
+def matches(entry: dict[str, Any], text: str, older: int | None, newer: int | None, now: float) -> bool:
+    """A dead-letter entry against the console's filter: `text` in its id, order, merchant order number
+    or error (any case); dead-lettered more than `older` / less than `newer` seconds ago."""
+    if text:
+        update = entry.get("update") or {}
+        haystack = " ".join(
+            str(x or "") for x in (entry.get("id"), entry.get("order_id"), update.get("order_number"),
+                                   entry.get("last_error"))
+        ).lower()  # fmt: skip
+        if text.lower() not in haystack:
+            return False
+    if older is None and newer is None:
+        return True
+    try:
+        at = datetime.fromisoformat(str(entry.get("dead_lettered_at")).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return False
+    age = now - at
+    return (older is None or age >= older) and (newer is None or age <= newer)

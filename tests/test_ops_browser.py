@@ -1,0 +1,222 @@
+"""The ops console in a real browser: headless Chromium (Debian's, through chromedriver and Selenium)
+against `intergiro-receiver ops` as its own process, a real receiver, a real worker process and a real
+sink. Each page is photographed: into docs/images/ for the README when SAVE_SCREENSHOTS=1 is set
+(`SAVE_SCREENSHOTS=1 bin/test tests/test_ops_browser.py`), else into the test's own folder, so a test
+run leaves the tree as it found it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.expected_conditions import staleness_of
+from selenium.webdriver.support.ui import WebDriverWait
+
+from receiver.app import KEYS, METRICS, REDIS
+from receiver.dev import free_port
+from receiver.rediskeys import RedisKeys
+from tests.sink import ROOT, Sink, stop, wait_for
+from tests.test_workers import post_order, webhook_settings
+
+TOKEN = "browser-test-token-0123456789abcdefghijkl"
+IMAGES = (
+    ROOT / "docs" / "images"
+    if os.environ.get("SAVE_SCREENSHOTS") == "1"
+    else Path(tempfile.mkdtemp(prefix="ops-shots-"))
+)
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+T = TypeVar("T")
+
+
+@pytest.fixture
+def console(redis_url: str, tmp_path: Path) -> Iterator[str]:
+    """`intergiro-receiver ops` as its own process; its base URL."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPS_", "HTTP", "NO_PROXY"))}
+    env.update(REDIS_URL=redis_url, OPS_TOKEN=TOKEN, OPS_PORT=str(port), LOG_FORMAT="json")
+    log = tmp_path / "ops.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "receiver", "ops"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("ab"),
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=1) as answer:
+                if answer.status == 200:
+                    break
+        except OSError:
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the console did not start"
+            time.sleep(0.1)
+    yield url
+    stop(process)
+    assert "ops: dead letter requeued" in log.read_text()  # every action leaves a line
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
+    # bin/test installs them (bin/_browser); a missing browser fails here, never skips.
+    assert Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(), (
+        "run: apt-get install chromium chromium-driver"
+    )
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,900",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+async def step(work: Callable[[], T]) -> T:
+    """A browser step, off the event loop (the receiver and the sink run on it)."""
+    return await asyncio.to_thread(work)
+
+
+def follow(driver: WebDriver, element: Any) -> None:
+    """Click (or press Enter in) `element` and wait until the page it leads to has loaded."""
+    page = driver.find_element(By.TAG_NAME, "html")
+    if element.tag_name == "input" and element.get_attribute("type") in ("search", "password", "text"):
+        element.send_keys(Keys.ENTER)
+    else:
+        element.click()
+    WebDriverWait(driver, 30).until(staleness_of(page))
+    WebDriverWait(driver, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
+def shot(driver: WebDriver, name: str) -> None:
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(IMAGES / f"ops-{name}.png"))
+
+
+def texts(driver: WebDriver, selector: str) -> list[str]:
+    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, selector)]
+
+
+def until(
+    driver: WebDriver, condition: Callable[[], bool], seconds: float = 30, reload: bool = False
+) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out on {driver.current_url}"
+        time.sleep(0.3)
+        if reload:
+            driver.refresh()
+
+
+async def test_an_operator_signs_in_requeues_a_dead_letter_and_watches_it_delivered_in_its_story(
+    console: str, browser: WebDriver, receiver: Any, rsa_key: Any, sink: Sink, workers: Any, sync_redis: Any
+) -> None:
+    refused = {"yes"}
+    sink.answer = lambda update_id, n: (
+        (503, {"Retry-After": "3600"}, 0.0) if update_id.startswith("SlowShop") and n == 1
+        else (400, {}, 0.0) if refused and update_id.startswith("BrowserOrder")
+        else (200, {}, 0.0)
+    )  # fmt: skip
+    workers(**webhook_settings(sink))
+    await post_order(receiver, rsa_key, "DeliveredOrder01", ("order", "charge"))
+    [update_id] = await post_order(receiver, rsa_key, "BrowserOrder0001")
+    [retrying] = await post_order(receiver, rsa_key, "SlowShopOrder001")
+    await wait_for(lambda: sync_redis.hexists(RedisKeys().dead_letters, update_id), what="the dead letter")
+    await wait_for(
+        lambda: sync_redis.zscore(RedisKeys().retry_schedule, retrying) is not None, what="a retry"
+    )
+    app = receiver.server.app
+    await app[METRICS].minutes.flush(app[REDIS], app[KEYS])
+
+    def sign_in_wrong_then_right() -> None:
+        browser.get(f"{console}/dlq")
+        assert browser.current_url.startswith(f"{console}/login")
+        browser.find_element(By.ID, "token").send_keys("not-the-token-but-long-enough-to-try-it")
+        follow(browser, browser.find_element(By.ID, "sign-in"))
+        assert "not the console's token" in browser.page_source
+        shot(browser, "login")
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        follow(browser, browser.find_element(By.ID, "sign-in"))
+        assert browser.current_url == f"{console}/dlq"
+        assert texts(browser, "tr.entry td:nth-child(2)") == [update_id]
+        assert "merchant answered HTTP 400" in browser.find_element(By.CSS_SELECTOR, "tr.entry").text
+        shot(browser, "dlq")
+
+    await step(sign_in_wrong_then_right)
+
+    def a_post_without_csrf_is_refused() -> None:
+        status = browser.execute_async_script(
+            """const done = arguments[arguments.length - 1];
+            const body = new URLSearchParams({action: "purge", confirm: "yes", id: arguments[0]});
+            fetch("/dlq/act", {method: "POST", body, redirect: "manual"}).then(r => done(r.status));""",
+            update_id,
+        )
+        assert status == 403
+
+    await step(a_post_without_csrf_is_refused)
+    assert sync_redis.hexists(RedisKeys().dead_letters, update_id)  # nothing changed
+
+    def open_the_entry_and_ask_to_requeue() -> None:
+        follow(browser, browser.find_element(By.LINK_TEXT, update_id))
+        assert "merchant answered HTTP 400" in browser.page_source
+        shot(browser, "dlq-entry")
+        follow(browser, browser.find_element(By.ID, "requeue-one"))
+        assert texts(browser, "ul.ids li") == [update_id]
+        shot(browser, "confirm")
+
+    await step(open_the_entry_and_ask_to_requeue)
+    refused.clear()
+
+    def confirm_and_find_the_story() -> None:
+        follow(browser, browser.find_element(By.ID, "confirm"))
+        assert "requeued 1 of 1" in browser.find_element(By.CSS_SELECTOR, ".notice").text
+        assert texts(browser, "tr.entry") == []
+        search = browser.find_element(By.NAME, "key")
+        search.send_keys("n-BrowserOrder0001")  # the merchant order number
+        follow(browser, search)
+        row = f'tr.update[data-id="{update_id}"] .state'
+        until(browser, lambda: texts(browser, row) == ["delivered"], reload=True)
+        story = browser.find_element(By.CSS_SELECTOR, "pre.timeline").text
+        assert "queued by requeue" in story and "dead_lettered (HTTP 400)" in story
+        assert "delivered (HTTP 200)" in story
+        shot(browser, "order")
+
+    await step(confirm_and_find_the_story)
+    assert len(sink.attempts(update_id)) == 2
+
+    def overview_and_retrying() -> None:
+        follow(browser, browser.find_element(By.LINK_TEXT, "Overview"))
+        assert browser.find_element(By.ID, "dlq-depth").text == "0"
+        assert "accepted 3" in browser.find_element(By.CSS_SELECTOR, ".legend").text
+        assert len(texts(browser, "table tbody tr")) >= 1  # the worker
+        shot(browser, "overview")
+        follow(browser, browser.find_element(By.LINK_TEXT, "Retrying"))
+        row = browser.find_element(By.CSS_SELECTOR, f'tr.retrying[data-id="{retrying}"]')
+        assert "HTTP 503" in row.text
+        shot(browser, "retrying")
+        until(browser, lambda: sync_redis.hget(f"rq:job:{retrying}", "status") == b"scheduled")
+        follow(browser, row.find_element(By.TAG_NAME, "button"))
+        assert "retrying now" in browser.find_element(By.CSS_SELECTOR, ".notice").text
+
+    await step(overview_and_retrying)
+    await wait_for(lambda: len(sink.attempts(retrying)) == 2, what="the retry made now")
