@@ -19,7 +19,7 @@ from redis.asyncio.sentinel import MasterNotFoundError
 from redis.exceptions import RedisError
 
 from receiver.clock import utc_now
-from receiver.connections import async_redis
+from receiver.connections import async_redis, deadline
 from receiver.errors import (
     BadCallback,
     BodyTimeout,
@@ -173,7 +173,10 @@ async def note_error_object(app: web.Application, error: dict[str, Any], receive
     note = error_note(error, received_at)
     key = app[KEYS].error_notes
     try:
-        async with app[REDIS].pipeline(transaction=True) as pipe:
+        async with (
+            deadline(app[REDIS], app[SETTINGS].redis_timeout_seconds),
+            app[REDIS].pipeline(transaction=True) as pipe,
+        ):
             pipe.lpush(key, orjson.dumps(note))
             pipe.ltrim(key, 0, ERROR_NOTES_KEPT - 1)
             pipe.expire(key, ERROR_NOTES_TTL_SECONDS)
@@ -253,7 +256,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     try:
-        await request.app[REDIS].ping()
+        async with deadline(request.app[REDIS], request.app[SETTINGS].redis_timeout_seconds):
+            await request.app[REDIS].ping()
     except MasterNotFoundError:
         return json_response({"status": "unavailable", "redis": "no master known to the sentinels"}, 503)
     except RedisError:
@@ -264,14 +268,18 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     app = request.app
     try:
-        async with app[REDIS].pipeline(transaction=False) as pipe:
+        async with (
+            deadline(app[REDIS], app[SETTINGS].redis_timeout_seconds),
+            app[REDIS].pipeline(transaction=False) as pipe,
+        ):
             pipe.llen(app[KEYS].rq_queue)
             pipe.hlen(app[KEYS].dead_letters)
             pipe.hgetall(app[KEYS].metrics)
             pipe.smembers(app[KEYS].rq_workers)
             depth, dead, shared, workers = await pipe.execute()
+            alive = await workers_alive(app[REDIS], workers)
         app[METRICS].queue_depth.set(depth)
-        app[METRICS].workers_alive.set(await workers_alive(app[REDIS], workers))
+        app[METRICS].workers_alive.set(alive)
         app[METRICS].dead_letter_depth.set(dead)
         app[METRICS].shared.update(shared)
     except RedisError:
@@ -293,7 +301,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[REDIS] = redis
     # The intake's own client has no socket timeout: it bounds each batch itself (see Intake._run).
     intake_redis = async_redis(settings, timeout=None)
-    app[INTAKE] = Intake(intake_redis, app[KEYS], settings.dedup_ttl_seconds, settings.redis_min_replicas)
+    app[INTAKE] = Intake(
+        intake_redis,
+        app[KEYS],
+        settings.dedup_ttl_seconds,
+        settings.redis_min_replicas,
+        timeout_seconds=settings.redis_timeout_seconds,
+    )
     app[INTERGIRO] = IntergiroApi(settings)
     # Bound once as logging is now configured: the module's lazy proxy looks the configuration up on
     # every call, a cost the one line per callback need not pay.

@@ -29,6 +29,7 @@ class Settings:
     redis_sentinels: tuple[tuple[str, int], ...] = ()
     redis_sentinel_master: str = "mymaster"
     redis_min_replicas: int = 0
+    redis_timeout_seconds: float = 3.0
     receiver_host: str = "0.0.0.0"  # noqa: S104 - a receiver listens for the outside world
     receiver_port: int = 8080
     receiver_idle_timeout_seconds: float = 15.0
@@ -131,6 +132,9 @@ class _Reader:
             redis_sentinels=self.get("REDIS_SENTINELS", d.redis_sentinels, _sentinels),
             redis_sentinel_master=self.get("REDIS_SENTINEL_MASTER", d.redis_sentinel_master, _queue_name),
             redis_min_replicas=self.get("REDIS_MIN_REPLICAS", d.redis_min_replicas, _int_between(0, 16)),
+            redis_timeout_seconds=self.get(
+                "REDIS_TIMEOUT_SECONDS", d.redis_timeout_seconds, _float_between(0.1, 60.0)
+            ),
             receiver_host=self.get("RECEIVER_HOST", d.receiver_host, str),
             receiver_port=self.get("RECEIVER_PORT", d.receiver_port, _int_between(0, 65535)),
             receiver_idle_timeout_seconds=self.get(
@@ -270,6 +274,16 @@ def _float(raw: str) -> float:
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{raw!r} is not a finite number")
     return value
+
+
+def _float_between(low: float, high: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        value = _float(raw)
+        if not low <= value <= high:
+            raise ValueError(f"{value:g} is outside {low:g}..{high:g}")
+        return value
+
+    return parse
 
 
 def _positive_float(raw: str) -> float:
