@@ -81,16 +81,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         from receiver.send import run_send
 
         raise SystemExit(run_send(args))
+    if args.command == "check":  # its configuration errors are problems like any other it finds
+        from receiver.check import report, run_check
+
+        try:
+            checked = Settings.from_env()
+        except ConfigError as exc:
+            raise SystemExit(report(exc.problems)) from None
+        configure_logging(checked.log_format, checked.log_level)
+        raise SystemExit(run_check(checked))
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
     if args.command == "serve":
         from receiver.app import serve
 
         serve(settings)
-    elif args.command == "check":
-        from receiver.check import run_check
-
-        raise SystemExit(run_check(settings))
     elif args.command == "worker":
         from workers.runner import run_workers
 

@@ -118,6 +118,10 @@ class _Reader:
             self.problems.append(f"{name}: {exc}")
             return default
 
+    def refused(self, name: str) -> bool:
+        """Whether `name` was set to a bad value (its own line says why: "required" would be false)."""
+        return any(problem.startswith(f"{name}: ") for problem in self.problems)
+
     def get_either(self, name: str, default: T, parse: Callable[[str], T]) -> T:
         """`name`, or its lower-case spelling when `name` is unset (the proxy variables' custom)."""
         if self.env.get(name, "").strip() == "" and self.env.get(name.lower(), "").strip() != "":
@@ -203,9 +207,13 @@ class _Reader:
             log_format=self.get("LOG_FORMAT", d.log_format, _choice(LOG_FORMATS)),
             log_level=self.get("LOG_LEVEL", d.log_level, _log_level),
         )
-        if s.remote_verification and not s.intergiro_api_key:
+        if s.remote_verification and not s.intergiro_api_key and not self.refused("INTERGIRO_API_KEY"):
             self.problems.append(f"INTERGIRO_API_KEY: required when INTERGIRO_VERIFY={s.intergiro_verify}")
-        if s.merchant_webhook_url and not s.merchant_webhook_secret:
+        if (
+            s.merchant_webhook_url
+            and not s.merchant_webhook_secret
+            and not self.refused("MERCHANT_WEBHOOK_SECRET")
+        ):
             self.problems.append("MERCHANT_WEBHOOK_SECRET: required when MERCHANT_WEBHOOK_URL is set")
         self.check_client_certificate(s)
         if self.problems:
