@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -251,7 +253,8 @@ async def receive_callback(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
+    """Alive; names the process that answered (with `serve --processes N`, one of N)."""
+    return json_response({"status": "ok", "pid": os.getpid()})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -384,10 +387,13 @@ class _Busy(asyncio.Protocol):
         return False
 
 
-async def listen(runner: web.AppRunner, host: str, port: int, max_connections: int) -> asyncio.Server:
+async def listen(
+    runner: web.AppRunner, host: str, port: int, max_connections: int, reuse_port: bool = False
+) -> asyncio.Server:
     """Accept connections for a set-up runner on host:port, at most `max_connections` open at once
     (each past them is answered 503 and closed, and counted). aiohttp's sites have no such limit, so
-    the listening socket is asyncio's own, serving the runner's public `server`."""
+    the listening socket is asyncio's own, serving the runner's public `server`. With `reuse_port`,
+    other processes bind the same port (SO_REUSEPORT) and the kernel spreads connections over them."""
     server = runner.server
     assert server is not None, "set the runner up first"
     refused = runner.app[METRICS].connections_refused
@@ -398,7 +404,9 @@ async def listen(runner: web.AppRunner, host: str, port: int, max_connections: i
             return _Busy()
         return server()
 
-    return await asyncio.get_running_loop().create_server(connection, host, port, reuse_address=True)
+    return await asyncio.get_running_loop().create_server(
+        connection, host, port, reuse_address=True, reuse_port=reuse_port or None
+    )
 
 
 def event_loop() -> asyncio.AbstractEventLoop:
@@ -419,21 +427,75 @@ async def freeze_startup_objects(app: web.Application) -> None:
     gc.freeze()
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, processes: int = 1) -> None:
+    """Serve until SIGTERM/SIGINT: in this process, or in `processes` forked ones (0: one per core)
+    sharing the port through SO_REUSEPORT, each with its own event loop, stopped together."""
+    count = processes or os.cpu_count() or 1
     log.info(
         "receiver starting",
         host=settings.receiver_host,
         port=settings.receiver_port,
         verify=settings.intergiro_verify,
+        processes=count,
     )
+    if count == 1:
+        _serve_here(settings, reuse_port=False)
+        return
+    raise SystemExit(_serve_forked(settings, count))
+
+
+def _serve_here(settings: Settings, reuse_port: bool) -> None:
     loop = event_loop()
     try:
-        loop.run_until_complete(_serve(settings))
+        loop.run_until_complete(_serve(settings, reuse_port))
     finally:
         loop.close()
 
 
-async def _serve(settings: Settings) -> None:
+def _serve_forked(settings: Settings, count: int) -> int:
+    """Fork `count` receivers (before any event loop or connection exists, so none is shared) and wait:
+    SIGTERM or SIGINT is passed to each, and they finish their requests in flight; one that dies on
+    its own stops the others too (exit 1), so the supervisor restarts the whole set."""
+    children: set[int] = set()
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child's coverage is not collected
+            code = 0
+            try:
+                _serve_here(settings, reuse_port=True)
+            except BaseException:
+                log.exception("receiver process failed")
+                code = 1
+            finally:
+                os._exit(code)
+        children.add(pid)
+    stopping = False
+
+    def stop_all(signal_number: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signal_number, stop_all)
+    failed = False
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        children.discard(pid)
+        if os.waitstatus_to_exitcode(status) != 0 or not stopping:
+            failed = True
+            if not stopping:
+                log.error("receiver process ended on its own; stopping the others", pid=pid)
+                stop_all(signal.SIGTERM, None)
+    return 1 if failed else 0
+
+
+async def _serve(settings: Settings, reuse_port: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then stop accepting and let the requests in flight finish."""
     app = create_app(settings)
     app.on_startup.append(freeze_startup_objects)
@@ -445,7 +507,11 @@ async def _serve(settings: Settings) -> None:
         loop.add_signal_handler(signal_number, stop.set)
     try:
         server = await listen(
-            runner, settings.receiver_host, settings.receiver_port, settings.receiver_max_connections
+            runner,
+            settings.receiver_host,
+            settings.receiver_port,
+            settings.receiver_max_connections,
+            reuse_port=reuse_port,
         )
         try:
             await stop.wait()
