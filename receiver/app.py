@@ -7,6 +7,7 @@ import contextlib
 import functools
 import gc
 import os
+import shutil
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,9 +16,10 @@ from typing import Any, cast
 import orjson
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import MasterNotFoundError
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from receiver.clock import utc_now
@@ -36,7 +38,7 @@ from receiver.intake import Intake
 from receiver.intergiro_api import IntergiroApi
 from receiver.keys import TrustedKey
 from receiver.logs import log
-from receiver.metrics import ReceiverMetrics
+from receiver.metrics import DEPLOYMENT_SCRIPT, ReceiverMetrics, multiprocess_dir
 from receiver.order import OrderLimits, build_updates, event_key, is_error_object, parse_order
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
@@ -71,6 +73,7 @@ TRUSTED_KEYS = web.AppKey("trusted_keys", tuple[TrustedKey, ...])
 ORDER_ID = web.RequestKey("order_id", str)
 ORDER_LIMITS = web.AppKey("order_limits", OrderLimits)
 CALLBACK_LOG = web.AppKey("callback_log", structlog.typing.FilteringBoundLogger)
+DEPLOYMENT_SCRIPT_KEY = web.AppKey("deployment_script", AsyncScript)
 
 
 def json_response(
@@ -269,39 +272,26 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """This process's own metrics; and the deployment's, when this process holds the exporter lease
+    (see receiver.metrics: summed over every receiver and worker, each figure counts once)."""
     app = request.app
+    deployment = app[METRICS].deployment
+    keys, args = deployment.keys_and_args()
     try:
-        async with (
-            deadline(app[REDIS], app[SETTINGS].redis_timeout_seconds),
-            app[REDIS].pipeline(transaction=False) as pipe,
-        ):
-            pipe.llen(app[KEYS].rq_queue)
-            pipe.hlen(app[KEYS].dead_letters)
-            pipe.hgetall(app[KEYS].metrics)
-            pipe.smembers(app[KEYS].rq_workers)
-            depth, dead, shared, workers = await pipe.execute()
-            alive = await workers_alive(app[REDIS], workers)
-        app[METRICS].queue_depth.set(depth)
-        app[METRICS].workers_alive.set(alive)
-        app[METRICS].dead_letter_depth.set(dead)
-        app[METRICS].shared.update(shared)
+        async with deadline(app[REDIS], app[SETTINGS].redis_timeout_seconds):
+            deployment.update(await app[DEPLOYMENT_SCRIPT_KEY](keys=keys, args=args))
+            if deployment.held:
+                deployment.memory(await app[REDIS].info("memory"))
     except RedisError:
-        pass  # the gauges keep their last value; /readyz tells that Redis is gone
-    return web.Response(
-        body=generate_latest(app[METRICS].registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
-
-
-async def workers_alive(redis: Redis, names: set[bytes]) -> int:
-    """Members of RQ's set whose key (`rq:worker:<name>`) still exists: a dead worker stays in the set
-    until some worker's maintenance prunes it, but its key expires."""
-    return int(await redis.exists(*names)) if names else 0
+        deployment.lost()  # /readyz tells that Redis is gone
+    return web.Response(body=app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     redis = async_redis(settings)
     app[REDIS] = redis
+    app[DEPLOYMENT_SCRIPT_KEY] = redis.register_script(DEPLOYMENT_SCRIPT)
     # The intake's own client has no socket timeout: it bounds each batch itself (see Intake._run).
     intake_redis = async_redis(settings, timeout=None)
     app[INTAKE] = Intake(
@@ -325,7 +315,7 @@ def create_app(settings: Settings) -> web.Application:
     """The receiver's aiohttp application, with its Redis client and HTTP session opened on startup."""
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
-    app[METRICS] = ReceiverMetrics()
+    app[METRICS] = ReceiverMetrics(RedisKeys(settings.redis_key_prefix, settings.queue_name))
     app[KEYS] = RedisKeys(settings.redis_key_prefix, settings.queue_name)
     app[TRUSTED_KEYS] = settings.trusted_keys
     app[ORDER_LIMITS] = settings.order_limits
@@ -481,18 +471,30 @@ def _serve_forked(settings: Settings, count: int) -> int:
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signal_number, stop_all)
     failed = False
+    try:
+        failed = _wait_for(children, stop_all, lambda: stopping)
+    finally:
+        shared_folder = multiprocess_dir()
+        if shared_folder:  # the processes' metric files: their counts end with them
+            shutil.rmtree(shared_folder, ignore_errors=True)
+    return 1 if failed else 0
+
+
+def _wait_for(children: set[int], stop_all: Callable[[int, Any], None], stopping: Callable[[], bool]) -> bool:
+    """Reap the receivers; True when one failed or ended on its own (the others are then stopped)."""
+    failed = False
     while children:
         try:
             pid, status = os.wait()
         except ChildProcessError:
             break
         children.discard(pid)
-        if os.waitstatus_to_exitcode(status) != 0 or not stopping:
+        if os.waitstatus_to_exitcode(status) != 0 or not stopping():
             failed = True
-            if not stopping:
+            if not stopping():
                 log.error("receiver process ended on its own; stopping the others", pid=pid)
                 stop_all(signal.SIGTERM, None)
-    return 1 if failed else 0
+    return failed
 
 
 async def _serve(settings: Settings, reuse_port: bool = False) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from receiver.errors import ConfigError
@@ -145,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(report(exc.problems)) from None
         configure_logging(checked.log_format, checked.log_level)
         raise SystemExit(run_check(checked))
+    if args.command == "serve" and args.processes != 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Before prometheus_client is imported: the processes count into shared files (receiver.metrics).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="intergiro-metrics-")
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
     if args.command == "serve":
@@ -152,8 +157,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         serve(settings, processes=args.processes)
     elif args.command == "worker":
+        from workers.metrics_server import start_metrics_server
         from workers.runner import run_workers
 
+        if not args.burst:  # a burst run is a job, not a service to watch
+            start_metrics_server(settings, args.processes)
         raise SystemExit(run_workers(settings, burst=args.burst, processes=args.processes))
     elif args.command == "dlq":
         from workers.deadletter import run_dlq_command

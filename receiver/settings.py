@@ -59,6 +59,7 @@ class Settings:
     max_meta_bytes: int = 16_384
     max_customer_bytes: int = 4_096
     receiver_max_connections: int = 512
+    worker_metrics_port: int = 8082
     reconcile_interval_seconds: int = 0
     reconcile_lookback_seconds: int = 172_800
     log_format: str = "json"
@@ -197,6 +198,9 @@ class _Reader:
             ),
             receiver_max_connections=self.get(
                 "RECEIVER_MAX_CONNECTIONS", d.receiver_max_connections, _int_between(1, 100_000)
+            ),
+            worker_metrics_port=self.get(
+                "WORKER_METRICS_PORT", d.worker_metrics_port, _int_between(0, 65535)
             ),
             reconcile_interval_seconds=self.get(
                 "RECONCILE_INTERVAL_SECONDS", d.reconcile_interval_seconds, _int_between(0, 86400 * 7)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from receiver.cli import build_parser
-from receiver.metrics import SHARED_METRICS, ReceiverMetrics
+from receiver.metrics import DEPLOYMENT_GAUGES, SHARED_METRICS, ReceiverMetrics
 from receiver.settings import SETTING_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +202,7 @@ def test_the_receiver_is_ready_on_readyz_alive_on_healthz_and_behind_the_service
 
 def served_metric_names() -> set[str]:
     names = {m.name for m in ReceiverMetrics().registry.collect()}
-    return names | {n + "_total" for n in names} | set(SHARED_METRICS)
+    return names | {n + "_total" for n in names} | set(SHARED_METRICS) | set(DEPLOYMENT_GAUGES)
 
 
 def test_the_alerts_watch_dead_letters_503s_and_workers_through_metrics_the_receiver_serves() -> None:

@@ -102,6 +102,11 @@ def test_serve_with_two_processes_answers_on_one_port_from_two_pids_and_stops_to
         assert (
             post(f"http://127.0.0.1:{port}/callbacks/intergiro", line["body"], line["content_type"])[0] == 200
         )
+        for _ in range(6):  # whichever process answers, the counts are the processes' sum
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+                lines = answer.read().decode().splitlines()
+            assert 'intergiro_callbacks_total{outcome="accepted"} 1.0' in lines
+            assert "process_group_processes 3.0" in lines
         process.terminate()
         assert process.wait(15) == 0
         for pid in pids:
