@@ -147,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(report(exc.problems)) from None
         configure_logging(checked.log_format, checked.log_level)
         raise SystemExit(run_check(checked))
-    if args.command == "serve" and args.processes != 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    forked = args.command == "serve" and (args.processes or os.cpu_count() or 1) > 1
+    if forked and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Before prometheus_client is imported: the processes count into shared files (receiver.metrics).
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="intergiro-metrics-")
     settings = load_settings()
