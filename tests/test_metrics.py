@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -157,6 +158,7 @@ def test_two_receivers_and_a_worker_sum_to_the_true_figures_each_counted_once(
     assert alone[("intergiro_workers_alive", ())] == 1
     with urllib.request.urlopen(f"{worker}/healthz", timeout=5) as answer:
         assert answer.status == 200
+        assert json.loads(answer.read()) == {"status": "ok", "workers_alive": 1, "workers_expected": 1}
 
 
 def test_the_worker_probe_fails_when_no_rq_heartbeat_of_its_processes_is_alive(
