@@ -64,6 +64,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its children (`serve --processes N` forks N receivers)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return cpu_seconds(pid) + sum(cpu_seconds(int(child)) for child in children)
+
+
 def wait_for_port(port: int, process: subprocess.Popen[bytes], name: str) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -77,7 +86,7 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], name: str) -> Non
     raise SystemExit(f"bench: {name} did not listen on port {port}")
 
 
-def start_servers(redis_url: str, workdir: Path, log_level: str) -> dict[str, Server]:
+def start_servers(redis_url: str, workdir: Path, log_level: str, processes: int = 1) -> dict[str, Server]:
     key_file = workdir / "bench-public.pem"
     key_file.write_text(public_pem())
     python = sys.executable
@@ -86,7 +95,7 @@ def start_servers(redis_url: str, workdir: Path, log_level: str) -> dict[str, Se
         "ceiling": ([python, "-m", "bench.bare", str(free_port())], ROOT, base_env),
         "baseline": ([python, "-m", "bench.baseline", "0", redis_url, str(key_file)], ROOT, base_env),
         "receiver": (
-            [str(Path(python).parent / "intergiro-receiver"), "serve"],
+            [str(Path(python).parent / "intergiro-receiver"), "serve", "--processes", str(processes)],
             workdir,  # no .env from the repository
             {
                 **base_env,
@@ -156,10 +165,10 @@ def run_once(server: Server, args: argparse.Namespace, tokens: list[bytes], toke
     """Warm up, empty Redis, load, check the queue; returns the result and the check's verdict."""
     run_asyncio(server.url, tokens[: args.connections * 4], 2.0, args.connections)
     client.flushdb()
-    cpu_before, redis_before = cpu_seconds(server.process.pid), cpu_seconds(redis_pid)
+    cpu_before, redis_before = tree_cpu_seconds(server.process.pid), cpu_seconds(redis_pid)
     result = load(server, args, tokens, tokens_file)
     requests = max(result.requests, 1)
-    server.cpu_per_request_us.append((cpu_seconds(server.process.pid) - cpu_before) / requests * 1e6)
+    server.cpu_per_request_us.append((tree_cpu_seconds(server.process.pid) - cpu_before) / requests * 1e6)
     server.redis_cpu_per_request_us.append((cpu_seconds(redis_pid) - redis_before) / requests * 1e6)
     if server.name == "ceiling":
         return result, ""
@@ -204,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO", help="the receiver's LOG_LEVEL (default INFO)")
     parser.add_argument("--redis", choices=PERSISTENCE, default="always",
                         help="persistence: deploy/redis.conf as is (always, the default), everysec, none")  # fmt: skip
+    parser.add_argument(
+        "--processes", type=int, default=1, help="the receiver's `serve --processes N` (default 1)"
+    )
     args = parser.parse_args(argv)
     if args.loader == "auto":
         args.loader = "wrk" if wrk_available() else "asyncio"
@@ -211,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens = token_pool(args.requests)
     tokens_file = CACHE / "tokens.txt"
     print(f"token size {len(tokens[0])} bytes; load: {args.loader}, {args.connections} connections,"
-          f" {args.seconds:g} s per run, {args.rounds} rounds; receiver LOG_LEVEL={args.log_level}", flush=True)  # fmt: skip
+          f" {args.seconds:g} s per run, {args.rounds} rounds; receiver LOG_LEVEL={args.log_level},"
+          f" --processes {args.processes}", flush=True)  # fmt: skip
     redis_server = ProductionRedis(args.redis)
     redis_server.start()
     print(redis_server.describe(), flush=True)
@@ -220,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     try:
         client = redis.Redis.from_url(redis_server.url)
-        servers = start_servers(redis_server.url, workdir, args.log_level)
+        servers = start_servers(redis_server.url, workdir, args.log_level, args.processes)
         for round_number in range(1, args.rounds + 1):
             for name in SYSTEMS:
                 server = servers[name]

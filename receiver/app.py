@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import functools
 import gc
+import os
+import shutil
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,14 +16,14 @@ from typing import Any, cast
 import orjson
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import MasterNotFoundError
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from receiver.clock import utc_now
-from receiver.connections import async_redis
-from receiver.destinations import MERCHANT
+from receiver.connections import async_redis, deadline
 from receiver.errors import (
     BadCallback,
     BodyTimeout,
@@ -37,9 +39,9 @@ from receiver.intake import Intake
 from receiver.intergiro_api import IntergiroApi
 from receiver.keys import TrustedKey
 from receiver.logs import log
-from receiver.metrics import ReceiverMetrics
+from receiver.metrics import DEPLOYMENT_SCRIPT, ReceiverMetrics, multiprocess_dir
 from receiver.order import OrderLimits, build_updates, event_key, is_error_object, parse_order
-from receiver.rediskeys import RedisKeys
+from receiver.rediskeys import RedisKeys, destination_keys
 from receiver.settings import Settings
 from receiver.verify import NoKeyVerifies, Unrepresentable, Verified, strict_json, verify_local
 
@@ -74,6 +76,7 @@ ORDER_ID = web.RequestKey("order_id", str)
 ORDER_LIMITS = web.AppKey("order_limits", OrderLimits)
 REQUEST_ID = web.RequestKey("request_id", str)
 CALLBACK_LOG = web.AppKey("callback_log", structlog.typing.FilteringBoundLogger)
+DEPLOYMENT_SCRIPT_KEY = web.AppKey("deployment_script", AsyncScript)
 
 
 def json_response(
@@ -184,7 +187,10 @@ async def note_error_object(app: web.Application, error: dict[str, Any], receive
     note = error_note(error, received_at)
     key = app[KEYS].error_notes
     try:
-        async with app[REDIS].pipeline(transaction=True) as pipe:
+        async with (
+            deadline(app[REDIS], app[SETTINGS].redis_timeout_seconds),
+            app[REDIS].pipeline(transaction=True) as pipe,
+        ):
             pipe.lpush(key, orjson.dumps(note))
             pipe.ltrim(key, 0, ERROR_NOTES_KEPT - 1)
             pipe.expire(key, ERROR_NOTES_TTL_SECONDS)
@@ -268,12 +274,14 @@ async def receive_callback(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
+    """Alive; names the process that answered (with `serve --processes N`, one of N)."""
+    return json_response({"status": "ok", "pid": os.getpid()})
 
 
 async def readyz(request: web.Request) -> web.Response:
     try:
-        await request.app[REDIS].ping()
+        async with deadline(request.app[REDIS], request.app[SETTINGS].redis_timeout_seconds):
+            await request.app[REDIS].ping()
     except MasterNotFoundError:
         return json_response({"status": "unavailable", "redis": "no master known to the sentinels"}, 503)
     except RedisError:
@@ -282,37 +290,19 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """This process's own metrics; and the deployment's, when this process holds the exporter lease
+    (see receiver.metrics: summed over every receiver and worker, each figure counts once)."""
     app = request.app
-    keys = app[KEYS]
-    # queue depth and workers summed over every destination's queue (`merchant`'s alone without fan-out)
-    queues = [
-        keys if d.name == MERCHANT else keys.for_destination(d.name) for d in app[SETTINGS].destinations
-    ]
+    deployment = app[METRICS].deployment
+    keys, args = deployment.keys_and_args()
     try:
-        async with app[REDIS].pipeline(transaction=False) as pipe:
-            pipe.hlen(keys.dead_letters)
-            pipe.hgetall(keys.metrics)
-            for own in queues:
-                pipe.llen(own.rq_queue)
-                pipe.smembers(own.rq_workers)
-            dead, shared, *per_queue = await pipe.execute()
-        depth = sum(per_queue[0::2])
-        workers = set().union(*per_queue[1::2])
-        app[METRICS].queue_depth.set(depth)
-        app[METRICS].workers_alive.set(await workers_alive(app[REDIS], workers))
-        app[METRICS].dead_letter_depth.set(dead)
-        app[METRICS].shared.update(shared)
+        async with deadline(app[REDIS], app[SETTINGS].redis_timeout_seconds):
+            deployment.update(await app[DEPLOYMENT_SCRIPT_KEY](keys=keys, args=args))
+            if deployment.held:
+                deployment.memory(await app[REDIS].info("memory"))
     except RedisError:
-        pass  # the gauges keep their last value; /readyz tells that Redis is gone
-    return web.Response(
-        body=generate_latest(app[METRICS].registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
-
-
-async def workers_alive(redis: Redis, names: set[bytes]) -> int:
-    """Members of RQ's set whose key (`rq:worker:<name>`) still exists: a dead worker stays in the set
-    until some worker's maintenance prunes it, but its key expires."""
-    return int(await redis.exists(*names)) if names else 0
+        deployment.lost()  # /readyz tells that Redis is gone
+    return web.Response(body=app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def flush_callback_minutes(app: web.Application, stopping: asyncio.Event) -> None:
@@ -331,6 +321,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     redis = async_redis(settings)
     app[REDIS] = redis
+    app[DEPLOYMENT_SCRIPT_KEY] = redis.register_script(DEPLOYMENT_SCRIPT)
     # The intake's own client has no socket timeout: it bounds each batch itself (see Intake._run).
     intake_redis = async_redis(settings, timeout=None)
     app[INTAKE] = Intake(
@@ -340,6 +331,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         settings.redis_min_replicas,
         history_ttl=settings.history_retention_seconds,
         destinations=settings.destinations,
+        timeout_seconds=settings.redis_timeout_seconds,
     )
     app[INTERGIRO] = IntergiroApi(settings)
     # Bound once as logging is now configured: the module's lazy proxy looks the configuration up on
@@ -360,7 +352,8 @@ def create_app(settings: Settings) -> web.Application:
     """The receiver's aiohttp application, with its Redis client and HTTP session opened on startup."""
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
-    app[METRICS] = ReceiverMetrics()
+    keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+    app[METRICS] = ReceiverMetrics(keys, destination_keys(keys, [d.name for d in settings.destinations]))
     app[KEYS] = RedisKeys(settings.redis_key_prefix, settings.queue_name)
     app[TRUSTED_KEYS] = settings.trusted_keys
     app[ORDER_LIMITS] = settings.order_limits
@@ -422,10 +415,13 @@ class _Busy(asyncio.Protocol):
         return False
 
 
-async def listen(runner: web.AppRunner, host: str, port: int, max_connections: int) -> asyncio.Server:
+async def listen(
+    runner: web.AppRunner, host: str, port: int, max_connections: int, reuse_port: bool = False
+) -> asyncio.Server:
     """Accept connections for a set-up runner on host:port, at most `max_connections` open at once
     (each past them is answered 503 and closed, and counted). aiohttp's sites have no such limit, so
-    the listening socket is asyncio's own, serving the runner's public `server`."""
+    the listening socket is asyncio's own, serving the runner's public `server`. With `reuse_port`,
+    other processes bind the same port (SO_REUSEPORT) and the kernel spreads connections over them."""
     server = runner.server
     assert server is not None, "set the runner up first"
     refused = runner.app[METRICS].connections_refused
@@ -436,7 +432,9 @@ async def listen(runner: web.AppRunner, host: str, port: int, max_connections: i
             return _Busy()
         return server()
 
-    return await asyncio.get_running_loop().create_server(connection, host, port, reuse_address=True)
+    return await asyncio.get_running_loop().create_server(
+        connection, host, port, reuse_address=True, reuse_port=reuse_port or None
+    )
 
 
 def event_loop() -> asyncio.AbstractEventLoop:
@@ -457,21 +455,87 @@ async def freeze_startup_objects(app: web.Application) -> None:
     gc.freeze()
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, processes: int = 1) -> None:
+    """Serve until SIGTERM/SIGINT: in this process, or in `processes` forked ones (0: one per core)
+    sharing the port through SO_REUSEPORT, each with its own event loop, stopped together."""
+    count = processes or os.cpu_count() or 1
     log.info(
         "receiver starting",
         host=settings.receiver_host,
         port=settings.receiver_port,
         verify=settings.intergiro_verify,
+        processes=count,
     )
+    if count == 1:
+        _serve_here(settings, reuse_port=False)
+        return
+    raise SystemExit(_serve_forked(settings, count))
+
+
+def _serve_here(settings: Settings, reuse_port: bool) -> None:
     loop = event_loop()
     try:
-        loop.run_until_complete(_serve(settings))
+        loop.run_until_complete(_serve(settings, reuse_port))
     finally:
         loop.close()
 
 
-async def _serve(settings: Settings) -> None:
+def _serve_forked(settings: Settings, count: int) -> int:
+    """Fork `count` receivers (before any event loop or connection exists, so none is shared) and wait:
+    SIGTERM or SIGINT is passed to each, and they finish their requests in flight; one that dies on
+    its own stops the others too (exit 1), so the supervisor restarts the whole set."""
+    children: set[int] = set()
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child's coverage is not collected
+            code = 0
+            try:
+                _serve_here(settings, reuse_port=True)
+            except BaseException:
+                log.exception("receiver process failed")
+                code = 1
+            finally:
+                os._exit(code)
+        children.add(pid)
+    stopping = False
+
+    def stop_all(signal_number: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signal_number, stop_all)
+    failed = False
+    try:
+        failed = _wait_for(children, stop_all, lambda: stopping)
+    finally:
+        shared_folder = multiprocess_dir()
+        if shared_folder:  # the processes' metric files: their counts end with them
+            shutil.rmtree(shared_folder, ignore_errors=True)
+    return 1 if failed else 0
+
+
+def _wait_for(children: set[int], stop_all: Callable[[int, Any], None], stopping: Callable[[], bool]) -> bool:
+    """Reap the receivers; True when one failed or ended on its own (the others are then stopped)."""
+    failed = False
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        children.discard(pid)
+        if os.waitstatus_to_exitcode(status) != 0 or not stopping():
+            failed = True
+            if not stopping():
+                log.error("receiver process ended on its own; stopping the others", pid=pid)
+                stop_all(signal.SIGTERM, None)
+    return failed
+
+
+async def _serve(settings: Settings, reuse_port: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then stop accepting and let the requests in flight finish."""
     app = create_app(settings)
     app.on_startup.append(freeze_startup_objects)
@@ -483,7 +547,11 @@ async def _serve(settings: Settings) -> None:
         loop.add_signal_handler(signal_number, stop.set)
     try:
         server = await listen(
-            runner, settings.receiver_host, settings.receiver_port, settings.receiver_max_connections
+            runner,
+            settings.receiver_host,
+            settings.receiver_port,
+            settings.receiver_max_connections,
+            reuse_port=reuse_port,
         )
         try:
             await stop.wait()

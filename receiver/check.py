@@ -1,80 +1,248 @@
-"""`intergiro-receiver check`: can this configuration work? One line per problem, exit 1 if any."""
+"""`intergiro-receiver check`: can this configuration work? It tries what it can (Redis, the verify
+endpoint, the merchant URL, the handler's import) and prints one line per problem, all on stdout in one
+format (`problem: VARIABLE: what is wrong`), and exits 1 if there is any; else one `ok:` line."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import importlib
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
+import orjson
+from redis.asyncio import Redis
 from redis.asyncio.sentinel import MasterNotFoundError
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from receiver.connections import async_redis
+from receiver.connections import async_redis, deadline
 from receiver.intergiro_api import new_session, verify_url
 from receiver.settings import Settings
 
+REDIS_CHECK_SECONDS = 3.0
+# A well-formed token no key signed: the verify endpoint can only judge it, and how it answers says
+# whether the key was taken (Intergiro's Error object) or refused (401/403).
+PROBE_TOKEN = b".".join(
+    base64.urlsafe_b64encode(part).rstrip(b"=")
+    for part in (
+        b'{"alg":"RS256","typ":"JWT"}',
+        b'{"id":"CheckProbe000000","iss":"payfunc","aud":"production","iat":0}',
+        b"not a signature",
+    )
+)
 
-async def find_problems(settings: Settings) -> list[str]:
-    problems = []
-    redis = async_redis(settings, timeout=3)
+
+@dataclass
+class Findings:
+    problems: list[str]
+    redis: str = ""  # which Redis answered: "7.2.4 at host:6379 db 0"
+    merchant: str = ""
+
+
+def redis_variable(settings: Settings) -> str:
+    return "REDIS_SENTINELS" if settings.redis_sentinels else "REDIS_URL"
+
+
+async def redis_address(client: Redis) -> str:
+    """host:port db N of the Redis a connection of `client` reaches (the master, with Sentinel)."""
+    pool = client.connection_pool
+    connection: Any = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:
-        await redis.ping()
+        where = getattr(connection, "path", "") or f"{connection.host}:{connection.port}"
+        return f"{where} db {connection.db}"
+    finally:
+        await pool.release(connection)
+
+
+def redis_problem(exc: RedisError, settings: Settings, where: str) -> str:
+    """Redis's own reason, in words an operator acts on."""
+    variable = redis_variable(settings)
+    text = str(exc) or type(exc).__name__
+    lowered = text.lower()
+    if any(sign in lowered for sign in ("noauth", "authentication required", "already authenticated")):
+        return f"{variable}: Redis at {where} requires a password, and REDIS_URL gives none"
+    if isinstance(exc, AuthenticationError) or "wrongpass" in lowered or "invalid password" in lowered:
+        return f"{variable}: Redis at {where} refused the username or password ({text})"
+    if "db index is out of range" in lowered or "invalid database" in lowered:
+        return f"{variable}: Redis at {where} has no such database ({text})"
+    if "ssl" in lowered or "tls" in lowered or "wrong version number" in lowered:
+        return (
+            f"{variable}: TLS with Redis at {where} failed: rediss:// against a Redis without TLS? ({text})"
+        )
+    if isinstance(exc, RedisTimeoutError) and settings.redis_url.startswith("rediss:"):
+        return (
+            f"{variable}: TLS with Redis at {where} failed: no handshake within {REDIS_CHECK_SECONDS:g} s "
+            "(rediss:// against a Redis without TLS?)"
+        )
+    if isinstance(exc, RedisTimeoutError):
+        return f"{variable}: Redis at {where} did not answer within {REDIS_CHECK_SECONDS:g} s"
+    if isinstance(exc, ResponseError):
+        return f"{variable}: Redis at {where} answered an error: {text}"
+    return f"{variable}: cannot reach Redis at {where}: {text}"
+
+
+def configured_redis(settings: Settings) -> str:
+    """Where the settings point (before anything answered): for the messages."""
+    if settings.redis_sentinels:
+        sentinels = ",".join(f"{host}:{port}" for host, port in settings.redis_sentinels)
+        return f"master {settings.redis_sentinel_master!r} of sentinels {sentinels}"
+    from urllib.parse import urlparse
+
+    url = urlparse(settings.redis_url)
+    if url.scheme == "unix":
+        return url.path
+    db = url.path.lstrip("/") or "0"
+    return f"{url.hostname or 'localhost'}:{url.port or 6379} db {db}"
+
+
+async def check_redis(settings: Settings, findings: Findings) -> None:
+    client = async_redis(settings, timeout=REDIS_CHECK_SECONDS)
+    where = configured_redis(settings)
+    try:
+        async with deadline(client, REDIS_CHECK_SECONDS * 2):
+            info = await client.info("server")
+            where = await redis_address(client)
+        findings.redis = f"Redis {info.get('redis_version', '?')} at {where}"
     except MasterNotFoundError:
-        problems.append(
+        findings.problems.append(
             f"REDIS_SENTINEL_MASTER: no sentinel in REDIS_SENTINELS names a reachable master "
             f"{settings.redis_sentinel_master!r} (sentinels down, a wrong name, or a failover under way)"
         )
     except RedisError as exc:
-        where = "REDIS_SENTINELS" if settings.redis_sentinels else "REDIS_URL"
-        problems.append(f"{where}: cannot reach Redis ({type(exc).__name__})")
+        findings.problems.append(redis_problem(exc, settings, where))
     finally:
-        await redis.aclose()
+        await client.aclose()
+
+
+def is_error_object(text: bytes) -> bool:
+    """An Intergiro Error object (`{status, type, ...}`): the API judged the request."""
+    try:
+        body = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return False
+    return (
+        isinstance(body, dict) and isinstance(body.get("status"), int) and isinstance(body.get("type"), str)
+    )
+
+
+async def check_verify_endpoint(settings: Settings, findings: Findings) -> None:
+    """The key is taken when the endpoint judges the probe token: a 2xx, or Intergiro's own Error object
+    about the token; 401/403 refuse the key; anything else is not (or not only) Intergiro's API."""
+    url = verify_url(settings.intergiro_api_url)
+    try:
+        async with (
+            new_session(settings) as session,
+            session.post(
+                url,
+                data=PROBE_TOKEN,
+                headers={
+                    "Content-Type": "application/jwt",
+                    "Authorization": f"Bearer {settings.intergiro_api_key}",
+                },
+                timeout=aiohttp.ClientTimeout(total=settings.intergiro_api_timeout_seconds),
+                allow_redirects=False,
+            ) as answer,
+        ):
+            status = answer.status
+            body = await answer.content.read(65536)
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        reason = str(exc) or type(exc).__name__
+        findings.problems.append(f"INTERGIRO_API_URL: cannot reach the verify endpoint {url}: {reason}")
+        return
+    if status in (401, 403):
+        findings.problems.append(f"INTERGIRO_API_KEY: the verify endpoint refused the key ({status})")
+    elif 300 <= status < 400:
+        findings.problems.append(
+            f"INTERGIRO_API_URL: the verify endpoint answered a redirect ({status}); "
+            "the receiver follows none: set the URL it points to"
+        )
+    elif status >= 500:
+        findings.problems.append(f"INTERGIRO_API_URL: the verify endpoint answered {status}")
+    elif 400 <= status < 500 and not is_error_object(body):
+        findings.problems.append(
+            f"INTERGIRO_API_URL: {url} answered {status} without Intergiro's error object: "
+            "not Intergiro's verify endpoint, so the key is not known to work"
+        )
+
+
+def check_merchant_url(settings: Settings) -> str | None:
+    """HEAD the merchant URL as the workers reach it (proxy, client certificate): any HTTP answer is
+    reachable; returns the problem, or None."""
+    from workers.merchant_http import AnswerError, ConnectionOptions, MerchantConnection
+
+    try:
+        connection = MerchantConnection(
+            settings.merchant_webhook_url,
+            settings.delivery_timeout_seconds,
+            ConnectionOptions.from_settings(settings),
+        )
+    except ValueError as exc:
+        return f"MERCHANT_WEBHOOK_URL: {exc}"
+    try:
+        connection.reach()
+    except AnswerError:
+        return None  # it answered, if not in good HTTP: reachable, the workers will say more
+    except TimeoutError:
+        return (
+            f"MERCHANT_WEBHOOK_URL: {connection.redacted_url} did not answer within "
+            f"{settings.delivery_timeout_seconds:g} s (DELIVERY_TIMEOUT_SECONDS)"
+        )
+    except OSError as exc:
+        return f"MERCHANT_WEBHOOK_URL: cannot reach {connection.redacted_url}: {exc}"
+    return None
+
+
+def check_handler(path: str) -> str | None:
+    module_name, _, function_name = path.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except Exception as exc:  # whatever importing the merchant's module raises
+        return f"MERCHANT_HANDLER: cannot import {path}: {type(exc).__name__}: {exc}"
+    if not callable(function):
+        return f"MERCHANT_HANDLER: {path} is not callable"
+    return None
+
+
+async def find_problems(settings: Settings) -> Findings:
+    findings = Findings(problems=[])
+    await check_redis(settings, findings)
     if settings.remote_verification:
-        url = verify_url(settings.intergiro_api_url)
-        try:
-            async with (
-                new_session(settings) as session,
-                session.post(
-                    url,
-                    data=b"check",
-                    headers={
-                        "Content-Type": "application/jwt",
-                        "Authorization": f"Bearer {settings.intergiro_api_key}",
-                    },
-                    timeout=aiohttp.ClientTimeout(total=settings.intergiro_api_timeout_seconds),
-                    allow_redirects=False,
-                ) as answer,
-            ):
-                if answer.status in (401, 403):
-                    problems.append(
-                        f"INTERGIRO_API_KEY: the verify endpoint refused the key ({answer.status})"
-                    )
-                elif answer.status >= 500:
-                    problems.append(f"INTERGIRO_API_URL: the verify endpoint answered {answer.status}")
-                elif 300 <= answer.status < 400:
-                    problems.append(
-                        f"INTERGIRO_API_URL: the verify endpoint answered a redirect ({answer.status}); "
-                        "the receiver follows none: set the URL it points to"
-                    )
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            problems.append(f"INTERGIRO_API_URL: cannot reach the verify endpoint ({type(exc).__name__})")
+        await check_verify_endpoint(settings, findings)
     if (
         not settings.merchant_webhook_url
         and not settings.merchant_handler
         and not settings.extra_destinations
     ):
-        problems.append(
+        findings.problems.append(
             "MERCHANT_WEBHOOK_URL or MERCHANT_HANDLER: set at least one (or DESTINATIONS), or workers have "
             "nowhere to deliver"
         )
-    return problems
+    if settings.merchant_webhook_url:
+        problem = await asyncio.to_thread(check_merchant_url, settings)
+        if problem:
+            findings.problems.append(problem)
+    if settings.merchant_handler:
+        problem = check_handler(settings.merchant_handler)
+        if problem:
+            findings.problems.append(problem)
+    return findings
+
+
+def report(problems: list[str]) -> int:
+    """Each problem on its own line of stdout, in the one format; 1 when there is any."""
+    for problem in problems:
+        print(f"problem: {problem}")
+    return 1 if problems else 0
 
 
 def run_check(settings: Settings) -> int:
-    problems = asyncio.run(find_problems(settings))
-    for problem in problems:
-        print(f"problem: {problem}")
-    if not problems:
-        print(
-            f"ok: Redis reachable, verification {settings.intergiro_verify}, environment {settings.intergiro_environment}"
-        )
-    return 1 if problems else 0
+    findings = asyncio.run(find_problems(settings))
+    if findings.problems:
+        return report(findings.problems)
+    print(
+        f"ok: {findings.redis}, verification {settings.intergiro_verify}, "
+        f"environment {settings.intergiro_environment}"
+    )
+    return 0

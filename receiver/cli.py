@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from receiver.errors import ConfigError
@@ -33,11 +35,58 @@ def refuse_split_rq_keys(command: str) -> None:
         raise SystemExit(1)
 
 
+EPILOG = """\
+Settings come from the environment and from a .env file in the working directory (the environment
+wins); every variable, with its default, is in .env.example. A bad value stops the command with one
+line naming the variable.
+
+exit codes:
+  0  done (check: no problem found)
+  1  a problem: bad settings, Redis or an API not reachable, check found a problem, send not
+     answered 200, an id not found, a worker that could not start
+  2  bad command line (or send/reconcile arguments that cannot be used)
+"""
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("intergiro-receiver")
+    except PackageNotFoundError:  # pragma: no cover - run from a tree that was never installed
+        return "unknown"
+
+
+def _processes(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 (one per core) or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="intergiro-receiver", description=__doc__)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="intergiro-receiver", description=__doc__, epilog=EPILOG, formatter_class=formatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("serve", help="run the HTTP receiver")
-    worker = commands.add_parser("worker", help="run RQ workers that deliver updates")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=help_text, description=help_text, epilog=EPILOG, formatter_class=formatter
+        )
+
+    serve = command("serve", "run the HTTP receiver on RECEIVER_HOST:RECEIVER_PORT")
+    serve.add_argument(
+        "--processes",
+        type=_processes,
+        default=1,
+        metavar="N",
+        help="receiver processes sharing the port (SO_REUSEPORT), each with its own event loop; "
+        "0 = one per core (default 1)",
+    )
+    worker = command("worker", "run RQ workers that deliver updates to the merchant")
     worker.add_argument("--burst", action="store_true", help="stop when the queue is empty")
     worker.add_argument(
         "--processes", type=int, default=1, metavar="N", help="worker processes per destination (default 1)"
@@ -45,24 +94,32 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--destination", action="append", metavar="NAME", help="serve only this destination (repeatable)"
     )
-    dlq = commands.add_parser("dlq", help="inspect and act on the dead-letter queue")
+    dlq = command("dlq", "inspect and act on the dead-letter queue")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
-    dlq_list = dlq_commands.add_parser("list", help="list dead-lettered updates")
+    dlq_list = dlq_commands.add_parser("list", help="list dead-lettered updates", epilog=EPILOG)
     dlq_list.add_argument("--json", action="store_true", help="one JSON document")
     dlq_list.add_argument(
         "--destination", metavar="NAME", help="only this destination's (merchant: MERCHANT_*)"
     )
-    dlq_show = dlq_commands.add_parser("show", help="show one dead-lettered update")
-    dlq_show.add_argument("id")
+    dlq_show = dlq_commands.add_parser("show", help="show one dead-lettered update", epilog=EPILOG)
+    dlq_show.add_argument("id", help="the update's id (as `dlq list` prints it)")
     for action in ("requeue", "purge"):
-        sub = dlq_commands.add_parser(action, help=f"{action} one update, or all with --all")
+        sub = dlq_commands.add_parser(action, help=f"{action} one update, or all with --all", epilog=EPILOG)
         target = sub.add_mutually_exclusive_group(required=True)
-        target.add_argument("id", nargs="?")
-        target.add_argument("--all", action="store_true")
+        target.add_argument("id", nargs="?", help="the update's id (as `dlq list` prints it)")
+        target.add_argument("--all", action="store_true", help=f"{action} every dead-lettered update")
         sub.add_argument("--destination", metavar="NAME", help="with --all: only this destination's")
-    commands.add_parser("check", help="validate configuration and reach Redis (and the API when used)")
-    commands.add_parser("dev", help="everything on one machine for trying it out")
-    send = commands.add_parser("send", help="sign an order as Intergiro does and POST it")
+    command(
+        "check",
+        "validate the configuration and try Redis, the verify endpoint (when used), the merchant URL "
+        "and handler: one line per problem, exit 1 if any",
+    )
+    command(
+        "dev",
+        "everything on one machine for trying it out: an embedded Redis (when REDIS_URL is unset), "
+        "receiver, worker, a local signing key, and a command that sends a test callback",
+    )
+    send = command("send", "sign an order as Intergiro does and POST it")
     send.add_argument(
         "order", metavar="ORDER.json", help="an order file, or a shipped sample by name (e.g. card-ordered)"
     )
@@ -76,26 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     send.add_argument("--new-id", action="store_true", help="give the order a fresh random id")
     send.add_argument("--iat-seconds", action="store_true", help="iat in seconds (default: milliseconds)")
-    trace = commands.add_parser(
-        "trace",
-        help="what happened to an order: its callbacks, updates and every delivery attempt",
-        description="The story of one order, in time order. Exit 0 when something is known, 1 when "
-        "nothing is, 2 on bad arguments.",
-    )
+    trace = command("trace", "what happened to an order: its callbacks, updates and every delivery attempt")
     trace.add_argument("key", metavar="KEY", help="an order id, an update id or a merchant order number")
     trace.add_argument(
         "--json", action="store_true", help="one JSON document (a list when KEY names several orders)"
     )
-    commands.add_parser("ops", help="the ops console (web) and its JSON API on OPS_HOST:OPS_PORT")
-    reconcile = commands.add_parser("reconcile", help="queue order events whose callbacks never arrived")
+    command("ops", "the ops console (web) and its JSON API on OPS_HOST:OPS_PORT")
+    reconcile = command("reconcile", "queue order events whose callbacks never arrived")
     window = reconcile.add_mutually_exclusive_group()
     window.add_argument(
         "--since", metavar="DURATION", help="e.g. 2h, 3d (default: RECONCILE_LOOKBACK_SECONDS)"
     )
-    window.add_argument("--start", metavar="DATE")
-    reconcile.add_argument("--end", metavar="DATE")
-    reconcile.add_argument("--dry-run", action="store_true")
-    reconcile.add_argument("--json", action="store_true")
+    window.add_argument("--start", metavar="DATE", help="start of the window (YYYY-MM-DD), with --end")
+    reconcile.add_argument("--end", metavar="DATE", help="end of the window (YYYY-MM-DD), with --start")
+    reconcile.add_argument("--dry-run", action="store_true", help="print what would be queued; queue nothing")
+    reconcile.add_argument("--json", action="store_true", help="print the summary as one JSON document")
     reconcile.add_argument(
         "--every", action="store_true", help="keep running every RECONCILE_INTERVAL_SECONDS"
     )
@@ -112,6 +164,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         from receiver.send import run_send
 
         raise SystemExit(run_send(args))
+    if args.command == "check":  # its configuration errors are problems like any other it finds
+        from receiver.check import report, run_check
+
+        try:
+            checked = Settings.from_env()
+        except ConfigError as exc:
+            raise SystemExit(report(exc.problems)) from None
+        configure_logging(checked.log_format, checked.log_level)
+        raise SystemExit(run_check(checked))
+    forked = args.command == "serve" and (args.processes or os.cpu_count() or 1) > 1
+    if forked and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Before prometheus_client is imported: the processes count into shared files (receiver.metrics).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="intergiro-metrics-")
     settings = load_settings()
     if args.command in ("serve", "worker"):
         refuse_split_rq_keys(args.command)
@@ -119,14 +184,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "serve":
         from receiver.app import serve
 
-        serve(settings)
-    elif args.command == "check":
-        from receiver.check import run_check
-
-        raise SystemExit(run_check(settings))
+        serve(settings, processes=args.processes)
     elif args.command == "worker":
+        from workers.metrics_server import start_metrics_server
         from workers.runner import run_workers
 
+        if not args.burst:  # a burst run is a job, not a service to watch
+            served = len(args.destination or settings.destinations)  # one process group per destination
+            start_metrics_server(settings, args.processes * max(served, 1))
         raise SystemExit(
             run_workers(settings, burst=args.burst, processes=args.processes, destinations=args.destination)
         )

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import EllipsisType
 from typing import Any
 from urllib.parse import urlparse
 
@@ -12,6 +16,7 @@ import redis.asyncio.sentinel
 import redis.retry
 import redis.sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from receiver.settings import Settings
 
@@ -36,9 +41,12 @@ def _connect_timeout(timeout: float | None) -> float:
     return 2.0 if timeout is None else min(timeout, 2.0)
 
 
-def async_redis(settings: Settings, timeout: float | None = 5.0) -> redis.asyncio.Redis:
-    """The receiver's client (never blocks the event loop); `timeout=None` for a caller that bounds
-    its own calls (the intake), connecting still gives up after 2 s."""
+def async_redis(settings: Settings, timeout: float | EllipsisType | None = ...) -> redis.asyncio.Redis:
+    """The receiver's client (never blocks the event loop), its socket timeout REDIS_TIMEOUT_SECONDS
+    unless given; `timeout=None` for a caller that bounds its own calls (the intake), connecting still
+    gives up after 2 s. Bound each call as a whole with `deadline`: redis-py retries a timed-out call."""
+    if timeout is ...:
+        timeout = settings.redis_timeout_seconds
     if settings.redis_sentinels:
         sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
             list(settings.redis_sentinels),
@@ -51,6 +59,19 @@ def async_redis(settings: Settings, timeout: float | None = 5.0) -> redis.asynci
     return redis.asyncio.Redis.from_url(
         settings.redis_url, socket_timeout=timeout, socket_connect_timeout=_connect_timeout(timeout)
     )
+
+
+@asynccontextmanager
+async def deadline(client: redis.asyncio.Redis, seconds: float) -> AsyncIterator[None]:
+    """Bound the Redis calls made inside to `seconds` in all (connecting, retries and answers); past it,
+    raise redis's TimeoutError (a RedisError) and drop every pooled connection: one cut off mid-handshake
+    would otherwise be handed out again half set up, and a Redis that hangs has them all stuck."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        await client.connection_pool.disconnect()
+        raise RedisTimeoutError(f"no answer from Redis within {seconds:g} s") from None
 
 
 def sync_redis(settings: Settings, timeout: float = 5.0) -> redis.Redis:

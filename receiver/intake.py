@@ -129,6 +129,7 @@ class Intake:
                     pipe.expire(seen, self.ttl)
                     flags, _ = await pipe.execute()
         except TimeoutError:
+            await self.redis.connection_pool.disconnect()
             raise RedisTimeoutError(f"no answer from Redis within {self.timeout_seconds:g} s") from None
         return {key for key, flag in zip(event_keys, flags, strict=True) if flag is None}
 
@@ -162,9 +163,12 @@ class Intake:
         if self.min_replicas:
             commands.append(("WAIT", self.min_replicas, REPLICA_WAIT_MS))
         pool = self.redis.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        connection: Any = None
         try:
-            async with asyncio.timeout(self.timeout_seconds):  # one deadline for the whole batch
+            # One deadline for the whole batch, taking the connection included: against a Redis that
+            # hangs, making one (connect, HELLO, AUTH) waits as long as any answer.
+            async with asyncio.timeout(self.timeout_seconds):
+                connection = await pool.get_connection()  # type: ignore[no-untyped-call]
                 await connection.send_packed_command(
                     b"".join(map(pack_command, commands)), check_health=False
                 )
@@ -177,12 +181,16 @@ class Intake:
         except BaseException as exc:
             # Answers may still be on their way: a connection left mid-batch must never be reused (redis-py
             # drops one interrupted inside its own calls; this covers the rest of the batch too).
-            await connection.disconnect(nowait=True)
+            if connection is not None:
+                await connection.disconnect(nowait=True)
             if isinstance(exc, TimeoutError):
+                # A connection cut off while being made went back to the pool half set up: drop them all.
+                await pool.disconnect()
                 raise RedisTimeoutError(f"no answer from Redis within {self.timeout_seconds:g} s") from None
             raise
         finally:
-            await pool.release(connection)
+            if connection is not None:
+                await pool.release(connection)
         if self.min_replicas:
             acknowledged = answers.pop()
             if not isinstance(acknowledged, int) or acknowledged < self.min_replicas:

@@ -1,20 +1,41 @@
-"""Prometheus metrics.
+"""Prometheus metrics, so that summing any counter over every process scraped gives the
+deployment's true figure, and each alert fires once per deployment.
 
-The receiver's own metrics live in a registry per app. Metrics of other processes (workers,
-reconcile) are kept in one Redis hash so that any number of processes on any number of hosts add up,
-and the receiver's `/metrics` serves them: Prometheus scrapes one place.
+- Each process counts its own work in its own registry (the receiver's callbacks, verification
+  latency, refused connections) and serves only that: `sum()` over the receivers is the total. With
+  `serve --processes N`, the N processes share prometheus_client's multiprocess files, and any of them
+  serves their sum.
+- Workers and reconcile count into one Redis hash, in the same step as the change they count (so a
+  count survives restarts and is never lost or doubled). Those deployment-wide totals, and the
+  deployment's gauges (queue depth, dead letters, workers alive), are served by exactly one of the
+  processes being scraped: the holder of a short Redis lease, renewed by each of its scrapes
+  (receivers and the workers' metrics servers compete for it). Another process takes over within
+  METRICS_LEASE_SECONDS when the holder stops being scraped.
+- Every process also serves its own `process_*` metrics (CPU, memory, open files).
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
+import os
+import socket
 import time
-from collections.abc import Iterable, Mapping
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -108,19 +129,102 @@ def _histogram_fields(
     return buckets, (inf, _field(name + "_sum", base), _field(name + "_count", base))
 
 
-class SharedMetrics(Collector):
-    """Renders a snapshot of the shared Redis hash as Prometheus metric families."""
+METRICS_LEASE_SECONDS = 60
+# KEYS: the lease, the RQ queue, the dead letters, the metrics hash, RQ's worker set of the queue.
+# ARGV: this process's lease id, the lease in milliseconds.
+# One script, so the lease and the figures it entitles this process to serve are read in one step.
+# Workers alive: members of RQ's set whose key (`rq:worker:<name>`) still exists; a dead worker stays
+# in the set until some worker's maintenance prunes it, but its key expires.
+DEPLOYMENT_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+elseif not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {0}
+end
+-- then, per destination, its RQ queue and its set of workers: summed over every destination
+local alive, depth = 0, 0
+for i = 4, #KEYS, 2 do
+  depth = depth + redis.call('LLEN', KEYS[i])
+  for _, worker in ipairs(redis.call('SMEMBERS', KEYS[i + 1])) do
+    alive = alive + redis.call('EXISTS', worker)
+  end
+end
+return {1, depth, redis.call('HLEN', KEYS[2]), alive, redis.call('HGETALL', KEYS[3])}
+"""
+DEPLOYMENT_GAUGES = {
+    "intergiro_queue_depth": "Updates waiting in the RQ queue.",
+    "intergiro_dead_letter_depth": "Updates in the dead-letter queue.",
+    "intergiro_workers_alive": "RQ workers listening on the queue whose heartbeat has not expired.",
+    "intergiro_redis_memory_used_bytes": "Memory Redis uses (INFO memory: used_memory).",
+    "intergiro_redis_memory_max_bytes": "Redis's maxmemory (0: no limit set).",
+}
 
-    def __init__(self) -> None:
+
+def exporter_lease_key(keys: RedisKeys) -> str:
+    """Who serves the deployment-wide metrics now (beside the hash it is about)."""
+    return keys.metrics + ":exporter"
+
+
+class DeploymentMetrics(Collector):
+    """The deployment-wide figures kept in Redis, rendered only while this process holds the lease.
+
+    `keys_and_args()` and `update()` wrap one run of DEPLOYMENT_SCRIPT, on whatever client the
+    process has (sync or async); until an update says the lease is held, nothing is rendered."""
+
+    def __init__(self, keys: RedisKeys, destinations: Sequence[RedisKeys] = ()) -> None:
+        self.keys = keys
+        self.destinations = list(destinations) or [keys]  # every destination's keys (fan-out)
+        self.lease_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.held = False
+        self.gauges: dict[str, float] = {}
         self.snapshot: dict[str, float] = {}
 
-    def update(self, raw: Mapping[bytes | str, bytes | str]) -> None:
+    def keys_and_args(self) -> tuple[list[str], list[Any]]:
+        keys = self.keys
+        return (
+            [
+                exporter_lease_key(keys),
+                keys.dead_letters,
+                keys.metrics,
+                *(key for d in self.destinations for key in (d.rq_queue, d.rq_workers)),
+            ],
+            [self.lease_id, METRICS_LEASE_SECONDS * 1000],
+        )
+
+    def update(self, answer: list[Any]) -> None:
+        """Take the script's answer; on an error (Redis gone) call `lost()` instead."""
+        self.held = bool(answer and int(answer[0]))
+        if not self.held:
+            return
+        _, depth, dead, alive, flat = answer
+        self.gauges = {
+            "intergiro_queue_depth": float(depth),
+            "intergiro_dead_letter_depth": float(dead),
+            "intergiro_workers_alive": float(alive),
+        }
+        pairs = zip(flat[::2], flat[1::2], strict=True)
         self.snapshot = {
             (k.decode() if isinstance(k, bytes) else k): float(v.decode() if isinstance(v, bytes) else v)
-            for k, v in raw.items()
+            for k, v in pairs
         }
 
+    def memory(self, info: Mapping[str, Any]) -> None:
+        """Take Redis's `INFO memory` (read only while the lease is held)."""
+        self.gauges["intergiro_redis_memory_used_bytes"] = float(info.get("used_memory", 0))
+        self.gauges["intergiro_redis_memory_max_bytes"] = float(info.get("maxmemory", 0))
+
+    def lost(self) -> None:
+        """Redis did not answer: serve nothing of the deployment's (another process may hold the lease
+        by the time this one learns it lost it); the alerts see the gap."""
+        self.held = False
+
     def collect(self) -> Iterable[Any]:
+        if not self.held:
+            return
+        for name, help_text in DEPLOYMENT_GAUGES.items():
+            gauge = GaugeMetricFamily(name, help_text)
+            gauge.add_metric([], self.gauges.get(name, 0.0))
+            yield gauge
         parsed: dict[str, list[tuple[dict[str, str], float]]] = {}
         for field, value in self.snapshot.items():
             name, *pairs = field.split("|")
@@ -190,8 +294,80 @@ class CallbackMinutes:
             raise
 
 
+def _proc_stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+class ProcessGroupMetrics(Collector):
+    """`process_*` of a parent and its children together (`serve --processes N`, `worker --processes
+    N`): CPU and memory add up over the group, so a pod's figure is one series, whichever process
+    answers the scrape. Linux only (/proc); nothing elsewhere."""
+
+    def __init__(self, root_pid: int) -> None:
+        self.root_pid = root_pid
+        self.ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def pids(self) -> list[int]:
+        try:
+            path = f"/proc/{self.root_pid}/task/{self.root_pid}/children"
+            return [self.root_pid, *(int(p) for p in Path(path).read_text().split())]
+        except OSError:
+            return []
+
+    def collect(self) -> Iterable[Any]:
+        cpu = rss = fds = 0.0
+        pids = self.pids()
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                stat = _proc_stat(pid)
+                cpu += (int(stat[11]) + int(stat[12])) / self.ticks
+                rss += int(stat[21]) * self.page
+                fds += len(os.listdir(f"/proc/{pid}/fd"))
+            except (OSError, IndexError, ValueError):
+                continue  # a child that just ended
+        yield CounterMetricFamily(
+            "process_cpu_seconds", "User and system CPU of the process group, in seconds.", value=cpu
+        )
+        yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory of the process group.", rss)
+        yield GaugeMetricFamily("process_open_fds", "Open file descriptors of the process group.", fds)
+        yield GaugeMetricFamily("process_group_processes", "Processes in the group.", len(pids))
+        try:
+            boot = next(
+                float(line.split()[1])
+                for line in Path("/proc/stat").read_text().splitlines()
+                if line.startswith("btime")
+            )
+            start = boot + int(_proc_stat(self.root_pid)[19]) / self.ticks
+            yield GaugeMetricFamily(
+                "process_start_time_seconds", "Start of the group's first process (Unix time).", start
+            )
+        except (OSError, StopIteration, IndexError, ValueError):
+            pass
+
+
+def process_collectors(registry: CollectorRegistry, group_root: int | None = None) -> None:
+    """This process's own `process_*`, `python_gc_*` and `python_info`; or, for a group of forked
+    processes, the group's `process_*` summed (see ProcessGroupMetrics)."""
+    if group_root is None:
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            registry.register(collector)
+    else:
+        registry.register(ProcessGroupMetrics(group_root))
+        registry.register(PLATFORM_COLLECTOR)
+
+
+def multiprocess_dir() -> str | None:
+    """prometheus_client's multiprocess folder, when `serve --processes N` set one up (its own
+    variable, read by prometheus_client at import: not one of the product's settings)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
 class ReceiverMetrics:
-    def __init__(self) -> None:
+    def __init__(self, keys: RedisKeys | None = None, destinations: Sequence[RedisKeys] = ()) -> None:
+        keys = keys or RedisKeys()
         self.registry = CollectorRegistry()
         self.callbacks = Counter(
             "intergiro_callbacks_total",
@@ -224,20 +400,20 @@ class ReceiverMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
-        self.queue_depth = Gauge(
-            "intergiro_queue_depth", "Updates waiting in the RQ queue.", registry=self.registry
-        )
-        self.dead_letter_depth = Gauge(
-            "intergiro_dead_letter_depth", "Updates in the dead-letter queue.", registry=self.registry
-        )
-        self.workers_alive = Gauge(
-            "intergiro_workers_alive",
-            "RQ workers listening on the queue whose heartbeat has not expired.",
-            registry=self.registry,
-        )
+        self.deployment = DeploymentMetrics(keys, destinations)
+        self.registry.register(self.deployment)
+        shared_folder = multiprocess_dir()
+        if shared_folder is None:
+            process_collectors(self.registry)
+            self.served = self.registry
+        else:  # `serve --processes N`: every process's counts, from the shared files, whoever answers
+            from prometheus_client import multiprocess
+
+            self.served = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.served, path=shared_folder)  # type: ignore[no-untyped-call]
+            self.served.register(self.deployment)
+            process_collectors(self.served, group_root=os.getppid())
         self.minutes = CallbackMinutes()
-        self.shared = SharedMetrics()
-        self.registry.register(self.shared)
         self._children: dict[tuple[int, str], Any] = {}
 
     def _child(self, metric: Counter | Histogram, label: str) -> Any:
@@ -255,3 +431,7 @@ class ReceiverMetrics:
 
     def observe_verification(self, method: str, seconds: float) -> None:
         self._child(self.verification_seconds, method).observe(seconds)
+
+    def render(self) -> bytes:
+        """The Prometheus text of what this process serves."""
+        return generate_latest(self.served)

@@ -4,6 +4,7 @@ can read them."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from receiver import rqstore
@@ -140,3 +141,8 @@ class RedisKeys:
     @staticmethod
     def rq_job(job_id: str) -> str:
         return rqstore.job_key(job_id)
+
+
+def destination_keys(keys: RedisKeys, names: Sequence[str]) -> list[RedisKeys]:
+    """The keys of every named destination (`merchant`'s are `keys` themselves); `keys` alone for none."""
+    return [keys if name == keys.destination else keys.for_destination(name) for name in names] or [keys]

@@ -31,6 +31,7 @@ class Settings:
     redis_sentinels: tuple[tuple[str, int], ...] = ()
     redis_sentinel_master: str = "mymaster"
     redis_min_replicas: int = 0
+    redis_timeout_seconds: float = 3.0
     receiver_host: str = "0.0.0.0"  # noqa: S104 - a receiver listens for the outside world
     receiver_port: int = 8080
     receiver_idle_timeout_seconds: float = 15.0
@@ -61,6 +62,7 @@ class Settings:
     max_customer_bytes: int = 4_096
     receiver_max_connections: int = 512
     history_retention_seconds: int = 2_592_000
+    worker_metrics_port: int = 8082
     reconcile_interval_seconds: int = 0
     reconcile_lookback_seconds: int = 172_800
     extra_destinations: tuple[Destination, ...] = ()  # DESTINATIONS and DESTINATION_<NAME>_*
@@ -148,6 +150,10 @@ class _Reader:
             self.problems.append(f"{name}: {exc}")
             return default
 
+    def refused(self, name: str) -> bool:
+        """Whether `name` was set to a bad value (its own line says why: "required" would be false)."""
+        return any(problem.startswith(f"{name}: ") for problem in self.problems)
+
     def get_either(self, name: str, default: T, parse: Callable[[str], T]) -> T:
         """`name`, or its lower-case spelling when `name` is unset (the proxy variables' custom)."""
         if self.env.get(name, "").strip() == "" and self.env.get(name.lower(), "").strip() != "":
@@ -162,6 +168,9 @@ class _Reader:
             redis_sentinels=self.get("REDIS_SENTINELS", d.redis_sentinels, _sentinels),
             redis_sentinel_master=self.get("REDIS_SENTINEL_MASTER", d.redis_sentinel_master, _queue_name),
             redis_min_replicas=self.get("REDIS_MIN_REPLICAS", d.redis_min_replicas, _int_between(0, 16)),
+            redis_timeout_seconds=self.get(
+                "REDIS_TIMEOUT_SECONDS", d.redis_timeout_seconds, _float_between(0.1, 60.0)
+            ),
             receiver_host=self.get("RECEIVER_HOST", d.receiver_host, str),
             receiver_port=self.get("RECEIVER_PORT", d.receiver_port, _int_between(0, 65535)),
             receiver_idle_timeout_seconds=self.get(
@@ -224,6 +233,9 @@ class _Reader:
             history_retention_seconds=self.get(
                 "HISTORY_RETENTION_SECONDS", d.history_retention_seconds, _int_between(0, 400 * 86400)
             ),
+            worker_metrics_port=self.get(
+                "WORKER_METRICS_PORT", d.worker_metrics_port, _int_between(0, 65535)
+            ),
             reconcile_interval_seconds=self.get(
                 "RECONCILE_INTERVAL_SECONDS", d.reconcile_interval_seconds, _int_between(0, 86400 * 7)
             ),
@@ -236,9 +248,13 @@ class _Reader:
             log_format=self.get("LOG_FORMAT", d.log_format, _choice(LOG_FORMATS)),
             log_level=self.get("LOG_LEVEL", d.log_level, _log_level),
         )
-        if s.remote_verification and not s.intergiro_api_key:
+        if s.remote_verification and not s.intergiro_api_key and not self.refused("INTERGIRO_API_KEY"):
             self.problems.append(f"INTERGIRO_API_KEY: required when INTERGIRO_VERIFY={s.intergiro_verify}")
-        if s.merchant_webhook_url and not s.merchant_webhook_secret:
+        if (
+            s.merchant_webhook_url
+            and not s.merchant_webhook_secret
+            and not self.refused("MERCHANT_WEBHOOK_SECRET")
+        ):
             self.problems.append("MERCHANT_WEBHOOK_SECRET: required when MERCHANT_WEBHOOK_URL is set")
         self.check_client_certificate(
             "MERCHANT_TLS_CLIENT_", s.merchant_tls_client_cert, s.merchant_tls_client_key
@@ -351,6 +367,16 @@ def _float(raw: str) -> float:
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{raw!r} is not a finite number")
     return value
+
+
+def _float_between(low: float, high: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        value = _float(raw)
+        if not low <= value <= high:
+            raise ValueError(f"{value:g} is outside {low:g}..{high:g}")
+        return value
+
+    return parse
 
 
 def _positive_float(raw: str) -> float:

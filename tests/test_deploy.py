@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from receiver.cli import build_parser
-from receiver.metrics import SHARED_METRICS, ReceiverMetrics
+from receiver.metrics import DEPLOYMENT_GAUGES, SHARED_METRICS, ReceiverMetrics
 from receiver.settings import SETTING_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,13 +59,25 @@ def k8s_objects() -> list[dict[str, Any]]:
 
 
 def app_containers() -> list[dict[str, Any]]:
+    """Every container and init container running the product's image."""
     return [
         c
         for o in k8s_objects()
         if o["kind"] == "Deployment"
-        for c in o["spec"]["template"]["spec"]["containers"]
+        for c in o["spec"]["template"]["spec"].get("initContainers", [])
+        + o["spec"]["template"]["spec"]["containers"]
         if c["image"].split(":")[0] == IMAGE
     ]
+
+
+def deployment(name: str) -> dict[str, Any]:
+    [found] = [o for o in k8s_objects() if o["kind"] == "Deployment" and o["metadata"]["name"] == name]
+    return found
+
+
+def secret_example() -> dict[str, str]:
+    lines = (DEPLOY / "k8s" / "secrets.env.example").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
 
 
 def compose() -> dict[str, Any]:
@@ -94,8 +106,7 @@ def set_variables() -> dict[str, set[str]]:
     for o in k8s_objects():
         if o["kind"] == "ConfigMap":
             k8s |= set(o["data"])
-        if o["kind"] == "Secret":
-            k8s |= set(o.get("stringData", {})) | set(o.get("data", {}))
+    k8s |= set(secret_example())
     k8s |= {e["name"] for c in app_containers() for e in c.get("env", [])}
     found["k8s"] = k8s
     return found
@@ -108,7 +119,7 @@ def test_every_yaml_file_in_deploy_parses(path: Path) -> None:
 
 def test_every_kubernetes_object_names_its_kind_and_itself() -> None:
     kinds = sorted(o["kind"] for o in k8s_objects())
-    assert kinds == sorted(["ConfigMap", "Secret", "Deployment", "Deployment", "Deployment", "Service", "Service",
+    assert kinds == sorted(["ConfigMap", "Deployment", "Deployment", "Deployment", "Deployment", "Service", "Service",
                             "PodDisruptionBudget", "PodDisruptionBudget", "HorizontalPodAutoscaler"])  # fmt: skip
     assert all(o["apiVersion"] and o["metadata"]["name"] for o in k8s_objects())
     listed = docs(DEPLOY / "k8s" / "kustomization.yaml")[0]["resources"]
@@ -139,7 +150,8 @@ def test_the_image_is_slim_python_runs_as_a_user_checks_healthz_and_enters_the_c
 def test_every_command_line_in_compose_and_kubernetes_is_a_real_cli_command() -> None:
     commands = [["intergiro-receiver", *s["command"]] for s in compose_app_services().values()]
     commands += [c.get("command", ["intergiro-receiver"]) + c.get("args", []) for c in app_containers()]
-    assert len(commands) == 6
+    # compose: receiver, worker, ops; k8s: receiver, worker, reconcile, ops, two checks
+    assert len(commands) == 9
     for argv in commands:
         assert_real_command(argv)
 
@@ -156,25 +168,108 @@ def test_env_example_documents_exactly_the_settings() -> None:
     assert documented_variables() == set(SETTING_NAMES)
 
 
-def test_compose_runs_redis_with_the_durable_config_a_receiver_two_workers_and_rq_dashboard() -> None:
+def test_compose_runs_redis_with_the_durable_config_and_a_password_a_receiver_two_workers_and_rq_dashboard() -> (
+    None
+):
     services = compose()["services"]
-    assert services["redis"]["command"][-1] == "/usr/local/etc/redis/redis.conf"
+    redis_command = " ".join(services["redis"]["command"])
+    assert "redis-server /usr/local/etc/redis/redis.conf --requirepass" in redis_command
+    assert "REDIS_PASSWORD" in redis_command
     assert "./redis.conf:/usr/local/etc/redis/redis.conf:ro" in services["redis"]["volumes"]
     assert services["worker"]["deploy"]["replicas"] == 2
-    assert services["worker"]["healthcheck"] == {"disable": True}  # workers serve no /healthz
+    assert "/healthz" in " ".join(services["worker"]["healthcheck"]["test"])
+    assert services["worker"]["environment"]["WORKER_METRICS_PORT"] == "8082"
     assert services["receiver"]["command"] == ["serve"]
-    assert services["rq-dashboard"]["environment"]["RQ_DASHBOARD_REDIS_URL"] == "redis://redis:6379/0"
-    assert all(
-        s["environment"]["REDIS_URL"] == "redis://redis:6379/0" for s in compose_app_services().values()
-    )
+    # REDIS_URL, with the password, comes from .env: no service sets one without it
+    assert all("REDIS_URL" not in s.get("environment", {}) for s in services.values())
+
+
+def test_docker_compose_config_accepts_the_compose_file(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    if (
+        shutil.which("docker") is None
+        or subprocess.run(["docker", "compose", "version"], capture_output=True, check=False).returncode
+    ):
+        pytest.skip("docker compose is not installed: compose.yaml checked by the YAML tests only")
+    answer = subprocess.run(
+        ["docker", "compose", "-f", str(DEPLOY / "compose.yaml"), "config", "--quiet"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert answer.returncode == 0, answer.stderr
+
+
+def redis_conf() -> dict[str, str]:
+    lines = [line.split(None, 1) for line in (DEPLOY / "redis.conf").read_text().splitlines()]
+    return {words[0]: words[1] for words in lines if words and not words[0].startswith("#")}
 
 
 def test_redis_conf_keeps_what_was_acknowledged_and_never_evicts() -> None:
-    lines = [line.split(None, 1) for line in (DEPLOY / "redis.conf").read_text().splitlines()]
-    conf = {words[0]: words[1] for words in lines if words and not words[0].startswith("#")}
+    conf = redis_conf()
     assert conf["appendonly"] == "yes"
     assert conf["appendfsync"] in ("always", "everysec")
     assert conf["maxmemory-policy"] == "noeviction"
+
+
+def test_redis_conf_sets_a_memory_limit_protected_mode_and_no_password_of_its_own() -> None:
+    conf = redis_conf()
+    assert conf["maxmemory"] not in ("0", "")
+    assert conf["protected-mode"] == "yes"
+    assert "requirepass" not in conf  # given at start (compose: from .env), never committed
+
+
+def kustomize_build() -> list[dict[str, Any]]:
+    import shutil
+    import subprocess
+
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed: the kustomization is not built")
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(DEPLOY / "k8s")], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert built.returncode == 0, built.stderr
+    return [d for d in yaml.safe_load_all(built.stdout) if d]
+
+
+def test_the_kustomize_build_holds_no_secret_and_no_change_me_value() -> None:
+    objects = kustomize_build()
+    assert "Secret" not in {o["kind"] for o in objects}
+    assert "CHANGE-ME" not in yaml.safe_dump_all(objects)
+    assert {o["metadata"]["namespace"] for o in objects} == {"intergiro"}
+
+
+def test_every_manifest_passes_the_kubernetes_schema() -> None:
+    import kubernetes_validate
+
+    for o in k8s_objects():
+        kubernetes_validate.validate(o, "1.30.0", strict=True)
+
+
+def test_the_receiver_and_worker_pods_run_check_first() -> None:
+    for name in ("intergiro-receiver", "intergiro-worker"):
+        spec = deployment(name)["spec"]["template"]["spec"]
+        [init] = spec["initContainers"]
+        assert init["args"] == ["check"]
+        assert init["envFrom"] == spec["containers"][0]["envFrom"]
+
+
+def test_the_worker_is_alive_while_its_rq_heartbeat_is_and_scraped_on_its_metrics_port() -> None:
+    template = deployment("intergiro-worker")["spec"]["template"]
+    [container] = template["spec"]["containers"]
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"]
+    assert {e["name"]: e["value"] for e in container["env"]}["WORKER_METRICS_PORT"] == str(port)
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert template["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+
+
+def test_a_reconcile_deployment_runs_reconcile_every_interval() -> None:
+    spec = deployment("intergiro-reconcile")["spec"]
+    assert spec["replicas"] == 1
+    assert spec["template"]["spec"]["containers"][0]["args"] == ["reconcile", "--every"]
+    [configmap] = [o for o in k8s_objects() if o["kind"] == "ConfigMap"]
+    assert int(configmap["data"]["RECONCILE_INTERVAL_SECONDS"]) > 0
+    assert set(secret_example()) >= {"REDIS_URL", "INTERGIRO_API_KEY"}
 
 
 def test_the_receiver_is_ready_on_readyz_alive_on_healthz_and_behind_the_service() -> None:
@@ -214,8 +309,9 @@ def test_the_ops_console_runs_in_compose_and_kubernetes_internal_only_with_the_t
     [container] = objects["Deployment", "intergiro-ops"]["spec"]["template"]["spec"]["containers"]
     assert container["args"] == ["ops"]
     assert {"secretRef": {"name": "intergiro-receiver"}} in container["envFrom"]
-    secret = objects["Secret", "intergiro-receiver"]
-    assert "OPS_TOKEN" in secret["stringData"]
+    assert ("Secret", "intergiro-receiver") not in objects  # made by the operator (secrets.env.example)
+    example = (DEPLOY / "k8s" / "secrets.env.example").read_text()
+    assert "\nOPS_TOKEN=" in example
     ops_service = objects["Service", "intergiro-ops"]
     assert ops_service["spec"].get("type", "ClusterIP") == "ClusterIP"
     port = {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
@@ -225,7 +321,7 @@ def test_the_ops_console_runs_in_compose_and_kubernetes_internal_only_with_the_t
 
 def served_metric_names() -> set[str]:
     names = {m.name for m in ReceiverMetrics().registry.collect()}
-    return names | {n + "_total" for n in names} | set(SHARED_METRICS)
+    return names | {n + "_total" for n in names} | set(SHARED_METRICS) | set(DEPLOYMENT_GAUGES)
 
 
 def test_the_alerts_watch_dead_letters_503s_and_workers_through_metrics_the_receiver_serves() -> None:
@@ -252,3 +348,41 @@ async def test_the_receiver_counts_the_workers_alive_and_not_one_that_died_unreg
     sync_redis.delete("rq:worker:died")  # its heartbeat expired: it was killed without a goodbye
     text = await (await receiver.get("/metrics")).text()
     assert "intergiro_workers_alive 2.0" in text.splitlines()
+
+
+def test_a_real_redis_starts_with_redis_conf_and_refuses_clients_without_the_password(tmp_path: Path) -> None:
+    import subprocess
+    import time
+
+    import redis
+
+    from tests.redis_server import free_port, redis_binary
+
+    port = free_port()
+    text = (DEPLOY / "redis.conf").read_text()
+    text = re.sub(r"^dir .*$", f"dir {tmp_path}", text, flags=re.M)
+    text = re.sub(r"^port .*$", f"port {port}", text, flags=re.M)
+    (tmp_path / "redis.conf").write_text(text)
+    server = subprocess.Popen(
+        [redis_binary(), str(tmp_path / "redis.conf"), "--requirepass", "the-password"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        client = redis.Redis(port=port, password="the-password", socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert server.poll() is None, server.communicate()[0].decode()
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert int(client.config_get("maxmemory")["maxmemory"]) == 1024**3
+        assert client.config_get("protected-mode")["protected-mode"] == "yes"
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).ping()
+        client.close()
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -157,3 +161,57 @@ async def test_with_min_replicas_a_callback_a_replica_holds_is_accepted(
     finally:
         primary.cleanup()
         replica.cleanup()
+
+
+async def test_a_redis_that_hangs_gets_every_callback_503_within_the_deadline_and_recovers_by_itself(
+    aiohttp_client: Any, make_settings: Any, own_redis: RedisServer, rsa_key: Any
+) -> None:
+    """SIGSTOP: connections are accepted by the kernel and never answered. Every callback (one after
+    another and many at once) and /readyz are answered 503 within REDIS_TIMEOUT_SECONDS (and a margin
+    for this shared machine); SIGCONT: accepted again, with no restart; every 200 is in Redis."""
+    deadline = 1.0
+    settings = make_settings(redis_url=own_redis.url, redis_timeout_seconds=deadline)
+    receiver = await aiohttp_client(create_app(settings))
+    first = await receiver.post(
+        "/callbacks/intergiro", data=token(card_order("HangOrder0"), rsa_key), headers=JWT
+    )
+    assert first.status == 200
+    assert own_redis.process is not None
+    pid = own_redis.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+
+        async def timed(coroutine: Any) -> tuple[float, Any]:
+            started = time.monotonic()
+            answer = await asyncio.wait_for(coroutine, deadline + 10)  # a hang fails, not waits
+            return time.monotonic() - started, answer
+
+        def post(n: int) -> Any:
+            # odd: one event, straight to the intake script; even: two, read first (Intake.new_events)
+            events = ("order",) if n % 2 else ("order", "charge")
+            body = token(card_order(f"HangOrder{n}", events=events), rsa_key)
+            return receiver.post("/callbacks/intergiro", data=body, headers=JWT)
+
+        for n in range(1, 4):  # one after another: each must take a fresh connection, none may hang
+            elapsed, answer = await timed(post(n))
+            assert answer.status == 503, await answer.text()
+            assert int(answer.headers["Retry-After"]) > 0
+            assert elapsed < deadline + 0.75
+        elapsed, ready = await timed(receiver.get("/readyz"))
+        assert ready.status == 503 and elapsed < deadline + 0.75
+        many = await asyncio.gather(*(timed(post(n)) for n in range(10, 30)), timed(receiver.get("/readyz")))
+        assert {answer.status for _, answer in many} == {503}
+        assert max(elapsed for elapsed, _ in many) < deadline + 2.5
+        elapsed, scrape = await timed(receiver.get("/metrics"))
+        assert scrape.status == 200 and elapsed < deadline + 1.5
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    again = await receiver.post(
+        "/callbacks/intergiro", data=token(card_order("HangOrder99"), rsa_key), headers=JWT
+    )
+    assert again.status == 200, await again.text()
+    assert (await receiver.get("/readyz")).status == 200
+    client = redis.Redis.from_url(own_redis.url)
+    queued = {u["order_id"] for u in queued_updates(client, settings)}
+    client.close()
+    assert {"HangOrder0", "HangOrder99"} <= queued  # every 200 is stored (a 503's writes may land late)

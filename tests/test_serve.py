@@ -70,3 +70,48 @@ def test_serve_accepts_a_real_intergiro_token_and_logs_json_lines_without_it(
     logged = log_path.read_text()
     signature = line["body"].split(".")[2]
     assert signature not in logged and line["body"].split(".")[1][:40] not in logged
+
+
+def test_serve_with_two_processes_answers_on_one_port_from_two_pids_and_stops_together(
+    redis_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": redis_url, "RECEIVER_HOST": "127.0.0.1", "RECEIVER_PORT": str(port)}
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "receiver", "serve", "--processes", "2"],
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        pids: set[int] = set()
+        deadline = time.monotonic() + 30
+        while len(pids) < 2 and time.monotonic() < deadline:  # each request a new connection
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as answer:
+                    pids.add(json.loads(answer.read())["pid"])
+            except OSError:
+                time.sleep(0.05)
+        assert len(pids) == 2, log_path.read_text()
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        assert pids == {int(c) for c in children}
+        line = real_callbacks("order-jwt")[0]
+        assert (
+            post(f"http://127.0.0.1:{port}/callbacks/intergiro", line["body"], line["content_type"])[0] == 200
+        )
+        for _ in range(6):  # whichever process answers, the counts are the processes' sum
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+                lines = answer.read().decode().splitlines()
+            assert 'intergiro_callbacks_total{outcome="accepted"} 1.0' in lines
+            assert "process_group_processes 3.0" in lines
+        process.terminate()
+        assert process.wait(15) == 0
+        for pid in pids:
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)

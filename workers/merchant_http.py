@@ -187,6 +187,21 @@ class MerchantConnection:
             self.close()
             raise
 
+    def reach(self) -> int:
+        """`HEAD` the URL (for `check`): the status of any answer; raises OSError (refused, timed out,
+        TLS, proxy) or AnswerError as `post` does. Nothing is posted."""
+        try:
+            answer = self._manager().urlopen(
+                "HEAD", self.url, headers=dict(self.auth_headers), redirect=False, preload_content=False
+            )
+        except HTTPError as exc:
+            raise self._redacted(_unwrapped(exc)) from None
+        except HTTPException as exc:
+            raise AnswerError(f"unreadable answer: {type(exc).__name__}: {exc}") from None
+        finally:
+            self.close()
+        return int(answer.status)
+
     def close(self) -> None:
         self._reusable = False
         if self._pool is not None:

@@ -33,7 +33,7 @@ from receiver.logs import log
 from receiver.ops import state
 from receiver.ops.auth import Authenticator, Session, set_session_cookie
 from receiver.reconcile import parse_duration
-from receiver.rediskeys import RedisKeys
+from receiver.rediskeys import RedisKeys, destination_keys
 from receiver.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -425,7 +425,7 @@ def create_ops_app(
     app = web.Application(middlewares=[signed_in], client_max_size=1024 * 1024)
     app[SETTINGS] = settings
     app[KEYS] = RedisKeys(settings.redis_key_prefix, settings.queue_name)
-    app[DESTINATION_KEYS] = state.destination_keys(app[KEYS], [d.name for d in settings.destinations])
+    app[DESTINATION_KEYS] = destination_keys(app[KEYS], [d.name for d in settings.destinations])
     app[AUTH] = (
         Authenticator(settings.ops_token)
         if failure_delay is None

@@ -74,11 +74,6 @@ def workers(redis: Redis, queue_name: str) -> list[dict[str, Any]]:
     return sorted(found, key=lambda w: w["name"])
 
 
-def destination_keys(keys: RedisKeys, names: Sequence[str]) -> list[RedisKeys]:
-    """The keys of every destination (`merchant`'s are `keys` themselves)."""
-    return [keys if name == MERCHANT else keys.for_destination(name) for name in names] or [keys]
-
-
 def overview(
     redis: Redis, keys: RedisKeys, now: float | None = None, destinations: Sequence[RedisKeys] = ()
 ) -> dict[str, Any]:
