@@ -1,1 +1,1 @@
-"""Benchmarks, run by hand: `bench/ingest`, `bench/memory` (see the README's Performance section)."""
+"""Benchmarks, run by hand: `bench/ingest`, `bench/memory` (see docs/performance.md)."""

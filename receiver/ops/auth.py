@@ -89,5 +89,5 @@ def set_session_cookie(request: web.Request, response: web.StreamResponse, value
         path="/",
         httponly=True,
         samesite="Strict",
-        secure=request.secure,  # over TLS (a proxy in front terminating TLS: see the README)
+        secure=request.secure,  # over TLS (a proxy in front terminating TLS: see docs/ops-console.md)
     )
