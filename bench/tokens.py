@@ -14,7 +14,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from receiver.send import sign_order
+from receiver.tools.send import sign_order
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 ISSUED_AT = 1_767_225_600  # 2026-01-01, in seconds as Intergiro's newer docs say (PyJWT reads only seconds)

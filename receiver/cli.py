@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from collections.abc import Sequence
 
-from receiver.errors import ConfigError
+from receiver.errors import CommandError, ConfigError, report
 from receiver.logs import configure_logging
 from receiver.settings import Settings, read_environment
 
 
 def load_settings(**overrides: str) -> Settings:
-    """Settings from the environment; bad ones stop the process with one line per problem."""
-    try:
-        settings = Settings.from_env()
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"intergiro-receiver: configuration error: {problem}", file=sys.stderr)
-        raise SystemExit(1) from None
+    """Settings from the environment; bad ones raise ConfigError (one line per problem, printed by
+    `main`)."""
+    settings = Settings.from_env()
     return settings.with_changes(**overrides) if overrides else settings
 
 
@@ -31,8 +26,7 @@ def refuse_split_rq_keys(command: str) -> None:
 
     problem = rq_key_prefix_problem(read_environment())
     if problem:
-        print(f"intergiro-receiver {command}: {problem}", file=sys.stderr)
-        raise SystemExit(1)
+        raise CommandError(problem)
 
 
 EPILOG = """\
@@ -155,22 +149,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run one command; its errors (CommandError, ConfigError) are printed here, in the one format of
+    receiver.errors.report, and end the process with their exit code."""
     args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except CommandError as exc:
+        report(args.command, *exc.lines)
+        raise SystemExit(exc.exit_code) from None
+    except ConfigError as exc:
+        report(args.command, *(f"configuration error: {problem}" for problem in exc.problems))
+        raise SystemExit(1) from None
+
+
+def run(args: argparse.Namespace) -> None:
+    """The command `args` names; ends with SystemExit and the command's exit code."""
     if args.command == "dev":
-        from receiver.dev import run_dev
+        from receiver.tools.dev import run_dev
 
         raise SystemExit(run_dev(args))
     if args.command == "send":
-        from receiver.send import run_send
+        from receiver.tools.send import run_send
 
         raise SystemExit(run_send(args))
     if args.command == "check":  # its configuration errors are problems like any other it finds
-        from receiver.check import report, run_check
+        from receiver.check import report as check_report
+        from receiver.check import run_check
 
         try:
             checked = Settings.from_env()
         except ConfigError as exc:
-            raise SystemExit(report(exc.problems)) from None
+            raise SystemExit(check_report(exc.problems)) from None
         configure_logging(checked.log_format, checked.log_level)
         raise SystemExit(run_check(checked))
     forked = args.command == "serve" and (args.processes or os.cpu_count() or 1) > 1

@@ -11,7 +11,6 @@ id (see receiver.chains.REQUEUE), so it is delivered again, after whatever is it
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 import orjson
@@ -21,6 +20,7 @@ from receiver.chains import OrderChains
 from receiver.clock import utc_now
 from receiver.connections import sync_redis
 from receiver.destinations import MERCHANT
+from receiver.errors import report
 from receiver.history import entry as history_entry
 from receiver.history import short_id
 from receiver.rediskeys import RedisKeys
@@ -119,7 +119,7 @@ def _run(dlq: DeadLetters, args: argparse.Namespace, configured: set[str]) -> in
     if command == "show":
         entry = dlq.get(args.id)
         if entry is None:
-            print(f"dlq: {args.id} is not in the dead-letter queue", file=sys.stderr)
+            report("dlq", f"{args.id} is not in the dead-letter queue")
             return 1
         print(orjson.dumps(entry, option=orjson.OPT_INDENT_2).decode())
         return 0
@@ -131,7 +131,7 @@ def _run(dlq: DeadLetters, args: argparse.Namespace, configured: set[str]) -> in
             i for i in ids if (found := dlq.get(i)) and found.get("destination", MERCHANT) not in configured
         ]
         for i in unserved:
-            print(f"dlq: {i} is for a destination no longer configured; not requeued", file=sys.stderr)
+            report("dlq", f"{i} is for a destination no longer configured; not requeued")
         ids = [i for i in ids if i not in unserved]
         if unserved and not ids:
             return 1
@@ -140,7 +140,7 @@ def _run(dlq: DeadLetters, args: argparse.Namespace, configured: set[str]) -> in
         if i not in missing:
             print(f"{done_word} {i}")
     for i in missing:
-        print(f"dlq: {i} is not in the dead-letter queue", file=sys.stderr)
+        report("dlq", f"{i} is not in the dead-letter queue")
     if args.all:
         print(f"{len(ids) - len(missing)} update(s) {done_word}")
     return 1 if missing else 0

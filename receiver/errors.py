@@ -1,4 +1,33 @@
-"""The few exceptions of the package: a rejected callback maps to exactly one HTTP answer."""
+"""The package's own exceptions, and the one format a command's error is printed in.
+
+Every exception class of the product, where it is defined, and what it becomes:
+
+    Exception
+     +-- ConfigError ............. receiver.errors: settings that cannot work; one line per variable, exit 1
+     +-- CommandError ............ receiver.errors: a command that cannot do what it was asked; exit code
+     |    +-- DevError ........... receiver.tools.dev: `dev` cannot start
+     +-- CallbackRejected ........ receiver.errors: a callback not stored; exactly one HTTP answer
+     |    +-- BadCallback (400) .. receiver.errors
+     |    +-- NotTrusted (401) ... receiver.errors
+     |    |    +-- NoKeyVerifies . receiver.verify: no local key verifies (may fall back to remote)
+     |    +-- BodyTooLarge (413), BodyTimeout (408), UnsupportedMediaType (415) .. receiver.errors
+     |    +-- Unavailable (503) .. receiver.errors: Redis or Intergiro's API; the sender retries
+     +-- ApiFailed ............... receiver.intergiro_api: a call to Intergiro's API failed
+     |    +-- ApiRefused, AnswerTooLarge
+     +-- DeliveryError ........... workers.delivery: a failed attempt (retried)
+     |    +-- PermanentDeliveryError: dead-lettered at once
+     +-- DeadLettered, TargetNotConfigured .. workers.delivery
+     +-- AnswerError ............. workers.merchant_http: a merchant answer that cannot be read
+    ValueError
+     +-- DuplicateKey, Unrepresentable .. receiver.verify: JSON the product refuses to read
+     +-- StatusError ............. receiver.status: amounts Intergiro's model cannot compute
+    redis.exceptions.RedisError
+     +-- NotReplicated ........... receiver.intake: stored, but not yet on REDIS_MIN_REPLICAS replicas
+
+Errors of a command are printed on stderr as `intergiro-receiver COMMAND: MESSAGE`, one line each
+(`report`); `receiver.cli.main` prints a CommandError or a ConfigError that way and exits with its
+code. (`check` is the exception: what it finds is its output, on stdout.)
+"""
 
 from __future__ import annotations
 
@@ -19,6 +48,24 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
         self.problems = problems
+
+
+class CommandError(Exception):
+    """A command that cannot do what it was asked: each line is printed as `intergiro-receiver COMMAND:
+    LINE` on stderr, and the command exits with `exit_code` (1: a problem; 2: a bad command line)."""
+
+    def __init__(self, *lines: str, exit_code: int = 1) -> None:
+        super().__init__("; ".join(lines))
+        self.lines = lines
+        self.exit_code = exit_code
+
+
+def report(command: str, *lines: str) -> None:
+    """Print a command's error lines in the one format every command uses."""
+    import sys
+
+    for line in lines:
+        print(f"intergiro-receiver {command}: {line}", file=sys.stderr)
 
 
 class CallbackRejected(Exception):

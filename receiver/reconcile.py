@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 
 from receiver.clock import utc_now
 from receiver.connections import async_redis
-from receiver.errors import BadCallback, clip
+from receiver.errors import BadCallback, clip, report
 from receiver.history import reconcile_note
 from receiver.intake import Intake
 from receiver.intergiro_api import ApiFailed, ApiRefused, OrderApi, RetryPolicy, new_session, order_id_of
@@ -383,10 +383,7 @@ class PeriodicReconcile:
                 outcome = REDIS_FAILED
                 log.warning("reconcile: Redis not reachable", error=type(exc).__name__)
             if outcome == REFUSED:
-                print(
-                    f"intergiro-receiver reconcile: {self.last.errors[-1] if self.last else REFUSED}",
-                    file=sys.stderr,
-                )
+                report("reconcile", self.last.errors[-1] if self.last else REFUSED)
                 return 1
             delay: float = self.interval
             if outcome in (COMPLETED, NOT_DUE):
@@ -404,7 +401,7 @@ class PeriodicReconcile:
 
 
 def _usage_error(message: str) -> int:
-    print(f"intergiro-receiver reconcile: {message}", file=sys.stderr)
+    report("reconcile", message)
     return 2
 
 
@@ -422,7 +419,7 @@ async def reconcile_command(
 ) -> int:
     """The whole command, awaitable (tests call it on their own loop); returns the exit code."""
     if not settings.intergiro_api_key:
-        print("intergiro-receiver reconcile: INTERGIRO_API_KEY: required to list orders", file=sys.stderr)
+        report("reconcile", "INTERGIRO_API_KEY: required to list orders")
         return 2
     if args.every:
         if settings.reconcile_interval_seconds <= 0:
@@ -458,7 +455,7 @@ async def reconcile_command(
     else:
         print(summary.as_text())
     if summary.outcome != COMPLETED:
-        print(f"intergiro-receiver reconcile: {summary.outcome}: {summary.errors[-1]}", file=sys.stderr)
+        report("reconcile", f"{summary.outcome}: {summary.errors[-1]}")
         return 1
     return 0
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import jsonschema
 
-from receiver.send import sign_order
+from receiver.tools.send import sign_order
 
 UPDATE_SCHEMA = json.loads(resources.files("receiver").joinpath("update-v1.schema.json").read_text())
 _validator = jsonschema.Draft202012Validator(UPDATE_SCHEMA, format_checker=jsonschema.FormatChecker())

@@ -188,8 +188,8 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_dev_makes_a_trusted_key_and_a_webhook_secret_once_and_never_uses_port_6379(in_tmp: Path) -> None:
-    from receiver.dev import plan_dev
     from receiver.settings import Settings
+    from receiver.tools.dev import plan_dev
 
     first = plan_dev({"RECEIVER_PORT": str(free_port())})
     key = (in_tmp / ".dev/signing-key.pem").read_bytes()
@@ -206,7 +206,7 @@ def test_dev_makes_a_trusted_key_and_a_webhook_secret_once_and_never_uses_port_6
 
 
 def test_dev_uses_the_given_redis_and_merchant_and_starts_neither(in_tmp: Path) -> None:
-    from receiver.dev import plan_dev
+    from receiver.tools.dev import plan_dev
 
     plan = plan_dev(
         {
@@ -221,7 +221,7 @@ def test_dev_uses_the_given_redis_and_merchant_and_starts_neither(in_tmp: Path) 
 
 
 def test_a_taken_receiver_port_stops_dev_with_one_line_naming_it(in_tmp: Path) -> None:
-    from receiver.dev import DevError, plan_dev
+    from receiver.tools.dev import DevError, plan_dev
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -27,8 +27,8 @@ from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.ui import WebDriverWait
 
 from receiver.app import KEYS, METRICS, REDIS
-from receiver.dev import free_port
 from receiver.rediskeys import RedisKeys
+from receiver.tools.dev import free_port
 from tests.sink import ROOT, Sink, stop, wait_for
 from tests.test_workers import post_order, webhook_settings
 

