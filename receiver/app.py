@@ -535,16 +535,22 @@ def _wait_for(children: set[int], stop_all: Callable[[int, Any], None], stopping
     return failed
 
 
+def stop_signal() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT (the loop's handlers): what a server process waits for."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop.set)
+    return stop
+
+
 async def _serve(settings: Settings, reuse_port: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then stop accepting and let the requests in flight finish."""
     app = create_app(settings)
     app.on_startup.append(freeze_startup_objects)
     runner = web.AppRunner(app, handle_signals=False, **server_options(settings))
     await runner.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signal_number, stop.set)
+    stop = stop_signal()
     try:
         server = await listen(
             runner,

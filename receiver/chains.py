@@ -283,18 +283,29 @@ return 1
 # whole seconds and would queue them up to a second later). Only a job RQ recorded as scheduled moves;
 # one still `started` is the attempt that scheduled the retry, not yet recorded by RQ. Any other state
 # (queued by RQ's scheduler, deleted) leaves the schedule. Returns the number moved and the next due time.
-MOVE_DUE = """
+# The retry scripts' common step, written once: a job RQ recorded as scheduled leaves the schedule and
+# RQ's ScheduledJobRegistry and goes on the queue (its locals: schedule, registry, queue, stamp).
+QUEUE_SCHEDULED = """
+local function queue_scheduled(id, job)
+  redis.call('ZREM', schedule, id)
+  redis.call('ZREM', registry, id)
+  redis.call('HSET', job, 'status', 'queued', 'enqueued_at', stamp)
+  redis.call('RPUSH', queue, id)
+end
+"""
+MOVE_DUE = (
+    """
 local schedule, registry, queue = KEYS[1], KEYS[2], KEYS[3]
 local now, job_prefix, stamp, limit = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+"""
+    + QUEUE_SCHEDULED
+    + """
 local moved = 0
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', schedule, '-inf', now, 'LIMIT', 0, limit)) do
   local job = job_prefix .. id
   local status = redis.call('HGET', job, 'status')
   if status == 'scheduled' then
-    redis.call('ZREM', schedule, id)
-    redis.call('ZREM', registry, id)
-    redis.call('HSET', job, 'status', 'queued', 'enqueued_at', stamp)
-    redis.call('RPUSH', queue, id)
+    queue_scheduled(id, job)
     moved = moved + 1
   elseif status ~= 'started' then
     redis.call('ZREM', schedule, id)
@@ -304,6 +315,7 @@ if moved > 0 then redis.call('SADD', KEYS[4], queue) end
 local first = redis.call('ZRANGE', schedule, 0, 0, 'WITHSCORES')
 return {moved, first[2] or ''}
 """
+)
 
 # KEYS: retry schedule, RQ's ScheduledJobRegistry, queue, RQ queue set. ARGV: update id, now (Unix), job
 # prefix, now (RQ format).
@@ -312,17 +324,18 @@ return {moved, first[2] or ''}
 # one still `started` (the attempt that scheduled the retry is being recorded) is made due now, and the
 # next sweep queues it; any other state leaves the schedule, as MOVE_DUE does. Returns 1 queued, 2 due,
 # 0 when the update was not waiting for a retry.
-RETRY_NOW = """
+RETRY_NOW = (
+    """
 local schedule, registry, queue = KEYS[1], KEYS[2], KEYS[3]
 local id, now, job_prefix, stamp = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+"""
+    + QUEUE_SCHEDULED
+    + """
 if not redis.call('ZSCORE', schedule, id) then return 0 end
 local job = job_prefix .. id
 local status = redis.call('HGET', job, 'status')
 if status == 'scheduled' then
-  redis.call('ZREM', schedule, id)
-  redis.call('ZREM', registry, id)
-  redis.call('HSET', job, 'status', 'queued', 'enqueued_at', stamp)
-  redis.call('RPUSH', queue, id)
+  queue_scheduled(id, job)
   redis.call('SADD', KEYS[4], queue)
   return 1
 elseif status == 'started' then
@@ -332,6 +345,7 @@ end
 redis.call('ZREM', schedule, id)
 return 0
 """
+)
 
 
 def chain_script(keys: RedisKeys, body: str, history_ttl: int = 0) -> str:

@@ -198,11 +198,18 @@ def run(args: argparse.Namespace) -> None:
         from workers.metrics_server import start_metrics_server
         from workers.runner import run_workers
 
-        if not args.burst:  # a burst run is a job, not a service to watch
-            served = len(args.destination or settings.destinations)  # one process group per destination
-            start_metrics_server(settings, args.processes * max(served, 1))
+        def serve_metrics(worker_processes: int) -> None:
+            if not args.burst:  # a burst run is a job, not a service to watch
+                start_metrics_server(settings, worker_processes)
+
         raise SystemExit(
-            run_workers(settings, burst=args.burst, processes=args.processes, destinations=args.destination)
+            run_workers(
+                settings,
+                burst=args.burst,
+                processes=args.processes,
+                destinations=args.destination,
+                started=serve_metrics,
+            )
         )
     elif args.command == "dlq":
         from receiver.deadletters import run_dlq_command

@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 from redis.exceptions import RedisError
@@ -142,10 +143,15 @@ def retire_removed_destinations(settings: Settings) -> dict[str, int]:
 
 
 def run_workers(
-    settings: Settings, burst: bool = False, processes: int = 1, destinations: list[str] | None = None
+    settings: Settings,
+    burst: bool = False,
+    processes: int = 1,
+    destinations: list[str] | None = None,
+    started: Callable[[int], object] | None = None,
 ) -> int:
     """Start `processes` worker processes per destination served (or work in this one when that makes
-    one) and wait for them; 1 when any failed."""
+    one) and wait for them; 1 when any failed. `started` is called with the number of worker processes
+    once the configuration is known to work, before any starts (the metrics endpoint)."""
     try:
         served = served_destinations(settings, destinations)
         for destination in served:
@@ -154,6 +160,8 @@ def run_workers(
         raise CommandError(str(exc)) from None
     if processes < 1:
         raise CommandError("--processes must be 1 or more", exit_code=2)
+    if started is not None:
+        started(processes * len(served))
     if not destinations:  # a worker of some destinations only (another team's, maybe with older settings)
         try:  # never decides that the others were removed
             retire_removed_destinations(settings)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import secrets
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -24,6 +23,7 @@ from aiohttp import web
 from redis import Redis
 from redis.exceptions import RedisError
 
+from receiver.app import stop_signal
 from receiver.chains import OrderChains
 from receiver.connections import sync_redis
 from receiver.deadletters import DeadLetters
@@ -479,10 +479,7 @@ def run_ops(settings: Settings) -> int:
 async def _serve(settings: Settings) -> None:
     runner = web.AppRunner(create_ops_app(settings), handle_signals=False, access_log=None)
     await runner.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signal_number, stop.set)
+    stop = stop_signal()
     try:
         await web.TCPSite(runner, settings.ops_host, settings.ops_port).start()
         await stop.wait()

@@ -235,8 +235,8 @@ async def wait_for_redis(url: str, children: Children) -> None:
         await client.aclose()
 
 
-async def wait_until_ready(url: str, children: Children) -> None:
-    """Poll the receiver's /readyz until it answers 200 (Redis reachable)."""
+async def wait_for_200(url: str, children: Children, what: str) -> None:
+    """Poll `url` until it answers 200; DevError when a child stopped or START_TIMEOUT_SECONDS passed."""
     deadline = asyncio.get_running_loop().time() + START_TIMEOUT_SECONDS
     async with aiohttp.ClientSession() as session:
         while True:
@@ -244,12 +244,17 @@ async def wait_until_ready(url: str, children: Children) -> None:
             if exited:
                 raise DevError(f"{exited[0]} stopped (exit code {exited[1]}) while starting")
             with contextlib.suppress(aiohttp.ClientError, OSError):
-                async with session.get(f"{url}/readyz", timeout=aiohttp.ClientTimeout(total=1)) as answer:
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as answer:
                     if answer.status == 200:
                         return
             if asyncio.get_running_loop().time() > deadline:
-                raise DevError(f"the receiver was not ready at {url}/readyz in {START_TIMEOUT_SECONDS:.0f}s")
+                raise DevError(f"{what} did not answer at {url} in {START_TIMEOUT_SECONDS:.0f}s")
             await asyncio.sleep(0.1)
+
+
+async def wait_until_ready(url: str, children: Children) -> None:
+    """Poll the receiver's /readyz until it answers 200 (Redis reachable)."""
+    await wait_for_200(f"{url}/readyz", children, "the receiver")
 
 
 def send_command(plan: Plan) -> str:
@@ -271,23 +276,7 @@ async def wait_for_console(plan: Plan, children: Children) -> str:
     from receiver.ops.app import make_sign_in_link
     from receiver.rediskeys import RedisKeys
 
-    deadline = asyncio.get_running_loop().time() + START_TIMEOUT_SECONDS
-    async with aiohttp.ClientSession() as session:
-        while True:
-            exited = children.exited()
-            if exited:
-                raise DevError(f"{exited[0]} stopped (exit code {exited[1]}) while starting")
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                async with session.get(
-                    f"{plan.ops_url}/healthz", timeout=aiohttp.ClientTimeout(total=1)
-                ) as answer:
-                    if answer.status == 200:
-                        break
-            if asyncio.get_running_loop().time() > deadline:
-                raise DevError(
-                    f"the ops console did not answer at {plan.ops_url} in {START_TIMEOUT_SECONDS:.0f}s"
-                )
-            await asyncio.sleep(0.1)
+    await wait_for_200(f"{plan.ops_url}/healthz", children, "the ops console")
     settings = Settings.from_env(plan.env)
     redis = sync_redis(settings)
     try:
