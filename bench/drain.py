@@ -49,7 +49,7 @@ from receiver.intake import Intake
 from receiver.order import build_updates, parse_order
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
-from tests.redis_server import free_port
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"

@@ -36,7 +36,7 @@ from bench.production_redis import PERSISTENCE, ProductionRedis
 from bench.tokens import CACHE, public_pem, token_pool
 from receiver.app import event_loop
 from receiver.rediskeys import RedisKeys
-from tests.redis_server import free_port
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"

@@ -29,7 +29,7 @@ import redis
 from bench.load import LoadResult, run_asyncio, run_wrk, wrk_available
 from bench.production_redis import PERSISTENCE, ProductionRedis
 from bench.tokens import CACHE, order_id, public_pem, token_pool
-from tests.redis_server import free_port
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENTS = ((0, "order"), (1, "charge"))  # (sequence, type) of the two events in every bench token

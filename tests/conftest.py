@@ -24,8 +24,8 @@ from receiver.app import create_app
 from receiver.cli import main
 from receiver.keys import load_public_key
 from receiver.settings import Settings
-from tests.redis_server import RedisServer, usable_external_url
-from tests.sink import Sink, start_worker, stop, worker_env
+from tests.processes import RedisServer, start_worker, stop, usable_external_url, worker_env
+from tests.sink import Sink
 
 # Intergiro's real callbacks and keys, copied into the repository (tests/data/intergiro/README.md).
 INTERGIRO = Path(__file__).resolve().parent / "data" / "intergiro"

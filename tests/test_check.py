@@ -15,7 +15,7 @@ import pytest
 import redis
 from aiohttp import web
 
-from tests.redis_server import RedisServer, free_port
+from tests.processes import RedisServer, free_port
 
 WEBHOOK = {
     "MERCHANT_WEBHOOK_URL": "",  # set per test to a server that listens (see `merchant`)

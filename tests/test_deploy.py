@@ -356,7 +356,7 @@ def test_a_real_redis_starts_with_redis_conf_and_refuses_clients_without_the_pas
 
     import redis
 
-    from tests.redis_server import free_port, redis_binary
+    from tests.processes import free_port, redis_binary
 
     port = free_port()
     text = (DEPLOY / "redis.conf").read_text()

@@ -23,7 +23,8 @@ from receiver.ops.app import create_ops_app, make_sign_in_link
 from receiver.ops.auth import COOKIE
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
-from tests.sink import ROOT, Sink, wait_for
+from tests.processes import ROOT
+from tests.sink import Sink, wait_for
 from tests.test_workers import post_order, webhook_settings
 
 TOKEN = "ops-test-token-0123456789abcdefghijklmnop"

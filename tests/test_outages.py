@@ -15,7 +15,7 @@ import redis
 from receiver.app import create_app
 from tests.conftest import queued_updates
 from tests.helpers import JWT, card_order, token
-from tests.redis_server import RedisServer
+from tests.processes import RedisServer
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ async def test_verify_endpoint_refusing_answers_401(
 async def test_verify_endpoint_unreachable_answers_503(
     make_receiver: Any, sync_redis: Any, stranger_key: Any
 ) -> None:
-    from tests.redis_server import free_port
+    from tests.processes import free_port
 
     receiver = await make_receiver(
         intergiro_verify="local-then-remote",

@@ -24,7 +24,8 @@ from receiver.rqstore import DELIVER_UPDATE
 from tests.conftest import queued_updates
 from tests.helpers import JWT, card_order, token
 from tests.merchant_handlers import CALLS, DELIVERED
-from tests.sink import ROOT, SECRET, Sink, log_events, wait_for, worker_env
+from tests.processes import ROOT, worker_env
+from tests.sink import SECRET, Sink, log_events, wait_for
 from workers.delivery import backoff_delay
 
 EVENTS = ("order", "charge", "refund")

@@ -24,8 +24,8 @@ from receiver.rediskeys import RedisKeys
 from tests.chaos.intergiro import EVENTS, Sender, plan_callbacks
 from tests.chaos.merchant import IdempotentMerchant
 from tests.conftest import pem_public
-from tests.redis_server import RedisServer, free_port
-from tests.sink import SECRET, stop
+from tests.processes import RedisServer, free_port, start_command, stop
+from tests.sink import SECRET
 
 ORDERS = 1000  # x 3 events = 3,000 unique events
 REPLAYS = 2000
@@ -64,10 +64,7 @@ class Processes:
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
 
     def _start(self, name: str, command: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        with (self.tmp / f"{name}.log").open("ab") as log:
-            return subprocess.Popen(
-                [sys.executable, "-m", "receiver", command], env=env, cwd=self.tmp, stdout=log, stderr=log
-            )
+        return start_command(command, env=env, log=self.tmp / f"{name}.log", cwd=self.tmp)
 
     def start_receiver(self) -> None:
         self.receiver = self._start("receiver", "serve", self.receiver_env)

