@@ -218,6 +218,20 @@ def wait_until_up(
             time.sleep(0.1)
 
 
+def wait_for_port(port: int, process: subprocess.Popen[bytes], name: str, seconds: float = 30) -> None:
+    """Wait until something listens on `port` (a server with no /healthz); fails if `process` exits."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited at start with code {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{name} did not listen on port {port}")
+
+
 def start_server(
     *args: str, port: int, env: Mapping[str, str], log: Path, cwd: Path = ROOT
 ) -> subprocess.Popen[bytes]:
