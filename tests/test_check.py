@@ -7,7 +7,7 @@ import base64
 import os
 import re
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +30,6 @@ async def merchant(aiohttp_server: Any) -> AsyncIterator[str]:
     WEBHOOK["MERCHANT_WEBHOOK_URL"] = str(server.make_url("/webhooks"))
     yield WEBHOOK["MERCHANT_WEBHOOK_URL"]
     WEBHOOK["MERCHANT_WEBHOOK_URL"] = ""
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.cleanup()
 
 
 async def check(cwd: Path, **env: str) -> tuple[int, list[str]]:

@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,15 +15,6 @@ from receiver.app import create_app
 from tests.conftest import queued_updates
 from tests.helpers import JWT, card_order, token
 from tests.processes import RedisServer
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A Redis this test may stop and start."""
-    server = RedisServer()
-    server.start()
-    yield server
-    server.cleanup()
 
 
 async def test_redis_down_answers_503_and_the_same_post_is_accepted_once_it_is_back(
