@@ -155,10 +155,6 @@ def queued_updates(client: redis.Redis, settings: Settings) -> list[dict[str, An
     return [Job.fetch(i, connection=client, serializer=JSONSerializer).args[0] for i in sorted(ids)]
 
 
-def jwt_post_headers() -> dict[str, str]:
-    return {"Content-Type": "application/jwt; charset=utf-8"}
-
-
 @pytest.fixture
 async def fake_intergiro(aiohttp_server: Any) -> AsyncIterator[Any]:
     """A fake of Intergiro's API: the verify endpoint answers the order for tokens it was told about
@@ -211,6 +207,23 @@ async def fake_intergiro(aiohttp_server: Any) -> AsyncIterator[Any]:
     server = await aiohttp_server(app)
     server.state = state
     yield server
+
+
+@pytest.fixture
+def remote_receiver(make_receiver: Any, fake_intergiro: Any) -> Callable[..., Any]:
+    """Makes a test client of a receiver that verifies with `fake_intergiro` (remote, unless changed)."""
+
+    async def make(**changes: Any) -> Any:
+        return await make_receiver(
+            **{
+                "intergiro_verify": "remote",
+                "intergiro_api_url": str(fake_intergiro.make_url("")).rstrip("/"),
+                "intergiro_api_key": "test-api-key",
+                **changes,
+            }
+        )
+
+    return make
 
 
 @pytest.fixture

@@ -75,5 +75,5 @@ async def wait_for(condition: Callable[[], bool], seconds: float = 30.0, what: s
     deadline = time.monotonic() + seconds
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
         await asyncio.sleep(0.05)
