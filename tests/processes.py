@@ -207,6 +207,16 @@ def start_command(*args: str, env: Mapping[str, str], log: Path, cwd: Path = ROO
         )
 
 
+def run_command(
+    *args: str, env: Mapping[str, str] | None = None, cwd: Path = ROOT, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`intergiro-receiver ARGS` run to its end (in this environment unless `env`), output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "receiver", *args], env=None if env is None else dict(env), cwd=cwd,
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
 def wait_until_up(
     url: str, process: subprocess.Popen[bytes] | None = None, log: Path | None = None, seconds: float = 30
 ) -> None:

@@ -8,8 +8,6 @@ import asyncio
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,7 +21,7 @@ from receiver.ops.app import create_ops_app, make_sign_in_link
 from receiver.ops.auth import COOKIE
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
-from tests.processes import ROOT
+from tests.processes import ROOT, run_command
 from tests.sink import Sink, wait_for
 from tests.test_workers import post_order, webhook_settings
 
@@ -64,10 +62,7 @@ def test_ops_refuses_to_start_without_a_token_or_with_a_short_one_with_one_line(
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPS_")}
     env["REDIS_URL"] = redis_url
     for token, says in (("", "OPS_TOKEN is required"), ("short", "OPS_TOKEN: must be at least 32")):
-        run = subprocess.run(
-            [sys.executable, "-m", "receiver", "ops"], env={**env, "OPS_TOKEN": token}, cwd=ROOT,
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        run = run_command("ops", env={**env, "OPS_TOKEN": token})
         assert run.returncode == 1
         [line] = run.stderr.strip().splitlines()
         assert says in line and "short" not in line  # the value itself is never printed

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -24,7 +22,7 @@ from receiver.chains import DELETED_OUTSIDE
 from receiver.rediskeys import RedisKeys
 from tests.conftest import real_callbacks
 from tests.merchant_handlers import DELIVERED
-from tests.processes import ROOT, free_port, serve_env, start_command, stop, worker_env
+from tests.processes import ROOT, free_port, run_command, serve_env, start_command, stop, worker_env
 from tests.sink import Sink, log_events, wait_for
 from tests.test_workers import EVENTS, post_order, webhook_settings
 
@@ -161,10 +159,7 @@ def test_an_rq_key_prefix_only_in_dot_env_stops_serve_and_worker_with_one_line(
     env = {k: v for k, v in worker_env(redis_url, merchant_handler="tests.merchant_handlers:takes").items()
            if k != "RQ_KEY_PREFIX"}  # fmt: skip
     env["PYTHONPATH"] = str(ROOT)
-    result = subprocess.run(
-        [sys.executable, "-m", "receiver", command], env=env, cwd=tmp_path, capture_output=True, text=True,
-        timeout=60,
-    )  # fmt: skip
+    result = run_command(command, env=env, cwd=tmp_path)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert "RQ_KEY_PREFIX" in lines[0] and command in lines[0]

@@ -24,7 +24,7 @@ from receiver.rqstore import DELIVER_UPDATE
 from tests.conftest import queued_updates
 from tests.helpers import JWT, card_order, token
 from tests.merchant_handlers import CALLS, DELIVERED
-from tests.processes import ROOT, worker_env
+from tests.processes import ROOT, run_command, worker_env
 from tests.sink import SECRET, Sink, log_events, wait_for
 from workers.delivery import backoff_delay
 
@@ -221,14 +221,7 @@ async def test_a_handler_raising_permanent_delivery_error_dead_letters_at_once(
 
 
 def test_a_worker_with_neither_url_nor_handler_refuses_to_start_with_one_line(redis_url: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "receiver", "worker"],
-        env=worker_env(redis_url),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_command("worker", env=worker_env(redis_url))
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "MERCHANT_WEBHOOK_URL" in lines[0] and "MERCHANT_HANDLER" in lines[0]
