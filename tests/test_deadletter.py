@@ -9,7 +9,7 @@ import pytest
 
 from receiver.rediskeys import RedisKeys
 from tests.sink import Sink, wait_for
-from tests.test_workers import post_order, webhook_settings
+from tests.test_workers import post_dead_lettered, post_order, webhook_settings
 
 
 @pytest.fixture
@@ -22,8 +22,7 @@ async def test_a_400_dead_letters_after_one_attempt_and_ops_can_list_requeue_and
 ) -> None:
     refused = {"yes"}
     sink.answer = lambda _id, _n: (400, {}, 0.0) if refused else (200, {}, 0.0)
-    [update_id] = await post_order(receiver, rsa_key, "RefusedOrder0001")
-    await wait_for(lambda: sync_redis.hexists(RedisKeys().dead_letters, update_id), what="the dead letter")
+    update_id = await post_dead_lettered(receiver, rsa_key, sync_redis, "RefusedOrder0001")
     assert len(sink.attempts(update_id)) == 1
 
     code, out = cli("dlq", "list", "--json")

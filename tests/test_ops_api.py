@@ -23,7 +23,7 @@ from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
 from tests.processes import ROOT, run_command
 from tests.sink import Sink, wait_for
-from tests.test_workers import post_order, webhook_settings
+from tests.test_workers import post_dead_lettered, post_order, webhook_settings
 
 TOKEN = "ops-test-token-0123456789abcdefghijklmnop"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -188,8 +188,7 @@ async def test_purge_through_the_api_forgets_the_dead_letter_and_the_story_says_
 ) -> None:
     sink.answer = lambda _id, _n: (400, {}, 0.0)
     workers(**webhook_settings(sink))
-    [update_id] = await post_order(receiver, rsa_key, "ApiPurgeOrder001")
-    await wait_for(lambda: sync_redis.hexists(RedisKeys().dead_letters, update_id), what="the dead letter")
+    update_id = await post_dead_lettered(receiver, rsa_key, sync_redis, "ApiPurgeOrder001")
     for page in ("/dlq", f"/dlq/{update_id}", f"/orders?key={update_id}"):
         shown = await ops.get(page, headers=BEARER)
         assert shown.status == 200 and update_id in await shown.text(), page
@@ -238,8 +237,7 @@ async def test_a_post_without_the_csrf_token_is_refused_403_and_changes_nothing(
 ) -> None:
     sink.answer = lambda _id, _n: (400, {}, 0.0)
     workers(**webhook_settings(sink))
-    [update_id] = await post_order(receiver, rsa_key, "CsrfOrder0000001")
-    await wait_for(lambda: sync_redis.hexists(RedisKeys().dead_letters, update_id), what="the dead letter")
+    update_id = await post_dead_lettered(receiver, rsa_key, sync_redis, "CsrfOrder0000001")
     csrf = await sign_in(ops)
 
     form = {"action": "purge", "confirm": "yes", "id": update_id}

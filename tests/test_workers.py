@@ -43,6 +43,14 @@ async def post_order(
     return list((await response.json())["queued"])
 
 
+async def post_dead_lettered(receiver: Any, key: Any, sync_redis: Any, order_id: str) -> str:
+    """Posts a one-event order that the running worker dead-letters (its merchant refuses it); its
+    update's id, once it is in the dead-letter queue."""
+    [update_id] = await post_order(receiver, key, order_id)
+    await wait_for(lambda: sync_redis.hexists(RedisKeys().dead_letters, update_id), what="the dead letter")
+    return update_id
+
+
 async def test_every_delivery_is_signed_with_the_secret_and_carries_the_queued_update(
     receiver: Any, rsa_key: Any, sink: Sink, workers: Any, sync_redis: Any, settings: Any
 ) -> None:
