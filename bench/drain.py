@@ -42,14 +42,14 @@ from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 from standardwebhooks.webhooks import Webhook
 
-from bench.ingest import cpu_seconds, wait_for_port
+from bench.ingest import cpu_seconds
 from bench.production_redis import PERSISTENCE, ProductionRedis
 from bench.tokens import bench_order, order_id
 from receiver.intake import Intake
 from receiver.order import build_updates, parse_order
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
-from tests.redis_server import free_port
+from tests.processes import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"

@@ -30,13 +30,12 @@ import orjson
 import redis
 from standardwebhooks.webhooks import Webhook
 
-from bench.ingest import wait_for_port
 from bench.load import percentile
 from bench.production_redis import PERSISTENCE, ProductionRedis
 from bench.tokens import CACHE, public_pem, token_pool
 from receiver.app import event_loop
 from receiver.rediskeys import RedisKeys
-from tests.redis_server import free_port
+from tests.processes import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.conftest import pem_public
 from tests.helpers import JWT, card_order, token
-from tests.redis_server import RedisServer, free_port
+from tests.processes import RedisServer, free_port, serve_env, start_server, stop
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -96,40 +94,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         key_file = Path(folder) / "trusted.pem"
         key_file.write_text(pem_public(trusted))
-        env = {
-            **os.environ,
-            "REDIS_URL": redis_server.url,
-            "RECEIVER_HOST": "127.0.0.1",
-            "RECEIVER_PORT": str(port),
-            "INTERGIRO_PUBLIC_KEYS": f"@{key_file}",
-            "LOG_LEVEL": "WARNING",
-        }
-        receiver = subprocess.Popen(
-            [sys.executable, "-m", "receiver", "serve"], env=env, cwd=folder, stderr=subprocess.DEVNULL
+        env = serve_env(
+            redis_server.url,
+            port,
+            INTERGIRO_PUBLIC_KEYS=f"@{key_file}",
+            LOG_LEVEL="WARNING",
         )
+        receiver = start_server("serve", port=port, env=env, log=Path(folder) / "serve.log", cwd=Path(folder))
         try:
-            wait_until_up(f"http://127.0.0.1:{port}/healthz")
             asyncio.run(
                 run(f"http://127.0.0.1:{port}/callbacks/intergiro", trusted, args.valid, args.flooders)
             )
         finally:
-            receiver.terminate()
-            receiver.wait(10)
+            stop(receiver)
             redis_server.cleanup()
-
-
-def wait_until_up(url: str) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - our own local URL
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 if __name__ == "__main__":

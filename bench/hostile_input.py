@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,10 +28,9 @@ import aiohttp
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.hostile import wait_until_up
 from tests.conftest import pem_public
 from tests.helpers import JWT, card_order, token
-from tests.redis_server import RedisServer, free_port
+from tests.processes import RedisServer, free_port, serve_env, start_server, stop
 
 
 def rss_mib(pid: int) -> float:
@@ -127,23 +124,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         key_file = Path(folder) / "trusted.pem"
         key_file.write_text(pem_public(trusted))
-        env = {
-            **os.environ,
-            "REDIS_URL": redis_server.url,
-            "RECEIVER_HOST": "127.0.0.1",
-            "RECEIVER_PORT": str(port),
-            "INTERGIRO_PUBLIC_KEYS": f"@{key_file}",
-            "MAX_CALLBACK_EVENTS": "1000",
-            "RECEIVER_MAX_CONNECTIONS": str(args.connections + 50),
-            "LOG_LEVEL": "WARNING",
-        }
+        env = serve_env(
+            redis_server.url,
+            port,
+            INTERGIRO_PUBLIC_KEYS=f"@{key_file}",
+            MAX_CALLBACK_EVENTS="1000",
+            RECEIVER_MAX_CONNECTIONS=str(args.connections + 50),
+            LOG_LEVEL="WARNING",
+        )
         if args.source:
             env["PYTHONPATH"] = str(args.source.resolve())
-        receiver = subprocess.Popen(
-            [sys.executable, "-m", "receiver", "serve"], env=env, cwd=folder, stderr=subprocess.DEVNULL
-        )
+        receiver = start_server("serve", port=port, env=env, log=Path(folder) / "serve.log", cwd=Path(folder))
         try:
-            wait_until_up(f"http://127.0.0.1:{port}/healthz")
             print(f"receiver from {args.source or 'this tree'}")
             heads(port, receiver.pid, args.connections, args.line_bytes, args.lines)
             asyncio.run(
@@ -156,8 +148,7 @@ def main() -> None:
                 )
             )
         finally:
-            receiver.terminate()
-            receiver.wait(10)
+            stop(receiver)
             redis_server.cleanup()
 
 

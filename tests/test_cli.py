@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 from importlib.metadata import version
 
 from receiver.cli import build_parser
+from tests.processes import run_command
 
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "receiver", *args], capture_output=True, text=True, timeout=60, check=False
-    )
+run = run_command
 
 
 def test_version_prints_the_package_version() -> None:

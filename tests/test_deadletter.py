@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from receiver.rediskeys import RedisKeys
-from tests.sink import SECRET, Sink, start_worker, stop, wait_for, worker_env
-from tests.test_workers import post_order
+from tests.sink import Sink, wait_for
+from tests.test_workers import post_dead_lettered, post_order, webhook_settings
 
 
 @pytest.fixture
-def worker(redis_url: str, tmp_path: Path, sink: Sink) -> Iterator[subprocess.Popen[bytes]]:
-    env = worker_env(redis_url, merchant_webhook_url=sink.url, merchant_webhook_secret=SECRET)
-    process = start_worker(env, tmp_path / "worker.log")
-    yield process
-    stop(process)
+def worker(workers: Any, sink: Sink) -> Any:
+    return workers(**webhook_settings(sink))
 
 
 async def test_a_400_dead_letters_after_one_attempt_and_ops_can_list_requeue_and_purge_it(
@@ -28,8 +22,7 @@ async def test_a_400_dead_letters_after_one_attempt_and_ops_can_list_requeue_and
 ) -> None:
     refused = {"yes"}
     sink.answer = lambda _id, _n: (400, {}, 0.0) if refused else (200, {}, 0.0)
-    [update_id] = await post_order(receiver, rsa_key, "RefusedOrder0001")
-    await wait_for(lambda: sync_redis.hexists(RedisKeys().dead_letters, update_id), what="the dead letter")
+    update_id = await post_dead_lettered(receiver, rsa_key, sync_redis, "RefusedOrder0001")
     assert len(sink.attempts(update_id)) == 1
 
     code, out = cli("dlq", "list", "--json")

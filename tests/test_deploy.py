@@ -352,32 +352,25 @@ async def test_the_receiver_counts_the_workers_alive_and_not_one_that_died_unreg
 
 def test_a_real_redis_starts_with_redis_conf_and_refuses_clients_without_the_password(tmp_path: Path) -> None:
     import subprocess
-    import time
 
     import redis
 
-    from tests.redis_server import free_port, redis_binary
+    from tests.processes import free_port, redis_binary, wait_for_redis
 
     port = free_port()
     text = (DEPLOY / "redis.conf").read_text()
     text = re.sub(r"^dir .*$", f"dir {tmp_path}", text, flags=re.M)
     text = re.sub(r"^port .*$", f"port {port}", text, flags=re.M)
     (tmp_path / "redis.conf").write_text(text)
-    server = subprocess.Popen(
-        [redis_binary(), str(tmp_path / "redis.conf"), "--requirepass", "the-password"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    log = tmp_path / "redis.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [redis_binary(), str(tmp_path / "redis.conf"), "--requirepass", "the-password"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
         client = redis.Redis(port=port, password="the-password", socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert server.poll() is None, server.communicate()[0].decode()
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        wait_for_redis(client, server, log)
         assert int(client.config_get("maxmemory")["maxmemory"]) == 1024**3
         assert client.config_get("protected-mode")["protected-mode"] == "yes"
         with pytest.raises(redis.AuthenticationError):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.redis_server import free_port
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.prefix)

@@ -20,8 +20,8 @@ import pytest
 
 from receiver.app import create_app
 from tests.helpers import JWT, card_order, token
-from tests.redis_server import SentinelCluster, free_port
-from tests.sink import SECRET, Sink, start_worker, stop, wait_for, worker_env
+from tests.processes import SentinelCluster, free_port, start_worker, stop, worker_env
+from tests.sink import SECRET, Sink, wait_for
 
 ORDERS = 300
 SENDERS = 10

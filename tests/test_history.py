@@ -14,7 +14,7 @@ from receiver.rediskeys import RedisKeys
 from tests.helpers import JWT, card_order, token
 from tests.sink import Sink, log_events, wait_for
 from tests.test_reconcile import WINDOW, reconcile
-from tests.test_workers import post_order, webhook_settings
+from tests.test_workers import post_dead_lettered, webhook_settings
 
 PATH = "/callbacks/intergiro"
 
@@ -83,8 +83,7 @@ async def test_a_400_shows_dead_lettered_and_after_requeue_and_a_200_all_three_s
     refused = {"yes"}
     sink.answer = lambda _id, _n: (400, {}, 0.0) if refused else (200, {}, 0.0)
     workers(**webhook_settings(sink))
-    [update_id] = await post_order(receiver, rsa_key, "RefusedStory0001")
-    await wait_for(lambda: sync_redis.hexists(RedisKeys().dead_letters, update_id), what="the dead letter")
+    update_id = await post_dead_lettered(receiver, rsa_key, sync_redis, "RefusedStory0001")
     update = update_of(trace(cli, update_id), update_id)
     assert update["state"] == "dead_lettered"
     assert steps(update) == [("dead_lettered", 400, "webhook")]

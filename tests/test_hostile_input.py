@@ -7,10 +7,8 @@ and the request head and the number of connections are bounded.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +23,7 @@ import redis
 
 from tests.conftest import pem_public
 from tests.helpers import card_order
-from tests.redis_server import RedisServer, free_port
+from tests.processes import RedisServer, free_port, serve_env, start_server, stop
 
 PATH = "/callbacks/intergiro"
 
@@ -65,39 +63,14 @@ def serve(tmp_path: Path, rsa_key: Any) -> Iterator[Callable[..., Served]]:
     def start(redis_url: str, **env: str) -> Served:
         port = free_port()
         log_path = tmp_path / f"serve-{port}.log"
-        environment = {
-            **os.environ,
-            "REDIS_URL": redis_url,
-            "RECEIVER_HOST": "127.0.0.1",
-            "RECEIVER_PORT": str(port),
-            "INTERGIRO_PUBLIC_KEYS": f"@{key_file}",
-            **env,
-        }
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "receiver", "serve"],
-                env=environment,
-                cwd=tmp_path,
-                stdout=log,
-                stderr=log,
-            )
+        environment = serve_env(redis_url, port, INTERGIRO_PUBLIC_KEYS=f"@{key_file}", **env)
+        process = start_server("serve", port=port, env=environment, log=log_path, cwd=tmp_path)
         started.append(process)
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/healthz", timeout=1).close()
-                return Served(base, port, log_path, process)
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    process.kill()
-                    raise RuntimeError(f"serve did not start: {log_path.read_text()}") from None
-                time.sleep(0.1)
+        return Served(f"http://127.0.0.1:{port}", port, log_path, process)
 
     yield start
     for process in started:
-        process.terminate()
-        process.wait(10)
+        stop(process)
 
 
 def signed_with(raw_json: str, key: Any, place: Callable[[dict[str, Any]], None], order_id: str) -> bytes:

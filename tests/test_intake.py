@@ -19,7 +19,7 @@ from receiver.order import build_updates, parse_order
 from receiver.rediskeys import RedisKeys
 from tests.conftest import queued_updates
 from tests.helpers import JWT, card_order, token
-from tests.redis_server import RedisServer
+from tests.processes import RedisServer
 
 
 def order_id(index: int) -> str:

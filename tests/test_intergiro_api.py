@@ -9,7 +9,6 @@ import asyncio
 import json
 import time
 import tracemalloc
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,21 +19,6 @@ from tests.conftest import queued_updates
 from tests.helpers import JSON, JWT, card_order, token
 
 PATH = "/callbacks/intergiro"
-
-
-@pytest.fixture
-def remote_receiver(make_receiver: Any, fake_intergiro: Any) -> Callable[..., Any]:
-    async def make(**changes: Any) -> Any:
-        return await make_receiver(
-            **{
-                "intergiro_verify": "remote",
-                "intergiro_api_url": str(fake_intergiro.make_url("")).rstrip("/"),
-                "intergiro_api_key": "test-api-key",
-                **changes,
-            }
-        )
-
-    return make
 
 
 def known_token(fake_intergiro: Any, key: Any, order_id: str = "TestOrder0000001", **extra: Any) -> bytes:

@@ -14,7 +14,7 @@ import pytest
 import structlog
 
 from receiver.logs import configure_logging
-from tests.redis_server import free_port
+from tests.processes import free_port
 
 
 def first_log_line(cwd: Path, **env: str) -> str:

@@ -9,8 +9,6 @@ import base64
 import os
 import socket
 import ssl
-import subprocess
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,8 +21,8 @@ from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
 from tests.certificates import TestCA
 from tests.helpers import JWT, card_order, token
-from tests.redis_server import free_port
-from tests.sink import SECRET, Sink, start_worker, stop, wait_for, worker_env
+from tests.processes import free_port
+from tests.sink import SECRET, Sink, wait_for
 from workers.delivery import DeliveryError, PermanentDeliveryError, WebhookTarget, build_targets
 from workers.merchant_http import bypasses_proxy
 
@@ -274,20 +272,6 @@ async def test_a_forked_worker_opens_its_own_connection_and_leaves_its_parents_a
 
 
 # Real worker processes against a merchant that requires a client certificate.
-
-
-@pytest.fixture
-def workers(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(**settings: Any) -> subprocess.Popen[bytes]:
-        process = start_worker(worker_env(redis_url, **settings), tmp_path / "worker.log")
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        stop(process)
 
 
 @pytest.fixture

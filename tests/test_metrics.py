@@ -21,7 +21,7 @@ from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
 from tests.conftest import pem_public
 from tests.helpers import card_order, token
-from tests.redis_server import free_port
+from tests.processes import free_port, start_server, stop
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -41,18 +41,6 @@ def total(scrapes: list[Samples], name: str, **labels: str) -> float:
     return sum(s.get((name, wanted), 0.0) for s in scrapes)
 
 
-def wait_for(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError(f"did not start: {log.read_text()}") from None
-            time.sleep(0.1)
-
-
 class Deployment:
     """Real processes against one Redis: `serve`s and a `worker` with its metrics endpoint."""
 
@@ -69,23 +57,13 @@ class Deployment:
         self.tmp_path = tmp_path
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, args: list[str], health_url: str, **env: str) -> None:
-        log_path = self.tmp_path / f"{name}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "receiver", *args],
-                env={**self.env, **env},
-                cwd=self.tmp_path,
-                stdout=log,
-                stderr=log,
-            )
-        self.processes[name] = process
-        wait_for(health_url, process, log_path)
+    def start(self, name: str, args: list[str], port: int, **env: str) -> None:
+        log = self.tmp_path / f"{name}.log"
+        environment = {**self.env, **env}
+        self.processes[name] = start_server(*args, port=port, env=environment, log=log, cwd=self.tmp_path)
 
     def stop(self, name: str) -> None:
-        process = self.processes.pop(name)
-        process.terminate()
-        process.wait(15)
+        stop(self.processes.pop(name), seconds=15)
 
     def stop_all(self) -> None:
         for name in list(self.processes):
@@ -106,10 +84,9 @@ def test_two_receivers_and_a_worker_sum_to_the_true_figures_each_counted_once(
 ) -> None:
     ports = {name: free_port() for name in ("receiver-a", "receiver-b", "worker")}
     for name in ("receiver-a", "receiver-b"):
-        base = f"http://127.0.0.1:{ports[name]}"
-        deployment.start(name, ["serve"], f"{base}/healthz", RECEIVER_PORT=str(ports[name]))
+        deployment.start(name, ["serve"], ports[name], RECEIVER_PORT=str(ports[name]))
     worker = f"http://127.0.0.1:{ports['worker']}"
-    deployment.start("worker", ["worker"], f"{worker}/healthz", WORKER_METRICS_PORT=str(ports["worker"]))
+    deployment.start("worker", ["worker"], ports["worker"], WORKER_METRICS_PORT=str(ports["worker"]))
     sent = {"receiver-a": 3, "receiver-b": 2}
     number = 0
     for name, count in sent.items():

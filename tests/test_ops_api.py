@@ -8,8 +8,6 @@ import asyncio
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,8 +21,9 @@ from receiver.ops.app import create_ops_app, make_sign_in_link
 from receiver.ops.auth import COOKIE
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
-from tests.sink import ROOT, Sink, wait_for
-from tests.test_workers import post_order, webhook_settings
+from tests.processes import ROOT, run_command
+from tests.sink import Sink, wait_for
+from tests.test_workers import post_dead_lettered, post_order, webhook_settings
 
 TOKEN = "ops-test-token-0123456789abcdefghijklmnop"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -63,10 +62,7 @@ def test_ops_refuses_to_start_without_a_token_or_with_a_short_one_with_one_line(
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPS_")}
     env["REDIS_URL"] = redis_url
     for token, says in (("", "OPS_TOKEN is required"), ("short", "OPS_TOKEN: must be at least 32")):
-        run = subprocess.run(
-            [sys.executable, "-m", "receiver", "ops"], env={**env, "OPS_TOKEN": token}, cwd=ROOT,
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        run = run_command("ops", env={**env, "OPS_TOKEN": token})
         assert run.returncode == 1
         [line] = run.stderr.strip().splitlines()
         assert says in line and "short" not in line  # the value itself is never printed
@@ -192,8 +188,7 @@ async def test_purge_through_the_api_forgets_the_dead_letter_and_the_story_says_
 ) -> None:
     sink.answer = lambda _id, _n: (400, {}, 0.0)
     workers(**webhook_settings(sink))
-    [update_id] = await post_order(receiver, rsa_key, "ApiPurgeOrder001")
-    await wait_for(lambda: sync_redis.hexists(RedisKeys().dead_letters, update_id), what="the dead letter")
+    update_id = await post_dead_lettered(receiver, rsa_key, sync_redis, "ApiPurgeOrder001")
     for page in ("/dlq", f"/dlq/{update_id}", f"/orders?key={update_id}"):
         shown = await ops.get(page, headers=BEARER)
         assert shown.status == 200 and update_id in await shown.text(), page
@@ -242,8 +237,7 @@ async def test_a_post_without_the_csrf_token_is_refused_403_and_changes_nothing(
 ) -> None:
     sink.answer = lambda _id, _n: (400, {}, 0.0)
     workers(**webhook_settings(sink))
-    [update_id] = await post_order(receiver, rsa_key, "CsrfOrder0000001")
-    await wait_for(lambda: sync_redis.hexists(RedisKeys().dead_letters, update_id), what="the dead letter")
+    update_id = await post_dead_lettered(receiver, rsa_key, sync_redis, "CsrfOrder0000001")
     csrf = await sign_in(ops)
 
     form = {"action": "purge", "confirm": "yes", "id": update_id}

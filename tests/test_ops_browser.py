@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,8 +25,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from receiver.app import KEYS, METRICS, REDIS
 from receiver.rediskeys import RedisKeys
-from receiver.tools.dev import free_port
-from tests.sink import ROOT, Sink, stop, wait_for
+from tests.processes import ROOT, free_port, start_server, stop
+from tests.sink import Sink, wait_for
 from tests.test_workers import post_order, webhook_settings
 
 TOKEN = "browser-test-token-0123456789abcdefghijkl"
@@ -49,24 +46,8 @@ def console(redis_url: str, tmp_path: Path) -> Iterator[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPS_", "HTTP", "NO_PROXY"))}
     env.update(REDIS_URL=redis_url, OPS_TOKEN=TOKEN, OPS_PORT=str(port), LOG_FORMAT="json")
     log = tmp_path / "ops.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "receiver", "ops"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("ab"),
-    )
+    process = start_server("ops", port=port, env=env, log=log)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=1) as answer:
-                if answer.status == 200:
-                    break
-        except OSError:
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the console did not start"
-            time.sleep(0.1)
     yield url
     stop(process)
     assert "ops: dead letter requeued" in log.read_text()  # every action leaves a line

@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,16 +14,7 @@ import redis
 from receiver.app import create_app
 from tests.conftest import queued_updates
 from tests.helpers import JWT, card_order, token
-from tests.redis_server import RedisServer
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A Redis this test may stop and start."""
-    server = RedisServer()
-    server.start()
-    yield server
-    server.cleanup()
+from tests.processes import RedisServer
 
 
 async def test_redis_down_answers_503_and_the_same_post_is_accepted_once_it_is_back(
@@ -50,14 +40,10 @@ async def test_redis_down_answers_503_and_the_same_post_is_accepted_once_it_is_b
 
 @pytest.mark.parametrize("status", [500, 502, 503, 429])
 async def test_verify_endpoint_failing_answers_503_and_keeps_nothing(
-    make_receiver: Any, fake_intergiro: Any, sync_redis: Any, rsa_key: Any, status: int
+    remote_receiver: Any, fake_intergiro: Any, sync_redis: Any, rsa_key: Any, status: int
 ) -> None:
     fake_intergiro.state["status"] = status
-    receiver = await make_receiver(
-        intergiro_verify="remote",
-        intergiro_api_url=str(fake_intergiro.make_url("")).rstrip("/"),
-        intergiro_api_key="test-api-key",
-    )
+    receiver = await remote_receiver()
     answer = await receiver.post("/callbacks/intergiro", data=token(card_order(), rsa_key), headers=JWT)
     assert answer.status == 503
     assert "Retry-After" in answer.headers
@@ -65,14 +51,10 @@ async def test_verify_endpoint_failing_answers_503_and_keeps_nothing(
 
 
 async def test_verify_endpoint_refusing_answers_401(
-    make_receiver: Any, fake_intergiro: Any, sync_redis: Any, rsa_key: Any
+    remote_receiver: Any, fake_intergiro: Any, sync_redis: Any, rsa_key: Any
 ) -> None:
     fake_intergiro.state["status"] = 401
-    receiver = await make_receiver(
-        intergiro_verify="remote",
-        intergiro_api_url=str(fake_intergiro.make_url("")).rstrip("/"),
-        intergiro_api_key="test-api-key",
-    )
+    receiver = await remote_receiver()
     answer = await receiver.post("/callbacks/intergiro", data=token(card_order(), rsa_key), headers=JWT)
     assert answer.status == 401
     assert list(sync_redis.scan_iter("*")) == []
@@ -81,7 +63,7 @@ async def test_verify_endpoint_refusing_answers_401(
 async def test_verify_endpoint_unreachable_answers_503(
     make_receiver: Any, sync_redis: Any, stranger_key: Any
 ) -> None:
-    from tests.redis_server import free_port
+    from tests.processes import free_port
 
     receiver = await make_receiver(
         intergiro_verify="local-then-remote",
@@ -95,13 +77,9 @@ async def test_verify_endpoint_unreachable_answers_503(
 
 
 async def test_local_then_remote_does_not_call_the_endpoint_when_a_local_key_verifies(
-    make_receiver: Any, fake_intergiro: Any, rsa_key: Any
+    remote_receiver: Any, fake_intergiro: Any, rsa_key: Any
 ) -> None:
-    receiver = await make_receiver(
-        intergiro_verify="local-then-remote",
-        intergiro_api_url=str(fake_intergiro.make_url("")).rstrip("/"),
-        intergiro_api_key="test-api-key",
-    )
+    receiver = await remote_receiver(intergiro_verify="local-then-remote")
     answer = await receiver.post("/callbacks/intergiro", data=token(card_order(), rsa_key), headers=JWT)
     assert answer.status == 200
     assert fake_intergiro.state["calls"] == 0

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -31,6 +30,7 @@ from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
 from tests.conftest import DAYS, queued_updates
 from tests.helpers import JWT, assert_valid_update, card_order, token
+from tests.processes import run_command
 
 WINDOW = ["--start", "2024-05-01", "--end", "2024-05-03"]
 
@@ -372,14 +372,7 @@ async def test_a_bad_window_is_refused_with_exit_2(
 
 def test_reconcile_without_an_api_key_exits_2_with_one_line(redis_url: str, tmp_path: Any) -> None:
     env = {"PATH": os.environ["PATH"], "REDIS_URL": redis_url, "LOG_FORMAT": "console"}
-    done = subprocess.run(
-        [sys.executable, "-m", "receiver", "reconcile", "--since", "2h"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_command("reconcile", "--since", "2h", env=env, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip() == "intergiro-receiver reconcile: INTERGIRO_API_KEY: required to list orders"
 

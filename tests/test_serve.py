@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,32 +13,16 @@ from typing import Any
 import pytest
 
 from tests.conftest import real_callbacks
-from tests.redis_server import free_port
+from tests.processes import free_port, serve_env, start_command, start_server, stop
 
 
 @pytest.fixture
 def served(redis_url: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     port = free_port()
     log_path = tmp_path / "serve.log"
-    env = {**os.environ, "REDIS_URL": redis_url, "RECEIVER_HOST": "127.0.0.1", "RECEIVER_PORT": str(port)}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "receiver", "serve"], env=env, cwd=tmp_path, stdout=log, stderr=log
-        )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/healthz", timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise RuntimeError(f"serve did not start: {log_path.read_text()}") from None
-            time.sleep(0.1)
-    yield base, log_path
-    process.terminate()
-    process.wait(10)
+    process = start_server("serve", port=port, env=serve_env(redis_url, port), log=log_path, cwd=tmp_path)
+    yield f"http://127.0.0.1:{port}", log_path
+    stop(process)
 
 
 def post(url: str, body: str, content_type: str) -> tuple[int, dict[str, Any]]:
@@ -76,16 +57,9 @@ def test_serve_with_two_processes_answers_on_one_port_from_two_pids_and_stops_to
     redis_url: str, tmp_path: Path
 ) -> None:
     port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "RECEIVER_HOST": "127.0.0.1", "RECEIVER_PORT": str(port)}
     log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "receiver", "serve", "--processes", "2"],
-            env=env,
-            cwd=tmp_path,
-            stdout=log,
-            stderr=log,
-        )
+    env = serve_env(redis_url, port)
+    process = start_command("serve", "--processes", "2", env=env, log=log_path, cwd=tmp_path)
     try:
         pids: set[int] = set()
         deadline = time.monotonic() + 30

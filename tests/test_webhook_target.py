@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from standardwebhooks.webhooks import Webhook
 
-from tests.redis_server import free_port
+from tests.processes import free_port
 from tests.sink import SECRET, Sink
 from workers.delivery import DeliveryError, PermanentDeliveryError, TargetNotConfigured, WebhookTarget
 

@@ -24,7 +24,8 @@ from receiver.rqstore import DELIVER_UPDATE
 from tests.conftest import queued_updates
 from tests.helpers import JWT, card_order, token
 from tests.merchant_handlers import CALLS, DELIVERED
-from tests.sink import ROOT, SECRET, Sink, log_events, wait_for, worker_env
+from tests.processes import ROOT, run_command, worker_env
+from tests.sink import SECRET, Sink, log_events, wait_for
 from workers.delivery import backoff_delay
 
 EVENTS = ("order", "charge", "refund")
@@ -40,6 +41,14 @@ async def post_order(
     response = await receiver.post(CALLBACK_PATH, data=token(card_order(order_id, events), key), headers=JWT)
     assert response.status == 200, await response.text()
     return list((await response.json())["queued"])
+
+
+async def post_dead_lettered(receiver: Any, key: Any, sync_redis: Any, order_id: str) -> str:
+    """Posts a one-event order that the running worker dead-letters (its merchant refuses it); its
+    update's id, once it is in the dead-letter queue."""
+    [update_id] = await post_order(receiver, key, order_id)
+    await wait_for(lambda: sync_redis.hexists(RedisKeys().dead_letters, update_id), what="the dead letter")
+    return update_id
 
 
 async def test_every_delivery_is_signed_with_the_secret_and_carries_the_queued_update(
@@ -220,14 +229,7 @@ async def test_a_handler_raising_permanent_delivery_error_dead_letters_at_once(
 
 
 def test_a_worker_with_neither_url_nor_handler_refuses_to_start_with_one_line(redis_url: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "receiver", "worker"],
-        env=worker_env(redis_url),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_command("worker", env=worker_env(redis_url))
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "MERCHANT_WEBHOOK_URL" in lines[0] and "MERCHANT_HANDLER" in lines[0]

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,8 @@ from receiver.rediskeys import RedisKeys
 from tests.chaos.intergiro import EVENTS, Sender, plan_callbacks
 from tests.chaos.merchant import IdempotentMerchant
 from tests.conftest import pem_public
-from tests.redis_server import RedisServer, free_port
-from tests.sink import SECRET, stop
+from tests.processes import RedisServer, free_port, start_command, stop
+from tests.sink import SECRET, wait_for
 
 ORDERS = 1000  # x 3 events = 3,000 unique events
 REPLAYS = 2000
@@ -64,10 +64,7 @@ class Processes:
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
 
     def _start(self, name: str, command: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        with (self.tmp / f"{name}.log").open("ab") as log:
-            return subprocess.Popen(
-                [sys.executable, "-m", "receiver", command], env=env, cwd=self.tmp, stdout=log, stderr=log
-            )
+        return start_command(command, env=env, log=self.tmp / f"{name}.log", cwd=self.tmp)
 
     def start_receiver(self) -> None:
         self.receiver = self._start("receiver", "serve", self.receiver_env)
@@ -119,14 +116,6 @@ def pending_work(client: redis.Redis, keys: RedisKeys) -> dict[str, int]:
     }
 
 
-async def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def test_under_receiver_worker_and_redis_kills_every_event_is_applied_once_and_in_sequence(
     aiohttp_server: Any, rsa_key: Any, chaos_redis: RedisServer, tmp_path: Path, capsys: Any
 ) -> None:
@@ -149,7 +138,7 @@ async def test_under_receiver_worker_and_redis_kills_every_event_is_applied_once
     started, wall_start = time.monotonic(), time.time()
 
     async def after(share: float) -> None:
-        await wait_until(lambda: sender.sent >= share * len(callbacks), 240, f"{share:.0%} of the callbacks")
+        await wait_for(lambda: sender.sent >= share * len(callbacks), 240, f"{share:.0%} of the callbacks")
 
     async def chaos() -> None:
         await after(0.15)
@@ -182,7 +171,7 @@ async def test_under_receiver_worker_and_redis_kills_every_event_is_applied_once
         await sender.send_all(callbacks, lambda _sent: None)
         await fault_task
         sent_in = time.monotonic() - started
-        await wait_until(
+        await wait_for(
             lambda: not any(pending_work(client, keys).values()), 150, "every order chain to drain"
         )
         drained_in = time.monotonic() - started
@@ -195,9 +184,7 @@ async def test_under_receiver_worker_and_redis_kills_every_event_is_applied_once
         # RQ's failed jobs are the dead letters (a delivered one RQ failed to record is cleared by the
         # workers' maintenance within its recovery period)
         failed = FailedJobRegistry(keys.queue_name, connection=client)
-        await wait_until(
-            lambda: set(failed.get_job_ids()) == refused, 30, "RQ's failed jobs to be the refused"
-        )
+        await wait_for(lambda: set(failed.get_job_ids()) == refused, 30, "RQ's failed jobs to be the refused")
         failed_jobs = failed.count
     except BaseException:
         with capsys.disabled():  # what was left, to tell a stuck chain from a dead process

