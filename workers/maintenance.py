@@ -93,6 +93,9 @@ class Maintenance(threading.Thread):
             except RedisError as exc:
                 log.warning("maintenance could not reach Redis", error=str(exc))
                 sleep = MAX_SCHEDULER_SLEEP_SECONDS
+            except Exception:
+                log.exception("maintenance step failed; trying again")
+                sleep = MAX_SCHEDULER_SLEEP_SECONDS
             self.stopping.wait(sleep)
 
     def requeue_unstarted(self) -> int:
