@@ -262,3 +262,36 @@ def test_retry_after_is_read_as_seconds_or_an_http_date() -> None:
     assert parse_retry_after((now + timedelta(seconds=90)).strftime("%a, %d %b %Y %H:%M:%S GMT"), now) == 90.0
     assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None
+
+
+def test_the_maintenance_thread_outlives_a_step_that_fails_and_goes_on_with_its_steps(
+    make_settings: Any, sink: Sink
+) -> None:
+    """A maintenance step that raises something other than a Redis error (a bug, a surprise from RQ) is
+    logged and tried again: the thread lives on, and with it the queueing of due retries."""
+    from workers.delivery import DeliveryContext
+    from workers.maintenance import Maintenance
+
+    settings = make_settings(**webhook_settings(sink))
+    context = DeliveryContext.create(settings)
+    real_move_due = context.chains.move_due
+    calls: list[str] = []
+
+    def failing_once(limit: int = 500) -> tuple[int, float | None]:
+        calls.append("move_due")
+        if len(calls) == 1:
+            raise ValueError("a step that fails in a way nobody foresaw")
+        return real_move_due(limit)
+
+    context.chains.move_due = failing_once  # type: ignore[method-assign]
+    thread = Maintenance(context, settings.queue_name, recovery_seconds=60)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert thread.is_alive()
+        assert len(calls) >= 3  # it went on after the failure
+    finally:
+        thread.stopping.set()
+        thread.join(5)
