@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -81,33 +83,37 @@ async def run(url: str, trusted: rsa.RSAPrivateKey, valid: int, flooders: int) -
     )
 
 
+@contextlib.contextmanager
+def trusted_receiver(**settings: str) -> Iterator[tuple[int, int, rsa.RSAPrivateKey]]:
+    """A Redis of its own and a real `intergiro-receiver serve` trusting a fresh signing key, with more
+    `settings` (environment variables): (port, the receiver's pid, that key); both stopped after."""
+    redis_server = RedisServer()
+    redis_server.start()
+    trusted = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    port = free_port()
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            key_file = Path(folder) / "trusted.pem"
+            key_file.write_text(pem_public(trusted))
+            env = serve_env(redis_server.url, port, INTERGIRO_PUBLIC_KEYS=f"@{key_file}", LOG_LEVEL="WARNING")
+            env.update(settings)
+            log = Path(folder) / "serve.log"
+            receiver = start_server("serve", port=port, env=env, log=log, cwd=Path(folder))
+            try:
+                yield port, receiver.pid, trusted
+            finally:
+                stop(receiver)
+    finally:
+        redis_server.cleanup()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--valid", type=int, default=200, help="valid callbacks per phase")
     parser.add_argument("--flooders", type=int, default=16, help="concurrent clients posting forged tokens")
     args = parser.parse_args()
-
-    redis_server = RedisServer()
-    redis_server.start()
-    trusted = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    port = free_port()
-    with tempfile.TemporaryDirectory() as folder:
-        key_file = Path(folder) / "trusted.pem"
-        key_file.write_text(pem_public(trusted))
-        env = serve_env(
-            redis_server.url,
-            port,
-            INTERGIRO_PUBLIC_KEYS=f"@{key_file}",
-            LOG_LEVEL="WARNING",
-        )
-        receiver = start_server("serve", port=port, env=env, log=Path(folder) / "serve.log", cwd=Path(folder))
-        try:
-            asyncio.run(
-                run(f"http://127.0.0.1:{port}/callbacks/intergiro", trusted, args.valid, args.flooders)
-            )
-        finally:
-            stop(receiver)
-            redis_server.cleanup()
+    with trusted_receiver() as (port, _, trusted):
+        asyncio.run(run(f"http://127.0.0.1:{port}/callbacks/intergiro", trusted, args.valid, args.flooders))
 
 
 if __name__ == "__main__":

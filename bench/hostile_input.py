@@ -20,7 +20,6 @@ import asyncio
 import socket
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,9 +27,8 @@ import aiohttp
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.conftest import pem_public
+from bench.hostile import trusted_receiver
 from tests.helpers import JWT, card_order, token
-from tests.processes import RedisServer, free_port, serve_env, start_server, stop
 
 
 def rss_mib(pid: int) -> float:
@@ -117,39 +115,14 @@ def main() -> None:
     parser.add_argument("--meta-bytes", type=int, default=16_000, help="`meta` copied into every update")
     args = parser.parse_args()
 
-    redis_server = RedisServer()
-    redis_server.start()
-    trusted = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    port = free_port()
-    with tempfile.TemporaryDirectory() as folder:
-        key_file = Path(folder) / "trusted.pem"
-        key_file.write_text(pem_public(trusted))
-        env = serve_env(
-            redis_server.url,
-            port,
-            INTERGIRO_PUBLIC_KEYS=f"@{key_file}",
-            MAX_CALLBACK_EVENTS="1000",
-            RECEIVER_MAX_CONNECTIONS=str(args.connections + 50),
-            LOG_LEVEL="WARNING",
-        )
-        if args.source:
-            env["PYTHONPATH"] = str(args.source.resolve())
-        receiver = start_server("serve", port=port, env=env, log=Path(folder) / "serve.log", cwd=Path(folder))
-        try:
-            print(f"receiver from {args.source or 'this tree'}")
-            heads(port, receiver.pid, args.connections, args.line_bytes, args.lines)
-            asyncio.run(
-                replay(
-                    f"http://127.0.0.1:{port}/callbacks/intergiro",
-                    trusted,
-                    args.events,
-                    args.replays,
-                    args.meta_bytes,
-                )
-            )
-        finally:
-            stop(receiver)
-            redis_server.cleanup()
+    settings = {"MAX_CALLBACK_EVENTS": "1000", "RECEIVER_MAX_CONNECTIONS": str(args.connections + 50)}
+    if args.source:
+        settings["PYTHONPATH"] = str(args.source.resolve())
+    with trusted_receiver(**settings) as (port, pid, trusted):
+        print(f"receiver from {args.source or 'this tree'}")
+        heads(port, pid, args.connections, args.line_bytes, args.lines)
+        url = f"http://127.0.0.1:{port}/callbacks/intergiro"
+        asyncio.run(replay(url, trusted, args.events, args.replays, args.meta_bytes))
 
 
 if __name__ == "__main__":
