@@ -82,12 +82,17 @@ def overview(
     per destination too."""
     now = time.time() if now is None else now
     each = list(destinations) or [keys]
-    with redis.pipeline(transaction=False) as pipe:
+    with redis.pipeline(transaction=False) as pipe:  # one round trip for the whole page
+        pipe.hlen(keys.dead_letters)
+        pipe.get(keys.reconcile_watermark)
+        pipe.exists(keys.reconcile_lock)
+        pipe.hgetall(keys.metrics)
+        pipe.lrange(keys.error_notes, 0, ERROR_NOTES_SHOWN - 1)
         for dest in each:
             pipe.llen(dest.rq_queue)
             pipe.zcard(dest.rq_deferred)
             pipe.zcard(dest.retry_schedule)
-        figures = pipe.execute()
+        dead, watermark, reconciling, shared, notes, *figures = pipe.execute()
     per_destination = {
         dest.destination: {
             "queue_depth": figures[3 * i],
@@ -96,16 +101,6 @@ def overview(
         }
         for i, dest in enumerate(each)
     }
-    with redis.pipeline(transaction=False) as pipe:
-        pipe.llen(keys.rq_queue)
-        pipe.zcard(keys.rq_deferred)
-        pipe.zcard(keys.retry_schedule)
-        pipe.hlen(keys.dead_letters)
-        pipe.get(keys.reconcile_watermark)
-        pipe.exists(keys.reconcile_lock)
-        pipe.hgetall(keys.metrics)
-        pipe.lrange(keys.error_notes, 0, ERROR_NOTES_SHOWN - 1)
-        _, _, _, dead, watermark, reconciling, shared, notes = pipe.execute()
     depth = sum(f["queue_depth"] for f in per_destination.values())
     waiting = sum(f["waiting"] for f in per_destination.values())
     retrying = sum(f["retrying"] for f in per_destination.values())
