@@ -17,6 +17,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from receiver.chains import chain_args, intake_script
+from receiver.connections import deadline
 from receiver.destinations import MERCHANT, Destination
 from receiver.history import HistoryNote, indexable_number
 from receiver.logs import log
@@ -122,15 +123,10 @@ class Intake:
         costs one round trip. Only a shortcut: `store` decides again, atomically. Renews the seen
         events' expiry as storing would (they are remembered DEDUP_TTL_SECONDS after the last callback)."""
         seen = self.keys.seen(order_id)
-        try:
-            async with asyncio.timeout(self.timeout_seconds):
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.hmget(seen, list(event_keys))
-                    pipe.expire(seen, self.ttl)
-                    flags, _ = await pipe.execute()
-        except TimeoutError:
-            await self.redis.connection_pool.disconnect()
-            raise RedisTimeoutError(f"no answer from Redis within {self.timeout_seconds:g} s") from None
+        async with deadline(self.redis, self.timeout_seconds), self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(seen, list(event_keys))
+            pipe.expire(seen, self.ttl)
+            flags, _ = await pipe.execute()
         return {key for key, flag in zip(event_keys, flags, strict=True) if flag is None}
 
     async def remember(self, order_id: str, history: HistoryNote, outcome: str) -> None:
@@ -140,12 +136,14 @@ class Intake:
             return
         key = self.keys.history(order_id)
         try:
-            async with asyncio.timeout(self.timeout_seconds):
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    pipe.rpush(key, history.start + b',"outcome":"' + outcome.encode() + b'","queued":[]}')
-                    pipe.expire(key, self.history_ttl)
-                    await pipe.execute()
-        except (RedisError, TimeoutError) as exc:
+            async with (
+                deadline(self.redis, self.timeout_seconds),
+                self.redis.pipeline(transaction=True) as pipe,
+            ):
+                pipe.rpush(key, history.start + b',"outcome":"' + outcome.encode() + b'","queued":[]}')
+                pipe.expire(key, self.history_ttl)
+                await pipe.execute()
+        except RedisError as exc:  # a timeout too: deadline raises redis's TimeoutError
             log.warning("history entry not written", order=order_id, error=type(exc).__name__)
 
     async def _run(self, calls: list[list[Any]]) -> list[Any]:
