@@ -34,6 +34,7 @@ from bench.load import percentile
 from bench.production_redis import PERSISTENCE, ProductionRedis
 from bench.tokens import CACHE, public_pem, token_pool
 from receiver.app import event_loop
+from receiver.destinations import PROCESSES_PER_DESTINATION
 from receiver.rediskeys import RedisKeys
 from tests.processes import free_port, wait_for_port
 
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         "--rates", default="50,100,150,200", help="callbacks/s, in turn (default 50,100,150,200)"
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="sending time per rate (default 10)")
-    parser.add_argument("--processes", type=int, default=1, help="`worker --processes N` (default 1)")
+    parser.add_argument("--processes", type=int, default=PROCESSES_PER_DESTINATION,
+                        help=f"`worker --processes N` (default {PROCESSES_PER_DESTINATION}, the worker's own)")  # fmt: skip
     parser.add_argument("--replicas", type=int, default=1,
                         help="worker commands started, each with --processes N, as compose and k8s replicas (default 1)")  # fmt: skip
     parser.add_argument("--redis", choices=PERSISTENCE, default="always",

@@ -7,6 +7,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 
+from receiver.destinations import PROCESSES_PER_DESTINATION
 from receiver.errors import CommandError, ConfigError, report
 from receiver.logs import configure_logging
 from receiver.settings import Settings, read_environment
@@ -83,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker = command("worker", "run RQ workers that deliver updates to the merchant")
     worker.add_argument("--burst", action="store_true", help="stop when the queue is empty")
     worker.add_argument(
-        "--processes", type=int, default=1, metavar="N", help="worker processes per destination (default 1)"
+        "--processes",
+        type=int,
+        default=PROCESSES_PER_DESTINATION,
+        metavar="N",
+        help=f"worker processes per destination (default {PROCESSES_PER_DESTINATION})",
     )
     worker.add_argument(
         "--destination", action="append", metavar="NAME", help="serve only this destination (repeatable)"

@@ -284,7 +284,10 @@ def worker_env(redis_url: str, **settings: Any) -> dict[str, str]:
 
 
 def start_worker(env: Mapping[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
-    return start_command("worker", *args, env=env, log=log)
+    """`intergiro-receiver worker`, one process unless `args` say `--processes` (a test that stops or
+    kills "the worker" means one process; the default of two is tested on its own)."""
+    one = () if "--processes" in args else ("--processes", "1")
+    return start_command("worker", *one, *args, env=env, log=log)
 
 
 def stop(process: subprocess.Popen[bytes], seconds: float = 10) -> None:

@@ -59,3 +59,9 @@ def test_the_end_to_end_benchmark_runs_and_prints_its_table() -> None:
     assert "appendfsync always" in out, out
     assert "rate/s" in out and "p99 ms" in out, out
     assert "highest rate with p99 <= 100 ms" in out, out
+
+
+def test_the_round_trips_benchmark_counts_the_writing_round_trips_of_each_delivery() -> None:
+    out = run_bench("bench.round_trips", "--updates", "20")
+    assert "20 deliveries by one DeliveryWorker" in out, out
+    assert "writing round trips per delivery" in out and "LMOVE" in out, out

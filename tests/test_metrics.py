@@ -118,7 +118,7 @@ def test_two_receivers_and_a_worker_sum_to_the_true_figures_each_counted_once(
     assert total(scrapes, "intergiro_updates_queued_total") == 5
     assert total(scrapes, "intergiro_deliveries_total", outcome="delivered") == 5
     assert total(scrapes, "intergiro_delivery_attempts_total", result="success") == 5
-    assert total(scrapes, "intergiro_workers_alive") == 1
+    assert total(scrapes, "intergiro_workers_alive") == 2  # `worker` runs two processes by default
     assert total(scrapes, "intergiro_queue_depth") == 0
     exporting = [s for s in scrapes if ("intergiro_workers_alive", ()) in s]
     assert len(exporting) == 1  # the deployment's figures come from the lease holder alone
@@ -132,10 +132,10 @@ def test_two_receivers_and_a_worker_sum_to_the_true_figures_each_counted_once(
     sync_redis.delete(exporter_lease_key(RedisKeys()))
     alone = scrape(f"{worker}/metrics")
     assert alone[("intergiro_deliveries_total", (("outcome", "delivered"),))] == 5
-    assert alone[("intergiro_workers_alive", ())] == 1
+    assert alone[("intergiro_workers_alive", ())] == 2
     with urllib.request.urlopen(f"{worker}/healthz", timeout=5) as answer:
         assert answer.status == 200
-        assert json.loads(answer.read()) == {"status": "ok", "workers_alive": 1, "workers_expected": 1}
+        assert json.loads(answer.read()) == {"status": "ok", "workers_alive": 2, "workers_expected": 2}
 
 
 def test_the_worker_probe_fails_when_no_rq_heartbeat_of_its_processes_is_alive(

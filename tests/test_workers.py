@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from rq import Queue
+from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 from standardwebhooks.webhooks import Webhook
 
@@ -24,7 +25,7 @@ from receiver.rqstore import DELIVER_UPDATE
 from tests.conftest import queued_updates
 from tests.helpers import JWT, card_order, token
 from tests.merchant_handlers import CALLS, DELIVERED
-from tests.processes import ROOT, run_command, worker_env
+from tests.processes import ROOT, run_command, start_command, stop, worker_env
 from tests.sink import SECRET, Sink, log_events, wait_for
 from workers.delivery import backoff_delay
 
@@ -141,6 +142,25 @@ async def test_a_worker_killed_mid_delivery_loses_nothing(
     assert len(sink.attempts(update_id)) == 2
 
 
+async def test_an_attempt_whose_worker_is_killed_mid_post_counts_toward_the_last_attempt(
+    receiver: Any, rsa_key: Any, sink: Sink, workers: Any, sync_redis: Any
+) -> None:
+    sink.answer = lambda _id, _n: (200, {}, 5.0)  # no attempt answers before its worker is killed
+    [update_id] = await post_order(receiver, rsa_key, "KilledOrder00002")
+    settings = webhook_settings(sink, delivery_timeout_seconds=1, delivery_max_attempts=1)
+    first = workers(**settings)
+    await wait_for(lambda: len(sink.received) == 1, what="the only attempt allowed")
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(5)
+    workers(**settings)
+    await wait_for(lambda: sync_redis.hexists(RedisKeys().dead_letters, update_id), seconds=60,
+                   what="the update dead-lettered after its one attempt")  # fmt: skip
+    entry = json.loads(sync_redis.hget(RedisKeys().dead_letters, update_id))
+    assert (entry["attempts"], entry["last_error"]) == (1, "worker stopped during the attempt")
+    assert len(sink.attempts(update_id)) == 1  # never POSTed a second time
+    assert not sync_redis.exists(RedisKeys().order_head("KilledOrder00002"))
+
+
 async def test_an_update_run_again_after_its_delivery_finished_is_not_posted_twice(
     receiver: Any, rsa_key: Any, sink: Sink, workers: Any, sync_redis: Any, settings: Any, tmp_path: Path
 ) -> None:
@@ -226,6 +246,22 @@ async def test_a_handler_raising_permanent_delivery_error_dead_letters_at_once(
     workers(merchant_handler="tests.merchant_handlers:refuses")
     await wait_for(lambda: sync_redis.hexists(RedisKeys().dead_letters, update_id), what="the dead letter")
     assert int(sync_redis.get(CALLS)) == 1
+
+
+async def test_worker_without_processes_runs_two_rq_workers_per_destination_and_delivers(
+    receiver: Any, rsa_key: Any, sink: Sink, redis_url: str, queue: Queue, tmp_path: Path
+) -> None:
+    ids = await post_order(receiver, rsa_key, "TwoProcesses0001", EVENTS)
+    env = worker_env(redis_url, **webhook_settings(sink))
+    process = start_command("worker", env=env, log=tmp_path / "worker.log")  # as the README starts it
+    try:
+        await wait_for(lambda: len(sink.received) == len(ids), what="every update delivered")
+        assert [r.headers["webhook-id"] for r in sink.received] == ids  # in sequence
+        rq_workers = Worker.all(connection=queue.connection, queue=queue, serializer=JSONSerializer)
+        assert len(rq_workers) == 2
+        assert len({w.pid for w in rq_workers} - {process.pid}) == 2  # two processes of their own
+    finally:
+        stop(process)
 
 
 def test_a_worker_with_neither_url_nor_handler_refuses_to_start_with_one_line(redis_url: str) -> None:

@@ -193,23 +193,31 @@ class AttemptStart:
     dead_lettered: bool = False
 
 
-def start_attempt_commands(pipe: Any, keys: RedisKeys, update: dict[str, Any]) -> None:
-    """Queue the commands that start an attempt on a transaction; `attempt_start` reads their answers.
-    The attempt leaves the retry schedule (RQ's own scheduler may have queued it)."""
-    job = keys.job_id(update["id"])
-    record = keys.delivery(job)
-    pipe.get(keys.order_head(update["order_id"]))
-    pipe.hincrby(record, "attempts", 1)
-    pipe.hgetall(record)
+def count_attempt_commands(pipe: Any, keys: RedisKeys, job: str) -> None:
+    """Queue the commands that count an attempt of delivery `job` on a transaction: its number goes up
+    by one, and it leaves the retry schedule (RQ's own scheduler may have queued it)."""
+    pipe.hincrby(keys.delivery(job), "attempts", 1)
     pipe.zrem(keys.retry_schedule, job)
+
+
+def start_attempt_commands(pipe: Any, keys: RedisKeys, update: dict[str, Any], counted: bool = False) -> None:
+    """Queue the commands that start an attempt on a transaction (counting it unless `counted`: RQ's
+    preparation of the job counted it already, see workers.worker.DeliveryJob); `attempt_start` reads
+    their answers."""
+    job = keys.job_id(update["id"])
+    if not counted:
+        count_attempt_commands(pipe, keys, job)
+    pipe.get(keys.order_head(update["order_id"]))
+    pipe.hgetall(keys.delivery(job))
     pipe.hexists(keys.dead_letters, job)
 
 
 def attempt_start(update: dict[str, Any], answers: list[Any], job: str | None = None) -> AttemptStart:
     """`job`: the delivery's job id (the update id, `merchant`'s)."""
-    head, attempt, record, _, dead_lettered = answers
+    head, record, dead_lettered = answers[-3:]
     job = job or update["id"]
-    return AttemptStart(job, head == job.encode(), int(attempt), record, bool(dead_lettered))
+    attempt = int(record.get(b"attempts", 0))
+    return AttemptStart(job, head == job.encode(), attempt, record, bool(dead_lettered))
 
 
 @dataclass(frozen=True)
@@ -251,10 +259,12 @@ class DeliveryContext:
     destination: Destination
     outcomes: Outcomes
 
-    def start_attempt(self, update: dict[str, Any]) -> AttemptStart:
-        """Count the attempt (before the POST, so an attempt whose worker dies still counts)."""
+    def start_attempt(self, update: dict[str, Any], counted: bool = False) -> AttemptStart:
+        """Count the attempt (before the POST, so an attempt whose worker dies still counts; unless
+        `counted`: RQ's preparation of the job counted it) and read where it starts. Without a count
+        the transaction only reads, which costs Redis no disk flush."""
         with self.redis.pipeline(transaction=True) as pipe:
-            start_attempt_commands(pipe, self.keys, update)
+            start_attempt_commands(pipe, self.keys, update, counted)
             return attempt_start(update, pipe.execute(), self.keys.job_id(update["id"]))
 
     @classmethod
@@ -306,18 +316,20 @@ def current_context() -> DeliveryContext:
 
 
 def deliver_from_job(update: dict[str, Any]) -> Retry | None:
-    """One attempt at delivering `update` (see `deliver`)."""
-    return deliver(current_context(), update)
+    """One attempt at delivering `update` (see `deliver`); counted already when the running job is a
+    workers.worker.DeliveryJob (`worker` runs them; a plain `rq worker` runs RQ's Job)."""
+    return deliver(current_context(), update, getattr(get_current_job(), "attempt_counted", False))
 
 
-def deliver(ctx: DeliveryContext, update: dict[str, Any]) -> Retry | None:
+def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False) -> Retry | None:
     """One attempt; records its outcome in Redis. Returns None when the update is done (delivered, or
     finished before), a `Retry` for RQ to hold the job in its ScheduledJobRegistry until the next
-    attempt, and raises DeadLettered when the update went to the dead-letter queue."""
+    attempt, and raises DeadLettered when the update went to the dead-letter queue. `counted`: the
+    attempt was counted in RQ's preparation of the job."""
     destination, keys, redis, outcomes = ctx.destination, ctx.keys, ctx.redis, ctx.outcomes
     job = keys.job_id(update["id"])
     record = keys.delivery(job)
-    start = ctx.start_attempt(update)
+    start = ctx.start_attempt(update, counted is True)
     attempt, fields = start.attempt, start.record
     if not start.is_head:
         # Every update a worker runs is its order's head (see receiver.chains); one that is not was

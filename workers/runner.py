@@ -22,7 +22,7 @@ from rq.serializers import JSONSerializer
 
 from receiver.chains import OrderChains
 from receiver.connections import sync_redis
-from receiver.destinations import REMOVED, Destination
+from receiver.destinations import PROCESSES_PER_DESTINATION, REMOVED, Destination
 from receiver.errors import CommandError, report
 from receiver.logs import configure_logging, log
 from receiver.rediskeys import RedisKeys
@@ -145,7 +145,7 @@ def retire_removed_destinations(settings: Settings) -> dict[str, int]:
 def run_workers(
     settings: Settings,
     burst: bool = False,
-    processes: int = 1,
+    processes: int = PROCESSES_PER_DESTINATION,
     destinations: list[str] | None = None,
     started: Callable[[int], object] | None = None,
 ) -> int:

@@ -39,6 +39,7 @@ from rq.timeouts import UnixSignalDeathPenalty
 from rq.worker import WorkerStatus
 
 from receiver.settings import Settings
+from workers.delivery import count_attempt_commands, current_context
 
 # How long one BLMOVE waits for a job: under the workers' socket timeout (10 s, DeliveryContext), or each
 # idle wait would end in a TimeoutError that RQ answers with a growing pause (up to a minute).
@@ -65,9 +66,24 @@ def attempt_death_penalty(seconds: int) -> type[UnixSignalDeathPenalty]:
     return AttemptDeathPenalty
 
 
+class DeliveryJob(Job):
+    """RQ's Job, whose preparation for execution (RQ's `prepare_for_execution`, on the transaction in which
+    RQ records the job started) also counts the delivery attempt, so that the attempt's own start only
+    reads (workers.delivery.DeliveryContext.start_attempt). A plain `rq worker` runs RQ's Job, and the
+    attempt counts itself there."""
+
+    attempt_counted = False
+
+    def prepare_for_execution(self, worker_name: str, pipeline: Pipeline) -> None:
+        super().prepare_for_execution(worker_name, pipeline)
+        count_attempt_commands(pipeline, current_context().keys, self.id)
+        self.attempt_counted = True
+
+
 class DeliveryWorker(SimpleWorker):
     """SimpleWorker whose job heartbeat lasts one attempt (its death penalty's bound) and a little."""
 
+    job_class = DeliveryJob
     attempt_timeout = 300
     stop_requested = False  # SIGTERM or SIGINT: RQ's loop ends on purpose
     drained = False  # burst mode found the queue empty
