@@ -13,15 +13,16 @@ connection to the merchant alive between deliveries. What forking would protect 
 crashes or leaks) is covered by crash recovery (workers/maintenance.py).
 
 Disk flushes: with `appendfsync always` (deploy/redis.conf) Redis flushes the append-only file before it
-answers any round trip that wrote, so a worker's rate is bounded by its writing round trips per job, not
-by its CPU. RQ's loop refreshes the worker's heartbeat four times per job (three of them as three
+answers any round trip that wrote, so a worker's rate is bounded by its writing round trips per job as
+much as by its CPU. RQ's loop refreshes the worker's heartbeat four times per job (three of them as three
 separate commands) and sets its state to idle twice, each a round trip of its own; DeliveryWorker
 sends a heartbeat as one pipeline and refreshes it at most once a second (the key lives `worker_ttl` +
 60 s, and every job's preparation extends it anyway), writes a state only when it changes, and sets
 itself idle in the transaction in which RQ ends the job's execution (as RQ sets it busy in the one that
-starts it). All through RQ's public methods and their `pipeline` arguments (`heartbeat`, `set_state`,
-`cleanup_execution`): what RQ records, and when, stays RQ's. docs/performance.md measures what each
-gives.
+starts it). Its jobs (DeliveryJob) count the delivery attempt in the transaction in which RQ records
+the job started. All through RQ's public methods and their `pipeline` arguments (`heartbeat`,
+`set_state`, `cleanup_execution`, `Job.prepare_for_execution`): what RQ records, and when, stays RQ's.
+docs/performance.md measures what each gives.
 """
 
 from __future__ import annotations
