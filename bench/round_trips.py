@@ -14,16 +14,24 @@ import argparse
 import asyncio
 import collections
 import dataclasses
+import logging
 import os
+import signal
 import subprocess
 import sys
 from typing import Any
 
 import redis
+from rq import Queue
+from rq.serializers import JSONSerializer
 
 from bench.drain import SECRET, store_updates
 from bench.production_redis import ProductionRedis
+from receiver.chains import OrderChains
+from receiver.settings import Settings
 from tests.processes import free_port, wait_for_port
+from workers.delivery import DeliveryContext, use_context
+from workers.worker import attempt_timeout_seconds, delivery_worker
 
 SCRIPTS = {b"EVAL", b"EVALSHA", b"FCALL"}
 # A write command that, sent on its own, changes nothing in the usual case, and a change of nothing is not
@@ -74,26 +82,23 @@ def noting_client(url: str) -> redis.Redis:
     return redis.Redis(connection_pool=pool)
 
 
-def deliver_all(url: str, client: redis.Redis, env: dict[str, str]) -> None:
-    """Deliver every queued update with a DeliveryWorker in burst mode, in this process, on `client`."""
-    from rq import Queue
-    from rq.serializers import JSONSerializer
-
-    from receiver.chains import OrderChains
-    from receiver.settings import Settings
-    from workers.delivery import DeliveryContext, use_context
-    from workers.worker import DeliveryWorker, attempt_death_penalty, attempt_timeout_seconds
-
-    os.environ.update(env)
-    settings = Settings.from_env()
+def deliver_all(settings: Settings, client: redis.Redis) -> None:
+    """Deliver every queued update of `settings`' merchant with a DeliveryWorker in burst mode, in this
+    process, on `client` (this process's delivery context becomes one on `client`)."""
     context = DeliveryContext.create(settings)
     chains = OrderChains(client, context.keys, settings.history_retention_seconds)
     use_context(dataclasses.replace(context, redis=client, chains=chains))
     queue = Queue(context.keys.queue_name, connection=client, serializer=JSONSerializer)
-    worker = DeliveryWorker([queue], connection=client, serializer=JSONSerializer, worker_ttl=60)
-    worker.attempt_timeout = attempt_timeout_seconds(settings)
-    worker.death_penalty_class = attempt_death_penalty(worker.attempt_timeout)
-    worker.work(burst=True, logging_level="WARNING")
+    worker = delivery_worker(queue, client, attempt_timeout_seconds(settings))
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    rq_log = logging.getLogger("rq.worker")
+    rq_log_before = (list(rq_log.handlers), rq_log.propagate, rq_log.level)
+    try:
+        worker.work(burst=True, logging_level="WARNING")
+    finally:  # RQ installed its own SIGINT and SIGTERM handlers and log handlers: the caller's come back
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        rq_log.handlers[:], rq_log.propagate, rq_log.level = rq_log_before
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         client = noting_client(server.url)
         writes = write_commands(client)
         NotingConnection.sent = []
-        deliver_all(server.url, client, {
+        deliver_all(Settings.from_env({
             "REDIS_URL": server.url, "MERCHANT_WEBHOOK_URL": f"http://127.0.0.1:{port}/hooks",
             "MERCHANT_WEBHOOK_SECRET": SECRET, "LOG_LEVEL": "WARNING", "LOG_FORMAT": "json",
-        })  # fmt: skip
+        }), client)  # fmt: skip
         sent = NotingConnection.sent
         deliveries = orders * 2
         writing = [names for names in sent if is_writing(names, writes)]

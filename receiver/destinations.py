@@ -18,12 +18,11 @@ MERCHANT = "merchant"
 NAME_PATTERN = r"[a-z0-9-]{1,40}"
 JOB_ID_SEPARATOR = "__"  # RQ allows letters, digits, _ and - in job ids; names have no _
 REMOVED = "destination removed"
-# `worker` processes per destination unless told otherwise. Measured (bench/e2e, docs/performance.md):
-# with Redis flushing to disk before each reply to a write (deploy/redis.conf), one process kept up with
-# 100 updates/s and fell behind at 150/s, two kept up with 150/s; and with two, a slow disk flush or a
-# slow answer of the destination holds one process while the other goes on. A process mostly waits
-# (for Redis' disk, for the destination), so cores are no guide, and os.cpu_count() in a container
-# counts the host's.
+# `worker` processes per destination unless told otherwise, chosen with bench/e2e in the production Redis
+# configuration (docs/performance.md has the runs): two held rates at which one fell behind, and with
+# two, a slow disk flush or a slow answer of the destination holds one process while the other goes on.
+# A process mostly waits (for Redis' disk, for the destination), so cores are no guide, and
+# os.cpu_count() in a container counts the host's.
 PROCESSES_PER_DESTINATION = 2
 
 

@@ -10,9 +10,7 @@ after, and a heartbeat that keeps its key alive.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import signal
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -24,14 +22,11 @@ from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
 import workers.delivery
-from bench.round_trips import NotingConnection, is_writing, noting_client, write_commands
-from receiver.chains import OrderChains
+from bench.round_trips import NotingConnection, deliver_all, is_writing, noting_client, write_commands
 from receiver.settings import Settings
 from tests.merchant_handlers import DELIVERED
 from tests.sink import Sink, wait_for
 from tests.test_workers import EVENTS, post_order, webhook_settings
-from workers.delivery import DeliveryContext, use_context
-from workers.worker import DeliveryWorker, attempt_death_penalty, attempt_timeout_seconds
 
 # Writing round trips of one delivery, as RQ and the product make them today: RQ's dequeue (LMOVE), its
 # two preparation transactions (the attempt counted in the second), the job's end heartbeat and its
@@ -64,25 +59,8 @@ async def test_a_delivery_writes_to_redis_in_at_most_six_round_trips(
     writes = write_commands(sync_redis)
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.setattr(workers.delivery, "_context", None)
-    config = settings.with_changes(merchant_handler="tests.merchant_handlers:takes")
-    context = DeliveryContext.create(config)
-    context = dataclasses.replace(
-        context,
-        redis=noting_redis,
-        chains=OrderChains(noting_redis, context.keys, config.history_retention_seconds),
-    )
-    use_context(context)
-    queue = Queue(context.keys.queue_name, connection=noting_redis, serializer=JSONSerializer)
-    worker = DeliveryWorker([queue], connection=noting_redis, serializer=JSONSerializer, worker_ttl=60)
-    worker.attempt_timeout = attempt_timeout_seconds(config)
-    worker.death_penalty_class = attempt_death_penalty(worker.attempt_timeout)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     started = time.monotonic()
-    try:
-        worker.work(burst=True, logging_level="WARNING")
-    finally:
-        for number, handler in handlers.items():
-            signal.signal(number, handler)
+    deliver_all(settings.with_changes(merchant_handler="tests.merchant_handlers:takes"), noting_redis)
 
     assert sync_redis.llen(DELIVERED) == deliveries
     writing = sum(1 for names in NotingConnection.sent if is_writing(names, writes))

@@ -318,7 +318,7 @@ def current_context() -> DeliveryContext:
 def deliver_from_job(update: dict[str, Any]) -> Retry | None:
     """One attempt at delivering `update` (see `deliver`); counted already when the running job is a
     workers.worker.DeliveryJob (`worker` runs them; a plain `rq worker` runs RQ's Job)."""
-    return deliver(current_context(), update, getattr(get_current_job(), "attempt_counted", False))
+    return deliver(current_context(), update, getattr(get_current_job(), "attempt_counted", False) is True)
 
 
 def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False) -> Retry | None:
@@ -329,7 +329,7 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False)
     destination, keys, redis, outcomes = ctx.destination, ctx.keys, ctx.redis, ctx.outcomes
     job = keys.job_id(update["id"])
     record = keys.delivery(job)
-    start = ctx.start_attempt(update, counted is True)
+    start = ctx.start_attempt(update, counted)
     attempt, fields = start.attempt, start.record
     if not start.is_head:
         # Every update a worker runs is its order's head (see receiver.chains); one that is not was
@@ -386,6 +386,10 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False)
             update["id"], update["order_id"], at, target_names, outcome, http_status, error, elapsed * 1000
         )
 
+    logged = {  # the attempt, as its log line says it
+        "update": update["id"], "order": update["order_id"], "attempt": attempt, "target": target_names,
+        "http_status": http_status, "duration_ms": round(elapsed * 1000, 1),
+    }  # fmt: skip
     if failure is None:
         # Delivered: the chain's next step and the attempt's metrics in one script run, before RQ records
         # the job's end: a job RQ runs again after that (its record failed, its worker died) finds the
@@ -393,15 +397,7 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False)
         ctx.chains.finish(
             update, counters=[*attempt_counters, outcomes.delivered], history=history("delivered")
         )
-        ctx.logger.info(
-            "update delivered",
-            update=update["id"],
-            order=update["order_id"],
-            attempt=attempt,
-            target=target_names,
-            http_status=http_status,
-            duration_ms=round(elapsed * 1000, 1),
-        )
+        ctx.logger.info("update delivered", **logged)
         return None
     error, error_at = str(failure), utc_now()
     if not failure.retryable or attempt >= destination.max_attempts:
@@ -414,13 +410,8 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False)
     )
     ctx.logger.info(
         "delivery retry scheduled",
-        update=update["id"],
-        order=update["order_id"],
-        attempt=attempt,
-        target=target_names,
-        http_status=http_status,
+        **logged,
         error=error,
-        duration_ms=round(elapsed * 1000, 1),
         retry_in=round(delay, 4),
         retry_after=failure.retry_after,
     )

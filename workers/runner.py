@@ -29,7 +29,7 @@ from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
 from workers.delivery import DeliveryContext, TargetNotConfigured, build_targets, use_context
 from workers.maintenance import Maintenance
-from workers.worker import DeliveryWorker, attempt_death_penalty, attempt_timeout_seconds
+from workers.worker import DeliveryWorker, attempt_timeout_seconds, delivery_worker
 
 MAX_RESTART_PAUSE_SECONDS = 10.0
 
@@ -66,11 +66,7 @@ def work(settings: Settings, burst: bool, destination: Destination | None = None
         while True:
             worker: DeliveryWorker | None = None
             try:  # RQ reaches Redis already in the constructor, and again in its teardown
-                worker = DeliveryWorker(
-                    [queue], connection=context.redis, serializer=JSONSerializer, worker_ttl=60
-                )
-                worker.attempt_timeout = timeout
-                worker.death_penalty_class = attempt_death_penalty(timeout)
+                worker = delivery_worker(queue, context.redis, timeout)
                 worker.work(burst=burst, logging_level=rq_level, with_scheduler=False)
             except RedisError as exc:
                 log.warning("worker cannot reach Redis", error=str(exc))

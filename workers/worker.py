@@ -32,10 +32,12 @@ import time
 from types import FrameType
 from typing import Any
 
+from redis import Redis
 from redis.client import Pipeline
 from rq import Queue, SimpleWorker
 from rq.executions import Execution
 from rq.job import Job
+from rq.serializers import JSONSerializer
 from rq.timeouts import UnixSignalDeathPenalty
 from rq.worker import WorkerStatus
 
@@ -145,3 +147,12 @@ class DeliveryWorker(SimpleWorker):
     @property
     def ended_on_purpose(self) -> bool:
         return self.stop_requested or self.drained
+
+
+def delivery_worker(queue: Queue, connection: Redis, attempt_seconds: int) -> DeliveryWorker:
+    """A DeliveryWorker on `queue` (RQ's JSON serializer), its job heartbeat and death penalty bounded by
+    one attempt of `attempt_seconds` (attempt_timeout_seconds)."""
+    worker = DeliveryWorker([queue], connection=connection, serializer=JSONSerializer, worker_ttl=60)
+    worker.attempt_timeout = attempt_seconds
+    worker.death_penalty_class = attempt_death_penalty(attempt_seconds)
+    return worker
