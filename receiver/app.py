@@ -41,6 +41,7 @@ from receiver.keys import TrustedKey
 from receiver.logs import log
 from receiver.metrics import DEPLOYMENT_SCRIPT, ReceiverMetrics, multiprocess_dir
 from receiver.order import OrderLimits, build_updates, event_key, is_error_object, parse_order
+from receiver.parent import stop_with_parent
 from receiver.rediskeys import RedisKeys, destination_keys
 from receiver.settings import Settings
 from receiver.verify import NoKeyVerifies, Unrepresentable, Verified, strict_json, verify_local
@@ -485,11 +486,13 @@ def _serve_forked(settings: Settings, count: int) -> int:
     SIGTERM or SIGINT is passed to each, and they finish their requests in flight; one that dies on
     its own stops the others too (exit 1), so the supervisor restarts the whole set."""
     children: set[int] = set()
+    parent = os.getpid()
     for _ in range(count):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child's coverage is not collected
             code = 0
             try:
+                stop_with_parent(parent)
                 _serve_here(settings, reuse_port=True)
             except BaseException:
                 log.exception("receiver process failed")

@@ -290,6 +290,15 @@ def start_worker(env: Mapping[str, str], log: Path, *args: str) -> subprocess.Po
     return start_command("worker", *one, *args, env=env, log=log)
 
 
+def is_running(pid: int) -> bool:
+    """Whether process `pid` exists and has not ended (a zombie has ended: only its parent's wait is due)."""
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "zombie" not in status.read_text()
+    except FileNotFoundError:
+        return False
+
+
 def stop(process: subprocess.Popen[bytes], seconds: float = 10) -> None:
     """SIGTERM, then SIGKILL if it is still running after `seconds`."""
     if process.poll() is None:

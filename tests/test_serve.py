@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import real_callbacks
-from tests.processes import free_port, serve_env, start_command, start_server, stop
+from tests.processes import free_port, is_running, serve_env, start_command, start_server, stop
 
 
 @pytest.fixture
@@ -84,7 +84,37 @@ def test_serve_with_two_processes_answers_on_one_port_from_two_pids_and_stops_to
         process.terminate()
         assert process.wait(15) == 0
         for pid in pids:
-            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+            assert not is_running(pid)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def test_serve_processes_stop_once_their_serve_command_is_sigkilled(redis_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    process = start_command("serve", "--processes", "2", env=serve_env(redis_url, port),
+                            log=tmp_path / "serve.log", cwd=tmp_path)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        children = [
+            int(c) for c in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        ]
+        assert len(children) == 2
+        process.kill()  # SIGKILL: it cannot pass a stop on to its processes
+        process.wait(5)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(is_running(pid) for pid in children):
+            time.sleep(0.1)
+        assert not any(is_running(pid) for pid in children), "a receiver process outlived its serve command"
+        with pytest.raises(OSError):  # nothing answers on the port any more
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).close()
     finally:
         if process.poll() is None:
             process.kill()

@@ -25,7 +25,7 @@ from receiver.rqstore import DELIVER_UPDATE
 from tests.conftest import queued_updates
 from tests.helpers import JWT, card_order, token
 from tests.merchant_handlers import CALLS, DELIVERED
-from tests.processes import ROOT, run_command, start_command, stop, worker_env
+from tests.processes import ROOT, is_running, run_command, start_command, stop, worker_env
 from tests.sink import SECRET, Sink, log_events, wait_for
 from workers.delivery import backoff_delay
 
@@ -260,6 +260,23 @@ async def test_worker_without_processes_runs_two_rq_workers_per_destination_and_
         rq_workers = Worker.all(connection=queue.connection, queue=queue, serializer=JSONSerializer)
         assert len(rq_workers) == 2
         assert len({w.pid for w in rq_workers} - {process.pid}) == 2  # two processes of their own
+    finally:
+        stop(process)
+
+
+async def test_worker_processes_stop_once_their_worker_command_is_sigkilled(
+    redis_url: str, queue: Queue, tmp_path: Path
+) -> None:
+    env = worker_env(redis_url, merchant_handler="tests.merchant_handlers:takes")
+    process = start_command("worker", "--processes", "2", env=env, log=tmp_path / "worker.log")
+    try:
+        registered = lambda: Worker.all(connection=queue.connection, queue=queue, serializer=JSONSerializer)  # noqa: E731
+        await wait_for(lambda: len(registered()) == 2, what="two RQ workers")
+        pids = [w.pid for w in registered()]
+        os.kill(process.pid, signal.SIGKILL)  # it cannot pass a stop on to its processes
+        process.wait(5)
+        await wait_for(lambda: not registered(), seconds=20, what="both to stop and register their end")
+        await wait_for(lambda: not any(is_running(pid) for pid in pids), what="both processes gone")
     finally:
         stop(process)
 

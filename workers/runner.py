@@ -25,6 +25,7 @@ from receiver.connections import sync_redis
 from receiver.destinations import PROCESSES_PER_DESTINATION, REMOVED, Destination
 from receiver.errors import CommandError, report
 from receiver.logs import configure_logging, log
+from receiver.parent import stop_with_parent
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
 from workers.delivery import DeliveryContext, TargetNotConfigured, build_targets, use_context
@@ -95,7 +96,8 @@ def pause_before_restart(seconds: float) -> bool:
     return not stopped.wait(seconds)
 
 
-def _child(settings: Settings, burst: bool, destination: Destination) -> None:
+def _child(settings: Settings, burst: bool, destination: Destination, parent: int) -> None:
+    stop_with_parent(parent)
     raise SystemExit(work(settings, burst, destination))
 
 
@@ -168,7 +170,7 @@ def run_workers(
     logging.getLogger("rq").setLevel(logging.WARNING)
     fork = multiprocessing.get_context("fork")
     children = [
-        fork.Process(target=_child, args=(settings, burst, d), name=f"worker-{d.name}-{n}")
+        fork.Process(target=_child, args=(settings, burst, d, os.getpid()), name=f"worker-{d.name}-{n}")
         for d in served
         for n in range(processes)
     ]

@@ -78,8 +78,8 @@ class IdempotentMerchant:
         if done and post.sequence < done[-1]:
             self.out_of_order.append(post)  # a lower sequence after a higher one was applied
         post.status = self._answer(post)
-        slow = self._slow.pop(post.worker, None)
-        if slow is not None and post.status == 200:
+        slow = self._slow.pop(post.worker, None) if post.status == 200 else None
+        if slow is not None:  # a refused or failing POST leaves the next one to be the slow one
             slow.set()
             await asyncio.sleep(self.slow_seconds)
         if post.status == 200 and key not in self.applied:

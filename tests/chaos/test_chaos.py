@@ -71,7 +71,9 @@ class Processes:
 
     def start_worker(self, name: str) -> None:
         env = {**self.worker_env, "MERCHANT_WEBHOOK_URL": f"{self.sink_url}/hooks/{name}"}
-        self.workers[name] = self._start(f"worker-{name}", "worker", env)
+        self.workers[name] = start_command(  # one process: killing "worker a" kills what delivers
+            "worker", "--processes", "1", env=env, log=self.tmp / f"worker-{name}.log", cwd=self.tmp
+        )
 
     def kill_receiver(self) -> None:
         assert self.receiver is not None and self.receiver.poll() is None, "the receiver died by itself"
