@@ -55,6 +55,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 ERP_SECRET = "whsec_" + "RVJQLXNlY3JldC1mb3ItdGhlLWVycC1kZXN0aW5hdGlvbg=="
 NOOP_QUEUE = "bench-noop"
+ONE_AT_A_TIME = (
+    "1 in flight"  # the delivery system with DELIVERY_CONCURRENCY=1: each process as before issue 25
+)
 TARGET = 0.60  # issue 15: the price of an RQ upgrade that needs no code review
 EVENTS = ("0-order", "1-charge")  # the two events of every bench order, in sequence
 
@@ -220,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         "DESTINATION_ERP_URL": f"http://127.0.0.1:{erp_port}/hooks",
         "DESTINATION_ERP_SECRET": ERP_SECRET,
     }
-    systems = {"delivery": Runs(), "no-op": Runs()}
+    one_at_a_time_env = {**worker_env, "DELIVERY_CONCURRENCY": "1"}  # every process as before issue 25
+    systems = {"delivery": Runs(), ONE_AT_A_TIME: Runs(), "no-op": Runs()}
     if fan_out:
         systems["fan-out"] = Runs()
     per_destination: dict[str, list[float]] = {"merchant": [], "erp": []}
@@ -242,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
             "delivery": timed(
                 worker_command, worker_env, workdir, workdir / "worker.log", client, "rq:queue:x"
             )[1],
+            ONE_AT_A_TIME: timed(
+                worker_command, one_at_a_time_env, workdir, workdir / "worker.log", client, "rq:queue:x"
+            )[1],
             "no-op": timed(noop_command, base_env, ROOT, workdir / "noop.log", client, "rq:queue:x")[1],
         }
         if fan_out:
@@ -253,9 +260,10 @@ def main(argv: list[str] | None = None) -> int:
             # ABBA: the system run first alternates, so a drift of the machine's speed favours neither
             for name, runs in list(systems.items())[:: 1 if round_number % 2 else -1]:
                 client.flushdb()
-                if name == "delivery":
+                if name in ("delivery", ONE_AT_A_TIME):
                     asyncio.run(store_updates(server.url, orders))
-                    command, env, cwd, queue_key = worker_command, worker_env, workdir, RedisKeys().rq_queue
+                    env = worker_env if name == "delivery" else one_at_a_time_env
+                    command, cwd, queue_key = worker_command, workdir, RedisKeys().rq_queue
                 elif name == "fan-out":
                     asyncio.run(
                         store_updates(server.url, orders, Settings.from_env(fan_out_env, dotenv=False))
@@ -272,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.worker_cpu_us.append(max(0.0, cpu - startup[name]) / jobs * 1e6)
                 runs.redis_cpu_us.append((cpu_seconds(redis_pid) - redis_before) / jobs * 1e6)
                 runs.sink_cpu_us.append((cpu_seconds(sink.pid) - sink_before) / jobs * 1e6)
-                if name == "delivery":
+                if name in ("delivery", ONE_AT_A_TIME):
                     with urlopen(f"http://127.0.0.1:{sink_port}/received") as answer:
                         verdict = check_delivery(orjson.loads(answer.read()), orders, client)
                 elif name == "fan-out":
@@ -302,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                     verdict = f"CHECK FAILED: worker command exited {code}; " + verdict
                 failures += verdict.startswith("CHECK FAILED")
                 rates[name] = runs.rates[-1]
-                print(f"round {round_number} {name:<9} {runs.rates[-1]:>7,.0f} jobs/s ({count:,} in {seconds:5.2f} s)"
+                print(f"round {round_number} {name:<11} {runs.rates[-1]:>7,.0f} jobs/s ({count:,} in {seconds:5.2f} s)"
                       f"  CPU/job: workers {runs.worker_cpu_us[-1]:4.0f} us, Redis {runs.redis_cpu_us[-1]:3.0f} us,"
                       f" sink {runs.sink_cpu_us[-1]:3.0f} us  {verdict}", flush=True)  # fmt: skip
             ratios.append(rates["delivery"] / rates["no-op"])
@@ -347,7 +355,11 @@ def print_table(systems: dict[str, Runs], ratios: list[float], processes: int) -
     print(f"\nCPU per job (medians, start-up excluded): delivery workers {median(delivery.worker_cpu_us):.0f} us"
           f" + Redis {median(delivery.redis_cpu_us):.0f} us + sink {median(delivery.sink_cpu_us):.0f} us;"
           f" no-op workers {median(noop.worker_cpu_us):.0f} us + Redis {median(noop.redis_cpu_us):.0f} us")  # fmt: skip
-    print(f"worker class: SimpleWorker (DeliveryWorker for delivery), {processes} process(es) each")
+    one = systems[ONE_AT_A_TIME]
+    print(f"CPU per delivery, 1 in flight per process (DELIVERY_CONCURRENCY=1, as before issue 25): workers"
+          f" {median(one.worker_cpu_us):.0f} us + Redis {median(one.redis_cpu_us):.0f} us;"
+          f" {median(one.rates):,.0f} updates/s")  # fmt: skip
+    print(f"worker class: DeliveryWorker (a SimpleWorker with a thread pool), {processes} process(es) each")
     print(
         f"target: delivery >= {TARGET:.0%} of the no-op rate: {'met' if ratio >= TARGET else 'NOT met'}"
         f" (median of per-round ratios {ratio:.0%})"

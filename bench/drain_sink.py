@@ -1,4 +1,5 @@
-"""The merchant endpoint of bench/drain, in a process of its own (on uvloop): answers every POST 200 at once.
+"""The merchant endpoint of bench/drain, in a process of its own (on uvloop): answers every POST 200, at
+once or after the milliseconds given as its second argument (`bench/e2e --merchant-ms`).
 
 It verifies no signature while the workers run (so it is not the bottleneck); it records every
 delivery's `webhook-id` in arrival order with its receipt time (`time.monotonic()`, one clock for
@@ -9,6 +10,7 @@ forgets it for the next run.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 
@@ -20,7 +22,7 @@ from receiver.app import event_loop
 SAMPLE_EVERY = 50
 
 
-def make_app() -> web.Application:
+def make_app(answer_after: float = 0.0) -> web.Application:
     ids: list[str] = []
     times: list[float] = []
     samples: list[dict[str, str]] = []
@@ -36,6 +38,8 @@ def make_app() -> web.Application:
             samples.append(
                 {"headers": {str(k): v for k, v in request.headers.items()}, "body": body.decode()}
             )
+        if answer_after:  # a merchant's own work (a database write and the like) before its answer
+            await asyncio.sleep(answer_after)
         return web.Response(status=200)
 
     async def received(request: web.Request) -> web.Response:
@@ -55,5 +59,10 @@ if __name__ == "__main__":
     # On the event loop our receiver runs on (uvloop): the sink stands in for the merchant's server, whose
     # CPU is not the workers' in production, but shares this machine's cores with them in the bench.
     web.run_app(
-        make_app(), loop=event_loop(), host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None
+        make_app(float(sys.argv[2]) / 1000 if len(sys.argv) > 2 else 0.0),
+        loop=event_loop(),
+        host="127.0.0.1",
+        port=int(sys.argv[1]),
+        access_log=None,
+        print=None,
     )

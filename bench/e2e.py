@@ -194,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="worker commands started, each with --processes N, as compose and k8s replicas (default 1)")  # fmt: skip
     parser.add_argument("--redis", choices=PERSISTENCE, default="always",
                         help="persistence: deploy/redis.conf as is (always, the default), everysec, none")  # fmt: skip
+    parser.add_argument("--merchant-ms", type=float, default=0.0,
+                        help="the merchant answers this long after a POST arrives (default 0: at once)")  # fmt: skip
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="DELIVERY_CONCURRENCY of the workers (default: the worker's own)")  # fmt: skip
     parser.add_argument("--limit-ms", type=float, default=100.0, help="the p99 to stay under (default 100)")
     parser.add_argument("--drain-timeout", type=float, default=60.0,
                         help="seconds to wait after sending for the last update (default 60)")  # fmt: skip
@@ -225,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "INFO",
     }
+    if args.concurrency is not None:
+        app_env["DELIVERY_CONCURRENCY"] = str(args.concurrency)
     command = str(Path(sys.executable).parent / "intergiro-receiver")
     processes: list[subprocess.Popen[bytes]] = []
     results: list[RateResult] = []
@@ -237,7 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         return process
 
     try:
-        sink = start("sink", [sys.executable, "-m", "bench.drain_sink", str(sink_port)], base_env, ROOT)
+        sink = start(
+            "sink",
+            [sys.executable, "-m", "bench.drain_sink", str(sink_port), str(args.merchant_ms)],
+            base_env,
+            ROOT,
+        )
         receiver = start("receiver", [command, "serve"], app_env, workdir)  # workdir: no .env of ours
         workers = [
             start(f"worker-{n}", [command, "worker", "--processes", str(args.processes)], app_env, workdir)
@@ -250,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         print(server.describe())
         client.config_set("latency-monitor-threshold", 1)  # record every fsync of 1 ms or more
         print(f"receiver: `intergiro-receiver serve` (1 process); workers: {args.replicas} x `intergiro-receiver worker"
-              f" --processes {args.processes}`; merchant: bench/drain_sink.py; {args.seconds:g} s per rate,"
+              f" --processes {args.processes}` (DELIVERY_CONCURRENCY {app_env.get('DELIVERY_CONCURRENCY', 'default')});"
+              f" merchant: bench/drain_sink.py answering after {args.merchant_ms:g} ms; {args.seconds:g} s per rate,"
               f" open-loop sender, one update per callback", flush=True)  # fmt: skip
         url = f"http://127.0.0.1:{receiver_port}/callbacks/intergiro"
         warm = run_sender(url, tokens[:WARM_UP], 20)
@@ -318,7 +330,8 @@ def print_table(results: list[RateResult], args: argparse.Namespace) -> None:
     best = f"{held}/s" if held else "none of the rates"
     print(
         f"\nhighest rate with p99 <= {args.limit_ms:g} ms and not behind: {best}"
-        f" ({args.replicas} x {args.processes} worker process(es), Redis {args.redis})"
+        f" ({args.replicas} x {args.processes} worker process(es), concurrency"
+        f" {args.concurrency or 'default'}, merchant {args.merchant_ms:g} ms, Redis {args.redis})"
     )
 
 

@@ -24,6 +24,17 @@ REMOVED = "destination removed"
 # A process mostly waits (for Redis' disk, for the destination), so cores are no guide, and
 # os.cpu_count() in a container counts the host's.
 PROCESSES_PER_DESTINATION = 2
+# Deliveries one worker process keeps in flight at once (DELIVERY_CONCURRENCY), each on a thread of its
+# own. A delivery mostly waits for the destination's answer (100-300 ms for a shop backend), so one at a
+# time caps a process at a few updates a second; bench/e2e --merchant-ms (docs/performance.md) chose it:
+# two processes of 32 hold several hundred updates/s against a merchant answering in 100 ms, and more
+# threads buy nothing once the worker's CPU is the bound, only memory and open connections.
+DELIVERY_CONCURRENCY = 32
+MAX_CONCURRENCY = 256
+# Requests open at once to one destination across every worker process and host (MERCHANT_MAX_IN_FLIGHT,
+# DESTINATION_<NAME>_MAX_IN_FLIGHT): what the default deployment keeps in flight (2 processes x 32), so
+# it is never the limit out of the box, while adding worker pods never floods a merchant beyond it.
+MAX_IN_FLIGHT = 64
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,7 @@ class Destination:
     timeout_seconds: float = 10.0
     max_attempts: int = 8
     backoff_seconds: float = 2.0
+    max_in_flight: int = MAX_IN_FLIGHT
     tls_client_cert: str = ""
     tls_client_key: str = ""
     http_proxy: str = field(default="", repr=False)

@@ -43,6 +43,50 @@ def add_pid(logger: Any, method_name: str, event_dict: MutableMapping[str, Any])
     return event_dict
 
 
+class LineWriter:
+    """Writes each log line whole, with one write() of the file descriptor: the lines of several
+    threads (a worker's deliveries) and of several processes sharing one output (`worker --processes`)
+    never interleave, as `print` (the text, then the newline) lets them. A stream with no descriptor
+    (a test's capture) is written as a stream."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        try:
+            self.fd: int | None = stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            self.fd = None
+
+    def write_line(self, line: str) -> None:
+        data = (line + "\n").encode("utf-8", "backslashreplace")
+        if self.fd is None:
+            self.stream.write(data.decode())
+            self.stream.flush()
+            return
+        while data:  # one write unless the line is larger than the pipe takes at once
+            written = os.write(self.fd, data)
+            data = data[written:]
+
+    # structlog's logger interface: every level is one line
+    def msg(self, message: str) -> None:
+        self.write_line(message)
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+class LineHandler(logging.Handler):
+    """The standard library's records (RQ, aiohttp), one whole line each through a LineWriter."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        super().__init__()
+        self.writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.writer.write_line(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
 def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     renderer: structlog.types.Processor = (
         structlog.dev.ConsoleRenderer(colors=False)
@@ -51,6 +95,7 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     )
     # JSON needs a traceback as text; the console renderer formats exceptions itself.
     exceptions = [] if log_format == "console" else [structlog.processors.format_exc_info]
+    writer = LineWriter(sys.stderr)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -60,10 +105,10 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=lambda *args: writer,
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LineHandler(writer)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[

@@ -69,6 +69,12 @@ class RedisKeys:
         return f"{self._own}retry:due"
 
     @property
+    def in_flight(self) -> str:
+        """Sorted set of the leases on the destination's requests in flight, across every worker process
+        and host: lease token -> when it lapses (Redis' clock, ms). receiver/inflight.py owns it."""
+        return f"{self._own}in-flight"
+
+    @property
     def pending_updates(self) -> str:
         """Hash of every update not yet finished: update id -> the update (JSON). RQ's job holds it too;
         this copy is what puts an update whose job was deleted from outside into the dead-letter queue."""

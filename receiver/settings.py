@@ -13,7 +13,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from receiver.destinations import MERCHANT, NAME_PATTERN, Destination
+from receiver.destinations import (
+    DELIVERY_CONCURRENCY,
+    MAX_CONCURRENCY,
+    MAX_IN_FLIGHT,
+    MERCHANT,
+    NAME_PATTERN,
+    Destination,
+)
 from receiver.errors import ConfigError
 from receiver.keys import INTERGIRO_ENVIRONMENTS, TrustedKey, intergiro_key, load_public_key, split_key_list
 from receiver.order import CREATED_EVENT, EVENT_TYPES, MAX_EVENTS, OrderLimits
@@ -51,6 +58,8 @@ class Settings:
     delivery_max_attempts: int = 8
     delivery_backoff_seconds: float = 2.0
     delivery_timeout_seconds: float = 10.0
+    delivery_concurrency: int = DELIVERY_CONCURRENCY
+    merchant_max_in_flight: int = MAX_IN_FLIGHT
     merchant_tls_client_cert: str = ""
     merchant_tls_client_key: str = ""
     http_proxy: str = field(default="", repr=False)  # may hold the proxy's password
@@ -96,7 +105,8 @@ class Settings:
         return Destination(
             MERCHANT, self.merchant_webhook_url, self.merchant_webhook_secret, self.merchant_handler,
             timeout_seconds=self.delivery_timeout_seconds, max_attempts=self.delivery_max_attempts,
-            backoff_seconds=self.delivery_backoff_seconds, tls_client_cert=self.merchant_tls_client_cert,
+            backoff_seconds=self.delivery_backoff_seconds, max_in_flight=self.merchant_max_in_flight,
+            tls_client_cert=self.merchant_tls_client_cert,
             tls_client_key=self.merchant_tls_client_key, http_proxy=self.http_proxy,
             https_proxy=self.https_proxy, no_proxy=self.no_proxy,
         )  # fmt: skip
@@ -210,6 +220,12 @@ class _Reader:
             delivery_timeout_seconds=self.get(
                 "DELIVERY_TIMEOUT_SECONDS", d.delivery_timeout_seconds, _positive_float
             ),
+            delivery_concurrency=self.get(
+                "DELIVERY_CONCURRENCY", d.delivery_concurrency, _int_between(1, MAX_CONCURRENCY)
+            ),
+            merchant_max_in_flight=self.get(
+                "MERCHANT_MAX_IN_FLIGHT", d.merchant_max_in_flight, _int_between(1, 100_000)
+            ),
             merchant_tls_client_cert=self.get(
                 "MERCHANT_TLS_CLIENT_CERT", d.merchant_tls_client_cert, _pem_file("CERTIFICATE")
             ),
@@ -281,6 +297,7 @@ class _Reader:
                 timeout_seconds=self.get(p + "TIMEOUT_SECONDS", s.delivery_timeout_seconds, _positive_float),
                 max_attempts=self.get(p + "MAX_ATTEMPTS", s.delivery_max_attempts, _int_between(1, 100)),
                 backoff_seconds=self.get(p + "BACKOFF_SECONDS", s.delivery_backoff_seconds, _nonnegative_float),
+                max_in_flight=self.get(p + "MAX_IN_FLIGHT", MAX_IN_FLIGHT, _int_between(1, 100_000)),
                 tls_client_cert=self.get(p + "TLS_CLIENT_CERT", "", _pem_file("CERTIFICATE")),
                 tls_client_key=self.get(p + "TLS_CLIENT_KEY", "", _pem_file("PRIVATE KEY")),
                 http_proxy=self.get(p + "HTTP_PROXY", s.http_proxy, _proxy_url),
@@ -487,6 +504,7 @@ def _webhook_secret(raw: str) -> str:
 # the process: a destination left unconfigured by a typo must not go unnoticed).
 DESTINATION_VARIABLES = (
     "URL", "SECRET", "HANDLER", "EVENTS", "STATUSES", "TIMEOUT_SECONDS", "MAX_ATTEMPTS", "BACKOFF_SECONDS",
+    "MAX_IN_FLIGHT",
     "TLS_CLIENT_CERT", "TLS_CLIENT_KEY", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
 )  # fmt: skip
 

@@ -36,6 +36,8 @@ class Sink:
     received: list[Received] = field(default_factory=list)
     url: str = ""
     answer_body: bytes | None = None  # instead of "ok" / "no"
+    open_now: int = 0  # requests received and not yet answered
+    most_open: int = 0  # the most ever open at once
 
     def app(self) -> web.Application:
         async def post(request: web.Request) -> web.Response:
@@ -46,8 +48,13 @@ class Sink:
             self.received.append(got)
             attempt = sum(1 for r in self.received if r.headers.get("webhook-id") == update_id)
             status, headers, delay = self.answer(update_id, attempt)
-            if delay:
-                await asyncio.sleep(delay)
+            self.open_now += 1
+            self.most_open = max(self.most_open, self.open_now)
+            try:
+                if delay:
+                    await asyncio.sleep(delay)
+            finally:
+                self.open_now -= 1
             if self.answer_body is not None:
                 return web.Response(status=status, headers=headers, body=self.answer_body)
             return web.Response(status=status, headers=headers, text="ok" if status < 300 else "no")

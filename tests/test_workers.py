@@ -115,7 +115,9 @@ async def test_updates_of_an_order_arrive_in_sequence_with_four_workers_and_noth
     for round_ in range(1, 4):  # every order's callback grows by one event per round, as Intergiro sends
         for order_id in orders:
             assert len(await post_order(receiver, rsa_key, order_id, EVENTS[:round_])) == 1
-    workers("--processes", "4", **webhook_settings(sink))
+    # a generous timeout: 4 x DELIVERY_CONCURRENCY requests at once to this test's own loop may be answered
+    # after a second, and a timed-out POST is rightly sent again (at least once)
+    workers("--processes", "4", **webhook_settings(sink, delivery_timeout_seconds=10))
     await wait_for(lambda: len(sink.received) >= 600, seconds=120, what="600 deliveries")
     ids = [r.headers["webhook-id"] for r in sink.received]
     assert len(ids) == len(set(ids)) == 600

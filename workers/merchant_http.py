@@ -1,5 +1,5 @@
 """The merchant POST over urllib3: one kept-alive connection to the merchant's webhook URL per worker
-process, which POSTs one update at a time.
+thread, each of which POSTs one update at a time.
 
 urllib3 gives what a webhook client needs through its public API: a proxy (`ProxyManager`: an
 `http://` URL is forwarded, an `https://` one tunnelled with CONNECT), a client certificate (the
@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import ssl
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http.client import HTTPException, RemoteDisconnected
@@ -158,9 +159,8 @@ class MerchantConnection:
             if proxy_parts.password:
                 self.secrets += [proxy_parts.password, unquote(proxy_parts.password)]
         self.timeout = urllib3.Timeout(connect=timeout_seconds, read=timeout_seconds)
-        self._pool: urllib3.PoolManager | None = None
-        self._pool_pid = 0
-        self._reusable = False  # the last answer was read whole: its connection may be kept alive
+        # Each thread that posts (a worker keeps several deliveries in flight) has its own connection.
+        self._local = _ThreadConnection()
 
     def post(self, body: bytes, headers: Mapping[str, str]) -> tuple[int, str | None]:
         """POST `body`; returns the answer's status and Retry-After. Raises OSError (refused, timed out,
@@ -168,7 +168,7 @@ class MerchantConnection:
         merchant closed as the POST left fails before any answer: the POST is sent again, once, on a
         new connection."""
         all_headers = {**self.auth_headers, **headers} if self.auth_headers else dict(headers)
-        reused, self._reusable = self._reusable, False
+        reused, self._local.reusable = self._local.reusable, False
         try:
             try:
                 return self._exchange(body, all_headers)
@@ -203,13 +203,15 @@ class MerchantConnection:
         return int(answer.status)
 
     def close(self) -> None:
-        self._reusable = False
-        if self._pool is not None:
-            self._pool.clear()
+        """Close this thread's connection."""
+        self._local.reusable = False
+        if self._local.pool is not None:
+            self._local.pool.clear()
 
     def _manager(self) -> urllib3.PoolManager:
-        """This process's pool: made on first use, and made anew in a forked child."""
-        if self._pool is None or self._pool_pid != os.getpid():
+        """This thread's pool: made on first use, and made anew in a forked child."""
+        local = self._local
+        if local.pool is None or local.pid != os.getpid():
             common: dict[str, Any] = {
                 "num_pools": 1,
                 "maxsize": 1,
@@ -220,16 +222,16 @@ class MerchantConnection:
             if self.proxy:
                 proxy_url, proxy_auth = _without_credentials(self.proxy)
                 proxy_headers = {"Proxy-Authorization": proxy_auth["authorization"]} if proxy_auth else None
-                self._pool = urllib3.ProxyManager(
+                local.pool = urllib3.ProxyManager(
                     proxy_url,
                     proxy_headers=proxy_headers,
                     proxy_ssl_context=ssl.create_default_context(),
                     **common,
                 )
             else:
-                self._pool = urllib3.PoolManager(**common)
-            self._pool_pid = os.getpid()
-        return self._pool
+                local.pool = urllib3.PoolManager(**common)
+            local.pid = os.getpid()
+        return local.pool
 
     def _exchange(self, body: bytes, headers: dict[str, str]) -> tuple[int, str | None]:
         try:
@@ -256,7 +258,7 @@ class MerchantConnection:
                 if not data:
                     answer.release_conn()
                     connection = answer.headers.get("Connection", "").lower()
-                    self._reusable = answer.version == 11 and "close" not in connection
+                    self._local.reusable = answer.version == 11 and "close" not in connection
                     return status, retry_after
                 received += len(data)
         except (HTTPError, HTTPException, OSError):
@@ -274,6 +276,15 @@ class MerchantConnection:
         for secret in self.secrets:
             text = text.replace(secret, "***")
         return AnswerError(text) if isinstance(exc, AnswerError) else OSError(f"{type(exc).__name__}: {text}")
+
+
+class _ThreadConnection(threading.local):
+    """One thread's pool (of one connection), the process it was made in, and whether the last answer
+    was read whole (its connection may be kept alive)."""
+
+    pool: urllib3.PoolManager | None = None
+    pid = 0
+    reusable = False
 
 
 def _unwrapped(exc: HTTPError) -> OSError | AnswerError:

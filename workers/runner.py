@@ -24,6 +24,7 @@ from receiver.chains import OrderChains
 from receiver.connections import sync_redis
 from receiver.destinations import PROCESSES_PER_DESTINATION, REMOVED, Destination
 from receiver.errors import CommandError, report
+from receiver.inflight import InFlightLeases
 from receiver.logs import configure_logging, log
 from receiver.parent import stop_with_parent
 from receiver.rediskeys import RedisKeys
@@ -61,13 +62,18 @@ def work(settings: Settings, burst: bool, destination: Destination | None = None
         destination=context.destination.name,
         pid=os.getpid(),
         burst=burst,
+        concurrency=settings.delivery_concurrency,
+        max_in_flight=context.destination.max_in_flight,
     )
     pause = 1.0
     try:
         while True:
             worker: DeliveryWorker | None = None
             try:  # RQ reaches Redis already in the constructor, and again in its teardown
-                worker = delivery_worker(queue, context.redis, timeout)
+                leases = InFlightLeases(
+                    context.redis, context.keys.in_flight, context.destination.max_in_flight
+                )
+                worker = delivery_worker(queue, context.redis, timeout, settings.delivery_concurrency, leases)
                 worker.work(burst=burst, logging_level=rq_level, with_scheduler=False)
             except RedisError as exc:
                 log.warning("worker cannot reach Redis", error=str(exc))

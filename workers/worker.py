@@ -28,19 +28,24 @@ docs/performance.md measures what each gives.
 from __future__ import annotations
 
 import math
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
 from rq import Queue, SimpleWorker
+from rq.exceptions import StopRequested
 from rq.executions import Execution
 from rq.job import Job
 from rq.serializers import JSONSerializer
-from rq.timeouts import UnixSignalDeathPenalty
+from rq.timeouts import BaseDeathPenalty, JobTimeoutException, TimerDeathPenalty, UnixSignalDeathPenalty
 from rq.worker import WorkerStatus
 
+from receiver.inflight import InFlightLeases
+from receiver.logs import log
 from receiver.settings import Settings
 from workers.delivery import count_attempt_commands, current_context
 
@@ -58,13 +63,16 @@ def attempt_timeout_seconds(config: Settings | float) -> int:
     return math.ceil(2 * timeout) + 2
 
 
-def attempt_death_penalty(seconds: int) -> type[UnixSignalDeathPenalty]:
-    """RQ's death penalty (its `death_penalty_class`), never longer than one attempt may run."""
+def attempt_death_penalty(seconds: int, threaded: bool = False) -> type[BaseDeathPenalty]:
+    """RQ's death penalty (its `death_penalty_class`), never longer than one attempt may run: SIGALRM's
+    for a job run by the process's main thread, RQ's timer-thread one for jobs run on a pool's threads
+    (a signal reaches the main thread only)."""
+    base: type[BaseDeathPenalty] = TimerDeathPenalty if threaded else UnixSignalDeathPenalty
 
-    class AttemptDeathPenalty(UnixSignalDeathPenalty):
+    class AttemptDeathPenalty(base):  # type: ignore[valid-type,misc]
         def __init__(self, timeout: Any, exception: Any = None, **kwargs: Any) -> None:
             bounded = seconds if timeout is None or timeout < 0 else min(timeout, seconds)
-            super().__init__(bounded, exception, **kwargs)  # type: ignore[no-untyped-call]
+            super().__init__(bounded, exception or JobTimeoutException, **kwargs)
 
     return AttemptDeathPenalty
 
@@ -84,14 +92,29 @@ class DeliveryJob(Job):
 
 
 class DeliveryWorker(SimpleWorker):
-    """SimpleWorker whose job heartbeat lasts one attempt (its death penalty's bound) and a little."""
+    """SimpleWorker whose job heartbeat lasts one attempt (its death penalty's bound) and a little, and
+    which keeps up to `concurrency` deliveries in flight, each on a thread of a pool.
+
+    Each job runs through RQ's own steps: the main thread takes it off the queue and starts its
+    execution (`prepare_execution`: RQ's StartedJobRegistry and the worker's executions, as for any
+    RQ worker), then a pool thread runs `perform_job` (RQ's preparation, the job, its success, retry or
+    failure and the end of the execution). A job is taken only when a thread is free and, with
+    `leases`, when the destination has a slot (receiver/inflight.py): one waiting is still on the queue.
+    """
 
     job_class = DeliveryJob
     attempt_timeout = 300
+    concurrency = 1
+    leases: InFlightLeases | None = None
     stop_requested = False  # SIGTERM or SIGINT: RQ's loop ends on purpose
     drained = False  # burst mode found the queue empty
+    waiting_for_job = False  # the main thread waits for a thread, a slot or a job: a stop ends the wait
 
     refreshed_at = -math.inf  # time.monotonic() of the last periodic heartbeat sent
+    lanes: threading.Condition
+    busy_lanes = 0  # deliveries in flight, and the one being taken
+    taken_lease: str | None = None
+    pool: ThreadPoolExecutor | None = None
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.attempt_timeout + 2
@@ -112,27 +135,128 @@ class DeliveryWorker(SimpleWorker):
 
     def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:
         """RQ's set_state, except that a state the worker is already in is not written again (RQ sets
-        idle after each job and again before each wait for the next)."""
+        idle after each job and again before each wait for the next), and that it stays busy while any
+        delivery is in flight."""
+        if state == WorkerStatus.IDLE and self.executions:
+            state = WorkerStatus.BUSY
         if pipeline is None and state == self.get_state():
             return
         super().set_state(state, pipeline=pipeline)  # type: ignore[no-untyped-call]
 
     def cleanup_execution(self, job: Job, pipeline: Pipeline, execution: Execution | None = None) -> None:
-        """RQ's end of an execution, and the worker idle again in the same transaction: the mirror of
-        RQ's start of one, which sets it busy in its own (rq.executions.prepare_execution)."""
+        """RQ's end of an execution, and the worker idle again in the same transaction when it was the
+        last in flight: the mirror of RQ's start of one, which sets it busy in its own
+        (rq.executions.prepare_execution)."""
         super().cleanup_execution(job, pipeline=pipeline, execution=execution)  # type: ignore[no-untyped-call]
-        self.set_state(WorkerStatus.IDLE, pipeline=pipeline)
+        if not self.executions:
+            self.set_state(WorkerStatus.IDLE, pipeline=pipeline)
+        # With deliveries on pool threads the main thread may be waiting for a job meanwhile: the
+        # heartbeat RQ's loop sends after each job rides here (at most once a second), no round trip.
+        self.heartbeat(pipeline=pipeline)
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        """RQ's warm stop: no job is taken any more; the deliveries in flight end (teardown waits)."""
         self.stop_requested = True
         super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+        if self.waiting_for_job:  # busy with deliveries in flight, but only waiting itself: stop waiting
+            raise StopRequested()
 
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
     ) -> tuple[Job, Queue] | None:
-        result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
-        self.drained = result is None
-        return result
+        """RQ's wait for a job, once a thread is free and the destination has a slot. In burst mode an
+        empty queue ends the loop only once no delivery is in flight (a delivery's end may queue its
+        order's next update)."""
+        while True:
+            self.waiting_for_job = True
+            try:
+                self.take_lane()
+                try:
+                    result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+                except BaseException:
+                    self.end_lane(self.taken_lease)
+                    raise
+            finally:
+                self.waiting_for_job = False
+            if result is not None:
+                return result
+            self.end_lane(self.taken_lease)
+            if self.leases is not None:
+                self.leases.return_spare()
+            if timeout is None and self.wait_for_deliveries():
+                continue  # burst: deliveries ended meanwhile; look again
+            self.drained = True
+            return None
+
+    def take_lane(self) -> None:
+        """Wait until fewer than `concurrency` deliveries are in flight (heartbeats going on), reserve
+        that place, then a lease on one of the destination's slots."""
+        with self.lanes:
+            while self.busy_lanes >= self.concurrency:
+                self.lanes.wait(HEARTBEAT_REFRESH_SECONDS)
+                self.heartbeat()
+            self.busy_lanes += 1
+        self.taken_lease = None
+        if self.leases is None:
+            return
+        try:
+            self.taken_lease = self.leases.take(give_up=lambda: self.stop_requested)
+        except BaseException:
+            self.end_lane(None)
+            raise
+        if self.taken_lease is None:
+            self.end_lane(None)
+            raise StopRequested()
+
+    def end_lane(self, lease: str | None) -> None:
+        if self.leases is not None:
+            self.leases.give_back(lease)
+        with self.lanes:
+            self.busy_lanes -= 1
+            self.lanes.notify_all()
+
+    def wait_for_deliveries(self) -> bool:
+        """Wait until no delivery is in flight; whether there were any."""
+        with self.lanes:
+            if not self.busy_lanes:
+                return False
+            while self.busy_lanes:
+                self.lanes.wait(HEARTBEAT_REFRESH_SECONDS)
+        return True
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """Start the job's execution (RQ's `prepare_execution`), then run it (RQ's `perform_job`) on a
+        pool thread; on this thread when one delivery at a time is asked for."""
+        lease, self.taken_lease = self.taken_lease, None
+        if self.pool is None:
+            try:
+                super().execute_job(job, queue)
+            finally:
+                self.end_lane(lease)
+            return
+        try:
+            execution = self.prepare_execution(job)
+            self.pool.submit(self.perform_in_lane, job, queue, execution, lease)
+        except BaseException:
+            self.end_lane(lease)
+            raise
+
+    def perform_in_lane(self, job: Job, queue: Queue, execution: Execution, lease: str | None) -> None:
+        try:
+            self.perform_job(job, queue, execution)
+        except Exception:  # RQ records the job's own failures; this is RQ's bookkeeping failing (Redis)
+            log.exception("delivery thread could not record a job's end", job=job.id)
+        finally:
+            self.end_lane(lease)
+
+    def teardown(self) -> None:
+        """Let the deliveries in flight end (each bounded by its death penalty), return the leases,
+        then RQ's teardown."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        if self.leases is not None:
+            self.leases.stop()
+        super().teardown()  # type: ignore[no-untyped-call]
 
     @property
     def dequeue_timeout(self) -> int:
@@ -149,10 +273,22 @@ class DeliveryWorker(SimpleWorker):
         return self.stop_requested or self.drained
 
 
-def delivery_worker(queue: Queue, connection: Redis, attempt_seconds: int) -> DeliveryWorker:
+def delivery_worker(
+    queue: Queue,
+    connection: Redis,
+    attempt_seconds: int,
+    concurrency: int = 1,
+    leases: InFlightLeases | None = None,
+) -> DeliveryWorker:
     """A DeliveryWorker on `queue` (RQ's JSON serializer), its job heartbeat and death penalty bounded by
-    one attempt of `attempt_seconds` (attempt_timeout_seconds)."""
+    one attempt of `attempt_seconds` (attempt_timeout_seconds), keeping up to `concurrency` deliveries
+    in flight, within the destination's bound when `leases` are given."""
     worker = DeliveryWorker([queue], connection=connection, serializer=JSONSerializer, worker_ttl=60)
     worker.attempt_timeout = attempt_seconds
-    worker.death_penalty_class = attempt_death_penalty(attempt_seconds)
+    worker.concurrency = concurrency
+    worker.lanes = threading.Condition()
+    worker.leases = leases
+    if concurrency > 1:
+        worker.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="delivery")
+    worker.death_penalty_class = attempt_death_penalty(attempt_seconds, threaded=concurrency > 1)
     return worker

@@ -1,0 +1,154 @@
+"""The bound on one destination's requests in flight, across every worker process and host
+(MERCHANT_MAX_IN_FLIGHT, DESTINATION_<NAME>_MAX_IN_FLIGHT): leases in one Redis sorted set.
+
+A worker process takes a lease before it takes a job off the destination's queue, so a delivery waiting
+for a slot is still on the queue: not started, not an attempt, and first in line (the queue's order)
+when a slot frees. The process keeps the lease for its next job while its queue has work (taking and
+returning one per delivery would cost two more disk flushes each), and returns the leases it does not
+use when its queue is found empty or it stops. A lease lapses LAPSE_SECONDS after it was last renewed,
+so the leases of a process killed with SIGKILL come back by themselves; live processes renew theirs
+every RENEW_SECONDS. Times are Redis' own clock (TIME), one clock for every host.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from receiver.logs import log
+
+LAPSE_SECONDS = 30.0
+RENEW_SECONDS = 5.0
+# How soon a process that found every slot taken asks again (doubling up to the ceiling).
+POLL_SECONDS = 0.005
+MAX_POLL_SECONDS = 0.1
+
+# KEYS[1]: the leases. ARGV: the bound, the new lease's token, its lapse (ms).
+# One step: drop lapsed leases, count the live ones, add this one if there is room.
+ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS[1]: the leases. ARGV[1]: the lapse (ms), ARGV[2..]: the tokens a process holds.
+# Returns the tokens it no longer holds (lapsed and dropped meanwhile: it must not use them again).
+RENEW = """
+local t = redis.call('TIME')
+local lapse = tonumber(ARGV[1])
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lost = {}
+for i = 2, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) > now then
+    redis.call('ZADD', KEYS[1], now + lapse, ARGV[i])
+  else
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+redis.call('PEXPIRE', KEYS[1], lapse)
+return lost
+"""
+
+
+def in_flight(redis: Redis, key: str) -> int:
+    """How many leases are live on a destination (its requests in flight, and slots held for the next)."""
+    now_s, now_us = redis.time()
+    return int(redis.zcount(key, now_s * 1000 + now_us // 1000, "+inf"))
+
+
+class InFlightLeases:
+    """One process's leases on one destination's slots: `take` before a job is taken off the queue,
+    `give_back` once its delivery ended (kept for the next), `return_spare` when the queue is empty."""
+
+    def __init__(self, redis: Redis, key: str, bound: int) -> None:
+        self.redis = redis
+        self.key = key
+        self.bound = bound
+        self.prefix = uuid.uuid4().hex[:12]
+        self.spare: list[str] = []  # held, not in use
+        self.in_use: set[str] = set()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self._acquire = redis.register_script(ACQUIRE)
+        self._renew = redis.register_script(RENEW)
+        self._count = 0
+        self._renewer: threading.Thread | None = None
+
+    def take(self, give_up: Callable[[], bool] = lambda: False) -> str | None:
+        """A lease, waiting while every slot is taken (None once `give_up()` says so)."""
+        if self._renewer is None:
+            self._renewer = threading.Thread(target=self._renew_loop, name="in-flight-leases", daemon=True)
+            self._renewer.start()
+        pause = POLL_SECONDS
+        while not give_up():
+            with self.lock:
+                if self.spare:  # one of ours, freed by a delivery that ended (perhaps while we waited)
+                    token = self.spare.pop()
+                    self.in_use.add(token)
+                    return token
+                self._count += 1
+                token = f"{self.prefix}-{self._count}"
+            if self._acquire(keys=[self.key], args=[self.bound, token, int(LAPSE_SECONDS * 1000)]):
+                with self.lock:
+                    self.in_use.add(token)
+                return token
+            self.stopping.wait(pause)
+            pause = min(pause * 2, MAX_POLL_SECONDS)
+        return None
+
+    def give_back(self, token: str | None) -> None:
+        """The delivery that held `token` ended: keep the lease for the next one."""
+        if token is None:
+            return
+        with self.lock:
+            if token in self.in_use:
+                self.in_use.discard(token)
+                self.spare.append(token)
+
+    def return_spare(self) -> None:
+        """Return the leases no delivery uses (the queue was empty, or the process stops)."""
+        with self.lock:
+            spare, self.spare = self.spare, []
+        if spare:
+            self.redis.zrem(self.key, *spare)
+
+    def renew(self) -> None:
+        """Extend every lease held; forget the ones that lapsed meanwhile (Redis was out of reach)."""
+        with self.lock:
+            held = [*self.spare, *self.in_use]
+        if not held:
+            return
+        lost = {t.decode() for t in self._renew(keys=[self.key], args=[int(LAPSE_SECONDS * 1000), *held])}
+        if lost:
+            with self.lock:
+                self.spare = [t for t in self.spare if t not in lost]
+                self.in_use -= lost
+            log.warning("in-flight leases lapsed and were dropped", count=len(lost))
+
+    def _renew_loop(self) -> None:
+        while not self.stopping.wait(RENEW_SECONDS):
+            try:
+                self.renew()
+            except RedisError as exc:
+                log.warning("could not renew in-flight leases", error=str(exc))
+
+    def stop(self) -> None:
+        """Stop renewing and return every lease still held."""
+        self.stopping.set()
+        with self.lock:
+            held, self.spare, self.in_use = [*self.spare, *self.in_use], [], set()
+        if held:
+            try:
+                self.redis.zrem(self.key, *held)
+            except RedisError as exc:  # they lapse by themselves
+                log.warning("could not return in-flight leases", error=str(exc))
