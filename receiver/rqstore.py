@@ -18,7 +18,7 @@ from redis import Redis
 from rq.defaults import RQ_KEY_PREFIX
 from rq.job import Job
 from rq.queue import Queue
-from rq.registry import DeferredJobRegistry, FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+from rq.registry import DeferredJobRegistry, FailedJobRegistry, ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
@@ -40,11 +40,6 @@ JOB_DATA_TAIL = b"],{}]"
 
 def queue_key(queue_name: str) -> str:
     return f"{Queue.redis_queue_namespace_prefix}{queue_name}"
-
-
-def intermediate_queue_key(queue_name: str) -> str:
-    """The list RQ moves a job into while a worker takes it (BLMOVE), until the job starts."""
-    return f"{queue_key(queue_name)}:intermediate"
 
 
 def job_key(job_id: str) -> str:
@@ -69,10 +64,6 @@ def scheduled_key(queue_name: str) -> str:
 def failed_key(queue_name: str) -> str:
     """RQ's FailedJobRegistry: dead-lettered updates (and attempts RQ saw fail) are listed here."""
     return FailedJobRegistry.key_template.format(queue_name)
-
-
-def started_key(queue_name: str) -> str:
-    return StartedJobRegistry.key_template.format(queue_name)
 
 
 def rq_timestamp(moment: datetime | None = None) -> str:

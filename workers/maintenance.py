@@ -17,7 +17,6 @@ due, recover attempts of dead workers, and move orders on past jobs deleted from
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from typing import Any
@@ -104,10 +103,9 @@ class Maintenance(threading.Thread):
         now = time.monotonic()
         consecutive = now - self._last_unstarted_check <= 2 * self.recovery_seconds + 1
         self._last_unstarted_check = now
-        started = {
-            _text(m).rpartition(":")[0] for m in self.redis.zrange(self.queue.started_job_registry.key, 0, -1)
-        }
-        waiting = {_text(i) for i in self.redis.lrange(self.queue.intermediate_queue_key, 0, -1)} - started
+        registry = self.queue.started_job_registry
+        started = {job_id for job_id, _execution in registry.get_job_and_execution_ids(cleanup=False)}
+        waiting = set(self.queue.intermediate_queue.get_job_ids()) - started
         self._unstarted = {i: self._unstarted.get(i, now) if consecutive else now for i in waiting}
         moved = 0
         for job_id, since in list(self._unstarted.items()):
@@ -119,17 +117,17 @@ class Maintenance(threading.Thread):
 
     def recover_abandoned(self) -> int:
         """RQ's cleanup of its StartedJobRegistry (records dead workers' jobs failed), then the failed
-        jobs whose update is still its order's head, not dead-lettered, back on the queue. RQ's
-        maintenance lock keeps two processes from doing it at once; we take it with a short expiry, so a
-        worker killed while holding it does not stop recovery for RQ's usual 15 minutes."""
-        lock = self.queue.registry_cleaning_key
-        if not self.redis.set(lock, 1, nx=True, ex=math.ceil(self.recovery_seconds) + 5):
+        jobs whose update is still its order's head, not dead-lettered, back on the queue. RQ's own
+        maintenance lock (`Queue.acquire_maintenance_lock`) keeps two processes, ours or RQ's workers,
+        from doing it at once; it is held for the milliseconds this takes (a process killed in them
+        leaves it to lapse, after RQ's 15 minutes, while the other processes' recovery waits)."""
+        if not self.queue.acquire_maintenance_lock():
             return 0
         try:
             StartedJobRegistry(self.queue.name, connection=self.redis, serializer=JSONSerializer).cleanup()
             return self.requeue_failed_heads()
         finally:
-            self.redis.delete(lock)
+            self.queue.release_maintenance_lock()  # type: ignore[no-untyped-call]
 
     def requeue_failed_heads(self) -> int:
         """Failed jobs that are not dead letters: an attempt that never reported back (its worker died,
