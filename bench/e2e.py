@@ -172,6 +172,23 @@ def signatures_verify(samples: list[dict]) -> bool:
     return True
 
 
+def peak_rss_mib(pid: int) -> list[float]:
+    """The peak resident memory (VmHWM) of process `pid` and of its children, in MiB."""
+    found = []
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return found
+    for each in [pid, *map(int, children)]:
+        try:
+            for line in Path(f"/proc/{each}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    found.append(int(line.split()[1]) / 1024)
+        except OSError:
+            continue
+    return found
+
+
 def wait_for_workers(client: redis.Redis, count: int, workers: list[subprocess.Popen[bytes]]) -> None:
     deadline = time.monotonic() + 60
     while client.scard("rq:workers") < count:
@@ -297,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"fell behind at {rate}/s: the higher rates are skipped (--keep-going runs them)")
                 break
         print_table(results, args)
+        peaks = [mib for w in workers for mib in peak_rss_mib(w.pid)]
+        print("worker processes' peak RSS (VmHWM, the command and its children): "
+              + ", ".join(f"{mib:.0f}" for mib in peaks) + " MiB")  # fmt: skip
         dead = client.hlen(RedisKeys().dead_letters)
         if dead:
             failures += 1
