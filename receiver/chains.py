@@ -196,16 +196,23 @@ end
 return queued
 """
 
-# KEYS[3] delivery record, KEYS[4] retry schedule. ARGV[5] update id, ARGV[6] dead-letter entry ('' when
-# delivered), ARGV[7] the attempt's history entry ('' for none), then pairs of metrics field and amount.
+# KEYS[3] delivery record, KEYS[4] retry schedule, KEYS[5] (a stream destination's delivery only) its
+# stream. ARGV[5] update id, ARGV[6] dead-letter entry ('' when delivered), ARGV[7] the attempt's history
+# entry ('' for none), ARGV[8] the stream's MAXLEN ('' for no stream), ARGV[9..12] the stream entry's
+# update id, update (JSON), event type and status, then pairs of metrics field and amount.
 # Ends an update, counts it in the shared metrics (once: an attempt's delivery record is what the
 # metrics are counted against) and, when it is its order's head, moves the chain on. Not the head means
-# it ran again after it was finished: the chain has moved on.
+# it ran again after it was finished: the chain has moved on. A stream destination's update is appended
+# to its stream in this same step (once: with the count), so a crash never appends it twice or skips it.
 FINISH = """
 local id, entry = ARGV[5], ARGV[6]
 if redis.call('DEL', KEYS[3]) == 1 then
-  for i = 8, #ARGV, 2 do redis.call('HINCRBYFLOAT', metrics, ARGV[i], ARGV[i + 1]) end
+  for i = 13, #ARGV, 2 do redis.call('HINCRBYFLOAT', metrics, ARGV[i], ARGV[i + 1]) end
   if ARGV[7] ~= '' then remember(ARGV[7]) end
+  if ARGV[8] ~= '' and entry == '' then
+    redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*', 'id', ARGV[9], 'order_id', order_id,
+      'event', ARGV[11], 'status', ARGV[12], 'update', ARGV[10])
+  end
 end
 redis.call('ZREM', KEYS[4], id)
 redis.call('HDEL', pending, id)
@@ -416,13 +423,21 @@ class OrderChains:
         dead_letter_entry: bytes = b"",
         counters: Iterable[tuple[str, float]] = (),
         history: bytes = b"",
+        stream: tuple[str, int] | None = None,
     ) -> str | None:
         """End the update (delivered, or dead-lettered with its entry) and add `counters` (metrics hash
-        field, amount) and the attempt's `history` entry in the same step; returns the order's next head."""
+        field, amount) and the attempt's `history` entry in the same step; a delivered update of a stream
+        destination (`stream`: its key and MAXLEN) is appended to it in that step too. Returns the
+        order's next head."""
         k = self.keys
         job = k.job_id(update["id"])
         keys = [*self._chain_keys(update["order_id"]), k.delivery(job), k.retry_schedule]
         args = [*chain_args(update["order_id"]), job, dead_letter_entry, history]
+        if stream is None:
+            args += ["", "", "", "", ""]
+        else:
+            keys.append(stream[0])
+            args += [stream[1], update["id"], orjson.dumps(update), update["event"]["type"], update["status"]]
         for field, amount in counters:
             args += (field, repr(amount))
         return self._moved_on(update["order_id"], self._finish(keys=keys, args=args))

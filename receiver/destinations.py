@@ -35,17 +35,22 @@ MAX_CONCURRENCY = 256
 # DESTINATION_<NAME>_MAX_IN_FLIGHT): what the default deployment keeps in flight (2 processes x 32), so
 # it is never the limit out of the box, while adding worker pods never floods a merchant beyond it.
 MAX_IN_FLIGHT = 64
+# Entries a stream destination keeps (DESTINATION_<NAME>_STREAM_MAXLEN), trimmed approximately (Redis'
+# `MAXLEN ~`): a day of a busy shop (a few updates a second) with room to spare, at about 1 KiB an entry.
+STREAM_MAXLEN = 1_000_000
 
 
 @dataclass(frozen=True)
 class Destination:
-    """One downstream system: a signed webhook and/or a Python handler, with optional filters on the
-    update's event type and status (empty: every update), and its own delivery settings."""
+    """One downstream system: a signed webhook and/or a Python handler, or a Redis Stream, with optional
+    filters on the update's event type and status (empty: every update), and its own delivery settings."""
 
     name: str
     url: str = field(default="", repr=False)  # may hold Basic auth credentials
     secret: str = field(default="", repr=False)
     handler: str = ""
+    stream: str = ""  # a Redis Stream's key in the same Redis, instead of a URL or handler
+    stream_maxlen: int = STREAM_MAXLEN
     events: frozenset[str] = frozenset()
     statuses: frozenset[str] = frozenset()
     timeout_seconds: float = 10.0
@@ -66,8 +71,8 @@ class Destination:
 
     @property
     def configured(self) -> bool:
-        """Whether there is something to deliver to (a URL or a handler)."""
-        return bool(self.url or self.handler)
+        """Whether there is something to deliver to (a URL, a handler or a stream)."""
+        return bool(self.url or self.handler or self.stream)
 
     @property
     def label(self) -> dict[str, str]:

@@ -19,6 +19,7 @@ from receiver.destinations import (
     MAX_IN_FLIGHT,
     MERCHANT,
     NAME_PATTERN,
+    STREAM_MAXLEN,
     Destination,
 )
 from receiver.errors import ConfigError
@@ -292,6 +293,8 @@ class _Reader:
                 url=self.get(p + "URL", "", _http_url),
                 secret=self.get(p + "SECRET", "", _webhook_secret),
                 handler=self.get(p + "HANDLER", "", _handler_path),
+                stream=self.get(p + "STREAM", "", _stream_key),
+                stream_maxlen=self.get(p + "STREAM_MAXLEN", STREAM_MAXLEN, _int_between(100, 1_000_000_000)),
                 events=self.get(p + "EVENTS", frozenset(), _names_of("event type", (*EVENT_TYPES, CREATED_EVENT))),
                 statuses=self.get(p + "STATUSES", frozenset(), _names_of("status", STATUS_ORDER)),
                 timeout_seconds=self.get(p + "TIMEOUT_SECONDS", s.delivery_timeout_seconds, _positive_float),
@@ -306,7 +309,11 @@ class _Reader:
             )  # fmt: skip
             if not any(problem.startswith(p) for problem in self.problems):
                 if not destination.configured:
-                    self.problems.append(f"{p}URL: required (or {p}HANDLER) for the destination {name}")
+                    self.problems.append(
+                        f"{p}URL: required (or {p}HANDLER, or {p}STREAM) for the destination {name}"
+                    )
+                elif destination.stream and (destination.url or destination.handler):
+                    self.problems.append(f"{p}STREAM: a stream destination has no URL or HANDLER of its own")
                 elif destination.url and not destination.secret:
                     self.problems.append(f"{p}SECRET: required when {p}URL is set")
             self.check_client_certificate(
@@ -504,7 +511,7 @@ def _webhook_secret(raw: str) -> str:
 # the process: a destination left unconfigured by a typo must not go unnoticed).
 DESTINATION_VARIABLES = (
     "URL", "SECRET", "HANDLER", "EVENTS", "STATUSES", "TIMEOUT_SECONDS", "MAX_ATTEMPTS", "BACKOFF_SECONDS",
-    "MAX_IN_FLIGHT",
+    "MAX_IN_FLIGHT", "STREAM", "STREAM_MAXLEN",
     "TLS_CLIENT_CERT", "TLS_CLIENT_KEY", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
 )  # fmt: skip
 
@@ -534,6 +541,12 @@ def _names_of(what: str, allowed: tuple[str, ...]) -> Callable[[str], frozenset[
         return frozenset(names)
 
     return parse
+
+
+def _stream_key(raw: str) -> str:
+    if not re.fullmatch(r"[\w.:{}-]{1,200}", raw):
+        raise ValueError("must be a Redis key of letters, digits and _ . : - { } (at most 200)")
+    return raw
 
 
 def _handler_path(raw: str) -> str:

@@ -36,6 +36,7 @@ from receiver.retry_after import parse_retry_after
 from receiver.rqstore import RETRY_BUDGET
 from receiver.settings import Settings
 from workers.merchant_http import AnswerError, ConnectionOptions, MerchantConnection
+from workers.streams import StreamTarget
 
 MAX_BACKOFF_SECONDS = 3600.0
 USER_AGENT = "intergiro-receiver"
@@ -161,11 +162,16 @@ class HandlerTarget:
             raise DeliveryError(f"handler raised {type(exc).__name__}: {exc}") from None
 
 
-def build_targets(config: Settings | Destination) -> list[WebhookTarget | HandlerTarget]:
-    """A destination's targets (`merchant`'s for Settings), webhook first; raises TargetNotConfigured
-    when there is none."""
+Target = WebhookTarget | HandlerTarget | StreamTarget
+
+
+def build_targets(config: Settings | Destination) -> list[Target]:
+    """A destination's targets (`merchant`'s for Settings), webhook first, or its stream; raises
+    TargetNotConfigured when there is none."""
     d = config.merchant if isinstance(config, Settings) else config
-    targets: list[WebhookTarget | HandlerTarget] = []
+    if d.stream:
+        return [StreamTarget(d.stream, d.stream_maxlen)]
+    targets: list[Target] = []
     if d.url:
         options = ConnectionOptions(
             d.http_proxy, d.https_proxy, d.no_proxy, d.tls_client_cert, d.tls_client_key
@@ -254,7 +260,7 @@ class DeliveryContext:
     redis: Redis
     keys: RedisKeys  # the destination's
     chains: OrderChains
-    targets: list[WebhookTarget | HandlerTarget]
+    targets: list[Target]
     logger: Any  # bound once: structlog's module-level proxy binds anew on every call
     destination: Destination
     outcomes: Outcomes
@@ -394,8 +400,12 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False)
         # Delivered: the chain's next step and the attempt's metrics in one script run, before RQ records
         # the job's end: a job RQ runs again after that (its record failed, its worker died) finds the
         # update no longer its order's head and does not POST it again.
+        stream = next((t.finish_args for t in ctx.targets if isinstance(t, StreamTarget)), None)
         ctx.chains.finish(
-            update, counters=[*attempt_counters, outcomes.delivered], history=history("delivered")
+            update,
+            counters=[*attempt_counters, outcomes.delivered],
+            history=history("delivered"),
+            stream=stream,
         )
         ctx.logger.info("update delivered", **logged)
         return None
