@@ -26,7 +26,15 @@ from receiver.errors import BadCallback, NotTrusted, Unavailable, clip
 from receiver.logs import log
 from receiver.retry_after import parse_retry_after
 from receiver.settings import Settings
-from receiver.verify import Unrepresentable, Verified, check_claims, strict_json, unverified_claims
+from receiver.verify import (
+    Unrepresentable,
+    Verified,
+    check_claims,
+    read_trusted,
+    repair_unwritable,
+    strict_json,
+    unverified_claims,
+)
 
 VERIFY_PATH = "/v1/worker-order/order/verify"
 ORDER_LIST_PATH = "/v1/order"
@@ -42,6 +50,8 @@ MAX_PAGES_PER_DAY = 10_000
 MAX_CONFIRM_PAGES = 100
 RETRY_STATUSES = frozenset({408, 429})
 _ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Twenty digits or more not part of a fraction or an exponent: perhaps an integer beyond 64 bits.
+_LONG_INTEGER = re.compile(rb"(?<![.\deE+-])-?\d{20,}(?![.\deE])")
 
 
 class ApiFailed(Exception):
@@ -199,10 +209,13 @@ class OrderApi:
         """orjson, or the standard library for the JSON orjson refuses (a lone surrogate, an integer
         beyond 64 bits): one such order must not make the whole page unreadable."""
         try:
-            return orjson.loads(raw)
+            value = orjson.loads(raw)
         except orjson.JSONDecodeError:
             pass
-        try:  # what no update can carry (NaN too) is left for each order's own check: check_writable
+        else:  # orjson reads an integer beyond 64 bits as a float: such a page is read exactly
+            if _LONG_INTEGER.search(raw) is None:
+                return value
+        try:  # what no update can carry (NaN too) is left for each order's own repair_unwritable
             return strict_json(raw, writable=False)
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise ApiFailed(f"GET {ORDER_LIST_PATH} did not answer JSON") from None
@@ -281,7 +294,7 @@ class IntergiroApi:
             raise BadCallback("token payload has no order id")
         check_claims(claims, self.settings.expected_audience)
         with self._slot():
-            order = await self._post_verify(token)
+            order, repaired = await self._post_verify(token)
         answered_id = order.get("id")
         if answered_id != claimed_id:
             log.warning(
@@ -290,9 +303,10 @@ class IntergiroApi:
                 answered_order=clip(str(answered_id), 80),
             )
             raise NotTrusted("the verified order is not the token's order")
-        return Verified(order=order, verified_by="remote")
+        return Verified(order=order, verified_by="remote", repaired=repaired)
 
-    async def _post_verify(self, token: bytes) -> dict[str, Any]:
+    async def _post_verify(self, token: bytes) -> tuple[dict[str, Any], tuple[str, ...]]:
+        """The order Intergiro's verify endpoint answers for `token`, and its places repaired."""
         headers = {**self.headers, "Content-Type": "application/jwt"}
         try:
             async with self.session.post(
@@ -321,14 +335,14 @@ class IntergiroApi:
         except (TimeoutError, aiohttp.ClientError, OSError):
             raise Unavailable("verify endpoint not reachable") from None
         try:
-            order = strict_json(text)
+            order, repaired = read_trusted(text)
         except Unrepresentable as exc:  # Intergiro's own order, which no update could carry
             raise BadCallback(f"verified order: {exc}") from None
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise Unavailable("verify endpoint answered something that is not JSON") from None
         if not isinstance(order, dict):
             raise Unavailable("verify endpoint answered something that is not an order")
-        return order
+        return order, repaired
 
     async def confirm_order(self, unsigned: Any) -> Verified:
         """An unsigned JSON order, confirmed by Intergiro's order list of its creation day (as
@@ -358,4 +372,8 @@ class IntergiroApi:
         if order is None:
             log.warning("unsigned order not in Intergiro's order list", order=order_id, day=day.isoformat())
             raise NotTrusted("Intergiro's order list does not hold this order")
-        return Verified(order=order, verified_by="remote")
+        try:
+            order, repaired = repair_unwritable(order)
+        except Unrepresentable as exc:  # Intergiro's own order, which no update could carry
+            raise BadCallback(f"listed order: {exc}") from None
+        return Verified(order=order, verified_by="remote", repaired=repaired)

@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from tests.conftest import pem_public
-from tests.helpers import card_order
+from tests.helpers import assert_valid_update, card_order
 from tests.processes import RedisServer, free_port, serve_env, start_server, stop
 
 PATH = "/callbacks/intergiro"
@@ -128,7 +128,7 @@ def test_a_flood_of_huge_error_objects_keeps_a_small_bounded_expiring_list_and_s
         server.cleanup()
 
 
-# --- 2 and 9. JSON no update can carry: a 400 naming the field, every time --------------------------
+# --- 2 and 9. JSON no update can carry as sent: stored repaired when signed, naming the field ------------
 
 PLACES: dict[str, Callable[[dict[str, Any]], None]] = {
     "customer.name": lambda o: o.update(customer={"name": "@", "email": "a@b.se"}),
@@ -138,34 +138,72 @@ PLACES: dict[str, Callable[[dict[str, Any]], None]] = {
     "event[0].reference": lambda o: o["event"][0].update(reference="@"),
     "items[0].name": lambda o: o["items"][0].update(name="@"),
 }
-UNWRITABLE = {
-    "lone surrogate": ('"\\ud83d"', "lone surrogate"),
-    "integer beyond 64 bits": ("1180591620717411303424", "integer beyond 64 bits"),
-    "NaN": ("NaN", "not finite"),
-    "Infinity": ("-Infinity", "not finite"),
-    "1e400": ("1e400", "not finite"),
+# What a signed order may hold that no update can carry as sent, and what the update carries instead.
+REPAIRABLE = {
+    "lone surrogate": ('"cut \\ud83d"', "cut \ufffd"),
+    "integer beyond 64 bits": ("1180591620717411303424", "1180591620717411303424"),
+    "1e400": ("1e400", "1e400"),
 }
+NOT_JSON = {"NaN": "NaN", "Infinity": "-Infinity"}
 
 
-def test_values_no_update_can_carry_are_answered_400_naming_the_field_on_every_retry(
+def value_at(update: dict[str, Any], place: str) -> Any:
+    """The value of an update at the place an order spells (`customer.name`, `event[0].reference`)."""
+    if place == "number":
+        return update["order_number"]
+    if place.startswith("event[0]."):
+        return update["event"][place.removeprefix("event[0].")]
+    first, _, rest = place.partition(".")
+    return update[first][rest]
+
+
+def test_signed_values_no_update_carries_as_sent_are_stored_repaired_naming_the_field_on_every_retry(
     serve: Callable[..., Served], redis_url: str, sync_redis: redis.Redis, rsa_key: Any
 ) -> None:
+    """A verified callback is never refused for its content: a lone surrogate becomes U+FFFD, a huge
+    number the string of its digits, and the update names the place; the retry is a duplicate."""
     served = serve(redis_url)
     for n, (place, put) in enumerate(PLACES.items()):
-        for what, (raw, says) in UNWRITABLE.items():
-            body = signed_with(raw, rsa_key, put, f"Hostile{n:02d}{len(what):02d}000")
-            for _ in range(2):  # Intergiro retries: the same answer, never a 500
-                status, answer = served.post(body)
-                reason = json.loads(answer)["reason"]
-                assert status == 400, (place, what, answer)
-                assert place in reason and says in reason, (place, what, reason)
-    # the same values in an unauthenticated Error object, or at the top of a JSON body
-    for raw, _ in UNWRITABLE.values():
+        if place == "items[0].name":
+            continue  # item names are not carried by updates (only their amounts)
+        for what, (raw, carried) in REPAIRABLE.items():
+            if place != "meta.note" and not raw.startswith('"'):
+                continue  # a number in a field the update promises to be a string: below
+            order_id = f"Hostile{n:02d}{len(what):02d}000"
+            body = signed_with(raw, rsa_key, put, order_id)
+            status, answer = served.post(body)
+            assert status == 200, (place, what, answer)
+            assert json.loads(answer)["queued"] == [f"{order_id}-0-order"]
+            status, answer = served.post(body)  # Intergiro retries: a duplicate, never a refusal
+            assert (status, json.loads(answer)["status"]) == (200, "duplicate"), (place, what, answer)
+            data = json.loads(sync_redis.hget(f"rq:job:{order_id}-0-order", "data"))
+            update = data[2][0]
+            assert_valid_update(update)
+            assert value_at(update, place) == carried, (place, what, update)
+            assert update["repaired"] == [place], (place, what, update)
+    # the item's name is not carried, but the order is stored all the same
+    status, answer = served.post(
+        signed_with('"\\ud83d"', rsa_key, PLACES["items[0].name"], "HostileItemName01")
+    )
+    assert status == 200, answer
+    # NaN and Infinity are no JSON: refused, naming the place, the same on every retry
+    for what, raw in NOT_JSON.items():
+        body = signed_with(raw, rsa_key, PLACES["meta.note"], f"NotJson{len(what):02d}0000000")
+        for _ in range(2):
+            status, answer = served.post(body)
+            assert status == 400, (what, answer)
+            assert (
+                "meta.note" in json.loads(answer)["reason"] and "not finite" in json.loads(answer)["reason"]
+            )
+    # the same values unauthenticated, in an Error object or at the top of a JSON body: refused
+    unsigned = [raw for raw, _ in REPAIRABLE.values()] + list(NOT_JSON.values())
+    before = stored(sync_redis)
+    for raw in unsigned:
         status, answer = served.post(f'{{"status": 400, "type": {raw}}}'.encode(), "application/json")
         assert status == 400, answer
         status, answer = served.post(f'{{"status": {raw}, "type": "x"}}'.encode(), "application/json")
         assert status == 400, answer
-    assert stored(sync_redis) == []
+    assert stored(sync_redis) == before
     assert "Traceback" not in served.log.read_text()
 
 
