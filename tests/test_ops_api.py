@@ -35,7 +35,7 @@ PAGES = ("/", "/dlq", "/dlq/SomeOrder-0-order", "/orders?key=x", "/retrying")
 @pytest.fixture
 async def ops(aiohttp_client: Any, settings: Settings, sync_redis: redis.Redis) -> Any:
     """A test client of the console (signed in with nothing: each test sends what it sends)."""
-    app = create_ops_app(settings.with_changes(ops_token=TOKEN), redis=sync_redis, failure_delay=0.05)
+    app = create_ops_app(settings.with_changes(ops_token=TOKEN), redis=sync_redis, lockout_seconds=0.05)
     return await aiohttp_client(app)
 
 
@@ -93,14 +93,12 @@ async def test_every_api_endpoint_without_credentials_is_401_json_and_every_page
     assert "default-src 'self'" in login.headers["Content-Security-Policy"]
 
 
-async def test_a_wrong_bearer_token_is_refused_401_slowed_and_logged_without_the_token(
+async def test_a_wrong_bearer_token_is_refused_401_and_logged_without_the_token(
     ops: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     wrong = "x" * 40
-    started = time.monotonic()
     answer = await ops.get("/api/overview", headers={"Authorization": f"Bearer {wrong}"})
     assert answer.status == 401
-    assert time.monotonic() - started >= 0.05
     logged = capsys.readouterr()
     assert "ops sign-in refused" in logged.out + logged.err
     assert wrong not in logged.out + logged.err

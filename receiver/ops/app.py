@@ -31,7 +31,7 @@ from receiver.errors import CommandError
 from receiver.history import render, trace
 from receiver.logs import log
 from receiver.ops import state
-from receiver.ops.auth import Authenticator, Session, set_session_cookie
+from receiver.ops.auth import COOKIE, Authenticator, Session, set_session_cookie
 from receiver.reconcile import parse_duration
 from receiver.rediskeys import RedisKeys, destination_keys
 from receiver.settings import Settings
@@ -106,12 +106,16 @@ async def _signed_in(
     auth = request.app[AUTH]
     api = request.path.startswith("/api/")
     if "Authorization" in request.headers:
+        if auth.locked_for():  # checked before the token: a guess in the lockout learns nothing
+            return _locked_out(request, api_error(429, "too_many_requests", LOCKED_OUT))
         if not auth.bearer_matches(request):
-            await auth.refuse(request, "bearer token")
+            auth.refuse(request, "bearer token")
             return api_error(401, "unauthorized", "wrong bearer token")
         request[VIA] = "bearer"
         return await handler(request)
     session = auth.session(request)
+    if session is not None and await in_thread(request, _ended, request.app, session):
+        session = None
     if session is None:
         if api:
             return api_error(
@@ -137,6 +141,21 @@ async def _signed_in(
     return await handler(request)
 
 
+LOCKED_OUT = "a wrong token was sent a moment ago; no token is checked until Retry-After has passed"
+
+
+def _locked_out(request: web.Request, response: web.Response) -> web.Response:
+    """A sign-in answered 429 during the lockout, its token not looked at."""
+    response.set_status(429)
+    response.headers["Retry-After"] = request.app[AUTH].retry_after()
+    return response
+
+
+def _ended(app: web.Application, session: Session) -> bool:
+    """Whether the session was ended by signing out (see `logout`)."""
+    return bool(app[REDIS].exists(app[KEYS].ops_session_ended(session.nonce)))
+
+
 def _safe_next(target: str) -> str:
     """Only a path of this site (never `//host` or a URL) is followed after sign-in."""
     return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/"
@@ -150,8 +169,10 @@ async def login(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     auth = request.app[AUTH]
     target = _safe_next(str(form.get("next", "/")))
+    if auth.locked_for():  # checked before the token: a guess in the lockout learns nothing
+        return _locked_out(request, page(request, "login.html", next=target, failed=False, locked=True))
     if not auth.token_matches(str(form.get("token", ""))):
-        await auth.refuse(request, "sign-in form")
+        auth.refuse(request, "sign-in form")
         return page(request, "login.html", next=target, failed=True, status=401)
     return _start_session(request, see_other(target), "sign-in form")
 
@@ -167,9 +188,11 @@ async def login_link(request: web.Request) -> web.StreamResponse:
     """A one-time sign-in link (`dev` prints one): good once, for SIGN_IN_LINK_SECONDS."""
     keys = request.app[KEYS]
     nonce = request.match_info["nonce"]
+    if request.app[AUTH].locked_for():
+        return _locked_out(request, page(request, "login.html", next="/", failed=False, locked=True))
     used = await in_thread(request, request.app[REDIS].getdel, keys.ops_sign_in_link(nonce))
     if used is None:
-        await request.app[AUTH].refuse(request, "sign-in link")
+        request.app[AUTH].refuse(request, "sign-in link")
         return page(request, "login.html", next="/", failed=True, status=401)
     # A page, not a redirect: a SameSite=Strict cookie set by a link followed from outside (a terminal)
     # is sent by the next navigation this page starts, not by a redirect of that first one.
@@ -177,9 +200,20 @@ async def login_link(request: web.Request) -> web.StreamResponse:
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
+    """End the session on the server (remembered as ended until it would have expired), not only in
+    this browser: the cookie, copied or kept, opens nothing any more. Other sessions go on."""
+    session = request.get(SESSION)
+    if session is not None:
+        await in_thread(request, _end, request.app, session)
+        log.info("ops signed out", remote=request.remote)
     response = see_other("/login")
-    response.del_cookie("igr_ops_session", path="/")
+    response.del_cookie(COOKIE, path="/")
     return response
+
+
+def _end(app: web.Application, session: Session) -> None:
+    ttl = max(1, session.expires - int(time.time()) + 1)
+    app[REDIS].set(app[KEYS].ops_session_ended(session.nonce), "1", ex=ttl)
 
 
 def make_sign_in_link(redis: Redis, keys: RedisKeys, base_url: str) -> str:
@@ -416,17 +450,18 @@ def templates() -> jinja2.Environment:
 
 
 def create_ops_app(
-    settings: Settings, redis: Redis | None = None, failure_delay: float | None = None
+    settings: Settings, redis: Redis | None = None, lockout_seconds: float | None = None
 ) -> web.Application:
-    """The console's aiohttp application (`redis`: a client to use instead of one made from settings)."""
+    """The console's aiohttp application (`redis`: a client to use instead of one made from settings;
+    `lockout_seconds`: instead of SIGN_IN_LOCKOUT_SECONDS)."""
     app = web.Application(middlewares=[signed_in], client_max_size=1024 * 1024)
     app[SETTINGS] = settings
     app[KEYS] = RedisKeys(settings.redis_key_prefix, settings.queue_name)
     app[DESTINATION_KEYS] = destination_keys(app[KEYS], [d.name for d in settings.destinations])
     app[AUTH] = (
         Authenticator(settings.ops_token)
-        if failure_delay is None
-        else Authenticator(settings.ops_token, failure_delay)
+        if lockout_seconds is None
+        else Authenticator(settings.ops_token, lockout_seconds)
     )
     app[TEMPLATES] = templates()
     app[REDIS] = redis if redis is not None else sync_redis(settings, timeout=10)

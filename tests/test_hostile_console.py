@@ -1,0 +1,162 @@
+"""Hostile input, round three, against `intergiro-receiver ops` as a real process on real Redis: guessing
+the token is slowed before any token is checked and holds no memory, signing out ends the session on
+the server, `next` and notices cannot be steered from outside, dead-letter actions say exactly what they
+did, and no bytes make the console answer 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from receiver.ops.auth import COOKIE
+from tests.processes import free_port, start_server, stop
+
+TOKEN = "hostile-console-token-0123456789abcdefgh"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@dataclass
+class Console:
+    base: str
+    port: int
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    def rss_kib(self) -> int:
+        """The console process's resident memory."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def raw(self, data: bytes) -> bytes:
+        """Send `data` as it is (bytes no client library would send) and read the whole answer."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=20) as connection:
+            connection.sendall(data)
+            answer = b""
+            while chunk := connection.recv(65536):
+                answer += chunk
+            return answer
+
+
+@pytest.fixture
+def console(redis_url: str, tmp_path: Path) -> Iterator[Console]:
+    """`intergiro-receiver ops` as its own process, on the suite's Redis."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPS_", "HTTP", "NO_PROXY"))}
+    env.update(REDIS_URL=redis_url, OPS_TOKEN=TOKEN, OPS_PORT=str(port), LOG_FORMAT="json")
+    log = tmp_path / "ops.log"
+    process = start_server("ops", port=port, env=env, log=log)
+    yield Console(f"http://127.0.0.1:{port}", port, log, process)
+    stop(process)
+
+
+async def sign_in(session: aiohttp.ClientSession, console: Console) -> tuple[str, str]:
+    """Sign in through the form: (the session cookie, its CSRF token read off a page's form)."""
+    async with session.post(
+        console.base + "/login", data={"token": TOKEN, "next": "/"}, allow_redirects=False
+    ) as answer:
+        assert answer.status == 303, await answer.text()
+        cookie = answer.cookies[COOKIE].value
+    async with session.get(console.base + "/retrying", headers={"Cookie": f"{COOKIE}={cookie}"}) as page:
+        [csrf] = re.findall(r'name="csrf" value="([^"]+)"', await page.text())[:1]
+    return cookie, csrf
+
+
+def with_cookie(cookie: str) -> dict[str, str]:
+    return {"Cookie": f"{COOKIE}={cookie}"}
+
+
+# --- 1. sign-in guessing is slowed before any token is checked, in bounded memory -------------------
+
+
+async def test_after_a_wrong_token_no_token_is_checked_for_a_second_and_sessions_go_on(
+    console: Console,
+) -> None:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+        cookie, _ = await sign_in(session, console)
+        wrong = {"token": "w" * 40, "next": "/"}
+        async with session.post(console.base + "/login", data=wrong, allow_redirects=False) as answer:
+            assert answer.status == 401
+        # the right token right after a wrong one: not looked at, not a session
+        async with session.post(
+            console.base + "/login", data={"token": TOKEN, "next": "/"}, allow_redirects=False
+        ) as answer:
+            assert answer.status == 429 and answer.headers["Retry-After"] == "1", await answer.text()
+            assert COOKIE not in answer.cookies
+        async with session.get(console.base + "/api/overview", headers=BEARER) as answer:
+            assert answer.status == 429 and answer.headers["Retry-After"] == "1"
+            assert (await answer.json())["error"] == "too_many_requests"
+        # a signed-in operator is not locked out meanwhile
+        async with session.get(console.base + "/api/overview", headers=with_cookie(cookie)) as answer:
+            assert answer.status == 200
+        await asyncio.sleep(1.1)  # as Retry-After says
+        async with session.get(console.base + "/api/overview", headers=BEARER) as answer:
+            assert answer.status == 200
+
+
+async def test_a_flood_of_wrong_guesses_checks_one_a_second_and_holds_no_memory(console: Console) -> None:
+    """3,000 wrong guesses sent without waiting (form and bearer): answered at once, almost all 429
+    without being checked; the process holds no more memory for them (one waiting task per guess
+    held about 33 MB and queued them for 50 minutes); the right token then works after Retry-After."""
+    connector = aiohttp.TCPConnector(limit=100)
+    async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as session:
+        before = console.rss_kib()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        async def guess(n: int) -> int:
+            if n % 2:
+                headers = {"Authorization": f"Bearer guess-{n:036d}"}
+                async with session.get(console.base + "/api/overview", headers=headers) as answer:
+                    return answer.status
+            data = {"token": f"guess-{n:036d}", "next": "/"}
+            async with session.post(console.base + "/login", data=data, allow_redirects=False) as answer:
+                return answer.status
+
+        statuses = await asyncio.gather(*(guess(n) for n in range(3000)))
+        elapsed = loop.time() - started
+        grown = console.rss_kib() - before
+        checked = statuses.count(401)
+        assert statuses.count(429) + checked == 3000
+        assert 1 <= checked <= int(elapsed) + 2, (checked, elapsed)  # at most one guess per second
+        print(f"3000 guesses in {elapsed:.1f} s: {checked} checked, RSS +{grown} KiB")
+        assert grown < 8 * 1024, grown
+        await asyncio.sleep(1.1)
+        async with session.get(console.base + "/api/overview", headers=BEARER) as answer:
+            assert answer.status == 200
+    lines = console.log.read_text().count("ops sign-in refused")
+    assert lines == checked  # one line per guess checked; a flood does not flood the log
+
+
+# --- 2. signing out ends the session on the server -----------------------------------------------
+
+
+async def test_signing_out_ends_that_session_on_the_server_and_no_other(console: Console) -> None:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+        leaving, csrf = await sign_in(session, console)
+        staying, _ = await sign_in(session, console)
+        async with session.post(
+            console.base + "/logout", data={"csrf": csrf}, headers=with_cookie(leaving), allow_redirects=False
+        ) as answer:
+            assert answer.status == 303 and answer.headers["Location"] == "/login"
+        # the old cookie, kept or copied, opens nothing any more
+        async with session.get(console.base + "/api/overview", headers=with_cookie(leaving)) as answer:
+            assert answer.status == 401
+        async with session.get(
+            console.base + "/", headers=with_cookie(leaving), allow_redirects=False
+        ) as answer:
+            assert answer.status == 303 and answer.headers["Location"].startswith("/login")
+        async with session.get(console.base + "/api/overview", headers=with_cookie(staying)) as answer:
+            assert answer.status == 200
+    assert "ops signed out" in console.log.read_text()
