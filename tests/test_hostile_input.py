@@ -6,6 +6,7 @@ and the request head and the number of connections are bounded.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jwt
 import pytest
 import redis
@@ -315,3 +317,65 @@ def test_oversized_request_heads_are_refused_and_connections_past_the_limit_answ
     status, answer = served.post(signed(card_order("AfterTheCrowd001"), rsa_key))
     assert status == 200, answer
     assert served.metric("intergiro_connections_refused_total") >= 1
+
+
+# --- Round three. 3: unsigned orders cannot multiply calls to Intergiro -------------------------------
+
+
+async def post_async(
+    served: Served, body: bytes, content_type: str = "application/json"
+) -> tuple[int, bytes]:
+    """POST off the event loop's way (the fake Intergiro the receiver calls runs on this loop)."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            served.base + PATH, data=body, headers={"Content-Type": content_type}
+        ) as answer:
+            return answer.status, await answer.read()
+
+
+def unsigned(order_id: str, created: str = "2024-05-02T10:00:00.000Z") -> bytes:
+    return json.dumps({"id": order_id, "created": created}).encode()
+
+
+async def test_a_flood_of_unsigned_orders_reads_a_days_list_once_and_reuses_its_not_found_answer(
+    serve: Callable[..., Served], redis_url: str, sync_redis: redis.Redis, order_api: Any
+) -> None:
+    """Before: each of 11 posts of an unknown id read the whole 20-page day (220 list reads)."""
+    order_api.state.update(paging="link", page_size=50)
+    order_api.state["orders"] = [
+        card_order(f"Listed{n:010d}", created="2024-05-02T09:00:00.000Z") for n in range(1000)
+    ]
+    served = serve(
+        redis_url, INTERGIRO_VERIFY="local-then-remote", INTERGIRO_API_KEY="test-api-key",
+        INTERGIRO_API_URL=str(order_api.make_url("")).rstrip("/"),
+    )  # fmt: skip
+    flood = await asyncio.gather(*(post_async(served, unsigned(f"Unknown{n:09d}")) for n in range(11)))
+    assert [status for status, _ in flood] == [401] * 11, flood
+    reads = len(order_api.state["requests"])
+    assert reads == 20, reads  # the day read once, to its end, while the others waited for it
+    for n in range(11, 30):  # seconds later: not found in that read, so not found
+        assert (await post_async(served, unsigned(f"Unknown{n:09d}")))[0] == 401
+    assert len(order_api.state["requests"]) == reads
+    # a listed order is never answered from memory: it is read afresh, and queued
+    status, answer = await post_async(served, unsigned("Listed0000000999"))
+    assert status == 200, answer
+    assert len(order_api.state["requests"]) == reads + 20
+    assert stored(sync_redis) != []
+
+
+# --- Round three. 7: an out-of-range date is a 400, never a 500 --------------------------------------
+
+
+async def test_an_unsigned_order_created_on_a_far_future_day_is_answered_400_without_a_call(
+    serve: Callable[..., Served], redis_url: str, order_api: Any
+) -> None:
+    served = serve(
+        redis_url, INTERGIRO_VERIFY="remote", INTERGIRO_API_KEY="test-api-key",
+        INTERGIRO_API_URL=str(order_api.make_url("")).rstrip("/"),
+    )  # fmt: skip
+    for created in ("9999-12-31", "9999-12-31T23:59:59.999Z", "3024-01-01T00:00:00Z"):
+        status, answer = await post_async(served, unsigned("FarFuture0000001", created))
+        assert status == 400, (created, answer)
+        assert "future" in json.loads(answer)["reason"]
+    assert order_api.state["requests"] == []
+    assert "Traceback" not in served.log.read_text()
