@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,3 +161,54 @@ async def test_signing_out_ends_that_session_on_the_server_and_no_other(console:
         async with session.get(console.base + "/api/overview", headers=with_cookie(staying)) as answer:
             assert answer.status == 200
     assert "ops signed out" in console.log.read_text()
+
+
+# --- 8. no bytes make the console answer 500 ------------------------------------------------------
+
+BAD = b"\xe9\xff"
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def form_post(path: bytes, body: bytes, headers: bytes = b"") -> bytes:
+    return (
+        b"POST " + path + b" HTTP/1.1\r\nHost: ops\r\nConnection: close\r\n" + headers
+        + b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: " + str(len(body)).encode()
+        + b"\r\n\r\n" + body
+    )  # fmt: skip
+
+
+def get(path: bytes, headers: bytes = b"") -> bytes:
+    return b"GET " + path + b" HTTP/1.1\r\nHost: ops\r\nConnection: close\r\n" + headers + b"\r\n"
+
+
+def test_unreadable_bytes_in_a_cookie_a_bearer_token_a_form_or_a_query_are_answered_4xx_never_500(
+    console: Console,
+) -> None:
+    """Bytes that are no UTF-8 where a credential goes: refused as a wrong credential (and counted as a
+    failed sign-in where a token was checked), never a 500 and a traceback."""
+    requests = {
+        "bearer": get(b"/api/overview", b"Authorization: Bearer " + BAD + b"\r\n"),
+        "cookie": get(b"/api/overview", b"Cookie: " + COOKIE.encode() + b"=" + BAD + b"\r\n"),
+        "cookie, page": get(b"/", b"Cookie: " + COOKIE.encode() + b"=1." + BAD + b".x\r\n"),
+        "form token": form_post(b"/login", b"token=%E9%FF&next=/"),
+        "raw form token": form_post(b"/login", b"token=" + BAD + b"&next=" + BAD),
+        "next": get(b"/login?next=%E9%FF"),
+        "notice": get(b"/login?notice=%E9%FF%00"),
+    }
+    signed_in = console.raw(form_post(b"/login", b"token=" + TOKEN.encode() + b"&next=/"))
+    [cookie] = re.findall(COOKIE.encode() + rb"=([^;]+);", signed_in)
+    own = b"Cookie: " + COOKIE.encode() + b"=" + cookie + b"\r\n"
+    requests["csrf"] = form_post(b"/logout", b"csrf=%E9%FF", own)
+    requests["raw csrf"] = form_post(b"/logout", b"csrf=" + BAD, own)
+    requests["csrf header"] = form_post(b"/api/dlq/x/purge", b"", own + b"X-CSRF-Token: " + BAD + b"\r\n")
+    for what, request in requests.items():
+        answer = console.raw(request)
+        assert status_of(answer) < 500, (what, answer[:300])
+        if what in ("bearer", "cookie", "form token", "raw form token") or "csrf" in what:
+            assert status_of(answer) in (400, 401, 403), (what, answer[:300])
+        time.sleep(1.05)  # past the sign-in lockout a refused token starts
+    assert "Traceback" not in console.log.read_text()
+    assert console.log.read_text().count("ops sign-in refused") >= 3  # bearer and both form tokens

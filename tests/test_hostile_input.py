@@ -379,3 +379,34 @@ async def test_an_unsigned_order_created_on_a_far_future_day_is_answered_400_wit
         assert "future" in json.loads(answer)["reason"]
     assert order_api.state["requests"] == []
     assert "Traceback" not in served.log.read_text()
+
+
+# --- Round three. 8: no bytes make the receiver answer 500 -------------------------------------------
+
+
+def raw_status(port: int, head: bytes, body: bytes) -> bytes:
+    request = head + b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+    return raw_exchange(port, request)
+
+
+def test_unreadable_bytes_in_the_heads_and_bodies_of_callbacks_are_answered_4xx_never_500(
+    serve: Callable[..., Served], redis_url: str, sync_redis: redis.Redis, rsa_key: Any
+) -> None:
+    served = serve(redis_url)
+    bad = b"\xe9\xff"
+    good = signed(card_order("ReadableBytes001"), rsa_key)
+    start = b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: r\r\n"
+    cases = {
+        "content type": (start + b"Content-Type: application/jwt" + bad + b"\r\n", good),
+        "charset": (start + b"Content-Type: application/json; charset=" + bad + b"\r\n", b"{}"),
+        "request id": (start + b"Content-Type: application/jwt\r\nX-Request-ID: " + bad + b"\r\n", bad),
+        "traceparent": (start + b"Content-Type: application/jwt\r\ntraceparent: 00-" + bad + b"\r\n", bad),
+        "json body": (start + b"Content-Type: application/json\r\n", b'{"id": "' + bad + b'"}'),
+        "token body": (start + b"Content-Type: application/jwt\r\n", good[:20] + bad + good[22:]),
+    }
+    for what, (head, body) in cases.items():
+        answer = raw_status(served.port, head, body)
+        status = int(answer.split(b" ", 2)[1])
+        assert 400 <= status < 500, (what, answer[:300])
+    assert stored(sync_redis) == []
+    assert "Traceback" not in served.log.read_text()

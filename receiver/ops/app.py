@@ -80,6 +80,14 @@ async def in_thread(request: web.Request, work: Callable[..., T], *args: Any) ->
         raise web.HTTPServiceUnavailable(text="redis not reachable", headers={"Retry-After": "5"}) from None
 
 
+async def read_form(request: web.Request) -> Any:
+    """The request's form; 400 when its bytes are not text in its charset (aiohttp raises then)."""
+    try:
+        return await request.post()
+    except (UnicodeDecodeError, LookupError, ValueError):
+        raise web.HTTPBadRequest(text="400: the form is not readable text; nothing was changed") from None
+
+
 # --- sign-in ----------------------------------------------------------------------------------------
 
 
@@ -128,7 +136,7 @@ async def _signed_in(
     if request.method == "POST":
         given = request.headers.get("X-CSRF-Token", "")
         if not given and not api:
-            given = str((await request.post()).get("csrf", ""))
+            given = str((await read_form(request)).get("csrf", ""))
         if not auth.csrf_matches(session, given):
             log.warning(
                 "ops request refused: CSRF token missing or wrong", path=request.path, remote=request.remote
@@ -166,11 +174,15 @@ async def login_page(request: web.Request) -> web.Response:
 
 
 async def login(request: web.Request) -> web.StreamResponse:
-    form = await request.post()
     auth = request.app[AUTH]
-    target = _safe_next(str(form.get("next", "/")))
     if auth.locked_for():  # checked before the token: a guess in the lockout learns nothing
-        return _locked_out(request, page(request, "login.html", next=target, failed=False, locked=True))
+        return _locked_out(request, page(request, "login.html", next="/", failed=False, locked=True))
+    try:
+        form = await read_form(request)
+    except web.HTTPBadRequest:  # a token that is no text is a wrong token
+        auth.refuse(request, "sign-in form")
+        return page(request, "login.html", next="/", failed=True, status=401)
+    target = _safe_next(str(form.get("next", "/")))
     if not auth.token_matches(str(form.get("token", ""))):
         auth.refuse(request, "sign-in form")
         return page(request, "login.html", next=target, failed=True, status=401)
@@ -287,7 +299,7 @@ async def dlq_entry_page(request: web.Request) -> web.Response:
 async def dlq_confirm(request: web.Request) -> web.Response:
     """The confirmation step of every dead-letter action: what will be done to which updates."""
     app = request.app
-    form = await request.post()
+    form = await read_form(request)
     action = str(form.get("action", ""))
     if action not in ACTIONS:
         raise web.HTTPBadRequest(text="action: requeue or purge")
@@ -302,7 +314,7 @@ async def dlq_confirm(request: web.Request) -> web.Response:
 
 
 async def dlq_act(request: web.Request) -> web.StreamResponse:
-    form = await request.post()
+    form = await read_form(request)
     action = str(form.get("action", ""))
     if action not in ACTIONS or form.get("confirm") != "yes":
         raise web.HTTPBadRequest(text="confirm the action first")
