@@ -212,3 +212,41 @@ def test_unreadable_bytes_in_a_cookie_a_bearer_token_a_form_or_a_query_are_answe
         time.sleep(1.05)  # past the sign-in lockout a refused token starts
     assert "Traceback" not in console.log.read_text()
     assert console.log.read_text().count("ops sign-in refused") >= 3  # bearer and both form tokens
+
+
+# --- 4 and 5. `next` and the notice box cannot be steered from a link --------------------------------
+
+
+async def test_sign_in_follows_next_only_to_a_printable_path_of_this_site(console: Console) -> None:
+    """Browsers drop tabs and newlines from a URL: `/\\t/evil.example` is `//evil.example`, another host."""
+    hostile = ["/\t/evil.example/phish", "/\n/evil.example", "/\r/evil.example", "/\x00/evil", "/\\evil.example",
+               "//evil.example", "https://evil.example/", "/ /evil.example", "/\x7f/evil", "/\u2028/evil"]  # fmt: skip
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+        for target in hostile:
+            async with session.get(console.base + "/login", params={"next": target}) as page:
+                assert 'name="next" value="/"' in await page.text(), repr(target)
+            async with session.post(
+                console.base + "/login", data={"token": TOKEN, "next": target}, allow_redirects=False
+            ) as answer:
+                assert answer.headers["Location"] == "/", repr(target)
+        async with session.post(
+            console.base + "/login", data={"token": TOKEN, "next": "/dlq?q=x%2Fy"}, allow_redirects=False
+        ) as answer:
+            assert answer.headers["Location"] == "/dlq?q=x%2Fy"  # a path of this site is kept
+
+
+async def test_the_notice_box_shows_only_the_consoles_own_sentences(console: Console) -> None:
+    phishing = "Your session expired: sign in again at evil.example"
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+        cookie, _ = await sign_in(session, console)
+        for path in ("/login", "/", "/dlq", "/retrying"):
+            for query in ({"notice": phishing}, {"notice": "requeued", "done": phishing, "asked": "1"},
+                          {"notice": "retrying", "id": phishing}):  # fmt: skip
+                async with session.get(
+                    console.base + path, params=query, headers=with_cookie(cookie)
+                ) as page:
+                    text = await page.text()
+                    assert "evil.example" not in text and 'class="notice"' not in text, (path, query)
+        query = {"notice": "requeued", "done": "1", "asked": "2"}
+        async with session.get(console.base + "/dlq", params=query, headers=with_cookie(cookie)) as page:
+            assert "requeued 1 of 2 update(s)" in await page.text()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -165,8 +166,43 @@ def _ended(app: web.Application, session: Session) -> bool:
 
 
 def _safe_next(target: str) -> str:
-    """Only a path of this site (never `//host` or a URL) is followed after sign-in."""
-    return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/"
+    """Only a path of this site is followed after sign-in: printable ASCII (browsers drop a tab or a
+    newline, so `/\t/host` would be `//host`), starting with one `/`, no backslash (read as `/`)."""
+    same_site = (
+        target.startswith("/")
+        and not target.startswith("//")
+        and all(0x21 <= ord(c) <= 0x7E and c != "\\" for c in target)
+    )
+    return target if same_site else "/"
+
+
+# The notices a page shows are the console's own sentences: the URL names one by its code and gives
+# only the numbers and the update id it holds, so a link from outside cannot put its text in the box.
+NOTICES = {
+    "purged": "purged {done} of {asked} update(s)",
+    "requeued": "requeued {done} of {asked} update(s)",
+    "retrying": "{id}: retrying now",
+    "not-retrying": "{id} is not waiting for a retry",
+}
+_NOTICE_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
+_NOTICE_COUNT = re.compile(r"[0-9]{1,7}")
+
+
+def notice_link(path: str, code: str, **values: Any) -> str:
+    """Where an action sends the browser to show its notice `code` (one of NOTICES)."""
+    return f"{path}?{urlencode({'notice': code, **values})}"
+
+
+def notice_text(query: Any) -> str | None:
+    """The notice a page's URL names, in the console's own words; None for any other text."""
+    template = NOTICES.get(str(query.get("notice", "")))
+    if template is None:
+        return None
+    values = {name: str(query.get(name, "")) for name in ("done", "asked", "id")}
+    checks = {"done": _NOTICE_COUNT, "asked": _NOTICE_COUNT, "id": _NOTICE_ID}
+    if any("{" + name + "}" in template and not checks[name].fullmatch(v) for name, v in values.items()):
+        return None
+    return template.format(**values)
 
 
 async def login_page(request: web.Request) -> web.Response:
@@ -242,7 +278,7 @@ def page(request: web.Request, name: str, status: int = 200, **context: Any) -> 
     session = request.get(SESSION)
     csrf = request.app[AUTH].csrf_token(session) if session else ""
     text = request.app[TEMPLATES].get_template(name).render(
-        csrf=csrf, path=request.path, signed_in=session is not None, notice=request.query.get("notice"),
+        csrf=csrf, path=request.path, signed_in=session is not None, notice=notice_text(request.query),
         **context,
     )  # fmt: skip
     return web.Response(text=text, status=status, content_type="text/html")
@@ -320,12 +356,8 @@ async def dlq_act(request: web.Request) -> web.StreamResponse:
         raise web.HTTPBadRequest(text="confirm the action first")
     ids = [str(i) for i in form.getall("id", [])]
     done = await in_thread(request, _act, request, action, ids)
-    notice = (
-        f"{action}d {done} of {len(ids)} update(s)"
-        if action == "purge"
-        else f"requeued {done} of {len(ids)} update(s)"
-    )
-    return see_other("/dlq?" + urlencode({"notice": notice}))
+    code = "purged" if action == "purge" else "requeued"
+    return see_other(notice_link("/dlq", code, done=done, asked=len(ids)))
 
 
 def _act(request: web.Request, action: str, ids: list[str]) -> int:
@@ -367,8 +399,7 @@ async def retrying_page(request: web.Request) -> web.Response:
 async def retry_now_form(request: web.Request) -> web.StreamResponse:
     update_id = request.match_info["id"]
     moved = await in_thread(request, _retry_now, request, update_id)
-    notice = f"{update_id}: retrying now" if moved else f"{update_id} is not waiting for a retry"
-    return see_other("/retrying?" + urlencode({"notice": notice}))
+    return see_other(notice_link("/retrying", "retrying" if moved else "not-retrying", id=update_id))
 
 
 def _retry_now(request: web.Request, update_id: str) -> bool:
