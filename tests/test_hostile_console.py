@@ -12,15 +12,24 @@ import re
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+import redis
 
+from receiver.app import CALLBACK_PATH
 from receiver.ops.auth import COOKIE
+from receiver.rediskeys import RedisKeys
+from receiver.settings import Settings
+from tests.helpers import JWT, card_order, token
 from tests.processes import free_port, start_server, stop
+from tests.sink import Sink, wait_for
+from tests.test_fanout import destinations_env, receiver_for
+from workers.runner import retire_removed_destinations
 
 TOKEN = "hostile-console-token-0123456789abcdefgh"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -51,15 +60,32 @@ class Console:
 
 
 @pytest.fixture
-def console(redis_url: str, tmp_path: Path) -> Iterator[Console]:
+def start_console(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Console]]:
+    """Starts `intergiro-receiver ops` as its own process, on the suite's Redis, with more settings."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(**more: str) -> Console:
+        port = free_port()
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("OPS_", "HTTP", "NO_PROXY", "DESTINATION", "MERCHANT_"))
+        }
+        env.update(REDIS_URL=redis_url, OPS_TOKEN=TOKEN, OPS_PORT=str(port), LOG_FORMAT="json", **more)
+        log = tmp_path / f"ops-{port}.log"
+        process = start_server("ops", port=port, env=env, log=log)
+        started.append(process)
+        return Console(f"http://127.0.0.1:{port}", port, log, process)
+
+    yield start
+    for process in started:
+        stop(process)
+
+
+@pytest.fixture
+def console(start_console: Callable[..., Console]) -> Console:
     """`intergiro-receiver ops` as its own process, on the suite's Redis."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPS_", "HTTP", "NO_PROXY"))}
-    env.update(REDIS_URL=redis_url, OPS_TOKEN=TOKEN, OPS_PORT=str(port), LOG_FORMAT="json")
-    log = tmp_path / "ops.log"
-    process = start_server("ops", port=port, env=env, log=log)
-    yield Console(f"http://127.0.0.1:{port}", port, log, process)
-    stop(process)
+    return start_console()
 
 
 async def sign_in(session: aiohttp.ClientSession, console: Console) -> tuple[str, str]:
@@ -250,3 +276,54 @@ async def test_the_notice_box_shows_only_the_consoles_own_sentences(console: Con
         query = {"notice": "requeued", "done": "1", "asked": "2"}
         async with session.get(console.base + "/dlq", params=query, headers=with_cookie(cookie)) as page:
             assert "requeued 1 of 2 update(s)" in await page.text()
+
+
+# --- 6. a dead-letter action says exactly what it did ------------------------------------------------
+
+
+async def test_purging_or_requeueing_an_update_that_is_not_a_dead_letter_changes_nothing_and_is_404(
+    console: Console, receiver: Any, rsa_key: Any, sync_redis: redis.Redis
+) -> None:
+    """Before: purge answered 404 but deleted the queued update's RQ job (dead-lettered later as
+    "job deleted outside")."""
+    answer = await receiver.post(
+        CALLBACK_PATH, data=token(card_order("StillQueued00001"), rsa_key), headers=JWT
+    )
+    assert answer.status == 200
+    update_id = "StillQueued00001-0-order"
+    before = {key: sync_redis.dump(key) for key in sync_redis.keys("rq:*")}
+    async with aiohttp.ClientSession() as session:
+        for action in ("purge", "requeue"):
+            async with session.post(f"{console.base}/api/dlq/{update_id}/{action}", headers=BEARER) as answer:
+                assert answer.status == 404, action
+                assert "not in the dead-letter queue" in (await answer.json())["reason"]
+    assert {key: sync_redis.dump(key) for key in sync_redis.keys("rq:*")} == before
+    assert sync_redis.exists(f"rq:job:{update_id}")
+
+
+async def test_requeueing_a_dead_letter_for_a_destination_no_longer_configured_is_refused_with_the_reason(
+    start_console: Callable[..., Console], make_receiver: Any, sink: Sink, rsa_key: Any, workers: Any,
+    sync_redis: redis.Redis, redis_url: str,
+) -> None:  # fmt: skip
+    """Before: "requeued", onto a queue no worker serves (`dlq requeue` refused the same)."""
+    both, only_erp = destinations_env(sink, sink), destinations_env(sink)
+    receiver = await receiver_for(make_receiver, both)
+    answer = await receiver.post(
+        CALLBACK_PATH, data=token(card_order("Removed000000001"), rsa_key), headers=JWT
+    )
+    assert answer.status == 200
+    retire_removed_destinations(Settings.from_env({**both, "REDIS_URL": redis_url}, dotenv=False))
+    workers(**only_erp)  # warehouse removed from the configuration: its copy is dead-lettered
+    await wait_for(lambda: sync_redis.hlen(RedisKeys().dead_letters) == 1, what="warehouse's dead letter")
+    dead = "Removed000000001-0-order__warehouse"
+    console = start_console(**only_erp)
+    warehouse_queue = RedisKeys().for_destination("warehouse").rq_queue
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{console.base}/api/dlq/{dead}/requeue", headers=BEARER) as answer:
+            assert answer.status == 409, await answer.text()
+            body = await answer.json()
+            assert body["error"] == "destination_not_configured"
+            assert "warehouse" in body["reason"] and "not requeued" in body["reason"]
+    assert sync_redis.hexists(RedisKeys().dead_letters, dead)
+    assert not sync_redis.exists(warehouse_queue)
+    assert "ops: dead letter not requeued" in console.log.read_text()

@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 from receiver.app import stop_signal
 from receiver.chains import OrderChains
 from receiver.connections import sync_redis
-from receiver.deadletters import DeadLetters
+from receiver.deadletters import DeadLetters, DestinationNotConfigured
 from receiver.errors import CommandError
 from receiver.history import render, trace
 from receiver.logs import log
@@ -181,6 +181,7 @@ def _safe_next(target: str) -> str:
 NOTICES = {
     "purged": "purged {done} of {asked} update(s)",
     "requeued": "requeued {done} of {asked} update(s)",
+    "requeued-some": "requeued {done} of {asked} update(s); {refused} not: their destination is no longer configured",
     "retrying": "{id}: retrying now",
     "not-retrying": "{id} is not waiting for a retry",
 }
@@ -198,8 +199,8 @@ def notice_text(query: Any) -> str | None:
     template = NOTICES.get(str(query.get("notice", "")))
     if template is None:
         return None
-    values = {name: str(query.get(name, "")) for name in ("done", "asked", "id")}
-    checks = {"done": _NOTICE_COUNT, "asked": _NOTICE_COUNT, "id": _NOTICE_ID}
+    checks = {"done": _NOTICE_COUNT, "asked": _NOTICE_COUNT, "refused": _NOTICE_COUNT, "id": _NOTICE_ID}
+    values = {name: str(query.get(name, "")) for name in checks}
     if any("{" + name + "}" in template and not checks[name].fullmatch(v) for name, v in values.items()):
         return None
     return template.format(**values)
@@ -355,18 +356,33 @@ async def dlq_act(request: web.Request) -> web.StreamResponse:
     if action not in ACTIONS or form.get("confirm") != "yes":
         raise web.HTTPBadRequest(text="confirm the action first")
     ids = [str(i) for i in form.getall("id", [])]
-    done = await in_thread(request, _act, request, action, ids)
+    done, refused = await in_thread(request, _act, request, action, ids)
+    if refused:
+        return see_other(
+            notice_link("/dlq", "requeued-some", done=done, asked=len(ids), refused=len(refused))
+        )
     code = "purged" if action == "purge" else "requeued"
     return see_other(notice_link("/dlq", code, done=done, asked=len(ids)))
 
 
-def _act(request: web.Request, action: str, ids: list[str]) -> int:
-    """Requeue or purge each update, logging each one done (the order's history records it too)."""
+def _act(request: web.Request, action: str, ids: list[str]) -> tuple[int, list[str]]:
+    """Requeue or purge each update, logging each one done (the order's history records it too);
+    (how many were done, why each requeue refused was refused). An id that is not a dead letter is
+    left as it is."""
     app = request.app
-    dlq = DeadLetters(app[REDIS], app[KEYS], app[SETTINGS].history_retention_seconds)
+    settings = app[SETTINGS]
+    configured = [d.name for d in settings.destinations]
+    dlq = DeadLetters(app[REDIS], app[KEYS], settings.history_retention_seconds, configured)
     done = 0
+    refused: list[str] = []
     for update_id in ids:
-        if (dlq.requeue if action == "requeue" else dlq.purge)(update_id):
+        try:
+            acted = (dlq.requeue if action == "requeue" else dlq.purge)(update_id)
+        except DestinationNotConfigured as exc:
+            refused.append(str(exc))
+            log.warning("ops: dead letter not requeued", reason=str(exc), update=update_id, via=request[VIA])
+            continue
+        if acted:
             done += 1
             log.info(
                 f"ops: dead letter {action}d",
@@ -375,7 +391,7 @@ def _act(request: web.Request, action: str, ids: list[str]) -> int:
                 via=request[VIA],
                 remote=request.remote,
             )
-    return done
+    return done, refused
 
 
 async def order_page(request: web.Request) -> web.Response:
@@ -435,7 +451,9 @@ async def api_dlq(request: web.Request) -> web.Response:
 def _api_action(action: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def act(request: web.Request) -> web.Response:
         update_id = request.match_info["id"]
-        done = await in_thread(request, _act, request, action, [update_id])
+        done, refused = await in_thread(request, _act, request, action, [update_id])
+        if refused:
+            return api_error(409, "destination_not_configured", refused[0])
         if not done:
             return api_error(404, "not_found", f"{update_id} is not in the dead-letter queue")
         return json_response({"id": update_id, "status": f"{action}d" if action == "purge" else "requeued"})
