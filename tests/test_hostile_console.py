@@ -327,3 +327,25 @@ async def test_requeueing_a_dead_letter_for_a_destination_no_longer_configured_i
     assert sync_redis.hexists(RedisKeys().dead_letters, dead)
     assert not sync_redis.exists(warehouse_queue)
     assert "ops: dead letter not requeued" in console.log.read_text()
+
+
+# --- also noted: behind a TLS-terminating proxy the session cookie is Secure ------------------------
+
+
+async def test_the_session_cookie_is_secure_behind_a_proxy_only_when_its_forwarded_proto_is_trusted(
+    start_console: Callable[..., Console],
+) -> None:
+    forwarded = {"X-Forwarded-Proto": "https"}
+    form = {"token": TOKEN, "next": "/"}
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+        for trust, header, secure in (
+            ("false", forwarded, False),
+            ("true", forwarded, True),
+            ("true", {}, False),
+        ):
+            console = start_console(OPS_TRUST_FORWARDED_PROTO=trust)
+            async with session.post(
+                console.base + "/login", data=form, headers=header, allow_redirects=False
+            ) as answer:
+                assert answer.status == 303
+                assert bool(answer.cookies[COOKIE]["secure"]) is secure, (trust, header)

@@ -228,7 +228,7 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 def _start_session(request: web.Request, response: web.StreamResponse, how: str) -> web.StreamResponse:
     cookie, _ = request.app[AUTH].new_session()
-    set_session_cookie(request, response, cookie)
+    set_session_cookie(request, response, cookie, request.app[SETTINGS].ops_trust_forwarded_proto)
     log.info("ops signed in", how=how, remote=request.remote)
     return response
 

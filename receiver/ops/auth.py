@@ -110,7 +110,20 @@ class Authenticator:
         return str(max(1, math.ceil(self.locked_for())))
 
 
-def set_session_cookie(request: web.Request, response: web.StreamResponse, value: str) -> None:
+def came_over_tls(request: web.Request, trust_forwarded_proto: bool) -> bool:
+    """Whether the browser's request came over TLS: to this process, or (OPS_TRUST_FORWARDED_PROTO) to
+    the proxy in front, as its `X-Forwarded-Proto: https` says. Only a proxy that sets the header itself
+    may be trusted: a client reaching the console directly could send it too (harmless: the cookie then
+    only gets Secure, which a plain-HTTP browser does not send back)."""
+    if request.secure:
+        return True
+    forwarded = request.headers.get("X-Forwarded-Proto", "")
+    return trust_forwarded_proto and forwarded.split(",")[-1].strip().lower() == "https"
+
+
+def set_session_cookie(
+    request: web.Request, response: web.StreamResponse, value: str, trust_forwarded_proto: bool = False
+) -> None:
     response.set_cookie(
         COOKIE,
         value,
@@ -118,5 +131,5 @@ def set_session_cookie(request: web.Request, response: web.StreamResponse, value
         path="/",
         httponly=True,
         samesite="Strict",
-        secure=request.secure,  # over TLS (a proxy in front terminating TLS: see docs/ops-console.md)
+        secure=came_over_tls(request, trust_forwarded_proto),  # see docs/ops-console.md
     )
