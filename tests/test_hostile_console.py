@@ -349,3 +349,22 @@ async def test_the_session_cookie_is_secure_behind_a_proxy_only_when_its_forward
             ) as answer:
                 assert answer.status == 303
                 assert bool(answer.cookies[COOKIE]["secure"]) is secure, (trust, header)
+
+
+# --- also noted: the overview says Error objects are unauthenticated --------------------------------
+
+
+async def test_the_overview_labels_error_objects_as_unauthenticated_notes(
+    console: Console, receiver: Any
+) -> None:
+    posted = {"status": 400, "type": "malformed content", "description": "posted by anyone"}
+    answer = await receiver.post(CALLBACK_PATH, json=posted)
+    assert (await answer.json()) == {"status": "error-noted"}
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+        cookie, _ = await sign_in(session, console)
+        async with session.get(console.base + "/", headers=with_cookie(cookie)) as page:
+            text = await page.text()
+    assert "posted by anyone" in text
+    heading = text.split('<h2 id="error-notes">', 1)[1].split("</p>", 1)[0]
+    assert "Unauthenticated" in heading and "anyone who can reach the callback URL" in heading
+    assert "Intergiro Error objects" not in text
