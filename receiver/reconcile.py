@@ -90,6 +90,8 @@ class Window:
             raise ValueError(f"--start {start!r} --end {end!r}: dates are YYYY-MM-DD") from None
         if window.end < window.start:
             raise ValueError("--end is before --start")
+        if window.end > datetime.now(UTC).date() + timedelta(days=1):  # 9999-12-31 has no day after it
+            raise ValueError(f"--end {end!r} is after tomorrow: no list holds orders created then")
         if len(window.days()) > MAX_WINDOW_DAYS:
             raise ValueError(f"the window is longer than {MAX_WINDOW_DAYS} days; reconcile it in parts")
         return window

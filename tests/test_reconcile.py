@@ -380,7 +380,12 @@ async def test_periodic_mode_needs_an_interval(api_settings: Settings, capsys: A
 
 @pytest.mark.parametrize(
     "argv",
-    [["--since", "2 parsecs"], ["--start", "2024-05-01"], ["--start", "2024-05-03", "--end", "2024-05-01"]],
+    [
+        ["--since", "2 parsecs"],
+        ["--start", "2024-05-01"],
+        ["--start", "2024-05-03", "--end", "2024-05-01"],
+        ["--start", "9999-12-31", "--end", "9999-12-31"],
+    ],
 )
 async def test_a_bad_window_is_refused_with_exit_2(
     api_settings: Settings, argv: list[str], capsys: Any
