@@ -212,14 +212,16 @@ async def login_page(request: web.Request) -> web.Response:
 
 async def login(request: web.Request) -> web.StreamResponse:
     auth = request.app[AUTH]
-    if auth.locked_for():  # checked before the token: a guess in the lockout learns nothing
-        return _locked_out(request, page(request, "login.html", next="/", failed=False, locked=True))
     try:
         form = await read_form(request)
     except web.HTTPBadRequest:  # a token that is no text is a wrong token
+        if auth.locked_for():
+            return _locked_out(request, page(request, "login.html", next="/", failed=False, locked=True))
         auth.refuse(request, "sign-in form")
         return page(request, "login.html", next="/", failed=True, status=401)
     target = _safe_next(str(form.get("next", "/")))
+    if auth.locked_for():  # checked before the token: a guess in the lockout learns nothing
+        return _locked_out(request, page(request, "login.html", next=target, failed=False, locked=True))
     if not auth.token_matches(str(form.get("token", ""))):
         auth.refuse(request, "sign-in form")
         return page(request, "login.html", next=target, failed=True, status=401)
