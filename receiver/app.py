@@ -242,7 +242,9 @@ async def receive_callback(request: web.Request) -> web.Response:
             raise Unavailable("redis not reachable; nothing was stored") from None
     queued: list[str] = []
     if new is None or new:
-        updates = build_updates(order, received_at=received_at, verified_by=verified.verified_by)
+        updates = build_updates(
+            order, received_at=received_at, verified_by=verified.verified_by, repaired=verified.repaired
+        )
         if new is not None:
             updates = [u for u in updates if event_key(u["event"]["sequence"], u["event"]["type"]) in new]
         try:

@@ -1,5 +1,5 @@
 """`intergiro-receiver check`: can this configuration work? It tries what it can (Redis, the verify
-endpoint, the merchant URL, the handler's import) and prints one line per problem, all on stdout in one
+endpoint, the merchant's and every destination's URL and handler) and prints one line per problem, all on stdout in one
 format (`problem: VARIABLE: what is wrong`), and exits 1 if there is any; else one `ok:` line."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from receiver.connections import async_redis, deadline
+from receiver.destinations import MERCHANT, Destination
 from receiver.intergiro_api import new_session, verify_url
 from receiver.settings import Settings
 
@@ -167,41 +168,50 @@ async def check_verify_endpoint(settings: Settings, findings: Findings) -> None:
         )
 
 
-def check_merchant_url(settings: Settings) -> str | None:
-    """HEAD the merchant URL as the workers reach it (proxy, client certificate): any HTTP answer is
-    reachable; returns the problem, or None."""
+def check_destination_url(destination: Destination) -> str | None:
+    """HEAD a destination's URL (the merchant's, MERCHANT_WEBHOOK_URL, or a DESTINATION_<NAME>_URL) as
+    the workers reach it (its proxy, its client certificate): any HTTP answer is reachable; returns the
+    problem, naming the variable, or None."""
     from workers.merchant_http import AnswerError, ConnectionOptions, MerchantConnection
 
+    name = destination_variable(destination.name, "URL")
+    timeout = destination_variable(destination.name, "TIMEOUT_SECONDS")
+    d = destination
     try:
         connection = MerchantConnection(
-            settings.merchant_webhook_url,
-            settings.delivery_timeout_seconds,
-            ConnectionOptions.from_settings(settings),
+            d.url,
+            d.timeout_seconds,
+            ConnectionOptions(d.http_proxy, d.https_proxy, d.no_proxy, d.tls_client_cert, d.tls_client_key),
         )
     except ValueError as exc:
-        return f"MERCHANT_WEBHOOK_URL: {exc}"
+        return f"{name}: {exc}"
     try:
         connection.reach()
     except AnswerError:
         return None  # it answered, if not in good HTTP: reachable, the workers will say more
     except TimeoutError:
-        return (
-            f"MERCHANT_WEBHOOK_URL: {connection.redacted_url} did not answer within "
-            f"{settings.delivery_timeout_seconds:g} s (DELIVERY_TIMEOUT_SECONDS)"
-        )
+        return f"{name}: {connection.redacted_url} did not answer within {d.timeout_seconds:g} s ({timeout})"
     except OSError as exc:
-        return f"MERCHANT_WEBHOOK_URL: cannot reach {connection.redacted_url}: {exc}"
+        return f"{name}: cannot reach {connection.redacted_url}: {exc}"
     return None
 
 
-def check_handler(path: str) -> str | None:
+def destination_variable(destination: str, name: str) -> str:
+    """The setting a destination's `name` comes from: MERCHANT_WEBHOOK_URL, DESTINATION_ERP_URL, ..."""
+    if destination == MERCHANT:
+        merchant = {"URL": "MERCHANT_WEBHOOK_URL", "HANDLER": "MERCHANT_HANDLER"}
+        return merchant.get(name, f"DELIVERY_{name}")
+    return f"DESTINATION_{destination.upper().replace('-', '_')}_{name}"
+
+
+def check_handler(path: str, variable: str = "MERCHANT_HANDLER") -> str | None:
     module_name, _, function_name = path.partition(":")
     try:
         function = getattr(importlib.import_module(module_name), function_name)
     except Exception as exc:  # whatever importing the merchant's module raises
-        return f"MERCHANT_HANDLER: cannot import {path}: {type(exc).__name__}: {exc}"
+        return f"{variable}: cannot import {path}: {type(exc).__name__}: {exc}"
     if not callable(function):
-        return f"MERCHANT_HANDLER: {path} is not callable"
+        return f"{variable}: {path} is not callable"
     return None
 
 
@@ -219,14 +229,15 @@ async def find_problems(settings: Settings) -> Findings:
             "MERCHANT_WEBHOOK_URL or MERCHANT_HANDLER: set at least one (or DESTINATIONS), or workers have "
             "nowhere to deliver"
         )
-    if settings.merchant_webhook_url:
-        problem = await asyncio.to_thread(check_merchant_url, settings)
-        if problem:
-            findings.problems.append(problem)
-    if settings.merchant_handler:
-        problem = check_handler(settings.merchant_handler)
-        if problem:
-            findings.problems.append(problem)
+    for destination in settings.destinations:  # the merchant's and every DESTINATIONS entry's
+        if destination.url:
+            problem = await asyncio.to_thread(check_destination_url, destination)
+            if problem:
+                findings.problems.append(problem)
+        if destination.handler:
+            problem = check_handler(destination.handler, destination_variable(destination.name, "HANDLER"))
+            if problem:
+                findings.problems.append(problem)
     return findings
 
 

@@ -11,10 +11,12 @@ id (see receiver.chains.REQUEUE), so it is delivered again, after whatever is it
 from __future__ import annotations
 
 import argparse
+from collections.abc import Collection
 from typing import Any
 
 import orjson
 from redis import Redis
+from redis.exceptions import WatchError
 
 from receiver.chains import OrderChains
 from receiver.clock import utc_now
@@ -28,11 +30,33 @@ from receiver.rqstore import update_json
 from receiver.settings import Settings
 
 
+class DestinationNotConfigured(Exception):
+    """A dead letter for a destination no longer configured: requeued, no worker would deliver it."""
+
+    def __init__(self, update_id: str, destination: str) -> None:
+        super().__init__(
+            f"{update_id} is for destination {destination!r}, no longer configured; not requeued"
+        )
+        self.destination = destination
+
+
+# How many times purge reads an entry again when the dead-letter queue changed under it.
+PURGE_ATTEMPTS = 5
+
+
 class DeadLetters:
-    def __init__(self, redis: Redis, keys: RedisKeys, history_ttl: int = 0) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: RedisKeys,
+        history_ttl: int = 0,
+        configured: Collection[str] | None = None,
+    ) -> None:
+        """`configured`: the destinations configured now; when given, `requeue` refuses the others."""
         self.redis = redis
         self.keys = keys
         self.history_ttl = history_ttl
+        self.configured = None if configured is None else frozenset(configured)
 
     def entries(self, destination: str | None = None) -> list[dict[str, Any]]:
         """Every entry (of `destination`, when given), oldest dead-lettered first."""
@@ -59,34 +83,50 @@ class DeadLetters:
         )
 
     def requeue(self, update_id: str) -> bool:
-        """Back through delivery, same id, through its order's chain; False when not dead-lettered."""
+        """Back through delivery, same id, through its order's chain; False when not dead-lettered;
+        DestinationNotConfigured (and nothing changed) when its destination is no longer configured."""
         entry = self.get(update_id)
         if entry is None:
             return False
+        destination = entry.get("destination", MERCHANT)
+        if self.configured is not None and destination not in self.configured:
+            raise DestinationNotConfigured(update_id, destination)
         update = entry["update"]
         return OrderChains(self.redis, self._keys(entry), self.history_ttl).requeue(
             update, update_json(update)
         )
 
     def purge(self, update_id: str) -> bool:
-        """Forget the update, and its job in RQ's FailedJobRegistry, in one step (the order's history
-        keeps that it was purged)."""
-        entry = self.get(update_id)
-        own = self.keys if entry is None else self._keys(entry)
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hdel(self.keys.dead_letters, update_id)
-            pipe.zrem(own.rq_failed, update_id)
-            pipe.delete(self.keys.rq_job(update_id))
-            if entry is not None and self.history_ttl:
-                history = self.keys.history(entry["order_id"])
-                short = short_id(entry["update"]["id"], entry["order_id"])
-                pipe.rpush(
-                    history,
-                    history_entry("purge", utc_now(), update=short, destination=entry.get("destination")),
-                )
-                pipe.expire(history, self.history_ttl)
-            removed = pipe.execute()[0]
-        return bool(removed)
+        """Forget the dead letter, and its job in RQ's FailedJobRegistry, in one step (the order's
+        history keeps that it was purged); False, and nothing changed, when it is not a dead letter
+        (an update still queued or retrying keeps its job). The entry is read and removed under WATCH:
+        one requeued meanwhile is not purged."""
+        for _ in range(PURGE_ATTEMPTS):
+            with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(self.keys.dead_letters)  # type: ignore[no-untyped-call]
+                    raw = pipe.hget(self.keys.dead_letters, update_id)
+                    if raw is None:
+                        return False
+                    entry = orjson.loads(raw)
+                    pipe.multi()
+                    pipe.hdel(self.keys.dead_letters, update_id)
+                    pipe.zrem(self._keys(entry).rq_failed, update_id)
+                    pipe.delete(self.keys.rq_job(update_id))
+                    if self.history_ttl:
+                        history = self.keys.history(entry["order_id"])
+                        short = short_id(entry["update"]["id"], entry["order_id"])
+                        pipe.rpush(
+                            history,
+                            history_entry(
+                                "purge", utc_now(), update=short, destination=entry.get("destination")
+                            ),
+                        )
+                        pipe.expire(history, self.history_ttl)
+                    return bool(pipe.execute()[0])
+                except WatchError:
+                    continue
+        raise WatchError(f"the dead-letter queue kept changing while purging {update_id}")
 
 
 def run_dlq_command(settings: Settings, args: argparse.Namespace) -> int:

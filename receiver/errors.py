@@ -18,8 +18,10 @@ Every exception class of the product, where it is defined, and what it becomes:
      |    +-- PermanentDeliveryError: dead-lettered at once
      +-- DeadLettered, TargetNotConfigured .. workers.delivery
      +-- AnswerError ............. workers.merchant_http: a merchant answer that cannot be read
+     +-- DestinationNotConfigured  receiver.deadletters: a requeue refused (409 in the ops API)
     ValueError
-     +-- DuplicateKey, Unrepresentable .. receiver.verify: JSON the product refuses to read
+     +-- DuplicateKey, Unrepresentable .. receiver.verify: JSON the product refuses to read (a trusted
+     |                                    order's lone surrogates and huge numbers are repaired instead)
      +-- StatusError ............. receiver.status: amounts Intergiro's model cannot compute
     redis.exceptions.RedisError
      +-- NotReplicated ........... receiver.intake: stored, but not yet on REDIS_MIN_REPLICAS replicas

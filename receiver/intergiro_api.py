@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from datetime import date, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -26,7 +28,15 @@ from receiver.errors import BadCallback, NotTrusted, Unavailable, clip
 from receiver.logs import log
 from receiver.retry_after import parse_retry_after
 from receiver.settings import Settings
-from receiver.verify import Unrepresentable, Verified, check_claims, strict_json, unverified_claims
+from receiver.verify import (
+    Unrepresentable,
+    Verified,
+    check_claims,
+    read_trusted,
+    repair_unwritable,
+    strict_json,
+    unverified_claims,
+)
 
 VERIFY_PATH = "/v1/worker-order/order/verify"
 ORDER_LIST_PATH = "/v1/order"
@@ -40,8 +50,17 @@ PAGE_NEXT_FIELDS = ("next", "continuation", "cursor")
 MAX_PAGES_PER_DAY = 10_000
 # Pages of its creation day read to confirm one unsigned JSON order before the receiver gives up (503).
 MAX_CONFIRM_PAGES = 100
+# Confirming unsigned JSON orders (which anyone can post) is bounded: one read of a day's list at a time
+# per process, and an id not in a complete read of its day that ended less than this long ago is not
+# found without asking again (a negative answer only: a listed order is always read afresh). At most
+# CONFIRM_DAYS_REMEMBERED days' ids are kept, and at most INTERGIRO_API_CONCURRENCY unsigned orders wait
+# for one day's read (past that: 503 at once).
+CONFIRM_NOT_FOUND_SECONDS = 10.0
+CONFIRM_DAYS_REMEMBERED = 8
 RETRY_STATUSES = frozenset({408, 429})
 _ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Twenty digits or more not part of a fraction or an exponent: perhaps an integer beyond 64 bits.
+_LONG_INTEGER = re.compile(rb"(?<![.\deE+-])-?\d{20,}(?![.\deE])")
 
 
 class ApiFailed(Exception):
@@ -160,15 +179,18 @@ class OrderApi:
         raise ApiFailed(f"the order list of {day} has more than {MAX_PAGES_PER_DAY} pages")
 
     async def find(
-        self, order_id: str, day: date, max_pages: int = MAX_CONFIRM_PAGES
+        self, order_id: str, day: date, max_pages: int = MAX_CONFIRM_PAGES, listed: set[str] | None = None
     ) -> dict[str, Any] | None:
-        """The order `order_id` as the list of `day` holds it; None when it is not there."""
+        """The order `order_id` as the list of `day` holds it; None when it is not there (then
+        `listed`, when given, holds the id of every order the list holds)."""
         read = 0
         async with contextlib.aclosing(self.pages(day)) as pages:
             async for page in pages:
                 for raw in page:
                     if isinstance(raw, dict) and raw.get("id") == order_id:
                         return raw
+                    if listed is not None and (listed_id := order_id_of(raw)) is not None:
+                        listed.add(listed_id)
                 read += 1
                 if read >= max_pages:
                     raise ApiFailed(f"order not found in the first {max_pages} pages of {day}")
@@ -199,10 +221,13 @@ class OrderApi:
         """orjson, or the standard library for the JSON orjson refuses (a lone surrogate, an integer
         beyond 64 bits): one such order must not make the whole page unreadable."""
         try:
-            return orjson.loads(raw)
+            value = orjson.loads(raw)
         except orjson.JSONDecodeError:
             pass
-        try:  # what no update can carry (NaN too) is left for each order's own check: check_writable
+        else:  # orjson reads an integer beyond 64 bits as a float: such a page is read exactly
+            if _LONG_INTEGER.search(raw) is None:
+                return value
+        try:  # what no update can carry (NaN too) is left for each order's own repair_unwritable
             return strict_json(raw, writable=False)
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise ApiFailed(f"GET {ORDER_LIST_PATH} did not answer JSON") from None
@@ -242,6 +267,21 @@ class OrderApi:
         raise ApiFailed(f"GET {ORDER_LIST_PATH} failed after {self.retry.attempts} attempts ({problem})")
 
 
+@dataclass
+class _DayList:
+    """What the receiver knows of one day's order list while confirming unsigned orders: the one read
+    of it at a time, who waits for it, and the ids of its last complete read."""
+
+    reading: asyncio.Lock = field(default_factory=asyncio.Lock)
+    waiting: int = 0
+    listed: frozenset[str] = frozenset()
+    read_at: float = -math.inf
+
+    def not_listed(self, order_id: str, now: float) -> bool:
+        """Whether a complete read less than CONFIRM_NOT_FOUND_SECONDS old did not hold `order_id`."""
+        return now - self.read_at < CONFIRM_NOT_FOUND_SECONDS and order_id not in self.listed
+
+
 class IntergiroApi:
     """The receiver's client of Intergiro's API: its own bounded connection pool, and a cap on calls
     in flight (beyond it a callback is answered 503 at once rather than queued behind a flood)."""
@@ -255,6 +295,7 @@ class IntergiroApi:
         self.headers = {"Accept": "application/json", "Authorization": f"Bearer {settings.intergiro_api_key}"}
         self.timeout_seconds = settings.intergiro_api_timeout_seconds
         self.orders = OrderApi(self.session, settings, NO_RETRY)  # Intergiro retries the callback itself
+        self._days: dict[date, _DayList] = {}
 
     async def close(self) -> None:
         await self.session.close()
@@ -281,7 +322,7 @@ class IntergiroApi:
             raise BadCallback("token payload has no order id")
         check_claims(claims, self.settings.expected_audience)
         with self._slot():
-            order = await self._post_verify(token)
+            order, repaired = await self._post_verify(token)
         answered_id = order.get("id")
         if answered_id != claimed_id:
             log.warning(
@@ -290,9 +331,28 @@ class IntergiroApi:
                 answered_order=clip(str(answered_id), 80),
             )
             raise NotTrusted("the verified order is not the token's order")
-        return Verified(order=order, verified_by="remote")
+        return Verified(order=order, verified_by="remote", repaired=repaired)
 
-    async def _post_verify(self, token: bytes) -> dict[str, Any]:
+    @staticmethod
+    def _not_listed(order_id: str, day: date) -> NotTrusted:
+        log.warning("unsigned order not in Intergiro's order list", order=order_id, day=day.isoformat())
+        return NotTrusted("Intergiro's order list does not hold this order")
+
+    def _day_list(self, day: date) -> _DayList:
+        """The day's list state; days neither read nor waited for are forgotten, oldest first, past
+        CONFIRM_DAYS_REMEMBERED (the others are at most one per call to Intergiro in flight)."""
+        known = self._days.get(day)
+        if known is not None:
+            return known
+        if len(self._days) >= CONFIRM_DAYS_REMEMBERED:
+            idle = [d for d, state in self._days.items() if not state.waiting]
+            for old in idle[: len(self._days) - CONFIRM_DAYS_REMEMBERED + 1]:
+                del self._days[old]
+        self._days[day] = _DayList()
+        return self._days[day]
+
+    async def _post_verify(self, token: bytes) -> tuple[dict[str, Any], tuple[str, ...]]:
+        """The order Intergiro's verify endpoint answers for `token`, and its places repaired."""
         headers = {**self.headers, "Content-Type": "application/jwt"}
         try:
             async with self.session.post(
@@ -321,18 +381,19 @@ class IntergiroApi:
         except (TimeoutError, aiohttp.ClientError, OSError):
             raise Unavailable("verify endpoint not reachable") from None
         try:
-            order = strict_json(text)
+            order, repaired = read_trusted(text)
         except Unrepresentable as exc:  # Intergiro's own order, which no update could carry
             raise BadCallback(f"verified order: {exc}") from None
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise Unavailable("verify endpoint answered something that is not JSON") from None
         if not isinstance(order, dict):
             raise Unavailable("verify endpoint answered something that is not an order")
-        return order
+        return order, repaired
 
     async def confirm_order(self, unsigned: Any) -> Verified:
         """An unsigned JSON order, confirmed by Intergiro's order list of its creation day (as
-        reconcile reads it): what is trusted, and queued, is the API's order, never the body."""
+        reconcile reads it): what is trusted, and queued, is the API's order, never the body. Anyone
+        can post one, so the reads are bounded (see CONFIRM_NOT_FOUND_SECONDS)."""
         order_id = order_id_of(unsigned)
         created = unsigned.get("created") if isinstance(unsigned, dict) else None
         if order_id is None:
@@ -343,19 +404,37 @@ class IntergiroApi:
             day = None
         if day is None:
             raise BadCallback("order has no creation date (created)")
-        with self._slot():
-            try:
-                async with asyncio.timeout(self.timeout_seconds):
-                    order = await self.orders.find(order_id, day)
-            except ApiRefused as exc:
-                log.error("order list refused INTERGIRO_API_KEY", problem=str(exc))
-                raise Unavailable("order list not readable") from None
-            except ApiFailed as exc:
-                log.warning("order list not readable", problem=str(exc))
-                raise Unavailable("order list not readable") from None
-            except TimeoutError:
-                raise Unavailable("order list not readable in time") from None
+        if day > datetime.now(UTC).date() + timedelta(days=1):  # no list holds it (9999-12-31 included)
+            raise BadCallback("order creation date (created) is in the future")
+        day_list = self._day_list(day)
+        if day_list.not_listed(order_id, time.monotonic()):
+            raise self._not_listed(order_id, day)
+        if day_list.waiting >= self.concurrency:
+            raise Unavailable(f"{self.concurrency} unsigned orders wait for the order list of that day")
+        day_list.waiting += 1
+        try:
+            async with asyncio.timeout(self.timeout_seconds), day_list.reading:
+                if day_list.not_listed(order_id, time.monotonic()):  # read while this one waited
+                    raise self._not_listed(order_id, day)
+                listed: set[str] = set()
+                with self._slot():
+                    order = await self.orders.find(order_id, day, listed=listed)
+                if order is None:
+                    day_list.listed, day_list.read_at = frozenset(listed), time.monotonic()
+        except ApiRefused as exc:
+            log.error("order list refused INTERGIRO_API_KEY", problem=str(exc))
+            raise Unavailable("order list not readable") from None
+        except ApiFailed as exc:
+            log.warning("order list not readable", problem=str(exc))
+            raise Unavailable("order list not readable") from None
+        except TimeoutError:
+            raise Unavailable("order list not readable in time") from None
+        finally:
+            day_list.waiting -= 1
         if order is None:
-            log.warning("unsigned order not in Intergiro's order list", order=order_id, day=day.isoformat())
-            raise NotTrusted("Intergiro's order list does not hold this order")
-        return Verified(order=order, verified_by="remote")
+            raise self._not_listed(order_id, day)
+        try:
+            order, repaired = repair_unwritable(order)
+        except Unrepresentable as exc:  # Intergiro's own order, which no update could carry
+            raise BadCallback(f"listed order: {exc}") from None
+        return Verified(order=order, verified_by="remote", repaired=repaired)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -342,8 +342,12 @@ def _event(event: Mapping[str, Any], sequence: int) -> dict[str, Any]:
     return _EVENT.carry(event, {"type": event["type"], "date": event["date"], "sequence": sequence}, sequence)
 
 
-def build_updates(order: Mapping[str, Any], *, received_at: str, verified_by: str) -> list[dict[str, Any]]:
-    """One order-status update per event of a parsed order (one `created` update when it has none)."""
+def build_updates(
+    order: Mapping[str, Any], *, received_at: str, verified_by: str, repaired: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """One order-status update per event of a parsed order (one `created` update when it has none);
+    `repaired`: the places of the order whose value was repaired to be carried (`receiver.verify.
+    repair_unwritable`), named in every update as `repaired`."""
     try:
         history, amount = history_and_amount(order)
     except (StatusError, ArithmeticError) as exc:
@@ -379,6 +383,8 @@ def build_updates(order: Mapping[str, Any], *, received_at: str, verified_by: st
         "received_at": received_at,
         "verified_by": verified_by,
     }
+    if repaired:
+        base["repaired"] = list(repaired)
     events = order.get("event") or []
     if not events:
         places = minor_units(order["currency"])

@@ -39,7 +39,7 @@ from receiver.order import build_updates, event_key, parse_order
 from receiver.rediskeys import RedisKeys
 from receiver.rqstore import job_data
 from receiver.settings import Settings
-from receiver.verify import Unrepresentable, check_writable
+from receiver.verify import Unrepresentable, repair_unwritable
 
 MAX_WINDOW_DAYS = 400
 LOCK_TTL_MS = 60_000
@@ -90,6 +90,8 @@ class Window:
             raise ValueError(f"--start {start!r} --end {end!r}: dates are YYYY-MM-DD") from None
         if window.end < window.start:
             raise ValueError("--end is before --start")
+        if window.end > datetime.now(UTC).date() + timedelta(days=1):  # 9999-12-31 has no day after it
+            raise ValueError(f"--end {end!r} is after tomorrow: no list holds orders created then")
         if len(window.days()) > MAX_WINDOW_DAYS:
             raise ValueError(f"the window is longer than {MAX_WINDOW_DAYS} days; reconcile it in parts")
         return window
@@ -206,8 +208,10 @@ class Reconciler:
         received_at = utc_now()
         order_id = order_id_of(raw)
         try:
-            check_writable(raw)
-            updates = build_updates(parse_order(raw), received_at=received_at, verified_by="api")
+            order, repaired = repair_unwritable(raw)  # a lone surrogate, a huge integer: queued, repaired
+            updates = build_updates(
+                parse_order(order), received_at=received_at, verified_by="api", repaired=repaired
+            )
             if self.dry_run:
                 for update in updates:
                     job_data(update)  # what a real run would write: skipped alike when it cannot be

@@ -108,6 +108,10 @@ class RedisKeys:
         """A one-time sign-in link of the ops console (made by `dev`), deleted when used or expired."""
         return f"{self.prefix}ops:sign-in:{nonce}"
 
+    def ops_session_ended(self, nonce: str) -> str:
+        """An ops console session ended by signing out, kept until the session would have expired."""
+        return f"{self.prefix}ops:session-ended:{nonce}"
+
     @property
     def metrics(self) -> str:
         """Hash of metrics shared by every process (see receiver.metrics)."""

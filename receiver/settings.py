@@ -79,6 +79,7 @@ class Settings:
     ops_host: str = "127.0.0.1"
     ops_port: int = 8081
     ops_token: str = field(default="", repr=False)
+    ops_trust_forwarded_proto: bool = False
     log_format: str = "json"
     log_level: str = "INFO"
 
@@ -262,6 +263,9 @@ class _Reader:
             ops_host=self.get("OPS_HOST", d.ops_host, str),
             ops_port=self.get("OPS_PORT", d.ops_port, _int_between(1, 65535)),
             ops_token=self.get("OPS_TOKEN", d.ops_token, _ops_token),
+            ops_trust_forwarded_proto=self.get(
+                "OPS_TRUST_FORWARDED_PROTO", d.ops_trust_forwarded_proto, _yes_or_no
+            ),
             log_format=self.get("LOG_FORMAT", d.log_format, _choice(LOG_FORMATS)),
             log_level=self.get("LOG_LEVEL", d.log_level, _log_level),
         )
@@ -570,6 +574,13 @@ def _keys(raw: str) -> tuple[TrustedKey, ...]:
 
 
 OPS_TOKEN_MIN_CHARS = 32
+
+
+def _yes_or_no(raw: str) -> bool:
+    answer = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(raw.lower())
+    if answer is None:
+        raise ValueError(f"use true or false, not {raw!r}")
+    return answer
 
 
 def _ops_token(raw: str) -> str:

@@ -15,6 +15,7 @@ import binascii
 import functools
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,10 +48,12 @@ _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 @dataclass(frozen=True)
 class Verified:
-    """A trusted order and who vouched for it (`local:<key name>` or `remote`)."""
+    """A trusted order and who vouched for it (`local:<key name>` or `remote`); `repaired`: the places
+    of the order whose value no update could carry as sent (see `repair_unwritable`)."""
 
     order: dict[str, Any]
     verified_by: str
+    repaired: tuple[str, ...] = ()
 
 
 class DuplicateKey(ValueError):
@@ -102,8 +105,9 @@ def strict_json(data: bytes | str, *, writable: bool = True) -> Any:
     value = json.loads(
         data,
         object_pairs_hook=_reject_duplicate_keys,
-        parse_constant=_NotFinite,
+        parse_constant=_not_json,
         parse_float=_finite_float,
+        parse_int=_integer,
     )
     if writable:
         check_writable(value)
@@ -126,12 +130,18 @@ class Unrepresentable(ValueError):
 
 class _NotFinite:
     """A number the standard library would read as NaN or an infinity, kept as its text until the
-    place that holds it is named (orjson writes no object of this class)."""
+    place that holds it is named (orjson writes no object of this class). `json_number`: whether
+    the text is a JSON number (`1e400`), not a literal JSON has no place for (`NaN`, `Infinity`)."""
 
-    __slots__ = ("text",)
+    __slots__ = ("json_number", "text")
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, json_number: bool = True) -> None:
         self.text = text
+        self.json_number = json_number
+
+
+def _not_json(text: str) -> _NotFinite:
+    return _NotFinite(text, json_number=False)
 
 
 def _finite_float(text: str) -> float | _NotFinite:
@@ -139,7 +149,26 @@ def _finite_float(text: str) -> float | _NotFinite:
     return value if math.isfinite(value) else _NotFinite(text)
 
 
+# Python refuses to read an integer of more than 4,300 digits (CVE-2020-10735): such a number is
+# kept as its text, which only `repair_unwritable` turns into a string.
+_MAX_INT_DIGITS = 4300
+
+
+def _integer(text: str) -> int | _BigInteger:
+    return int(text) if len(text) <= _MAX_INT_DIGITS else _BigInteger(text)
+
+
+class _BigInteger:
+    """The text of an integer too long for `int` to read (far beyond 64 bits)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
 _INT64_LOW, _UINT64_HIGH = -(2**63), 2**64 - 1
+MAX_PLACE_CHARS = 200  # a place named in an answer or an update is cut to this
 _WRITABLE_DEPTH = 254  # orjson's limit
 
 
@@ -147,7 +176,9 @@ def _problem(value: Any) -> str | None:
     """What makes a scalar unwritable, or None."""
     if isinstance(value, _NotFinite):
         return f"holds the number {value.text[:20]}, which is not finite"
-    if isinstance(value, int) and not isinstance(value, bool) and not _INT64_LOW <= value <= _UINT64_HIGH:
+    if isinstance(value, _BigInteger) or (
+        isinstance(value, int) and not isinstance(value, bool) and not _INT64_LOW <= value <= _UINT64_HIGH
+    ):
         return "holds an integer beyond 64 bits"
     if isinstance(value, str):
         try:
@@ -177,6 +208,87 @@ def _unrepresentable_place(value: Any) -> str:
             if problem is not None:
                 return f"{place or 'the value'} {problem}"
     return "the value cannot be written as JSON"
+
+
+# What a trusted order's value that no update can carry becomes (`repair_unwritable`): a lone surrogate
+# U+FFFD, the replacement character (the half of a character it is stands for nothing on its own); an
+# integer beyond 64 bits or a JSON number beyond a double (`1e400`) the string of its digits, as sent.
+REPLACEMENT_CHARACTER = "\ufffd"
+MAX_REPAIRED_PLACES = 20
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _repaired_scalar(value: Any) -> Any:
+    """The writable form of a scalar `_problem` finds fault with; Unrepresentable for what JSON has no
+    place for (`NaN`, `Infinity`), which no signer of JSON writes."""
+    if isinstance(value, str):
+        return _SURROGATE.sub(REPLACEMENT_CHARACTER, value)
+    if isinstance(value, _NotFinite):
+        if not value.json_number:
+            raise Unrepresentable(str(_problem(value)))
+        return value.text
+    if isinstance(value, _BigInteger):
+        return value.text
+    return str(value)  # an int beyond 64 bits
+
+
+def repair_unwritable(value: Any) -> tuple[Any, tuple[str, ...]]:
+    """A trusted value (a signed or listed order, read with `strict_json(writable=False)`) in a form
+    every update can carry, and the places repaired (the first MAX_REPAIRED_PLACES, as
+    `customer.name`, `meta.ids[2]`; a key as `meta.<repaired key> (key)`): lone surrogates become
+    U+FFFD, integers beyond 64 bits and numbers beyond a double the string of their digits. A
+    repaired key that another key of its object already spells gets one more U+FFFD, so no value is
+    dropped. Raises Unrepresentable (naming the place) for `NaN`, `Infinity` or nesting deeper than
+    any update is written. A value that needs no repair is returned as it is."""
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        pass
+    else:
+        return value, ()
+    places: list[str] = []
+
+    def note(place: str) -> None:
+        if len(places) < MAX_REPAIRED_PLACES:
+            places.append(place[:MAX_PLACE_CHARS])
+
+    def repaired(item: Any, place: str, depth: int) -> Any:
+        if isinstance(item, dict | list) and depth >= _WRITABLE_DEPTH:
+            raise Unrepresentable(f"{place or 'the value'} is nested too deeply")
+        if isinstance(item, dict):
+            result: dict[str, Any] = {}
+            for key, child in item.items():
+                name = key
+                if _problem(key) is not None:
+                    name = _repaired_scalar(key)
+                    while name in item or name in result:
+                        name += REPLACEMENT_CHARACTER
+                    note(f"{place}.{name} (key)" if place else f"{name} (key)")
+                inner = f"{place}.{name}" if place else str(name)
+                result[name] = repaired(child, inner, depth + 1)
+            return result
+        if isinstance(item, list):
+            return [repaired(child, f"{place}[{i}]", depth + 1) for i, child in enumerate(item)]
+        if _problem(item) is None:
+            return item
+        try:
+            fixed = _repaired_scalar(item)
+        except Unrepresentable as exc:
+            raise Unrepresentable(f"{place or 'the value'} {exc}") from None
+        note(place or "the value")
+        return fixed
+
+    return repaired(value, "", 0), tuple(places)
+
+
+def read_trusted(data: bytes | str) -> tuple[Any, tuple[str, ...]]:
+    """JSON from a source we trust (a signed payload, Intergiro's API) as `strict_json` reads it, with
+    what no update could carry repaired (`repair_unwritable`), and the places repaired; Unrepresentable
+    only for `NaN`, `Infinity` or nesting deeper than any update is written."""
+    try:
+        return strict_json(data), ()
+    except Unrepresentable:
+        return repair_unwritable(strict_json(data, writable=False))
 
 
 def _base64url_decode(segment: bytes) -> bytes:
@@ -329,7 +441,7 @@ def verify_local(token: bytes, keys: Sequence[TrustedKey], audience: str) -> Ver
         if not _signature_matches(key, signing_input, signature):
             continue
         try:
-            claims = strict_json(payload)
+            claims, repaired = read_trusted(payload)
         except Unrepresentable as exc:  # signed, so Intergiro's own: refused as content, not as a forgery
             claims = strict_json(payload, writable=False)  # unless its claims make it no token for us
             if isinstance(claims, dict):
@@ -340,7 +452,7 @@ def verify_local(token: bytes, keys: Sequence[TrustedKey], audience: str) -> Ver
         if not isinstance(claims, dict):
             raise NotTrusted("token payload is not a JSON object")
         check_claims(claims, audience)
-        return Verified(order=claims, verified_by=f"local:{key.name}")
+        return Verified(order=claims, verified_by=f"local:{key.name}", repaired=repaired)
     raise NoKeyVerifies("no trusted key verifies the signature")
 
 
@@ -358,7 +470,7 @@ def unverified_claims(token: bytes) -> dict[str, Any]:
         raise BadCallback("body is not a JWS (three base64url segments)") from None
     try:
         decoded = strict_json(header)
-        claims = strict_json(payload)
+        claims = strict_json(payload, writable=False)  # Intergiro's answer is what is stored, repaired
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadCallback("token header or payload is not JSON (or repeats a key)") from None
     if not isinstance(decoded, dict) or not isinstance(claims, dict):

@@ -221,3 +221,22 @@ async def test_a_bare_400_from_the_verify_url_is_not_the_key_accepted(
         problem.startswith("INTERGIRO_API_URL: ")
         and "answered 400 without Intergiro's error object" in problem
     )
+
+
+async def test_every_destinations_url_and_handler_is_tried_each_problem_naming_its_variable(
+    redis_url: str, tmp_path: Path
+) -> None:
+    unreachable = f"http://127.0.0.1:{free_port()}/erp"
+    destinations = {
+        "DESTINATIONS": "erp,books,warehouse",
+        "DESTINATION_ERP_URL": unreachable,
+        "DESTINATION_ERP_SECRET": WEBHOOK["MERCHANT_WEBHOOK_SECRET"],
+        "DESTINATION_BOOKS_HANDLER": "no_such_module_here:handle",
+        "DESTINATION_WAREHOUSE_URL": WEBHOOK["MERCHANT_WEBHOOK_URL"],  # answers: no problem
+        "DESTINATION_WAREHOUSE_SECRET": WEBHOOK["MERCHANT_WEBHOOK_SECRET"],
+    }
+    code, lines = await check(tmp_path, REDIS_URL=redis_url, **WEBHOOK, **destinations)
+    assert code == 1
+    erp, books = problems_of(lines)
+    assert erp.startswith(f"DESTINATION_ERP_URL: cannot reach {unreachable}: "), erp
+    assert books.startswith("DESTINATION_BOOKS_HANDLER: cannot import no_such_module_here:handle"), books

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import orjson
 import pytest
 import redis
 from aiohttp import web
@@ -38,11 +39,14 @@ from receiver.verify import (
     check_claims,
     check_header,
     read_header,
+    read_trusted,
     strict_json,
     verify_local,
 )
 from tests.conftest import pem_public
 from tests.helpers import JSON, JWT, assert_valid_update, card_order, token
+from tests.processes import stop
+from tests.sink import SECRET, Sink, wait_for
 
 PATH = "/callbacks/intergiro"
 CASES: Counter[str] = Counter()
@@ -550,20 +554,44 @@ def test_unwritable_values_and_oversized_strings_in_any_field_are_answered_4xx_o
     live: ReceiverThread, store: redis.Redis, rsa_key: Any, path: tuple[str | int, ...], raw: str
 ) -> None:
     """A lone surrogate, an integer beyond 64 bits, a number that is not finite or a string of up to
-    200,000 characters, at any place of a signed order: 4xx (400 naming the place for what no update can
-    carry), or, for a string the order may hold, schema-valid updates. Never a 5xx."""
+    200,000 characters, at any place of a signed order: schema-valid updates naming what was repaired,
+    or 4xx where the order cannot be read (a number where its id, currency, amounts or event types
+    must be; 400 naming the place for `NaN` and `Infinity`, which are no JSON). Never a 5xx."""
     CASES["http hostile values"] += 1
     payload = json.dumps(
         {"iss": "payfunc", "aud": "production", "iat": 1_600_000_000_000, **with_value(path, "@")}
     ).replace('"@"', raw)
     status, answer = post_signed(live, store, jwt_raw(payload, rsa_key), rsa_key)
-    unwritable = (
-        any(marker in raw for marker in ("\\u", "NaN", "Infinity", "e4", "e9"))
-        or raw.lstrip("-")[:1].isdigit()
-    )
-    if unwritable:
+    if "NaN" in raw or "Infinity" in raw:
         assert status == 400, (path, raw, answer[:300])
         assert str(path[0]) in json.loads(answer)["reason"], answer[:300]
+        return
+    # Where a plain value of the same JSON type is taken, this one is taken too (repaired as needed).
+    plain = with_value(path, {'"': "x", "{": {"k": 1}, "[": ["x"]}.get(raw[0], 1))
+    plain_status, _ = post_signed(
+        live, store, {"iss": "payfunc", "aud": "production", "iat": 1, **plain}, rsa_key
+    )
+    if plain_status == 200:
+        assert status == 200 or b"larger than" in answer, (path, raw, answer[:300])
+
+
+@PURE
+@given(json_values, st.sampled_from(['"\\ud83d"', '"a\\udc00b"', "18446744073709551616", "-9223372036854775809",
+                                     "1e400", "-1e999", "1" * 5000]))  # fmt: skip
+def test_repairing_a_trusted_value_makes_it_writable_and_names_each_place_it_changed(
+    value: Any, raw: str
+) -> None:
+    """`read_trusted`: a signed or listed value with what no update carries as sent becomes writable
+    (orjson writes it), nothing else of it changes, and the places repaired are named."""
+    CASES["read_trusted"] += 1
+    marker = "@MARKER@@"  # longer than any generated text
+    text = json.dumps({"before": value, "odd": marker, "after": [value]}).replace(f'"{marker}"', raw)
+    repaired, places = read_trusted(text.encode())
+    orjson.dumps(repaired)
+    assert "odd" in places
+    assert repaired["before"] == json.loads(json.dumps(value)) or not writable(value)
+    odd = repaired["odd"]
+    assert odd == (raw.strip('"').replace("\\ud83d", "\ufffd").replace("\\udc00", "\ufffd")), odd
 
 
 def jwt_raw(payload: str, rsa_key: Any) -> bytes:
@@ -607,6 +635,59 @@ def test_enormous_item_lists_are_answered_4xx(
         order["event"][0]["items"] = items
     status, answer = live.post(token(order, rsa_key))
     assert_refused_without_a_trace(status, answer, store)
+
+
+# Where a signed order may carry any JSON (free text, `meta`, the customer), and where its update shows it.
+CARRIED_PLACES: dict[str, tuple[Callable[[dict[str, Any]], None], Callable[[dict[str, Any]], Any]]] = {
+    "customer.name": (lambda o: o.update(customer={"name": "@"}), lambda u: u["customer"]["name"]),
+    "number": (lambda o: o.update(number="@"), lambda u: u["order_number"]),
+    "payment.reference": (lambda o: o["payment"].update(reference="@"), lambda u: u["payment"]["reference"]),
+    "meta.id": (lambda o: o.update(meta={"id": "@"}), lambda u: u["meta"]["id"]),
+    "meta.ids[1]": (lambda o: o.update(meta={"ids": [1, "@"]}), lambda u: u["meta"]["ids"][1]),
+    "event[0].reference": (lambda o: o["event"][0].update(reference="@"), lambda u: u["event"]["reference"]),
+}
+# JSON text no encoder of ours writes, and what the delivered update carries instead.
+REPAIRS = {
+    '"Ann \\ud83d"': "Ann \ufffd",  # a string cut inside an emoji, as JavaScript writes it
+    '"\\udc00x"': "\ufffdx",
+    "18446744073709551616": "18446744073709551616",  # 2**64
+    "-9223372036854775809": "-9223372036854775809",  # -(2**63) - 1
+    "1180591620717411303424": "1180591620717411303424",  # 2**70
+}
+
+
+async def test_signed_orders_with_lone_surrogates_and_big_integers_are_stored_and_delivered(
+    live: ReceiverThread, redis_url: str, rsa_key: Any, sink: Sink, workers: Any
+) -> None:
+    """A verified callback is never refused for its content: a lone surrogate or an integer beyond 64
+    bits in a customer name, order number, payment reference, event reference or `meta` is stored
+    (200, and a duplicate on Intergiro's retry) and delivered to the merchant, the surrogate as
+    U+FFFD and the integer as the string of its digits, the update naming the place in `repaired`."""
+    expected: dict[str, tuple[str, Any, Callable[[dict[str, Any]], Any]]] = {}
+    for n, (place, (put, read)) in enumerate(CARRIED_PLACES.items()):
+        for m, (raw, carried) in enumerate(REPAIRS.items()):
+            if not raw.startswith('"') and not place.startswith("meta"):
+                continue  # a number where the update promises a string: no order Intergiro writes
+            order = card_order(f"Repaired{n:02d}{m:02d}")
+            put(order)
+            claims = {"iss": "payfunc", "aud": "production", "iat": int(time.time() * 1000), **order}
+            body = jwt_raw(json.dumps(claims).replace('"@"', raw, 1), rsa_key)
+            for answer in ("accepted", "duplicate"):
+                status, text = await asyncio.to_thread(live.post, body)
+                assert (status, json.loads(text)["status"]) == (200, answer), (place, raw, text[:300])
+            expected[f"{order['id']}-0-order"] = (place, carried, read)
+    CASES["http repaired and delivered"] += len(expected)
+    worker = workers(merchant_webhook_url=sink.url, merchant_webhook_secret=SECRET)
+    await wait_for(lambda: len(sink.received) >= len(expected), seconds=60, what="every delivery")
+    stop(worker)  # and what it kept in Redis goes: the other tests here expect no RQ keys
+    redis.Redis.from_url(redis_url).flushdb()
+    delivered = {r.headers["webhook-id"]: r.update for r in sink.received}
+    assert sorted(delivered) == sorted(expected) and len(sink.received) == len(expected)
+    for update_id, (place, carried, read) in expected.items():
+        update = delivered[update_id]
+        assert_valid_update(update)
+        assert read(update) == carried, (place, update)
+        assert update["repaired"] == [place], update
 
 
 def test_memory_stays_bounded_over_a_batch_of_hostile_bodies(

@@ -6,6 +6,7 @@ and the request head and the number of connections are bounded.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -17,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jwt
 import pytest
 import redis
 
 from tests.conftest import pem_public
-from tests.helpers import card_order
+from tests.helpers import assert_valid_update, card_order
 from tests.processes import RedisServer, free_port, serve_env, start_server, stop
 
 PATH = "/callbacks/intergiro"
@@ -128,7 +130,7 @@ def test_a_flood_of_huge_error_objects_keeps_a_small_bounded_expiring_list_and_s
         server.cleanup()
 
 
-# --- 2 and 9. JSON no update can carry: a 400 naming the field, every time --------------------------
+# --- 2 and 9. JSON no update can carry as sent: stored repaired when signed, naming the field ------------
 
 PLACES: dict[str, Callable[[dict[str, Any]], None]] = {
     "customer.name": lambda o: o.update(customer={"name": "@", "email": "a@b.se"}),
@@ -138,34 +140,72 @@ PLACES: dict[str, Callable[[dict[str, Any]], None]] = {
     "event[0].reference": lambda o: o["event"][0].update(reference="@"),
     "items[0].name": lambda o: o["items"][0].update(name="@"),
 }
-UNWRITABLE = {
-    "lone surrogate": ('"\\ud83d"', "lone surrogate"),
-    "integer beyond 64 bits": ("1180591620717411303424", "integer beyond 64 bits"),
-    "NaN": ("NaN", "not finite"),
-    "Infinity": ("-Infinity", "not finite"),
-    "1e400": ("1e400", "not finite"),
+# What a signed order may hold that no update can carry as sent, and what the update carries instead.
+REPAIRABLE = {
+    "lone surrogate": ('"cut \\ud83d"', "cut \ufffd"),
+    "integer beyond 64 bits": ("1180591620717411303424", "1180591620717411303424"),
+    "1e400": ("1e400", "1e400"),
 }
+NOT_JSON = {"NaN": "NaN", "Infinity": "-Infinity"}
 
 
-def test_values_no_update_can_carry_are_answered_400_naming_the_field_on_every_retry(
+def value_at(update: dict[str, Any], place: str) -> Any:
+    """The value of an update at the place an order spells (`customer.name`, `event[0].reference`)."""
+    if place == "number":
+        return update["order_number"]
+    if place.startswith("event[0]."):
+        return update["event"][place.removeprefix("event[0].")]
+    first, _, rest = place.partition(".")
+    return update[first][rest]
+
+
+def test_signed_values_no_update_carries_as_sent_are_stored_repaired_naming_the_field_on_every_retry(
     serve: Callable[..., Served], redis_url: str, sync_redis: redis.Redis, rsa_key: Any
 ) -> None:
+    """A verified callback is never refused for its content: a lone surrogate becomes U+FFFD, a huge
+    number the string of its digits, and the update names the place; the retry is a duplicate."""
     served = serve(redis_url)
     for n, (place, put) in enumerate(PLACES.items()):
-        for what, (raw, says) in UNWRITABLE.items():
-            body = signed_with(raw, rsa_key, put, f"Hostile{n:02d}{len(what):02d}000")
-            for _ in range(2):  # Intergiro retries: the same answer, never a 500
-                status, answer = served.post(body)
-                reason = json.loads(answer)["reason"]
-                assert status == 400, (place, what, answer)
-                assert place in reason and says in reason, (place, what, reason)
-    # the same values in an unauthenticated Error object, or at the top of a JSON body
-    for raw, _ in UNWRITABLE.values():
+        if place == "items[0].name":
+            continue  # item names are not carried by updates (only their amounts)
+        for what, (raw, carried) in REPAIRABLE.items():
+            if place != "meta.note" and not raw.startswith('"'):
+                continue  # a number in a field the update promises to be a string: below
+            order_id = f"Hostile{n:02d}{len(what):02d}000"
+            body = signed_with(raw, rsa_key, put, order_id)
+            status, answer = served.post(body)
+            assert status == 200, (place, what, answer)
+            assert json.loads(answer)["queued"] == [f"{order_id}-0-order"]
+            status, answer = served.post(body)  # Intergiro retries: a duplicate, never a refusal
+            assert (status, json.loads(answer)["status"]) == (200, "duplicate"), (place, what, answer)
+            data = json.loads(sync_redis.hget(f"rq:job:{order_id}-0-order", "data"))
+            update = data[2][0]
+            assert_valid_update(update)
+            assert value_at(update, place) == carried, (place, what, update)
+            assert update["repaired"] == [place], (place, what, update)
+    # the item's name is not carried, but the order is stored all the same
+    status, answer = served.post(
+        signed_with('"\\ud83d"', rsa_key, PLACES["items[0].name"], "HostileItemName01")
+    )
+    assert status == 200, answer
+    # NaN and Infinity are no JSON: refused, naming the place, the same on every retry
+    for what, raw in NOT_JSON.items():
+        body = signed_with(raw, rsa_key, PLACES["meta.note"], f"NotJson{len(what):02d}0000000")
+        for _ in range(2):
+            status, answer = served.post(body)
+            assert status == 400, (what, answer)
+            assert (
+                "meta.note" in json.loads(answer)["reason"] and "not finite" in json.loads(answer)["reason"]
+            )
+    # the same values unauthenticated, in an Error object or at the top of a JSON body: refused
+    unsigned = [raw for raw, _ in REPAIRABLE.values()] + list(NOT_JSON.values())
+    before = stored(sync_redis)
+    for raw in unsigned:
         status, answer = served.post(f'{{"status": 400, "type": {raw}}}'.encode(), "application/json")
         assert status == 400, answer
         status, answer = served.post(f'{{"status": {raw}, "type": "x"}}'.encode(), "application/json")
         assert status == 400, answer
-    assert stored(sync_redis) == []
+    assert stored(sync_redis) == before
     assert "Traceback" not in served.log.read_text()
 
 
@@ -277,3 +317,96 @@ def test_oversized_request_heads_are_refused_and_connections_past_the_limit_answ
     status, answer = served.post(signed(card_order("AfterTheCrowd001"), rsa_key))
     assert status == 200, answer
     assert served.metric("intergiro_connections_refused_total") >= 1
+
+
+# --- Round three. 3: unsigned orders cannot multiply calls to Intergiro -------------------------------
+
+
+async def post_async(
+    served: Served, body: bytes, content_type: str = "application/json"
+) -> tuple[int, bytes]:
+    """POST off the event loop's way (the fake Intergiro the receiver calls runs on this loop)."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            served.base + PATH, data=body, headers={"Content-Type": content_type}
+        ) as answer:
+            return answer.status, await answer.read()
+
+
+def unsigned(order_id: str, created: str = "2024-05-02T10:00:00.000Z") -> bytes:
+    return json.dumps({"id": order_id, "created": created}).encode()
+
+
+async def test_a_flood_of_unsigned_orders_reads_a_days_list_once_and_reuses_its_not_found_answer(
+    serve: Callable[..., Served], redis_url: str, sync_redis: redis.Redis, order_api: Any
+) -> None:
+    """Before: each of 11 posts of an unknown id read the whole 20-page day (220 list reads)."""
+    order_api.state.update(paging="link", page_size=50)
+    order_api.state["orders"] = [
+        card_order(f"Listed{n:010d}", created="2024-05-02T09:00:00.000Z") for n in range(1000)
+    ]
+    served = serve(
+        redis_url, INTERGIRO_VERIFY="local-then-remote", INTERGIRO_API_KEY="test-api-key",
+        INTERGIRO_API_URL=str(order_api.make_url("")).rstrip("/"),
+    )  # fmt: skip
+    flood = await asyncio.gather(*(post_async(served, unsigned(f"Unknown{n:09d}")) for n in range(11)))
+    assert [status for status, _ in flood] == [401] * 11, flood
+    reads = len(order_api.state["requests"])
+    assert reads == 20, reads  # the day read once, to its end, while the others waited for it
+    for n in range(11, 30):  # seconds later: not found in that read, so not found
+        assert (await post_async(served, unsigned(f"Unknown{n:09d}")))[0] == 401
+    assert len(order_api.state["requests"]) == reads
+    # a listed order is never answered from memory: it is read afresh, and queued
+    status, answer = await post_async(served, unsigned("Listed0000000999"))
+    assert status == 200, answer
+    assert len(order_api.state["requests"]) == reads + 20
+    assert stored(sync_redis) != []
+
+
+# --- Round three. 7: an out-of-range date is a 400, never a 500 --------------------------------------
+
+
+async def test_an_unsigned_order_created_on_a_far_future_day_is_answered_400_without_a_call(
+    serve: Callable[..., Served], redis_url: str, order_api: Any
+) -> None:
+    served = serve(
+        redis_url, INTERGIRO_VERIFY="remote", INTERGIRO_API_KEY="test-api-key",
+        INTERGIRO_API_URL=str(order_api.make_url("")).rstrip("/"),
+    )  # fmt: skip
+    for created in ("9999-12-31", "9999-12-31T23:59:59.999Z", "3024-01-01T00:00:00Z"):
+        status, answer = await post_async(served, unsigned("FarFuture0000001", created))
+        assert status == 400, (created, answer)
+        assert "future" in json.loads(answer)["reason"]
+    assert order_api.state["requests"] == []
+    assert "Traceback" not in served.log.read_text()
+
+
+# --- Round three. 8: no bytes make the receiver answer 500 -------------------------------------------
+
+
+def raw_status(port: int, head: bytes, body: bytes) -> bytes:
+    request = head + b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+    return raw_exchange(port, request)
+
+
+def test_unreadable_bytes_in_the_heads_and_bodies_of_callbacks_are_answered_4xx_never_500(
+    serve: Callable[..., Served], redis_url: str, sync_redis: redis.Redis, rsa_key: Any
+) -> None:
+    served = serve(redis_url)
+    bad = b"\xe9\xff"
+    good = signed(card_order("ReadableBytes001"), rsa_key)
+    start = b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: r\r\n"
+    cases = {
+        "content type": (start + b"Content-Type: application/jwt" + bad + b"\r\n", good),
+        "charset": (start + b"Content-Type: application/json; charset=" + bad + b"\r\n", b"{}"),
+        "request id": (start + b"Content-Type: application/jwt\r\nX-Request-ID: " + bad + b"\r\n", bad),
+        "traceparent": (start + b"Content-Type: application/jwt\r\ntraceparent: 00-" + bad + b"\r\n", bad),
+        "json body": (start + b"Content-Type: application/json\r\n", b'{"id": "' + bad + b'"}'),
+        "token body": (start + b"Content-Type: application/jwt\r\n", good[:20] + bad + good[22:]),
+    }
+    for what, (head, body) in cases.items():
+        answer = raw_status(served.port, head, body)
+        status = int(answer.split(b" ", 2)[1])
+        assert 400 <= status < 500, (what, answer[:300])
+    assert stored(sync_redis) == []
+    assert "Traceback" not in served.log.read_text()

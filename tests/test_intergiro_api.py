@@ -290,3 +290,25 @@ async def test_an_unsigned_json_order_with_the_order_list_failing_is_answered_50
     answer = await receiver.post(PATH, data=json.dumps(card_order()), headers=JSON)
     assert answer.status == 503
     assert list(sync_redis.scan_iter("*")) == []
+
+
+async def test_orders_intergiro_answers_with_a_lone_surrogate_or_a_huge_integer_are_queued_repaired(
+    remote_receiver: Any, fake_intergiro: Any, sync_redis: Any, settings: Any, stranger_key: Any
+) -> None:
+    """What the verify endpoint or the order list vouches for is Intergiro's own order: stored, with
+    the lone surrogate as U+FFFD and the integer as its digits, never refused for its content."""
+    body = known_token(fake_intergiro, stranger_key, "RemoteCut0000001", customer={"name": "Ann \ud83d"})
+    fake_intergiro.state["listed"] = [
+        card_order("ListedBig0000001", created="2024-05-02T10:00:00.000Z", meta={"points": 2**70})
+    ]
+    receiver = await remote_receiver()
+    answer = await receiver.post(PATH, data=body, headers=JWT)
+    assert answer.status == 200, await answer.text()
+    unsigned = json.dumps({"id": "ListedBig0000001", "created": "2024-05-02T10:00:00.000Z"})
+    answer = await receiver.post(PATH, data=unsigned, headers=JSON)
+    assert answer.status == 200, await answer.text()
+    updates = {u["order_id"]: u for u in queued_updates(sync_redis, settings)}
+    assert updates["RemoteCut0000001"]["customer"]["name"] == "Ann \ufffd"
+    assert updates["RemoteCut0000001"]["repaired"] == ["customer.name"]
+    assert updates["ListedBig0000001"]["meta"] == {"points": str(2**70)}
+    assert updates["ListedBig0000001"]["repaired"] == ["meta.points"]

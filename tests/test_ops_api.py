@@ -35,7 +35,7 @@ PAGES = ("/", "/dlq", "/dlq/SomeOrder-0-order", "/orders?key=x", "/retrying")
 @pytest.fixture
 async def ops(aiohttp_client: Any, settings: Settings, sync_redis: redis.Redis) -> Any:
     """A test client of the console (signed in with nothing: each test sends what it sends)."""
-    app = create_ops_app(settings.with_changes(ops_token=TOKEN), redis=sync_redis, failure_delay=0.05)
+    app = create_ops_app(settings.with_changes(ops_token=TOKEN), redis=sync_redis, lockout_seconds=0.05)
     return await aiohttp_client(app)
 
 
@@ -93,14 +93,12 @@ async def test_every_api_endpoint_without_credentials_is_401_json_and_every_page
     assert "default-src 'self'" in login.headers["Content-Security-Policy"]
 
 
-async def test_a_wrong_bearer_token_is_refused_401_slowed_and_logged_without_the_token(
+async def test_a_wrong_bearer_token_is_refused_401_and_logged_without_the_token(
     ops: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     wrong = "x" * 40
-    started = time.monotonic()
     answer = await ops.get("/api/overview", headers={"Authorization": f"Bearer {wrong}"})
     assert answer.status == 401
-    assert time.monotonic() - started >= 0.05
     logged = capsys.readouterr()
     assert "ops sign-in refused" in logged.out + logged.err
     assert wrong not in logged.out + logged.err
@@ -250,7 +248,8 @@ async def test_a_post_without_the_csrf_token_is_refused_403_and_changes_nothing(
 
     # the session's own token does it (the form, or the header for the API)
     answer = await ops.post("/dlq/act", data={**form, "csrf": csrf}, allow_redirects=False)
-    assert answer.status == 303 and "purged 1 of 1" in answer.headers["Location"].replace("+", " ")
+    assert answer.status == 303 and answer.headers["Location"] == "/dlq?notice=purged&done=1&asked=1"
+    assert "purged 1 of 1 update(s)" in await (await ops.get(answer.headers["Location"])).text()
     assert not sync_redis.hexists(RedisKeys().dead_letters, update_id)
     missing = await ops.post(f"/api/dlq/{update_id}/purge", headers={"X-CSRF-Token": csrf})
     assert missing.status == 404

@@ -136,6 +136,7 @@ async def test_an_operator_signs_in_requeues_a_dead_letter_and_watches_it_delive
         follow(browser, browser.find_element(By.ID, "sign-in"))
         assert "not the console's token" in browser.page_source
         shot(browser, "login")
+        time.sleep(1.1)  # after a wrong token, no token is checked for a second (429 meanwhile)
         browser.find_element(By.ID, "token").send_keys(TOKEN)
         follow(browser, browser.find_element(By.ID, "sign-in"))
         assert browser.current_url == f"{console}/dlq"

@@ -260,8 +260,8 @@ async def test_a_listed_order_with_wrong_types_is_counted_malformed_and_the_othe
 
 
 def unwritable_orders(day: date) -> list[dict[str, Any]]:
-    """Orders the API may list that no update can carry: a lone surrogate (a string cut inside an
-    emoji), an integer beyond 64 bits or NaN in the customer's name, `meta` or the number."""
+    """Orders the API may list that no update carries as sent: a lone surrogate (a string cut inside an
+    emoji), an integer beyond 64 bits (queued, repaired), and NaN, which is no JSON (skipped)."""
     created = f"{day.isoformat()}T11:00:00.000Z"
     return [
         card_order("Surrogate0000001", created=created, customer={"name": "Ann \ud83d"}),
@@ -272,7 +272,7 @@ def unwritable_orders(day: date) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
-async def test_orders_that_cannot_be_written_are_skipped_by_id_and_the_rest_of_the_page_is_reconciled(
+async def test_orders_with_lone_surrogates_or_huge_integers_are_queued_repaired_and_nan_is_skipped_by_id(
     order_api: Any, api_settings: Settings, sync_redis: Any, capsys: Any, dry_run: bool
 ) -> None:
     configure_logging("console", "INFO")  # onto the stderr capsys captures
@@ -284,13 +284,21 @@ async def test_orders_that_cannot_be_written_are_skipped_by_id_and_the_rest_of_t
     summary = json.loads(captured.out)
     assert summary["outcome"] == "completed"
     assert summary["orders_listed"] == 7
-    assert summary["malformed_order_ids"] == [
-        "Surrogate0000001", "BigInteger000001", "NotFinite0000001", "Surrogate0000002",
-    ]  # fmt: skip
-    assert summary["events_missed"] == 6  # the three good orders, two events each
-    assert len(job_ids(sync_redis)) == (0 if dry_run else 6)
+    assert summary["malformed_order_ids"] == ["NotFinite0000001"]
+    assert summary["events_missed"] == 9  # the three good orders, two events each, and three repaired
+    assert len(job_ids(sync_redis)) == (0 if dry_run else 9)
     assert "malformed order in the order list; skipped" in captured.err
-    assert "BigInteger000001" in captured.err and "integer beyond 64 bits" in captured.err
+    assert "NotFinite0000001" in captured.err and "not finite" in captured.err
+    if dry_run:
+        return
+    updates = {u["order_id"]: u for u in queued_updates(sync_redis, api_settings)}
+    assert updates["Surrogate0000001"]["customer"]["name"] == "Ann \ufffd"
+    assert updates["Surrogate0000001"]["repaired"] == ["customer.name"]
+    assert updates["BigInteger000001"]["meta"] == {"loyalty": str(2**70)}
+    assert updates["BigInteger000001"]["repaired"] == ["meta.loyalty"]
+    assert updates["Surrogate0000002"]["order_number"] == "n-\ufffd"
+    for update in updates.values():
+        assert_valid_update(update)
 
 
 async def test_periodic_reconcile_moves_its_watermark_past_a_day_holding_an_unwritable_order(
@@ -304,9 +312,20 @@ async def test_periodic_reconcile_moves_its_watermark_past_a_day_holding_an_unwr
         periodic = PeriodicReconcile(redis, settings, OrderApi(session, settings, NO_WAIT))
         assert await periodic.tick() == COMPLETED
         await redis.aclose()
-    assert periodic.last is not None and len(periodic.last.malformed) == 4
+    assert periodic.last is not None and len(periodic.last.malformed) == 1
     assert float(sync_redis.get(RedisKeys().reconcile_watermark)) > datetime.now(UTC).timestamp() - 60
-    assert len(job_ids(sync_redis)) == 4
+    assert len(job_ids(sync_redis)) == 7
+
+
+async def test_a_page_whose_only_odd_value_is_an_integer_beyond_64_bits_is_read_exactly(
+    order_api: Any, api_settings: Settings, sync_redis: Any
+) -> None:
+    """orjson would read 2**70 as a float (1.1805916207174113e21): the page is read exactly instead."""
+    order_api.state["orders"] = [card_order("BigInteger000002", created="2024-05-01T11:00:00.000Z",
+                                            meta={"loyalty": 2**70 + 1})]  # fmt: skip
+    assert await reconcile(api_settings, *WINDOW) == 0
+    [update] = queued_updates(sync_redis, api_settings)
+    assert update["meta"] == {"loyalty": str(2**70 + 1)} and update["repaired"] == ["meta.loyalty"]
 
 
 async def test_an_order_list_page_past_its_bound_fails_the_run_as_an_api_failure(
@@ -361,7 +380,12 @@ async def test_periodic_mode_needs_an_interval(api_settings: Settings, capsys: A
 
 @pytest.mark.parametrize(
     "argv",
-    [["--since", "2 parsecs"], ["--start", "2024-05-01"], ["--start", "2024-05-03", "--end", "2024-05-01"]],
+    [
+        ["--since", "2 parsecs"],
+        ["--start", "2024-05-01"],
+        ["--start", "2024-05-03", "--end", "2024-05-01"],
+        ["--start", "9999-12-31", "--end", "9999-12-31"],
+    ],
 )
 async def test_a_bad_window_is_refused_with_exit_2(
     api_settings: Settings, argv: list[str], capsys: Any

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -26,12 +27,12 @@ from redis.exceptions import RedisError
 from receiver.app import stop_signal
 from receiver.chains import OrderChains
 from receiver.connections import sync_redis
-from receiver.deadletters import DeadLetters
+from receiver.deadletters import DeadLetters, DestinationNotConfigured
 from receiver.errors import CommandError
 from receiver.history import render, trace
 from receiver.logs import log
 from receiver.ops import state
-from receiver.ops.auth import Authenticator, Session, set_session_cookie
+from receiver.ops.auth import COOKIE, Authenticator, Session, set_session_cookie
 from receiver.reconcile import parse_duration
 from receiver.rediskeys import RedisKeys, destination_keys
 from receiver.settings import Settings
@@ -80,6 +81,14 @@ async def in_thread(request: web.Request, work: Callable[..., T], *args: Any) ->
         raise web.HTTPServiceUnavailable(text="redis not reachable", headers={"Retry-After": "5"}) from None
 
 
+async def read_form(request: web.Request) -> Any:
+    """The request's form; 400 when its bytes are not text in its charset (aiohttp raises then)."""
+    try:
+        return await request.post()
+    except (UnicodeDecodeError, LookupError, ValueError):
+        raise web.HTTPBadRequest(text="400: the form is not readable text; nothing was changed") from None
+
+
 # --- sign-in ----------------------------------------------------------------------------------------
 
 
@@ -106,12 +115,16 @@ async def _signed_in(
     auth = request.app[AUTH]
     api = request.path.startswith("/api/")
     if "Authorization" in request.headers:
+        if auth.locked_for():  # checked before the token: a guess in the lockout learns nothing
+            return _locked_out(request, api_error(429, "too_many_requests", LOCKED_OUT))
         if not auth.bearer_matches(request):
-            await auth.refuse(request, "bearer token")
+            auth.refuse(request, "bearer token")
             return api_error(401, "unauthorized", "wrong bearer token")
         request[VIA] = "bearer"
         return await handler(request)
     session = auth.session(request)
+    if session is not None and await in_thread(request, _ended, request.app, session):
+        session = None
     if session is None:
         if api:
             return api_error(
@@ -124,7 +137,7 @@ async def _signed_in(
     if request.method == "POST":
         given = request.headers.get("X-CSRF-Token", "")
         if not given and not api:
-            given = str((await request.post()).get("csrf", ""))
+            given = str((await read_form(request)).get("csrf", ""))
         if not auth.csrf_matches(session, given):
             log.warning(
                 "ops request refused: CSRF token missing or wrong", path=request.path, remote=request.remote
@@ -137,9 +150,60 @@ async def _signed_in(
     return await handler(request)
 
 
+LOCKED_OUT = "a wrong token was sent a moment ago; no token is checked until Retry-After has passed"
+
+
+def _locked_out(request: web.Request, response: web.Response) -> web.Response:
+    """A sign-in answered 429 during the lockout, its token not looked at."""
+    response.set_status(429)
+    response.headers["Retry-After"] = request.app[AUTH].retry_after()
+    return response
+
+
+def _ended(app: web.Application, session: Session) -> bool:
+    """Whether the session was ended by signing out (see `logout`)."""
+    return bool(app[REDIS].exists(app[KEYS].ops_session_ended(session.nonce)))
+
+
 def _safe_next(target: str) -> str:
-    """Only a path of this site (never `//host` or a URL) is followed after sign-in."""
-    return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/"
+    """Only a path of this site is followed after sign-in: printable ASCII (browsers drop a tab or a
+    newline, so `/\t/host` would be `//host`), starting with one `/`, no backslash (read as `/`)."""
+    same_site = (
+        target.startswith("/")
+        and not target.startswith("//")
+        and all(0x21 <= ord(c) <= 0x7E and c != "\\" for c in target)
+    )
+    return target if same_site else "/"
+
+
+# The notices a page shows are the console's own sentences: the URL names one by its code and gives
+# only the numbers and the update id it holds, so a link from outside cannot put its text in the box.
+NOTICES = {
+    "purged": "purged {done} of {asked} update(s)",
+    "requeued": "requeued {done} of {asked} update(s)",
+    "requeued-some": "requeued {done} of {asked} update(s); {refused} not: their destination is no longer configured",
+    "retrying": "{id}: retrying now",
+    "not-retrying": "{id} is not waiting for a retry",
+}
+_NOTICE_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
+_NOTICE_COUNT = re.compile(r"[0-9]{1,7}")
+
+
+def notice_link(path: str, code: str, **values: Any) -> str:
+    """Where an action sends the browser to show its notice `code` (one of NOTICES)."""
+    return f"{path}?{urlencode({'notice': code, **values})}"
+
+
+def notice_text(query: Any) -> str | None:
+    """The notice a page's URL names, in the console's own words; None for any other text."""
+    template = NOTICES.get(str(query.get("notice", "")))
+    if template is None:
+        return None
+    checks = {"done": _NOTICE_COUNT, "asked": _NOTICE_COUNT, "refused": _NOTICE_COUNT, "id": _NOTICE_ID}
+    values = {name: str(query.get(name, "")) for name in checks}
+    if any("{" + name + "}" in template and not checks[name].fullmatch(v) for name, v in values.items()):
+        return None
+    return template.format(**values)
 
 
 async def login_page(request: web.Request) -> web.Response:
@@ -147,18 +211,26 @@ async def login_page(request: web.Request) -> web.Response:
 
 
 async def login(request: web.Request) -> web.StreamResponse:
-    form = await request.post()
     auth = request.app[AUTH]
+    try:
+        form = await read_form(request)
+    except web.HTTPBadRequest:  # a token that is no text is a wrong token
+        if auth.locked_for():
+            return _locked_out(request, page(request, "login.html", next="/", failed=False, locked=True))
+        auth.refuse(request, "sign-in form")
+        return page(request, "login.html", next="/", failed=True, status=401)
     target = _safe_next(str(form.get("next", "/")))
+    if auth.locked_for():  # checked before the token: a guess in the lockout learns nothing
+        return _locked_out(request, page(request, "login.html", next=target, failed=False, locked=True))
     if not auth.token_matches(str(form.get("token", ""))):
-        await auth.refuse(request, "sign-in form")
+        auth.refuse(request, "sign-in form")
         return page(request, "login.html", next=target, failed=True, status=401)
     return _start_session(request, see_other(target), "sign-in form")
 
 
 def _start_session(request: web.Request, response: web.StreamResponse, how: str) -> web.StreamResponse:
     cookie, _ = request.app[AUTH].new_session()
-    set_session_cookie(request, response, cookie)
+    set_session_cookie(request, response, cookie, request.app[SETTINGS].ops_trust_forwarded_proto)
     log.info("ops signed in", how=how, remote=request.remote)
     return response
 
@@ -167,9 +239,11 @@ async def login_link(request: web.Request) -> web.StreamResponse:
     """A one-time sign-in link (`dev` prints one): good once, for SIGN_IN_LINK_SECONDS."""
     keys = request.app[KEYS]
     nonce = request.match_info["nonce"]
+    if request.app[AUTH].locked_for():
+        return _locked_out(request, page(request, "login.html", next="/", failed=False, locked=True))
     used = await in_thread(request, request.app[REDIS].getdel, keys.ops_sign_in_link(nonce))
     if used is None:
-        await request.app[AUTH].refuse(request, "sign-in link")
+        request.app[AUTH].refuse(request, "sign-in link")
         return page(request, "login.html", next="/", failed=True, status=401)
     # A page, not a redirect: a SameSite=Strict cookie set by a link followed from outside (a terminal)
     # is sent by the next navigation this page starts, not by a redirect of that first one.
@@ -177,9 +251,20 @@ async def login_link(request: web.Request) -> web.StreamResponse:
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
+    """End the session on the server (remembered as ended until it would have expired), not only in
+    this browser: the cookie, copied or kept, opens nothing any more. Other sessions go on."""
+    session = request.get(SESSION)
+    if session is not None:
+        await in_thread(request, _end, request.app, session)
+        log.info("ops signed out", remote=request.remote)
     response = see_other("/login")
-    response.del_cookie("igr_ops_session", path="/")
+    response.del_cookie(COOKIE, path="/")
     return response
+
+
+def _end(app: web.Application, session: Session) -> None:
+    ttl = max(1, session.expires - int(time.time()) + 1)
+    app[REDIS].set(app[KEYS].ops_session_ended(session.nonce), "1", ex=ttl)
 
 
 def make_sign_in_link(redis: Redis, keys: RedisKeys, base_url: str) -> str:
@@ -196,7 +281,7 @@ def page(request: web.Request, name: str, status: int = 200, **context: Any) -> 
     session = request.get(SESSION)
     csrf = request.app[AUTH].csrf_token(session) if session else ""
     text = request.app[TEMPLATES].get_template(name).render(
-        csrf=csrf, path=request.path, signed_in=session is not None, notice=request.query.get("notice"),
+        csrf=csrf, path=request.path, signed_in=session is not None, notice=notice_text(request.query),
         **context,
     )  # fmt: skip
     return web.Response(text=text, status=status, content_type="text/html")
@@ -253,7 +338,7 @@ async def dlq_entry_page(request: web.Request) -> web.Response:
 async def dlq_confirm(request: web.Request) -> web.Response:
     """The confirmation step of every dead-letter action: what will be done to which updates."""
     app = request.app
-    form = await request.post()
+    form = await read_form(request)
     action = str(form.get("action", ""))
     if action not in ACTIONS:
         raise web.HTTPBadRequest(text="action: requeue or purge")
@@ -268,27 +353,38 @@ async def dlq_confirm(request: web.Request) -> web.Response:
 
 
 async def dlq_act(request: web.Request) -> web.StreamResponse:
-    form = await request.post()
+    form = await read_form(request)
     action = str(form.get("action", ""))
     if action not in ACTIONS or form.get("confirm") != "yes":
         raise web.HTTPBadRequest(text="confirm the action first")
     ids = [str(i) for i in form.getall("id", [])]
-    done = await in_thread(request, _act, request, action, ids)
-    notice = (
-        f"{action}d {done} of {len(ids)} update(s)"
-        if action == "purge"
-        else f"requeued {done} of {len(ids)} update(s)"
-    )
-    return see_other("/dlq?" + urlencode({"notice": notice}))
+    done, refused = await in_thread(request, _act, request, action, ids)
+    if refused:
+        return see_other(
+            notice_link("/dlq", "requeued-some", done=done, asked=len(ids), refused=len(refused))
+        )
+    code = "purged" if action == "purge" else "requeued"
+    return see_other(notice_link("/dlq", code, done=done, asked=len(ids)))
 
 
-def _act(request: web.Request, action: str, ids: list[str]) -> int:
-    """Requeue or purge each update, logging each one done (the order's history records it too)."""
+def _act(request: web.Request, action: str, ids: list[str]) -> tuple[int, list[str]]:
+    """Requeue or purge each update, logging each one done (the order's history records it too);
+    (how many were done, why each requeue refused was refused). An id that is not a dead letter is
+    left as it is."""
     app = request.app
-    dlq = DeadLetters(app[REDIS], app[KEYS], app[SETTINGS].history_retention_seconds)
+    settings = app[SETTINGS]
+    configured = [d.name for d in settings.destinations]
+    dlq = DeadLetters(app[REDIS], app[KEYS], settings.history_retention_seconds, configured)
     done = 0
+    refused: list[str] = []
     for update_id in ids:
-        if (dlq.requeue if action == "requeue" else dlq.purge)(update_id):
+        try:
+            acted = (dlq.requeue if action == "requeue" else dlq.purge)(update_id)
+        except DestinationNotConfigured as exc:
+            refused.append(str(exc))
+            log.warning("ops: dead letter not requeued", reason=str(exc), update=update_id, via=request[VIA])
+            continue
+        if acted:
             done += 1
             log.info(
                 f"ops: dead letter {action}d",
@@ -297,7 +393,7 @@ def _act(request: web.Request, action: str, ids: list[str]) -> int:
                 via=request[VIA],
                 remote=request.remote,
             )
-    return done
+    return done, refused
 
 
 async def order_page(request: web.Request) -> web.Response:
@@ -321,8 +417,7 @@ async def retrying_page(request: web.Request) -> web.Response:
 async def retry_now_form(request: web.Request) -> web.StreamResponse:
     update_id = request.match_info["id"]
     moved = await in_thread(request, _retry_now, request, update_id)
-    notice = f"{update_id}: retrying now" if moved else f"{update_id} is not waiting for a retry"
-    return see_other("/retrying?" + urlencode({"notice": notice}))
+    return see_other(notice_link("/retrying", "retrying" if moved else "not-retrying", id=update_id))
 
 
 def _retry_now(request: web.Request, update_id: str) -> bool:
@@ -358,7 +453,9 @@ async def api_dlq(request: web.Request) -> web.Response:
 def _api_action(action: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def act(request: web.Request) -> web.Response:
         update_id = request.match_info["id"]
-        done = await in_thread(request, _act, request, action, [update_id])
+        done, refused = await in_thread(request, _act, request, action, [update_id])
+        if refused:
+            return api_error(409, "destination_not_configured", refused[0])
         if not done:
             return api_error(404, "not_found", f"{update_id} is not in the dead-letter queue")
         return json_response({"id": update_id, "status": f"{action}d" if action == "purge" else "requeued"})
@@ -416,17 +513,18 @@ def templates() -> jinja2.Environment:
 
 
 def create_ops_app(
-    settings: Settings, redis: Redis | None = None, failure_delay: float | None = None
+    settings: Settings, redis: Redis | None = None, lockout_seconds: float | None = None
 ) -> web.Application:
-    """The console's aiohttp application (`redis`: a client to use instead of one made from settings)."""
+    """The console's aiohttp application (`redis`: a client to use instead of one made from settings;
+    `lockout_seconds`: instead of SIGN_IN_LOCKOUT_SECONDS)."""
     app = web.Application(middlewares=[signed_in], client_max_size=1024 * 1024)
     app[SETTINGS] = settings
     app[KEYS] = RedisKeys(settings.redis_key_prefix, settings.queue_name)
     app[DESTINATION_KEYS] = destination_keys(app[KEYS], [d.name for d in settings.destinations])
     app[AUTH] = (
         Authenticator(settings.ops_token)
-        if failure_delay is None
-        else Authenticator(settings.ops_token, failure_delay)
+        if lockout_seconds is None
+        else Authenticator(settings.ops_token, lockout_seconds)
     )
     app[TEMPLATES] = templates()
     app[REDIS] = redis if redis is not None else sync_redis(settings, timeout=10)

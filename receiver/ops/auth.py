@@ -1,18 +1,21 @@
 """Sign-in to the ops console: the bearer token for scripts, a session cookie for people, CSRF tokens.
 
-Sessions are stateless: the cookie is `<expires>.<nonce>.<signature>`, signed with a key derived from
-OPS_TOKEN, so changing the token signs everyone out, and no session is stored anywhere. A form's CSRF
+The cookie is `<expires>.<nonce>.<signature>`, signed with a key derived from OPS_TOKEN, so changing the
+token signs everyone out; a session is stored nowhere, but one ended by signing out is remembered in
+Redis until it would have expired (`RedisKeys.ops_session_ended`). A form's CSRF
 token is the session's nonce signed for that purpose: a page from another site can neither read it nor
-make a POST carry it. Every comparison of a secret is constant-time (hmac.compare_digest).
+make a POST carry it. Every comparison of a secret is constant-time (hmac.compare_digest). A wrong token
+stops every token check of the process for SIGN_IN_LOCKOUT_SECONDS (429 meanwhile); sessions go on.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
+import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -21,7 +24,10 @@ from receiver.logs import log
 
 COOKIE = "igr_ops_session"
 SESSION_SECONDS = 8 * 3600  # a working day; then sign in again
-FAILED_SIGN_IN_DELAY_SECONDS = 1.0
+# After a wrong token (form, bearer or link), no token is checked for this long: every sign-in in that
+# time is answered 429 with Retry-After, before its token is looked at. One timestamp per process, so
+# a flood of guesses holds nothing (where one waiting task per guess held tens of MB).
+SIGN_IN_LOCKOUT_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -30,17 +36,33 @@ class Session:
     expires: int
 
 
+def _secret_bytes(text: str) -> bytes:
+    """A secret as sent: aiohttp decodes headers, cookies and forms with `surrogateescape`, so bytes
+    that are no UTF-8 (0xE9 0xFF) come back as they were and simply do not match."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 class Authenticator:
     """Checks the bearer token and session cookies, and makes sessions and CSRF tokens."""
 
-    def __init__(self, token: str, failure_delay: float = FAILED_SIGN_IN_DELAY_SECONDS) -> None:
+    def __init__(
+        self,
+        token: str,
+        lockout_seconds: float = SIGN_IN_LOCKOUT_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._token = token.encode()
         self._key = hmac.new(self._token, b"intergiro-receiver ops session", hashlib.sha256).digest()
-        self.failure_delay = failure_delay
-        self._failures = asyncio.Lock()
+        self.lockout_seconds = lockout_seconds
+        self._clock = clock
+        self._locked_until = 0.0
+
+    def locked_for(self) -> float:
+        """Seconds until a token may be checked again (0: now); ask before checking any token."""
+        return max(0.0, self._locked_until - self._clock())
 
     def token_matches(self, given: str) -> bool:
-        return hmac.compare_digest(given.encode(), self._token)
+        return hmac.compare_digest(_secret_bytes(given), self._token)
 
     def bearer_matches(self, request: web.Request) -> bool:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -56,8 +78,12 @@ class Authenticator:
         return f"{text}.{self._sign('session', text)}", session
 
     def session(self, request: web.Request) -> Session | None:
-        """The request's session, when its cookie is ours, intact and not expired."""
-        expires, _, rest = request.cookies.get(COOKIE, "").partition(".")
+        """The request's session, when its cookie is ours, intact and not expired (whether it was
+        ended by signing out is the caller's to ask: that is stored in Redis)."""
+        value = request.cookies.get(COOKIE, "")
+        if not value.isascii():  # ours are; bytes that are no UTF-8 are not a session
+            return None
+        expires, _, rest = value.partition(".")
         nonce, _, signature = rest.partition(".")
         if not (expires.isdigit() and nonce and signature):
             return None
@@ -71,17 +97,33 @@ class Authenticator:
         return self._sign("csrf", session.nonce)
 
     def csrf_matches(self, session: Session, given: str) -> bool:
-        return hmac.compare_digest(given.encode(), self.csrf_token(session).encode())
+        return hmac.compare_digest(_secret_bytes(given), self.csrf_token(session).encode())
 
-    async def refuse(self, request: web.Request, what: str) -> None:
-        """A failed sign-in: logged (never what was sent), and slowed; failures wait in turn, so
-        guessing runs at most one try per FAILED_SIGN_IN_DELAY_SECONDS per process."""
+    def refuse(self, request: web.Request, what: str) -> None:
+        """A failed sign-in: logged (never what was sent), and no token is checked for
+        SIGN_IN_LOCKOUT_SECONDS, so guessing runs at most one try per that time per process."""
+        self._locked_until = self._clock() + self.lockout_seconds
         log.warning("ops sign-in refused", what=what, remote=request.remote, path=request.path)
-        async with self._failures:
-            await asyncio.sleep(self.failure_delay)
+
+    def retry_after(self) -> str:
+        """The Retry-After of a sign-in answered 429: whole seconds, at least 1."""
+        return str(max(1, math.ceil(self.locked_for())))
 
 
-def set_session_cookie(request: web.Request, response: web.StreamResponse, value: str) -> None:
+def came_over_tls(request: web.Request, trust_forwarded_proto: bool) -> bool:
+    """Whether the browser's request came over TLS: to this process, or (OPS_TRUST_FORWARDED_PROTO) to
+    the proxy in front, as its `X-Forwarded-Proto: https` says. Only a proxy that sets the header itself
+    may be trusted: a client reaching the console directly could send it too (harmless: the cookie then
+    only gets Secure, which a plain-HTTP browser does not send back)."""
+    if request.secure:
+        return True
+    forwarded = request.headers.get("X-Forwarded-Proto", "")
+    return trust_forwarded_proto and forwarded.split(",")[-1].strip().lower() == "https"
+
+
+def set_session_cookie(
+    request: web.Request, response: web.StreamResponse, value: str, trust_forwarded_proto: bool = False
+) -> None:
     response.set_cookie(
         COOKIE,
         value,
@@ -89,5 +131,5 @@ def set_session_cookie(request: web.Request, response: web.StreamResponse, value
         path="/",
         httponly=True,
         samesite="Strict",
-        secure=request.secure,  # over TLS (a proxy in front terminating TLS: see docs/ops-console.md)
+        secure=came_over_tls(request, trust_forwarded_proto),  # see docs/ops-console.md
     )
