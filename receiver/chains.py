@@ -355,6 +355,28 @@ return 0
 )
 
 
+# ARGV[5] the replay's history entry (a JSON object without its closing brace, completed here with the
+# ids queued; '' for none), then per update: its job id for this destination and the update (JSON).
+# A replay queues an update again for one destination, with its own job id (so the same webhook-id and
+# Idempotency-Key), into its order's chain like a new one, marked as a replay on its delivery record;
+# not an update still pending or dead-lettered there (`dlq requeue` is their way), and no dedup marker
+# is read or written: the other destinations never see it.
+REPLAY = """
+local queued = {}
+for i = 6, #ARGV, 2 do
+  local id = ARGV[i]
+  if redis.call('EXISTS', job_prefix .. id) == 0 and redis.call('HEXISTS', pending, id) == 0
+      and redis.call('HEXISTS', dead_letters, id) == 0 then
+    join(id, ARGV[i + 1])
+    redis.call('HSET', delivery_prefix .. id, 'replay', 1)
+    queued[#queued + 1] = '{"id":' .. cjson.encode(string.sub(id, #order_id + 2, #id - #suffix)) .. '}'
+  end
+end
+if #queued > 0 and ARGV[5] ~= '' then remember(ARGV[5] .. ',"queued":[' .. table.concat(queued, ',') .. ']}') end
+return #queued
+"""
+
+
 def chain_script(keys: RedisKeys, body: str, history_ttl: int = 0) -> str:
     """PRELUDE with this deployment's names (and the history's TTL, 0 for none) written in, then `body`."""
     names: dict[str, str | bytes] = {
@@ -408,6 +430,7 @@ class OrderChains:
         self.keys = keys
         self.history_ttl = history_ttl
         self._finish = redis.register_script(chain_script(keys, FINISH, history_ttl))
+        self._replay = redis.register_script(chain_script(keys, REPLAY, history_ttl))
         self._release_stale = redis.register_script(chain_script(keys, RELEASE_STALE, history_ttl))
         self._requeue = redis.register_script(chain_script(keys, REQUEUE, history_ttl))
         self._schedule = redis.register_script(SCHEDULE_RETRY)
@@ -441,6 +464,15 @@ class OrderChains:
         for field, amount in counters:
             args += (field, repr(amount))
         return self._moved_on(update["order_id"], self._finish(keys=keys, args=args))
+
+    def replay(self, updates: list[dict[str, Any]], history: bytes = b"") -> int:
+        """Queue `updates` (one order's, in sequence) again for this destination only, each marked as a
+        replay; `history`: the replay's entry, without its closing brace. Returns how many were queued."""
+        order_id = updates[0]["order_id"]
+        args: list[Any] = [*chain_args(order_id), history]
+        for update in updates:
+            args += [self.keys.job_id(update["id"]), orjson.dumps(update)]
+        return int(self._replay(keys=self._chain_keys(order_id), args=args))
 
     def schedule_retry(
         self,

@@ -150,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument(
         "--every", action="store_true", help="keep running every RECONCILE_INTERVAL_SECONDS"
     )
+    replay = command("replay", "send a window of updates again to one destination (or backfill a new one)")
+    replay.add_argument(
+        "--destination", required=True, metavar="NAME", help="the destination (merchant, ...)"
+    )
+    span = replay.add_mutually_exclusive_group()
+    span.add_argument("--since", metavar="DURATION", help="e.g. 6h, 7d (at most REPLAY_MAX_WINDOW_SECONDS)")
+    span.add_argument("--start", metavar="DATE", help="start of the window (YYYY-MM-DD), with --end")
+    replay.add_argument("--end", metavar="DATE", help="end of the window (YYYY-MM-DD), with --start")
+    replay.add_argument("--order", metavar="ID", help="only this order")
+    replay.add_argument("--dry-run", action="store_true", help="print what would be queued; queue nothing")
+    replay.add_argument("--json", action="store_true", help="print the summary as one JSON document")
     return parser
 
 
@@ -228,6 +239,10 @@ def run(args: argparse.Namespace) -> None:
         from receiver.ops.app import run_ops
 
         raise SystemExit(run_ops(settings))
+    elif args.command == "replay":
+        from receiver.replay import run_replay
+
+        raise SystemExit(run_replay(settings, args))
     elif args.command == "reconcile":
         from receiver.reconcile import run_reconcile
 

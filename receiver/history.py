@@ -73,6 +73,11 @@ def reconcile_note(at: str) -> HistoryNote:
     return HistoryNote(entry("reconcile", at)[:-1], always=False)
 
 
+def replay_note(at: str, destination: str) -> bytes:
+    """A replay's entry (receiver/replay.py), without its closing brace: the script adds what it queued."""
+    return entry("replay", at, destination=destination)[:-1]
+
+
 def short_id(update_id: str, order_id: str) -> str:
     """An update's id as its order's history names it: without the order id and its dash."""
     return update_id[len(order_id) + 1 :] if update_id.startswith(order_id + "-") else update_id
@@ -87,11 +92,13 @@ def attempt_entry(
     http_status: int | None,
     error: str | None,
     duration_ms: float,
+    replay: bool = False,
 ) -> bytes:
-    """One delivery attempt: `outcome` is `delivered`, `retry` or `dead_lettered`."""
+    """One delivery attempt: `outcome` is `delivered`, `retry` or `dead_lettered`; `replay`: of an update
+    queued again by `replay`."""
     return entry(
         "attempt", at, update=short_id(update_id, order_id), target=target or None, outcome=outcome, http_status=http_status,
-        error=clip(error, ERROR_CHARS) if error else None, duration_ms=round(duration_ms, 1),
+        error=clip(error, ERROR_CHARS) if error else None, duration_ms=round(duration_ms, 1), replay=replay or None,
     )  # fmt: skip
 
 
@@ -169,6 +176,7 @@ def find_orders(redis: Redis, keys: RedisKeys, key: str) -> list[str]:
 def story(entries: list[dict[str, Any]], order_id: str, live: LiveState) -> dict[str, Any]:
     """The document `trace --json` prints for one order, from its history entries and live state."""
     callbacks: list[dict[str, Any]] = []
+    replays: list[dict[str, Any]] = []
     updates: dict[str, dict[str, Any]] = {}
     order_number = None
     finished: dict[str, str] = {}  # update id -> delivered / dead_lettered, as the history says
@@ -220,6 +228,14 @@ def story(entries: list[dict[str, Any]], order_id: str, live: LiveState) -> dict
                 queue(item, at, "reconcile")
         elif kind == "requeue":
             queue({"id": e["update"]}, at, "requeue")
+        elif kind == "replay":
+            replays.append(
+                {
+                    "at": at,
+                    "destination": e.get("destination"),
+                    "queued": [q["id"] for q in e.get("queued", [])],
+                }
+            )
         elif kind == "purge" and e["update"] in updates:
             updates[e["update"]]["purged_at"] = at
             finished[e["update"]] = "purged"
@@ -239,6 +255,7 @@ def story(entries: list[dict[str, Any]], order_id: str, live: LiveState) -> dict
                         "http_status": e.get("http_status"),
                         "error": e.get("error"),
                         "duration_ms": e.get("duration_ms"),
+                        **({"replay": True} if e.get("replay") else {}),
                     }
                 )
                 outcome = str(e.get("outcome"))
@@ -260,7 +277,10 @@ def story(entries: list[dict[str, Any]], order_id: str, live: LiveState) -> dict
     for update_id, update in updates.items():
         update["state"] = _state(update_id, finished.get(update_id), live)
     ordered = sorted(updates.values(), key=lambda u: (u["event"] or {}).get("sequence") or -1)
-    return {"order_id": order_id, "order_number": order_number, "callbacks": callbacks, "updates": ordered}
+    story = {"order_id": order_id, "order_number": order_number, "callbacks": callbacks, "updates": ordered}
+    if replays:
+        story["replays"] = replays
+    return story
 
 
 def _destination_of(target: Any) -> str | None:
@@ -342,6 +362,7 @@ def render(document: dict[str, Any]) -> list[str]:
             )
             took = f" in {attempt['duration_ms']:g} ms" if attempt["duration_ms"] is not None else ""
             target = f" to {attempt['target']}" if attempt["target"] else ""
+            target += " (replay)" if attempt.get("replay") else ""
             steps.append(
                 (attempt["at"], f"{update['id']} attempt{target}: {attempt['outcome']} ({answer}){took}")
             )

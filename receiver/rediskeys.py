@@ -75,6 +75,11 @@ class RedisKeys:
         return f"{self._own}in-flight"
 
     @property
+    def replay_lock(self) -> str:
+        """The lock of the destination's running `replay` (a redis-py Lock): one at a time."""
+        return f"{self._own}replay-lock"
+
+    @property
     def pending_updates(self) -> str:
         """Hash of every update not yet finished: update id -> the update (JSON). RQ's job holds it too;
         this copy is what puts an update whose job was deleted from outside into the dead-letter queue."""

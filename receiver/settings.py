@@ -75,6 +75,7 @@ class Settings:
     worker_metrics_port: int = 8082
     reconcile_interval_seconds: int = 0
     reconcile_lookback_seconds: int = 172_800
+    replay_max_window_seconds: int = 691_200
     extra_destinations: tuple[Destination, ...] = ()  # DESTINATIONS and DESTINATION_<NAME>_*
     ops_host: str = "127.0.0.1"
     ops_port: int = 8081
@@ -259,6 +260,9 @@ class _Reader:
             ),
             reconcile_lookback_seconds=self.get(
                 "RECONCILE_LOOKBACK_SECONDS", d.reconcile_lookback_seconds, _int_between(60, 86400 * 400)
+            ),
+            replay_max_window_seconds=self.get(
+                "REPLAY_MAX_WINDOW_SECONDS", d.replay_max_window_seconds, _int_between(3600, 86400 * 400)
             ),
             ops_host=self.get("OPS_HOST", d.ops_host, str),
             ops_port=self.get("OPS_PORT", d.ops_port, _int_between(1, 65535)),

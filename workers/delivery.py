@@ -114,8 +114,9 @@ class WebhookTarget:
         except ValueError as exc:
             raise TargetNotConfigured(f"{setting}: {exc}") from None
 
-    def __call__(self, update: dict[str, Any]) -> int:
-        """POST the update; returns the merchant's 2xx status, raises DeliveryError otherwise."""
+    def __call__(self, update: dict[str, Any], replay: bool = False) -> int:
+        """POST the update (`replay`: queued again by `replay`, said in a `webhook-replay: 1` header);
+        returns the merchant's 2xx status, raises DeliveryError otherwise."""
         body = orjson.dumps(update)
         sent_at = datetime.now(UTC)
         headers = {
@@ -126,6 +127,8 @@ class WebhookTarget:
             "webhook-signature": self.signer.sign(update["id"], sent_at, body.decode()),
             "Idempotency-Key": update["id"],
         }
+        if replay:
+            headers["webhook-replay"] = "1"
         try:
             status, retry_after = self.connection.post(body, headers)
         except (OSError, AnswerError) as exc:  # refused, timed out, reset, TLS, unreadable answer
@@ -153,7 +156,7 @@ class HandlerTarget:
             raise TargetNotConfigured(f"{setting}: {path} is not callable")
         self.function: Callable[[dict[str, Any]], Any] = function
 
-    def __call__(self, update: dict[str, Any]) -> None:
+    def __call__(self, update: dict[str, Any], replay: bool = False) -> None:
         try:
             self.function(update)
         except DeliveryError:
@@ -351,6 +354,7 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False)
         ctx.logger.info("update already finished, not delivered again", update=job)
         return None
     done = {k.decode() for k in fields if k.startswith(b"done:")}
+    replay = b"replay" in fields  # queued again by `intergiro-receiver replay`
     if attempt > destination.max_attempts:
         # Only after attempts that never reported back (their worker died): give up like any last attempt.
         last_error = fields.get(b"last_error", b"worker stopped during the attempt").decode()
@@ -366,7 +370,7 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False)
     for n, target in enumerate(pending):
         tried.append(target.name)
         try:
-            http_status = target(update) or http_status
+            http_status = target(update, replay=replay) or http_status
         except DeliveryError as exc:
             failure = exc
             http_status = exc.http_status
@@ -389,12 +393,13 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False)
     def history(outcome: str) -> bytes:
         error = None if failure is None else str(failure)
         return attempt_entry(
-            update["id"], update["order_id"], at, target_names, outcome, http_status, error, elapsed * 1000
-        )
+            update["id"], update["order_id"], at, target_names, outcome, http_status, error, elapsed * 1000,
+            replay,
+        )  # fmt: skip
 
     logged = {  # the attempt, as its log line says it
         "update": update["id"], "order": update["order_id"], "attempt": attempt, "target": target_names,
-        "http_status": http_status, "duration_ms": round(elapsed * 1000, 1),
+        "http_status": http_status, "duration_ms": round(elapsed * 1000, 1), **({"replay": True} if replay else {}),
     }  # fmt: skip
     if failure is None:
         # Delivered: the chain's next step and the attempt's metrics in one script run, before RQ records

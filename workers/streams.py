@@ -20,7 +20,7 @@ class StreamTarget:
         self.key = key
         self.maxlen = maxlen
 
-    def __call__(self, update: dict[str, Any]) -> None:
+    def __call__(self, update: dict[str, Any], replay: bool = False) -> None:
         """Nothing to send: the finishing step appends the update (see the module's docstring)."""
 
     @property

@@ -25,7 +25,7 @@ from tests.chaos.intergiro import EVENTS, Sender, plan_callbacks
 from tests.chaos.merchant import IdempotentMerchant
 from tests.conftest import pem_public
 from tests.processes import RedisServer, free_port, start_command, stop
-from tests.sink import SECRET, wait_for
+from tests.sink import SECRET, log_events, wait_for
 
 ORDERS = 1000  # x 3 events = 3,000 unique events
 REPLAYS = 2000
@@ -217,10 +217,14 @@ async def test_under_receiver_worker_and_redis_kills_every_event_is_applied_once
     # A redelivery is expected only of an update whose first delivery was in hand when a worker or Redis
     # died (the merchant answered, but the worker could not record it): a POST at most one delivery
     # timeout (2 s) plus the merchant's slow answer before the fault, or during the outage.
+    # Or one whose earlier attempt timed out at the worker while the merchant (this test's busy loop,
+    # with every worker's deliveries in flight) had not yet answered it: at least once, as documented.
+    timed_out = timed_out_updates(tmp_path)
     unexplained = {
         key: posts
         for key, posts in http_duplicates.items()
-        if not any(
+        if key not in timed_out
+        and not any(
             start - 5 <= posts[0].at <= end for name, start, end in faults if name != "receiver SIGKILL"
         )
     }
@@ -254,3 +258,13 @@ async def test_under_receiver_worker_and_redis_kills_every_event_is_applied_once
     assert not unexplained, f"redelivered without a worker or Redis kill around it: {sorted(unexplained)}"
     assert merchant.bad_signatures == 0 and failed_jobs == len(refused)
     assert alive == {"receiver": True, "worker-b": True, "worker-c": True}, "a process died by itself"
+
+
+def timed_out_updates(logs: Path) -> set[str]:
+    """The updates an attempt of which timed out at a worker, by the workers' logs."""
+    return {
+        e["update"]
+        for log in logs.glob("worker-*.log")
+        for e in log_events(log, "delivery retry scheduled")
+        if "timed out" in str(e.get("error"))
+    }

@@ -1,0 +1,221 @@
+"""`intergiro-receiver replay`: a window of updates sent again to one destination.
+
+It rebuilds the window's updates from Intergiro's order list (as `reconcile` reads it: the same update
+ids) and queues those the destination's filter passes into each order's chain for that destination
+only (receiver.chains REPLAY): in each order's sequence, with the delivery's own job id (so the same
+`webhook-id` and `Idempotency-Key`), marked as a replay (the history's attempt, the webhook's
+`webhook-replay: 1` header), without reading or writing the dedup markers (no other destination sees
+it, and it is no new event). An update the destination still has pending or dead-lettered is left as
+it is. A replay is bounded (REPLAY_MAX_WINDOW_SECONDS) and one runs per destination at a time (a
+redis-py Lock). A destination added later is backfilled the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from redis.exceptions import RedisError
+
+from receiver.chains import OrderChains
+from receiver.clock import utc_now
+from receiver.connections import sync_redis
+from receiver.destinations import MERCHANT, Destination
+from receiver.errors import BadCallback, report
+from receiver.history import replay_note
+from receiver.intergiro_api import ApiFailed, ApiRefused, OrderApi, new_session, order_id_of
+from receiver.logs import log
+from receiver.metrics import count
+from receiver.order import build_updates, parse_order
+from receiver.reconcile import Window, parse_duration
+from receiver.rediskeys import RedisKeys
+from receiver.settings import Settings
+from receiver.verify import Unrepresentable, repair_unwritable
+
+# How long one replay holds its destination's lock without renewing it (a replay of a long window
+# renews it as it goes): a replay killed mid-way frees its destination within this.
+LOCK_SECONDS = 300
+
+
+@dataclass
+class ReplaySummary:
+    destination: str
+    window: Window
+    dry_run: bool
+    orders_listed: int = 0
+    updates_matching: int = 0
+    queued: int = 0
+    skipped_pending: int = 0  # still pending or dead-lettered for the destination: left as they are
+    malformed: list[str | None] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "destination": self.destination,
+            "start": self.window.start.isoformat(),
+            "end": self.window.end.isoformat(),
+            "dry_run": self.dry_run,
+            "orders_listed": self.orders_listed,
+            "updates_matching": self.updates_matching,
+            "queued" if not self.dry_run else "would_queue": self.queued,
+            "skipped_pending": self.skipped_pending,
+            "malformed": self.malformed,
+            "errors": self.errors,
+        }
+
+    def as_text(self) -> str:
+        verb = "would queue" if self.dry_run else "queued"
+        return (
+            f"replay to {self.destination}, orders created {self.window.start} .. {self.window.end}:"
+            f" {self.orders_listed} orders listed, {self.updates_matching} updates for {self.destination},"
+            f" {verb} {self.queued}, {self.skipped_pending} still pending or dead-lettered (left as they are)"
+            + (f", {len(self.malformed)} malformed orders skipped" if self.malformed else "")
+        )
+
+
+def window_of(args: argparse.Namespace, settings: Settings, now: float) -> Window:
+    """The window asked for, within REPLAY_MAX_WINDOW_SECONDS; ValueError names what is wrong."""
+    if (args.start is None) != (args.end is None):
+        raise ValueError("--start and --end go together")
+    if args.start is not None:
+        window = Window.between(args.start, args.end)
+    elif args.since:
+        seconds = parse_duration(args.since)
+        if seconds > settings.replay_max_window_seconds:
+            raise ValueError(
+                f"--since {args.since}: longer than REPLAY_MAX_WINDOW_SECONDS ({settings.replay_max_window_seconds} s)"
+            )
+        window = Window.since(seconds, now)
+    else:
+        raise ValueError("give the window: --since DURATION, or --start DATE --end DATE")
+    if len(window.days()) * 86400 > settings.replay_max_window_seconds + 86400:
+        raise ValueError(
+            f"the window is longer than REPLAY_MAX_WINDOW_SECONDS ({settings.replay_max_window_seconds} s)"
+        )
+    return window
+
+
+class Replayer:
+    """Lists a window's orders and queues their updates again for one destination."""
+
+    def __init__(self, settings: Settings, destination: Destination, redis: Any, dry_run: bool) -> None:
+        keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+        self.keys = keys if destination.name == MERCHANT else keys.for_destination(destination.name)
+        self.destination = destination
+        self.redis = redis
+        self.chains = OrderChains(redis, self.keys, settings.history_retention_seconds)
+        self.dry_run = dry_run
+
+    def order(self, raw: Any, only: str | None, summary: ReplaySummary) -> None:
+        order_id = order_id_of(raw)
+        if only is not None and order_id != only:
+            return
+        summary.orders_listed += 1
+        try:
+            order, repaired = repair_unwritable(raw)
+            updates = build_updates(
+                parse_order(order), received_at=utc_now(), verified_by="api", repaired=repaired
+            )
+        except (
+            BadCallback,
+            Unrepresentable,
+            TypeError,
+            ValueError,
+            KeyError,
+            ArithmeticError,
+            RecursionError,
+        ):
+            summary.malformed.append(order_id)
+            log.warning("malformed order in the order list; not replayed", order=order_id)
+            return
+        mine = [u for u in updates if self.destination.matches(u)]
+        if not mine:
+            return
+        summary.updates_matching += len(mine)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for update in mine:
+                job = self.keys.job_id(update["id"])
+                pipe.exists(self.keys.rq_job(job))
+                pipe.hexists(self.keys.dead_letters, job)
+            answers = pipe.execute()
+        held = sum(1 for n in range(len(mine)) if answers[2 * n] or answers[2 * n + 1])
+        if self.dry_run:
+            summary.queued += len(mine) - held
+            summary.skipped_pending += held
+            return
+        queued = self.chains.replay(mine, history=replay_note(utc_now(), self.destination.name))
+        summary.queued += queued
+        summary.skipped_pending += len(mine) - queued
+
+
+async def list_and_replay(
+    settings: Settings,
+    replayer: Replayer,
+    window: Window,
+    only: str | None,
+    summary: ReplaySummary,
+    lock: Any,
+) -> None:
+    async with new_session(settings) as session:
+        api = OrderApi(session, settings)
+        for day in window.days():
+            async for page in api.pages(day):
+                for raw in page:
+                    replayer.order(raw, only, summary)
+                if lock is not None:
+                    lock.extend(LOCK_SECONDS, replace_ttl=True)
+
+
+def run_replay(settings: Settings, args: argparse.Namespace) -> int:
+    """The whole command; returns its exit code (2: a usage error, 1: the replay failed or is running)."""
+    destination = settings.destination(args.destination)
+    if destination is None:
+        configured = ", ".join(d.name for d in settings.destinations)
+        report("replay", f"--destination {args.destination}: not a configured destination ({configured})")
+        return 2
+    if not settings.intergiro_api_key:
+        report("replay", "INTERGIRO_API_KEY: required to list orders")
+        return 2
+    try:
+        window = window_of(args, settings, time.time())
+    except ValueError as exc:
+        report("replay", str(exc))
+        return 2
+    summary = ReplaySummary(destination.name, window, args.dry_run)
+    redis = sync_redis(settings, timeout=10)
+    replayer = Replayer(settings, destination, redis, args.dry_run)
+    lock = None
+    try:
+        if not args.dry_run:
+            lock = redis.lock(replayer.keys.replay_lock, timeout=LOCK_SECONDS, blocking=False)
+            if not lock.acquire():
+                report("replay", f"a replay to {destination.name} is running already; try again when it ends")
+                return 1
+        try:
+            asyncio.run(list_and_replay(settings, replayer, window, args.order, summary, lock))
+        except (ApiRefused, ApiFailed) as exc:
+            summary.errors.append(str(exc))
+        except RedisError as exc:
+            summary.errors.append(f"REDIS_URL: Redis not reachable ({type(exc).__name__})")
+        if not args.dry_run and summary.queued:
+            count(
+                redis, replayer.keys, "intergiro_replayed_updates_total", summary.queued, **destination.label
+            )
+        log.info("replay", **summary.as_json())
+    finally:
+        if lock is not None and lock.owned():
+            lock.release()
+        redis.close()
+    if args.json:
+        sys.stdout.write(orjson.dumps(summary.as_json()).decode() + "\n")
+    else:
+        print(summary.as_text())
+    if summary.errors:
+        report("replay", summary.errors[-1])
+        return 1
+    return 0
