@@ -8,6 +8,7 @@ import asyncio
 import os
 import random
 import signal
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,17 +43,22 @@ async def post_orders(receiver: Any, key: Any, prefix: str, count: int, events: 
 
 
 async def test_one_process_keeps_delivery_concurrency_requests_open_and_rq_counts_them(
-    receiver: Any, rsa_key: Any, sink: Sink, workers: Any, sync_redis: Any
+    receiver: Any, rsa_key: Any, sink: Sink, workers: Any, sync_redis: Any, redis_url: str
 ) -> None:
-    sink.answer = lambda _id, _n: (200, {}, 2.0)
+    sink.answer = lambda _id, _n: (200, {}, 6.0)
     ids = await post_orders(receiver, rsa_key, "SlowMerchant", 12)
-    workers(**webhook_settings(sink, delivery_concurrency=8, delivery_timeout_seconds=5))
+    workers(**webhook_settings(sink, delivery_concurrency=8, delivery_timeout_seconds=10))
     await wait_for(lambda: len(sink.received) == 8, what="eight requests open at once")
     assert sink.open_now == 8
     assert started_jobs(sync_redis) == 8  # RQ's StartedJobRegistry: each open request is a started job
     [worker] = Worker.all(connection=sync_redis, serializer=JSONSerializer)
     assert worker.get_state() == "busy"
     assert len(worker.get_current_executions(refresh=True)) == 8
+    info = await asyncio.to_thread(
+        subprocess.run, ["rq", "info", "--url", redis_url, "--serializer", "json", QUEUE],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert "4, 8 executing" in info.stdout and "): busy order-updates" in info.stdout, info.stdout  # rq info
     await asyncio.sleep(0.5)
     assert len(sink.received) == 8  # the ninth waits on the queue for a thread, not started
     assert queued_jobs(sync_redis) == 4
