@@ -277,8 +277,12 @@ def worker_env(redis_url: str, **settings: Any) -> dict[str, str]:
         and k.upper() not in PROXY_VARIABLES
     }
     # WORKER_METRICS_PORT 0: no worker binds the default port, which another run may hold.
+    # DELIVERY_CONCURRENCY 4: still several deliveries in flight, but the tests' sinks answer on the test's
+    # own loop, and 32 at once from every worker process would make a busy machine answer past the 1 s
+    # timeout (a redelivery, rightly, that tests of "exactly once" would then see). The concurrency tests
+    # set their own.
     env.update(REDIS_URL=redis_url, LOG_FORMAT="json", LOG_LEVEL="INFO", DELIVERY_TIMEOUT_SECONDS="1",
-               WORKER_METRICS_PORT="0")  # fmt: skip
+               WORKER_METRICS_PORT="0", DELIVERY_CONCURRENCY="4")  # fmt: skip
     env.update({k.upper(): str(v) for k, v in settings.items()})
     return env
 

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,3 +85,12 @@ async def wait_for(condition: Callable[[], bool], seconds: float = 30.0, what: s
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+_DELIVERY_THREAD = ThreadPoolExecutor(1, thread_name_prefix="test-delivery")
+
+
+async def in_delivery_thread(call: Callable[..., Any], *args: Any) -> Any:
+    """`call(*args)` on the one thread kept for it, as a worker's delivery thread POSTs: a merchant
+    connection is kept alive per thread (asyncio.to_thread may pick another thread each time)."""
+    return await asyncio.get_running_loop().run_in_executor(_DELIVERY_THREAD, call, *args)

@@ -22,7 +22,7 @@ from receiver.settings import Settings
 from tests.certificates import TestCA
 from tests.helpers import JWT, card_order, token
 from tests.processes import free_port
-from tests.sink import SECRET, Sink, wait_for
+from tests.sink import SECRET, Sink, in_delivery_thread, wait_for
 from workers.delivery import DeliveryError, PermanentDeliveryError, WebhookTarget, build_targets
 from workers.merchant_http import bypasses_proxy
 
@@ -123,7 +123,7 @@ async def test_an_http_merchant_is_posted_to_through_http_proxy_with_the_proxys_
     proxy_url = proxy.url.replace("http://", "http://relay:pa%20ss@")
     target = webhook_target(MERCHANT_WEBHOOK_URL=url, HTTP_PROXY=proxy_url, HTTPS_PROXY=proxy.url)
     for n in (1, 2):
-        await asyncio.to_thread(target, update(n))
+        await in_delivery_thread(target, update(n))
     assert [r.headers["webhook-id"] for r in merchant.received] == ["order1-0-order", "order2-0-order"]
     assert proxy.forwarded == 2 and proxy.tunnels == 0
     assert proxy.authorizations == ["Basic " + base64.b64encode(b"relay:pa ss").decode()] * 2
@@ -142,12 +142,12 @@ async def test_an_https_merchant_is_posted_to_through_a_connect_tunnel_of_https_
     monkeypatch.setenv("SSL_CERT_FILE", str(ca.cert))
     target = webhook_target(MERCHANT_WEBHOOK_URL=url, HTTPS_PROXY=proxy.url, NO_PROXY="merchant.test")
     for n in (1, 2, 3):
-        await asyncio.to_thread(target, update(n))
+        await in_delivery_thread(target, update(n))
     assert len(merchant.received) == 3
     assert (proxy.tunnels, proxy.forwarded) == (1, 0)  # the tunnel is the kept-alive connection
 
     direct = webhook_target(MERCHANT_WEBHOOK_URL=url, HTTP_PROXY=proxy.url)  # HTTP_PROXY: http:// only
-    await asyncio.to_thread(direct, update(4))
+    await in_delivery_thread(direct, update(4))
     assert len(merchant.received) == 4 and proxy.tunnels == 1
 
 
@@ -160,7 +160,7 @@ async def test_no_proxy_naming_the_merchant_sends_the_post_directly(
     target = webhook_target(
         MERCHANT_WEBHOOK_URL=url, HTTP_PROXY=proxy.url, HTTPS_PROXY=proxy.url, NO_PROXY=no_proxy
     )
-    await asyncio.to_thread(target, update(1))
+    await in_delivery_thread(target, update(1))
     assert len(merchant.received) == 1
     assert (proxy.forwarded, proxy.tunnels, proxy.authorizations) == (0, 0, [])
 
@@ -170,9 +170,9 @@ async def test_the_lower_case_proxy_variables_count_when_the_upper_case_ones_are
 ) -> None:
     merchant = Sink()
     url = str((await aiohttp_server(merchant.app())).make_url("/hooks"))
-    await asyncio.to_thread(webhook_target(MERCHANT_WEBHOOK_URL=url, http_proxy=proxy.url), update(1))
+    await in_delivery_thread(webhook_target(MERCHANT_WEBHOOK_URL=url, http_proxy=proxy.url), update(1))
     assert proxy.forwarded == 1
-    await asyncio.to_thread(
+    await in_delivery_thread(
         webhook_target(MERCHANT_WEBHOOK_URL=url, http_proxy=proxy.url, no_proxy="127.0.0.1"), update(2)
     )
     assert proxy.forwarded == 1 and len(merchant.received) == 2
@@ -187,7 +187,7 @@ async def test_a_proxy_that_is_not_listening_is_a_retryable_failure_naming_the_p
         MERCHANT_WEBHOOK_URL=url, HTTP_PROXY=f"http://relay:hunter2@127.0.0.1:{free_port()}"
     )
     with pytest.raises(DeliveryError, match="proxy") as raised:
-        await asyncio.to_thread(target, update(1))
+        await in_delivery_thread(target, update(1))
     assert raised.value.retryable and "hunter2" not in str(raised.value)
     assert merchant.received == []
 
@@ -213,7 +213,7 @@ async def test_credentials_in_the_url_are_sent_as_basic_auth(aiohttp_server: Any
     merchant = Sink()
     url = str((await aiohttp_server(merchant.app())).make_url("/hooks"))
     target = webhook_target(MERCHANT_WEBHOOK_URL=url.replace("http://", "http://shop%2B1:s3cr%40t@"))
-    await asyncio.to_thread(target, update(1))
+    await in_delivery_thread(target, update(1))
     [received] = merchant.received
     assert received.headers["Authorization"] == "Basic " + base64.b64encode(b"shop+1:s3cr@t").decode()
     with_credentials = {
@@ -235,7 +235,7 @@ async def test_an_ipv6_merchant_gets_a_bracketed_host_header(aiohttp_server: Any
     url = f"http://[::1]:{running.port}/hooks"
     target = webhook_target(MERCHANT_WEBHOOK_URL=url, HTTP_PROXY="http://127.0.0.1:9", NO_PROXY="::1")
     for n in (1, 2):
-        await asyncio.to_thread(target, update(n))
+        await in_delivery_thread(target, update(n))
     assert [r.headers["Host"] for r in merchant.received] == [f"[::1]:{running.port}"] * 2
     assert len({r.port for r in merchant.received}) == 1
 
@@ -245,7 +245,7 @@ async def test_a_redirect_is_an_answer_not_followed(aiohttp_server: Any) -> None
     merchant.answer = lambda _id, _n: (302, {"Location": "/hooks"}, 0.0)
     url = str((await aiohttp_server(merchant.app())).make_url("/hooks"))
     with pytest.raises(PermanentDeliveryError, match="HTTP 302"):
-        await asyncio.to_thread(webhook_target(MERCHANT_WEBHOOK_URL=url), update(1))
+        await in_delivery_thread(webhook_target(MERCHANT_WEBHOOK_URL=url), update(1))
     assert len(merchant.received) == 1
 
 
@@ -255,7 +255,7 @@ async def test_a_forked_worker_opens_its_own_connection_and_leaves_its_parents_a
     merchant = Sink()
     url = str((await aiohttp_server(merchant.app())).make_url("/hooks"))
     target = webhook_target(MERCHANT_WEBHOOK_URL=url)
-    await asyncio.to_thread(target, update(1))
+    await in_delivery_thread(target, update(1))
     pid = os.fork()
     if pid == 0:  # the child: one POST on a connection of its own, then out without any cleanup
         code = 1
@@ -266,7 +266,7 @@ async def test_a_forked_worker_opens_its_own_connection_and_leaves_its_parents_a
             os._exit(code)
     _, status = await asyncio.to_thread(os.waitpid, pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    await asyncio.to_thread(target, update(3))
+    await in_delivery_thread(target, update(3))
     parent_first, child, parent_again = (r.port for r in merchant.received)
     assert parent_first == parent_again != child
 

@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 from standardwebhooks.webhooks import Webhook
 
 from tests.processes import free_port
-from tests.sink import SECRET, Sink
+from tests.sink import SECRET, Sink, in_delivery_thread
 from workers.delivery import DeliveryError, PermanentDeliveryError, TargetNotConfigured, WebhookTarget
 
 
@@ -37,7 +37,7 @@ async def test_deliveries_share_one_kept_alive_connection_and_are_signed(aiohttp
     merchant = Sink()
     target = await start(aiohttp_server, merchant)
     for n in range(5):
-        await asyncio.to_thread(target, update(n))
+        await in_delivery_thread(target, update(n))
     assert len({r.port for r in merchant.received}) == 1
     for n, received in enumerate(merchant.received):
         assert Webhook(SECRET).verify(received.body, received.headers)["id"] == f"order{n}-0-order"
@@ -49,9 +49,9 @@ async def test_a_connection_the_merchant_closed_while_idle_is_reopened_and_the_u
 ) -> None:
     merchant = Sink()
     target = await start(aiohttp_server, merchant, keepalive_timeout=0.05)
-    await asyncio.to_thread(target, update(1))
+    await in_delivery_thread(target, update(1))
     await asyncio.sleep(0.3)  # the merchant closes the idle connection; the worker has not noticed
-    await asyncio.to_thread(target, update(2))
+    await in_delivery_thread(target, update(2))
     assert [r.headers["webhook-id"] for r in merchant.received] == ["order1-0-order", "order2-0-order"]
     assert merchant.received[0].port != merchant.received[1].port
 
@@ -64,8 +64,8 @@ async def test_a_long_answer_is_not_read_in_full_and_the_next_post_goes_through(
     merchant = Sink()
     merchant.answer_body = b"x" * answer_bytes
     target = await start(aiohttp_server, merchant)
-    await asyncio.to_thread(target, update(1))
-    await asyncio.to_thread(target, update(2))
+    await in_delivery_thread(target, update(1))
+    await in_delivery_thread(target, update(2))
     assert len(merchant.received) == 2
     assert len({r.port for r in merchant.received}) == connections
 
@@ -78,14 +78,14 @@ async def test_an_error_answer_is_a_delivery_error_with_the_merchants_retry_afte
     merchant.answer = lambda _id, _n: (status, {"Retry-After": "7"}, 0.0)
     target = await start(aiohttp_server, merchant)
     with pytest.raises(DeliveryError) as raised:
-        await asyncio.to_thread(target, update(1))
+        await in_delivery_thread(target, update(1))
     assert raised.value.retryable is retryable
     assert isinstance(raised.value, PermanentDeliveryError) is not retryable
     assert f"HTTP {status}" in str(raised.value)
     if retryable:
         assert raised.value.retry_after == 7.0
     merchant.answer = lambda _id, _n: (200, {}, 0.0)
-    await asyncio.to_thread(target, update(2))  # the connection is still good for the next update
+    await in_delivery_thread(target, update(2))  # the connection is still good for the next update
 
 
 async def test_a_merchant_slower_than_the_timeout_is_a_retryable_failure(aiohttp_server: Any) -> None:
@@ -93,7 +93,7 @@ async def test_a_merchant_slower_than_the_timeout_is_a_retryable_failure(aiohttp
     merchant.answer = lambda _id, _n: (200, {}, 3.0)
     target = await start(aiohttp_server, merchant)
     with pytest.raises(DeliveryError, match="TimeoutError") as raised:
-        await asyncio.to_thread(target, update(1))
+        await in_delivery_thread(target, update(1))
     assert raised.value.retryable
     assert len(merchant.received) == 1  # a timed-out POST is not sent again within the attempt
 
@@ -101,7 +101,7 @@ async def test_a_merchant_slower_than_the_timeout_is_a_retryable_failure(aiohttp
 async def test_a_merchant_not_listening_is_a_retryable_failure() -> None:
     target = WebhookTarget(f"http://127.0.0.1:{free_port()}/hooks", SECRET, timeout_seconds=1.0)
     with pytest.raises(DeliveryError, match="ConnectionRefusedError") as raised:
-        await asyncio.to_thread(target, update(1))
+        await in_delivery_thread(target, update(1))
     assert raised.value.retryable
 
 
@@ -156,8 +156,8 @@ async def test_a_kept_alive_answer_is_read_whole_and_the_connection_reused(
 ) -> None:
     merchant = CannedMerchant((answer, False), (OK_EMPTY, False))
     target = WebhookTarget(await merchant.start(), SECRET, timeout_seconds=1.0)
-    await asyncio.to_thread(target, update(1))
-    await asyncio.to_thread(target, update(2))
+    await in_delivery_thread(target, update(1))
+    await in_delivery_thread(target, update(2))
     assert (len(merchant.requests), merchant.connections) == (2, 1), what
 
 
@@ -168,9 +168,9 @@ async def test_an_informational_answer_before_the_final_one_is_retried_on_a_new_
     merchant = CannedMerchant((early_hints, False), (OK_EMPTY, False))
     target = WebhookTarget(await merchant.start(), SECRET, timeout_seconds=1.0)
     with pytest.raises(DeliveryError, match="informational answer") as raised:
-        await asyncio.to_thread(target, update(1))
+        await in_delivery_thread(target, update(1))
     assert raised.value.retryable
-    await asyncio.to_thread(target, update(2))
+    await in_delivery_thread(target, update(2))
     assert (len(merchant.requests), merchant.connections) == (2, 2)
 
 
@@ -186,8 +186,8 @@ async def test_an_answer_that_ends_the_connection_is_taken_and_the_next_post_ope
 ) -> None:
     merchant = CannedMerchant((answer, True), (OK_EMPTY, False))
     target = WebhookTarget(await merchant.start(), SECRET, timeout_seconds=1.0)
-    await asyncio.to_thread(target, update(1))
-    await asyncio.to_thread(target, update(2))
+    await in_delivery_thread(target, update(1))
+    await in_delivery_thread(target, update(2))
     assert (len(merchant.requests), merchant.connections) == (2, 2)
 
 
@@ -213,7 +213,7 @@ async def test_an_unreadable_or_missing_answer_is_a_retryable_failure_and_not_se
     merchant = CannedMerchant((answer, True))
     target = WebhookTarget(await merchant.start(), SECRET, timeout_seconds=1.0)
     with pytest.raises(DeliveryError, match=error) as raised:
-        await asyncio.to_thread(target, update(1))
+        await in_delivery_thread(target, update(1))
     assert raised.value.retryable
     assert len(merchant.requests) == 1
 
@@ -252,20 +252,20 @@ async def test_an_https_merchant_is_posted_to_when_its_certificate_is_trusted_an
 
     untrusting = WebhookTarget(url, SECRET, timeout_seconds=1.0)
     with pytest.raises(DeliveryError, match="SSLCertVerificationError") as raised:
-        await asyncio.to_thread(untrusting, update(1))
+        await in_delivery_thread(untrusting, update(1))
     assert raised.value.retryable and merchant.received == []
 
     monkeypatch.setenv("SSL_CERT_FILE", str(cert_path))  # the default context trusts it from now on
     trusting = WebhookTarget(url, SECRET, timeout_seconds=1.0)
     for n in (2, 3):
-        await asyncio.to_thread(trusting, update(n))
+        await in_delivery_thread(trusting, update(n))
     assert len(merchant.received) == 2 and len({r.port for r in merchant.received}) == 1
 
 
 async def test_a_path_outside_ascii_is_sent_percent_encoded() -> None:
     merchant = CannedMerchant((OK_EMPTY, False))
     target = WebhookTarget((await merchant.start()).replace("/hooks", "/hoøks"), SECRET, timeout_seconds=1.0)
-    await asyncio.to_thread(target, update(1))
+    await in_delivery_thread(target, update(1))
     assert merchant.requests[0].startswith(b"POST /ho%C3%B8ks HTTP/1.1\r\n")
 
 
