@@ -29,7 +29,7 @@ from receiver.clock import utc_now
 from receiver.connections import sync_redis
 from receiver.destinations import MERCHANT, Destination, queue_name
 from receiver.history import attempt_entry
-from receiver.logs import log
+from receiver.logs import LoggedOutcome, log
 from receiver.metrics import count, counter_increment, observation_increments
 from receiver.rediskeys import RedisKeys
 from receiver.retry_after import parse_retry_after
@@ -60,10 +60,11 @@ class PermanentDeliveryError(DeliveryError):
     retryable = False
 
 
-class DeadLettered(Exception):
+class DeadLettered(LoggedOutcome):
     """Raised by the job once its update is in the dead-letter queue, so that RQ records the job as
     failed (RQ's FailedJobRegistry, where `rq info` and rq-dashboard count it). `intergiro-receiver dlq
-    requeue` is the way back: it puts the update into its order's chain again, in order."""
+    requeue` is the way back: it puts the update into its order's chain again, in order. Logged once,
+    by `dead_letter`: RQ's own line with its traceback is left out (receiver.logs)."""
 
 
 class TargetNotConfigured(Exception):
@@ -401,7 +402,7 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False)
         return None
     error, error_at = str(failure), utc_now()
     if not failure.retryable or attempt >= destination.max_attempts:
-        dead_letter(ctx, update, attempt, error, error_at, attempt_counters, history("dead_lettered"))
+        dead_letter(ctx, update, attempt, error, error_at, attempt_counters, history("dead_lettered"), logged)
         raise DeadLettered(error)
     delay = backoff_delay(attempt, destination.backoff_seconds, failure.retry_after)
     due = time.time() + delay
@@ -428,9 +429,11 @@ def dead_letter(
     error_at: str,
     counters: list[tuple[str, float]] | None = None,
     history: bytes | None = None,
+    logged: dict[str, Any] | None = None,
 ) -> None:
     """Move the update to the dead-letter queue and release its order (atomically, see receiver.chains),
-    adding `counters` (the last attempt's metrics) and its `history` entry in the same step."""
+    adding `counters` (the last attempt's metrics) and its `history` entry in the same step. `logged`:
+    the last attempt, as its log line says it."""
     name = ctx.destination.name
     if history is None:  # no attempt of its own (its earlier ones never reported back)
         history = attempt_entry(
@@ -451,10 +454,11 @@ def dead_letter(
     next_head = ctx.chains.finish(
         update, orjson.dumps(entry), counters=[*(counters or ()), ctx.outcomes.dead_lettered], history=history
     )
+    attempt = logged or {"update": update["id"], "order": update["order_id"], "attempt": attempts}
     ctx.logger.warning(
         "update dead-lettered",
-        update=entry["id"],
-        attempts=attempts,
+        **attempt,
+        destination=name,
         error=error,
         next_update_of_order=next_head,
     )

@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from receiver import __version__
 from receiver.chains import OrderChains
 from receiver.connections import sync_redis
 from receiver.destinations import PROCESSES_PER_DESTINATION, REMOVED, Destination
@@ -61,6 +62,8 @@ def work(settings: Settings, burst: bool, destination: Destination | None = None
         destination=context.destination.name,
         pid=os.getpid(),
         burst=burst,
+        version=__version__,
+        settings=settings.summary(),
     )
     pause = 1.0
     try:
@@ -78,6 +81,7 @@ def work(settings: Settings, burst: bool, destination: Destination | None = None
             pause = min(pause * 2, MAX_RESTART_PAUSE_SECONDS)
     finally:
         maintenance.stopping.set()
+        log.info("worker stopped", queue=queue_name)
     return 0
 
 

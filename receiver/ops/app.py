@@ -23,6 +23,7 @@ from aiohttp import web
 from redis import Redis
 from redis.exceptions import RedisError
 
+from receiver import __version__
 from receiver.app import stop_signal
 from receiver.chains import OrderChains
 from receiver.connections import sync_redis
@@ -468,8 +469,15 @@ def run_ops(settings: Settings) -> int:
             "OPS_TOKEN is required (at least 32 characters; e.g. "
             '`python3 -c "import secrets; print(secrets.token_urlsafe(32))"`)'
         )
-    log.info("ops console starting", host=settings.ops_host, port=settings.ops_port)
+    log.info(
+        "ops console starting",
+        host=settings.ops_host,
+        port=settings.ops_port,
+        version=__version__,
+        settings=settings.summary(),
+    )
     asyncio.run(_serve(settings))
+    log.info("ops console stopped")
     return 0
 
 
