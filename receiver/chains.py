@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 from redis import Redis
+from redis.client import Pipeline
 
 from receiver.clock import utc_now
 from receiver.destinations import MERCHANT, REMOVED
@@ -490,11 +491,19 @@ class OrderChains:
 
     def requeue(self, update: dict[str, Any], update_json: bytes) -> bool:
         """Put a dead-lettered update back into its order's chain; False when it was not dead-lettered."""
+        keys, args = self._requeue_call(update, update_json)
+        return bool(self._requeue(keys=keys, args=args))
+
+    def requeue_on(self, pipe: Pipeline, update: dict[str, Any], update_json: bytes) -> None:
+        """`requeue`, queued on `pipe`: its answer (0: it was not dead-lettered) comes with the pipeline's."""
+        keys, args = self._requeue_call(update, update_json)
+        self._requeue(keys=keys, args=args, client=pipe)
+
+    def _requeue_call(self, update: dict[str, Any], update_json: bytes) -> tuple[list[Any], list[Any]]:
         k = self.keys
         job = k.job_id(update["id"])
         keys = [*self._chain_keys(update["order_id"]), k.rq_job(job), k.delivery(job), k.rq_failed]
-        args = [*chain_args(update["order_id"]), job, update_json]
-        return bool(self._requeue(keys=keys, args=args))
+        return keys, [*chain_args(update["order_id"]), job, update_json]
 
     def drop_all(self, reason: str = REMOVED) -> int:
         """Dead-letter every unfinished delivery of this destination with `reason` (it was removed from

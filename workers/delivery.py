@@ -451,6 +451,8 @@ def dead_letter(
     }
     if name != MERCHANT:
         entry["destination"] = name
+    if logged and logged.get("http_status") is not None:
+        entry["http_status"] = logged["http_status"]
     next_head = ctx.chains.finish(
         update, orjson.dumps(entry), counters=[*(counters or ()), ctx.outcomes.dead_lettered], history=history
     )
