@@ -275,3 +275,18 @@ async def test_an_operator_pages_through_ten_thousand_dead_letters_and_requeues_
 
     await step(purge_all)
     assert sync_redis.hlen(dead_letters) == 0
+
+    def overview_refreshes_itself_once_asked() -> None:
+        follow(browser, browser.find_element(By.LINK_TEXT, "Overview"))
+        assert texts(browser, 'tr.destination[data-name="merchant"] td')[:4] == [
+            "merchant",
+            "450",
+            "0",
+            "0",
+        ]  # requeued, no worker running
+        at = browser.find_element(By.ID, "overview-at").text
+        browser.find_element(By.ID, "auto-refresh").click()
+        until(browser, lambda: browser.find_element(By.ID, "overview-at").text != at)
+        assert browser.find_element(By.ID, "auto-refresh").is_selected()  # still on after the reload
+
+    await step(overview_refreshes_itself_once_asked)

@@ -11,6 +11,7 @@ import pytest
 import redis
 import structlog
 
+from receiver.chains import OrderChains
 from receiver.destinations import Destination
 from receiver.ops.app import create_ops_app
 from receiver.rediskeys import RedisKeys
@@ -114,3 +115,20 @@ async def test_the_dead_letter_page_shows_one_page_of_ten_thousand_newest_first_
     assert "0 matching (10200 in all)" in erp  # no answer is no HTTP status
     erp = await (await ops.get("/dlq?destination=erp")).text()
     assert "1-50 of 200 matching (10200 in all)" in erp and "Requeue all 200 matching" in erp
+
+
+async def test_the_retrying_page_pages_through_ten_thousand_soonest_first_with_n_of_m(
+    ops: Any, sync_redis: redis.Redis, scale_settings: Settings
+) -> None:
+    chains = OrderChains(sync_redis, RedisKeys())
+    soon = time.time() + 3600
+    for n in range(10_000):  # the workers' own step that schedules a retry
+        order_id = f"Retrying{n:07d}"
+        update = {"id": f"{order_id}-0-order", "order_id": order_id}
+        chains.schedule_retry(update, soon + n, "merchant answered HTTP 503", "2026-01-01T00:00:00Z", [])
+    await ops.post("/login", data={"token": TOKEN, "next": "/"}, allow_redirects=False)
+    page = await (await ops.get("/retrying?per=200&page=3")).text()
+    assert "401-600 of 10000 waiting" in page and "page 3 of 50" in page
+    rows = re.findall(r'<tr class="retrying" data-id="([^"]+)"', page)
+    assert rows == [f"Retrying{n:07d}-0-order" for n in range(400, 600)]
+    assert "0 waiting" in await (await ops.get("/retrying?destination=erp")).text()
