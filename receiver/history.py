@@ -30,6 +30,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from textwrap import indent
 from typing import Any
 
 import orjson
@@ -43,6 +44,10 @@ from receiver.settings import Settings
 
 NUMBER_INDEX_CHARS = 128  # a longer merchant order number is not indexed (it would make a long key)
 ERROR_CHARS = 200
+HEADER_CHARS = 100  # of an answer's Retry-After or Content-Type
+ANSWER_BODY_BYTES = 1024
+# Control characters of an answer's body (a terminal's escape sequences among them) are not kept as such.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 REQUEST_ID_CHARS = 64
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,64}")
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
@@ -87,11 +92,22 @@ def attempt_entry(
     http_status: int | None,
     error: str | None,
     duration_ms: float,
+    retry_after: str | None = None,
+    content_type: str | None = None,
+    body: bytes = b"",
 ) -> bytes:
-    """One delivery attempt: `outcome` is `delivered`, `retry` or `dead_lettered`."""
+    """One delivery attempt: `outcome` is `delivered`, `retry` or `dead_lettered`; of the merchant's
+    answer its `Retry-After` and `Content-Type` as sent (cut short) and the start of its `body` (at most
+    ANSWER_BODY_BYTES, as text: invalid UTF-8 and control characters replaced)."""
+    said = {
+        "retry_after": clip(retry_after, HEADER_CHARS) if retry_after else None,
+        "content_type": clip(content_type, HEADER_CHARS) if content_type else None,
+        "body": _CONTROL.sub("\ufffd", body[:ANSWER_BODY_BYTES].decode("utf-8", "replace")) if body else None,
+    }
     return entry(
         "attempt", at, update=short_id(update_id, order_id), target=target or None, outcome=outcome, http_status=http_status,
         error=clip(error, ERROR_CHARS) if error else None, duration_ms=round(duration_ms, 1),
+        **{k: v for k, v in said.items() if v is not None},
     )  # fmt: skip
 
 
@@ -239,6 +255,9 @@ def story(entries: list[dict[str, Any]], order_id: str, live: LiveState) -> dict
                         "http_status": e.get("http_status"),
                         "error": e.get("error"),
                         "duration_ms": e.get("duration_ms"),
+                        "retry_after": e.get("retry_after"),
+                        "content_type": e.get("content_type"),
+                        "body": e.get("body"),
                     }
                 )
                 outcome = str(e.get("outcome"))
@@ -342,9 +361,12 @@ def render(document: dict[str, Any]) -> list[str]:
             )
             took = f" in {attempt['duration_ms']:g} ms" if attempt["duration_ms"] is not None else ""
             target = f" to {attempt['target']}" if attempt["target"] else ""
-            steps.append(
-                (attempt["at"], f"{update['id']} attempt{target}: {attempt['outcome']} ({answer}){took}")
-            )
+            said = f", Retry-After {attempt['retry_after']}" if attempt.get("retry_after") else ""
+            text = f"{update['id']} attempt{target}: {attempt['outcome']} ({answer}{said}){took}"
+            if attempt.get("body"):  # what the merchant said, under the attempt
+                text += f"\n{' ' * 28}answer ({attempt.get('content_type') or 'no Content-Type'}):\n"
+                text += indent(attempt["body"].rstrip(), " " * 30 + "| ")
+            steps.append((attempt["at"], text))
     lines = [f"order {document['order_id']} (merchant number {document['order_number'] or '-'})"]
     lines += [f"  {at}  {text}" for at, text in sorted(steps, key=lambda step: step[0] or "")]
     lines.append("  now:")

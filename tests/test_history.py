@@ -4,6 +4,7 @@ read it. Real Redis, a real receiver, real worker processes and a real HTTP sink
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import Callable
 from typing import Any
@@ -164,3 +165,35 @@ async def test_several_orders_sharing_a_merchant_number_are_all_shown_newest_fir
     code, out = cli("trace", "shop-shared", "--json")
     assert code == 0
     assert [d["order_id"] for d in json.loads(out)] == ["SharedNumber0002", "SharedNumber0001"]
+
+
+async def test_each_attempt_keeps_what_the_merchant_answered_cut_to_1_kib_without_our_credentials(
+    receiver: Any, rsa_key: Any, sink: Sink, workers: Any, cli: Any, sync_redis: Any
+) -> None:
+    """Its status, Retry-After, Content-Type, duration and the start of its body (a merchant echoing
+    our request's Authorization header gets it stored as ***)."""
+    basic = base64.b64encode(b"shop:pw-in-the-url").decode()
+    sink.answer_body = (f'{{"error": "unknown order", "you sent": "Basic {basic}", "pw": "pw-in-the-url", "pad": "'
+                        + "x" * 2000 + '"}').encode()  # fmt: skip
+    problem = {"Content-Type": "application/problem+json"}
+    sink.answer = lambda _id, n: (
+        (503, {**problem, "Retry-After": "1"}, 0.0) if n == 1 else (400, problem, 0.0)
+    )
+    url = sink.url.replace("http://", "http://shop:pw-in-the-url@")
+    workers(**webhook_settings(sink, merchant_webhook_url=url, delivery_max_attempts=3))
+    update_id = await post_dead_lettered(receiver, rsa_key, sync_redis, "AnsweredOrder001")
+    first, last = update_of(trace(cli, update_id), update_id)["attempts"]
+    assert (first["outcome"], first["http_status"], first["retry_after"], first["content_type"]) == (
+        "retry", 503, "1", "application/problem+json"
+    )  # fmt: skip
+    assert (last["outcome"], last["http_status"], last["retry_after"]) == ("dead_lettered", 400, None)
+    for attempt in (first, last):
+        assert attempt["body"].startswith('{"error": "unknown order", "you sent": "Basic ***", "pw": "***"')
+        assert len(attempt["body"].encode()) == 1024 and attempt["duration_ms"] >= 0  # cut after ***
+    assert "pw-in-the-url" not in json.dumps(
+        sync_redis.lrange(RedisKeys().history("AnsweredOrder001"), 0, -1), default=str
+    )
+    story = cli("trace", update_id)[1]
+    assert "dead_lettered (HTTP 400)" in story and "retry (HTTP 503, Retry-After 1)" in story
+    assert story.count("answer (application/problem+json):") == 2
+    assert '| {"error": "unknown order"' in story

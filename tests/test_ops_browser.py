@@ -163,6 +163,9 @@ async def test_an_operator_signs_in_requeues_a_dead_letter_and_watches_it_delive
     def open_the_entry_and_ask_to_requeue() -> None:
         follow(browser, browser.find_element(By.LINK_TEXT, update_id))
         assert "merchant answered HTTP 400" in browser.page_source
+        [attempt] = texts(browser, "#attempts tr.attempt")  # and what the merchant said
+        assert "dead_lettered" in attempt and "HTTP 400" in attempt and "text/plain" in attempt
+        assert browser.find_element(By.CSS_SELECTOR, "#attempts pre.answer").text == "no"
         shot(browser, "dlq-entry")
         follow(browser, browser.find_element(By.ID, "requeue-one"))
         assert texts(browser, "ul.ids li") == [update_id]

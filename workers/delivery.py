@@ -35,7 +35,7 @@ from receiver.rediskeys import RedisKeys
 from receiver.retry_after import parse_retry_after
 from receiver.rqstore import RETRY_BUDGET
 from receiver.settings import Settings
-from workers.merchant_http import AnswerError, ConnectionOptions, MerchantConnection
+from workers.merchant_http import Answer, AnswerError, ConnectionOptions, MerchantConnection
 
 MAX_BACKOFF_SECONDS = 3600.0
 USER_AGENT = "intergiro-receiver"
@@ -47,11 +47,16 @@ class DeliveryError(Exception):
     retryable = True
 
     def __init__(
-        self, message: str, retry_after: float | None = None, http_status: int | None = None
+        self,
+        message: str,
+        retry_after: float | None = None,
+        http_status: int | None = None,
+        answer: Answer | None = None,
     ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.http_status = http_status
+        self.answer = answer  # the merchant's, when it answered
 
 
 class PermanentDeliveryError(DeliveryError):
@@ -114,8 +119,8 @@ class WebhookTarget:
         except ValueError as exc:
             raise TargetNotConfigured(f"{setting}: {exc}") from None
 
-    def __call__(self, update: dict[str, Any]) -> int:
-        """POST the update; returns the merchant's 2xx status, raises DeliveryError otherwise."""
+    def __call__(self, update: dict[str, Any]) -> Answer:
+        """POST the update; returns the merchant's 2xx answer, raises DeliveryError otherwise."""
         body = orjson.dumps(update)
         sent_at = datetime.now(UTC)
         headers = {
@@ -127,15 +132,16 @@ class WebhookTarget:
             "Idempotency-Key": update["id"],
         }
         try:
-            status, retry_after = self.connection.post(body, headers)
+            answer = self.connection.post(body, headers)
         except (OSError, AnswerError) as exc:  # refused, timed out, reset, TLS, unreadable answer
             raise DeliveryError(f"POST failed: {type(exc).__name__}: {exc}") from None
+        status = answer.status
         if 200 <= status < 300:
-            return status
+            return answer
         message = f"merchant answered HTTP {status}"
         if is_retryable_status(status):
-            raise DeliveryError(message, parse_retry_after(retry_after), http_status=status)
-        raise PermanentDeliveryError(message, http_status=status)
+            raise DeliveryError(message, parse_retry_after(answer.retry_after), status, answer)
+        raise PermanentDeliveryError(message, http_status=status, answer=answer)
 
 
 class HandlerTarget:
@@ -356,15 +362,15 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False)
     pending = [t for t in ctx.targets if f"done:{t.name}" not in done]  # others took it in an earlier attempt
     at, started = utc_now(), time.perf_counter()
     failure: DeliveryError | None = None
-    http_status: int | None = None
+    answer: Answer | None = None  # the last one a webhook target got
     tried: list[str] = []
     for n, target in enumerate(pending):
         tried.append(target.name)
         try:
-            http_status = target(update) or http_status
+            answer = target(update) or answer
         except DeliveryError as exc:
             failure = exc
-            http_status = exc.http_status
+            answer = exc.answer
             break
         except Exception as exc:  # e.g. RQ's job timeout firing mid-POST: retry like a network error
             failure = DeliveryError(f"{target.name}: {type(exc).__name__}: {exc}")
@@ -372,6 +378,7 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False)
         if n < len(pending) - 1:  # a later target may fail: its retry must not repeat this one
             redis.hset(record, f"done:{target.name}", 1)
     elapsed = time.perf_counter() - started
+    http_status = None if answer is None else answer.status
     result = "success" if failure is None else "retryable" if failure.retryable else "permanent"
     attempt_counters = [
         outcomes.attempts[result],
@@ -383,9 +390,11 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False)
 
     def history(outcome: str) -> bytes:
         error = None if failure is None else str(failure)
+        said = answer or Answer(0)  # what the merchant said: its body kept only when it refused
         return attempt_entry(
-            update["id"], update["order_id"], at, target_names, outcome, http_status, error, elapsed * 1000
-        )
+            update["id"], update["order_id"], at, target_names, outcome, http_status, error, elapsed * 1000,
+            said.retry_after, said.content_type, said.body_start if failure is not None else b"",
+        )  # fmt: skip
 
     logged = {  # the attempt, as its log line says it
         "update": update["id"], "order": update["order_id"], "attempt": attempt, "target": target_names,

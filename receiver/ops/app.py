@@ -284,6 +284,20 @@ async def dlq_page(request: web.Request) -> web.Response:
     )  # fmt: skip
 
 
+def _attempts_of(redis: Redis, keys: RedisKeys, entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The attempts of a dead letter's delivery, as its order's history keeps them (what the merchant
+    answered each time), oldest first."""
+    destination = entry.get("destination")
+    for document in trace(redis, keys, entry["order_id"]):
+        for update in document["updates"]:
+            if update["id"] == entry["update"]["id"]:
+                return [
+                    a for a in update["attempts"]
+                    if (a["target"] or "").partition(":")[0] == destination or (not destination and ":" not in (a["target"] or ""))
+                ]  # fmt: skip
+    return []
+
+
 async def dlq_entry_page(request: web.Request) -> web.Response:
     app = request.app
     update_id = request.match_info["id"]
@@ -291,7 +305,8 @@ async def dlq_entry_page(request: web.Request) -> web.Response:
     if entry is None:
         return page(request, "missing.html", what=f"{update_id} is not in the dead-letter queue", status=404)
     pretty = orjson.dumps(entry["update"], option=orjson.OPT_INDENT_2).decode()
-    return page(request, "dlq_entry.html", e=entry, pretty=pretty, status_of=http_status)
+    attempts = await in_thread(request, _attempts_of, app[REDIS], app[KEYS], entry)
+    return page(request, "dlq_entry.html", e=entry, pretty=pretty, status_of=http_status, attempts=attempts)
 
 
 def _selected(form: Any) -> list[str]:
