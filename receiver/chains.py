@@ -106,6 +106,7 @@ local function dead_letter_pending(id, reason, kind)
   if not update then return end
   local record = delivery_prefix .. id
   local attempts = tonumber(redis.call('HGET', record, 'attempts') or '0')
+    + tonumber(redis.call('HGET', record, 'earlier_attempts') or '0')
   local entry = '{"id":' .. cjson.encode(id) .. ',"order_id":' .. cjson.encode(order_id)
     .. ',"update":' .. update .. ',"attempts":' .. attempts .. ',"last_error":' .. cjson.encode(reason)
     .. ',"last_error_at":' .. cjson.encode(now_text) .. ',"dead_lettered_at":' .. cjson.encode(now_text)
@@ -250,11 +251,17 @@ return #ids
 
 # KEYS[3] the job, KEYS[4] delivery record, KEYS[5] RQ's FailedJobRegistry. ARGV[5] update id, ARGV[6]
 # the update (JSON). Takes a dead-lettered update out of the dead-letter queue (and RQ's failed jobs)
-# and back into its order's chain with the same id. Returns 0 when it was not dead-lettered.
+# and back into its order's chain with the same id, its attempts so far kept in its delivery record as
+# `earlier_attempts`. Returns 0 when it was not dead-lettered.
 REQUEUE = """
 local id = ARGV[5]
-if redis.call('HDEL', dead_letters, id) == 0 then return 0 end
+local entry = redis.call('HGET', dead_letters, id)
+if not entry then return 0 end
+redis.call('HDEL', dead_letters, id)
 redis.call('DEL', KEYS[4])
+-- a fresh set of attempts; the earlier ones stay counted, so that its next dead letter says them all
+local earlier = tonumber(cjson.decode(entry)['attempts']) or 0
+if earlier > 0 then redis.call('HSET', KEYS[4], 'earlier_attempts', earlier) end
 redis.call('ZREM', KEYS[5], id)
 redis.call('PERSIST', KEYS[3])
 redis.call('HDEL', KEYS[3], 'exc_info')

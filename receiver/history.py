@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from textwrap import indent
@@ -68,14 +69,21 @@ class HistoryNote:
     always: bool
 
 
+def _number(order_number: Any) -> str | None:
+    return clip(order_number, NUMBER_INDEX_CHARS) if isinstance(order_number, str) else None
+
+
 def callback_note(at: str, verified_by: str, request: str, order_number: Any) -> HistoryNote:
-    number = clip(order_number, NUMBER_INDEX_CHARS) if isinstance(order_number, str) else None
-    note = entry("callback", at, verified_by=verified_by, request_id=request, order_number=number)
+    note = entry(
+        "callback", at, verified_by=verified_by, request_id=request, order_number=_number(order_number)
+    )
     return HistoryNote(note[:-1], always=True)
 
 
-def reconcile_note(at: str) -> HistoryNote:
-    return HistoryNote(entry("reconcile", at)[:-1], always=False)
+def reconcile_note(at: str, order_number: Any = None) -> HistoryNote:
+    """What reconcile's intake step writes (the merchant order number too: for an order that no
+    callback ever reached, reconcile is the only step that tells it)."""
+    return HistoryNote(entry("reconcile", at, order_number=_number(order_number))[:-1], always=False)
 
 
 def short_id(update_id: str, order_id: str) -> str:
@@ -232,6 +240,7 @@ def story(entries: list[dict[str, Any]], order_id: str, live: LiveState) -> dict
             for item in e.get("queued", []):
                 queue(item, at, "callback")
         elif kind == "reconcile":
+            order_number = order_number or e.get("order_number")
             for item in e.get("queued", []):
                 queue(item, at, "reconcile")
         elif kind == "requeue":
@@ -372,12 +381,14 @@ def render(document: dict[str, Any]) -> list[str]:
     lines.append("  now:")
     for update in document["updates"]:
         event = update["event"] or {}
+        tried = Counter(_destination_of(a["target"]) for a in update["attempts"])  # None: merchant's
         others = "".join(
-            f"; {name}: {state}" for name, state in sorted(update.get("destinations", {}).items())
+            f"; {name}: {state} after {tried[name]} attempt(s)"
+            for name, state in sorted(update.get("destinations", {}).items())
         )
+        own = f" after {tried[None]} attempt(s)" if tried[None] or not others else ""
         lines.append(
-            f"    {update['id']}  {event.get('type')} -> {update['status']}: {update['state']} "
-            f"after {len(update['attempts'])} attempt(s){others}"
+            f"    {update['id']}  {event.get('type')} -> {update['status']}: {update['state']}{own}{others}"
         )
     return lines
 

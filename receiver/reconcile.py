@@ -207,14 +207,17 @@ class Reconciler:
         order_id = order_id_of(raw)
         try:
             check_writable(raw)
-            updates = build_updates(parse_order(raw), received_at=received_at, verified_by="api")
+            order = parse_order(raw)
+            updates = build_updates(order, received_at=received_at, verified_by="api")
             if self.dry_run:
                 for update in updates:
                     job_data(update)  # what a real run would write: skipped alike when it cannot be
                 missing = await self._unseen(updates)
             else:
                 # job data is made before anything is sent
-                missing = await self.intake.store(updates, history=reconcile_note(received_at))
+                missing = await self.intake.store(
+                    updates, history=reconcile_note(received_at, order.get("number"))
+                )
         except (BadCallback, Unrepresentable) as exc:
             summary.malformed.append(order_id)
             reason = exc.reason if isinstance(exc, BadCallback) else clip(str(exc))

@@ -362,3 +362,13 @@ async def test_nothing_the_console_shows_holds_a_secret_or_a_card_token(
     card_token = "c2VjcmV0LWNhcmQtdG9rZW4"  # the middle of the order's payment.card (tests/helpers.py)
     for secret in (TOKEN, SECRET, "api-key-kept-secret", card_token):
         assert secret not in shown, secret
+
+
+async def test_the_overview_says_the_reconcile_window_is_periodic_reconciles_and_counts_one_shot_runs(
+    ops: Any, sync_redis: Any
+) -> None:
+    keys = RedisKeys()
+    sync_redis.hset(keys.metrics, "intergiro_reconcile_runs_total|outcome=completed", 1)  # a one-shot run
+    page = await (await ops.get("/", headers=BEARER)).text()
+    assert "No periodic reconcile (<code>reconcile --every</code>) has completed a window yet" in page
+    assert "runs, one-shot ones included: completed 1" in page

@@ -352,11 +352,16 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False)
         ctx.logger.info("update already finished, not delivered again", update=job)
         return None
     done = {k.decode() for k in fields if k.startswith(b"done:")}
+    earlier = int(fields.get(b"earlier_attempts", 0))  # before it was requeued: its entry counts them
     if attempt > destination.max_attempts:
         # Only after attempts that never reported back (their worker died): give up like any last attempt.
         last_error = fields.get(b"last_error", b"worker stopped during the attempt").decode()
         dead_letter(
-            ctx, update, attempt - 1, last_error, fields.get(b"last_error_at", b"").decode() or utc_now()
+            ctx,
+            update,
+            earlier + attempt - 1,
+            last_error,
+            fields.get(b"last_error_at", b"").decode() or utc_now(),
         )
         raise DeadLettered(last_error)
     pending = [t for t in ctx.targets if f"done:{t.name}" not in done]  # others took it in an earlier attempt
@@ -411,7 +416,16 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False)
         return None
     error, error_at = str(failure), utc_now()
     if not failure.retryable or attempt >= destination.max_attempts:
-        dead_letter(ctx, update, attempt, error, error_at, attempt_counters, history("dead_lettered"), logged)
+        dead_letter(
+            ctx,
+            update,
+            earlier + attempt,
+            error,
+            error_at,
+            attempt_counters,
+            history("dead_lettered"),
+            logged,
+        )
         raise DeadLettered(error)
     delay = backoff_delay(attempt, destination.backoff_seconds, failure.retry_after)
     due = time.time() + delay
