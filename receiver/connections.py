@@ -94,9 +94,13 @@ def sync_redis(settings: Settings, timeout: float = 5.0) -> redis.Redis:
 def write_refusal(exc: RedisError) -> str | None:
     """Why a reachable Redis refused a write (`out of memory`: maxmemory with noeviction; `read-only`:
     a replica; `script error`: our script failed), or None when it was not reached at all."""
-    if isinstance(exc, OutOfMemoryError):
+    # Redis 6 reports a refusal met inside a script as the script's error, naming the refusal in its text.
+    text = str(exc)
+    if isinstance(exc, OutOfMemoryError) or (
+        isinstance(exc, ResponseError) and "OOM command not allowed" in text
+    ):
         return "out of memory"
-    if isinstance(exc, ReadOnlyError):
+    if isinstance(exc, ReadOnlyError) or (isinstance(exc, ResponseError) and "READONLY" in text):
         return "read-only"
     if isinstance(exc, ResponseError):
         return "script error"
