@@ -170,6 +170,11 @@ async def test_an_update_run_again_after_its_delivery_finished_is_not_posted_twi
     [update] = queued_updates(sync_redis, settings)
     workers(**webhook_settings(sink))
     await wait_for(lambda: not sync_redis.exists(RedisKeys().order_head("FinishedOrder001")))
+    # and RQ has recorded the first run's end (result_ttl 0: it deletes the job), which would otherwise
+    # delete the job queued again below, on a busy machine
+    await wait_for(
+        lambda: not sync_redis.exists(RedisKeys().rq_job(update_id)), what="RQ's end of the first run"
+    )
     Queue(settings.queue_name, connection=sync_redis, serializer=JSONSerializer).enqueue_call(
         DELIVER_UPDATE, args=(update,), job_id=update_id, result_ttl=0
     )
