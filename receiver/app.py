@@ -22,8 +22,9 @@ from redis.asyncio.sentinel import MasterNotFoundError
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from receiver import __version__
 from receiver.clock import utc_now
-from receiver.connections import async_redis, deadline
+from receiver.connections import async_redis, deadline, write_refusal
 from receiver.errors import (
     BadCallback,
     BodyTimeout,
@@ -38,7 +39,7 @@ from receiver.history import callback_note, request_id
 from receiver.intake import Intake
 from receiver.intergiro_api import IntergiroApi
 from receiver.keys import TrustedKey
-from receiver.logs import log
+from receiver.logs import OncePer, log
 from receiver.metrics import DEPLOYMENT_SCRIPT, ReceiverMetrics, multiprocess_dir
 from receiver.order import OrderLimits, build_updates, event_key, is_error_object, parse_order
 from receiver.parent import stop_with_parent
@@ -78,6 +79,9 @@ ORDER_LIMITS = web.AppKey("order_limits", OrderLimits)
 REQUEST_ID = web.RequestKey("request_id", str)
 CALLBACK_LOG = web.AppKey("callback_log", structlog.typing.FilteringBoundLogger)
 DEPLOYMENT_SCRIPT_KEY = web.AppKey("deployment_script", AsyncScript)
+REFUSALS_LOGGED = web.AppKey("refusals_logged", OncePer)
+# A Redis that refuses writes (full, read-only) refuses every callback: one error line this often says so.
+REFUSAL_LOG_SECONDS = 10.0
 
 
 def json_response(
@@ -107,6 +111,7 @@ def answer_rejections(
                 reason=exc.reason,
                 order=request.get(ORDER_ID),
                 request_id=request.get(REQUEST_ID),
+                client=request.remote,
             )
             headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
             response = json_response(
@@ -183,8 +188,24 @@ def error_note(error: dict[str, Any], received_at: str) -> dict[str, Any]:
     return note
 
 
-async def note_error_object(app: web.Application, error: dict[str, Any], received_at: str) -> None:
-    """Keep an Intergiro Error object (safe fields, cut short) in a bounded, expiring list for ops."""
+def redis_failed(app: web.Application, exc: RedisError) -> Unavailable:
+    """The 503 for a callback Redis did not store: not reachable, or reachable and refusing the write
+    (then counted, and logged as an error at most once per REFUSAL_LOG_SECONDS)."""
+    refusal = write_refusal(exc)
+    if refusal is None:
+        return Unavailable("redis not reachable; nothing was stored")
+    app[METRICS].redis_refusals.labels(refusal.replace(" ", "_").replace("-", "_")).inc()
+    held_back = app[REFUSALS_LOGGED].due()
+    if held_back is not None:
+        log.error("redis refused a write", refusal=refusal, error=clip(str(exc)), since_last_line=held_back)
+    return Unavailable(f"redis refused the write ({refusal}); nothing was stored")
+
+
+async def note_error_object(
+    app: web.Application, error: dict[str, Any], received_at: str, request: str
+) -> None:
+    """Keep an Intergiro Error object (safe fields, cut short) in a bounded, expiring list for ops;
+    `request`: the callback's request id."""
     note = error_note(error, received_at)
     key = app[KEYS].error_notes
     try:
@@ -196,13 +217,16 @@ async def note_error_object(app: web.Application, error: dict[str, Any], receive
             pipe.ltrim(key, 0, ERROR_NOTES_KEPT - 1)
             pipe.expire(key, ERROR_NOTES_TTL_SECONDS)
             length, _, _ = await pipe.execute()
-    except RedisError:
-        raise Unavailable("redis not reachable") from None
+    except RedisError as exc:
+        raise redis_failed(app, exc) from None
     app[METRICS].error_objects.inc()
     if length > ERROR_NOTES_KEPT:
         app[METRICS].error_notes_dropped.inc(length - ERROR_NOTES_KEPT)
     log.warning(
-        "intergiro error object received", error_status=note.get("status"), error_type=note.get("type")
+        "intergiro error object received",
+        error_status=note.get("status"),
+        error_type=note.get("type"),
+        request_id=request,
     )
 
 
@@ -224,7 +248,7 @@ async def receive_callback(request: web.Request) -> web.Response:
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise BadCallback("body is not JSON") from None
         if is_error_object(parsed):
-            await note_error_object(app, parsed, received_at)
+            await note_error_object(app, parsed, received_at, request[REQUEST_ID])
             app[METRICS].count_callback("error_noted")
             return json_response({"status": "error-noted"})
     verified = await verify_callback(app, body, content_type)
@@ -249,8 +273,8 @@ async def receive_callback(request: web.Request) -> web.Response:
             updates = [u for u in updates if event_key(u["event"]["sequence"], u["event"]["type"]) in new]
         try:
             queued = await app[INTAKE].store(updates, received_at, note)
-        except RedisError:
-            raise Unavailable("redis not reachable; nothing was stored") from None
+        except RedisError as exc:
+            raise redis_failed(app, exc) from None
     else:
         await app[INTAKE].remember(order["id"], note, "duplicate")
     outcome = "accepted" if queued else "duplicate"
@@ -359,6 +383,7 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = ReceiverMetrics(keys, destination_keys(keys, [d.name for d in settings.destinations]))
     app[KEYS] = RedisKeys(settings.redis_key_prefix, settings.queue_name)
     app[TRUSTED_KEYS] = settings.trusted_keys
+    app[REFUSALS_LOGGED] = OncePer(REFUSAL_LOG_SECONDS)
     app[ORDER_LIMITS] = settings.order_limits
     app.cleanup_ctx.append(_resources)
     app.router.add_post(CALLBACK_PATH, answer_rejections(receive_callback))
@@ -466,13 +491,16 @@ def serve(settings: Settings, processes: int = 1) -> None:
         "receiver starting",
         host=settings.receiver_host,
         port=settings.receiver_port,
-        verify=settings.intergiro_verify,
         processes=count,
+        version=__version__,
+        settings=settings.summary(),
     )
     if count == 1:
         _serve_here(settings, reuse_port=False)
         return
-    raise SystemExit(_serve_forked(settings, count))
+    code = _serve_forked(settings, count)
+    log.info("receivers stopped", processes=count, exit_code=code)
+    raise SystemExit(code)
 
 
 def _serve_here(settings: Settings, reuse_port: bool) -> None:
@@ -570,3 +598,4 @@ async def _serve(settings: Settings, reuse_port: bool = False) -> None:
             server.close()  # no new connections; the runner's cleanup ends the open ones
     finally:
         await runner.cleanup()
+        log.info("receiver stopped")

@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 from redis import Redis
+from redis.client import Pipeline
 
 from receiver.clock import utc_now
 from receiver.destinations import MERCHANT, REMOVED
@@ -105,6 +106,7 @@ local function dead_letter_pending(id, reason, kind)
   if not update then return end
   local record = delivery_prefix .. id
   local attempts = tonumber(redis.call('HGET', record, 'attempts') or '0')
+    + tonumber(redis.call('HGET', record, 'earlier_attempts') or '0')
   local entry = '{"id":' .. cjson.encode(id) .. ',"order_id":' .. cjson.encode(order_id)
     .. ',"update":' .. update .. ',"attempts":' .. attempts .. ',"last_error":' .. cjson.encode(reason)
     .. ',"last_error_at":' .. cjson.encode(now_text) .. ',"dead_lettered_at":' .. cjson.encode(now_text)
@@ -256,11 +258,17 @@ return #ids
 
 # KEYS[3] the job, KEYS[4] delivery record, KEYS[5] RQ's FailedJobRegistry. ARGV[5] update id, ARGV[6]
 # the update (JSON). Takes a dead-lettered update out of the dead-letter queue (and RQ's failed jobs)
-# and back into its order's chain with the same id. Returns 0 when it was not dead-lettered.
+# and back into its order's chain with the same id, its attempts so far kept in its delivery record as
+# `earlier_attempts`. Returns 0 when it was not dead-lettered.
 REQUEUE = """
 local id = ARGV[5]
-if redis.call('HDEL', dead_letters, id) == 0 then return 0 end
+local entry = redis.call('HGET', dead_letters, id)
+if not entry then return 0 end
+redis.call('HDEL', dead_letters, id)
 redis.call('DEL', KEYS[4])
+-- a fresh set of attempts; the earlier ones stay counted, so that its next dead letter says them all
+local earlier = tonumber(cjson.decode(entry)['attempts']) or 0
+if earlier > 0 then redis.call('HSET', KEYS[4], 'earlier_attempts', earlier) end
 redis.call('ZREM', KEYS[5], id)
 redis.call('PERSIST', KEYS[3])
 redis.call('HDEL', KEYS[3], 'exc_info')
@@ -537,11 +545,19 @@ class OrderChains:
 
     def requeue(self, update: dict[str, Any], update_json: bytes) -> bool:
         """Put a dead-lettered update back into its order's chain; False when it was not dead-lettered."""
+        keys, args = self._requeue_call(update, update_json)
+        return bool(self._requeue(keys=keys, args=args))
+
+    def requeue_on(self, pipe: Pipeline, update: dict[str, Any], update_json: bytes) -> None:
+        """`requeue`, queued on `pipe`: its answer (0: it was not dead-lettered) comes with the pipeline's."""
+        keys, args = self._requeue_call(update, update_json)
+        self._requeue(keys=keys, args=args, client=pipe)
+
+    def _requeue_call(self, update: dict[str, Any], update_json: bytes) -> tuple[list[Any], list[Any]]:
         k = self.keys
         job = k.job_id(update["id"])
         keys = [*self._chain_keys(update["order_id"]), k.rq_job(job), k.delivery(job), k.rq_failed]
-        args = [*chain_args(update["order_id"]), job, update_json]
-        return bool(self._requeue(keys=keys, args=args))
+        return keys, [*chain_args(update["order_id"]), job, update_json]
 
     def drop_all(self, reason: str = REMOVED) -> int:
         """Dead-letter every unfinished delivery of this destination with `reason` (it was removed from

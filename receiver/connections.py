@@ -16,6 +16,7 @@ import redis.asyncio.sentinel
 import redis.retry
 import redis.sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from receiver.settings import Settings
@@ -88,3 +89,19 @@ def sync_redis(settings: Settings, timeout: float = 5.0) -> redis.Redis:
     return redis.Redis.from_url(
         settings.redis_url, socket_timeout=timeout, socket_connect_timeout=min(timeout, 2.0)
     )
+
+
+def write_refusal(exc: RedisError) -> str | None:
+    """Why a reachable Redis refused a write (`out of memory`: maxmemory with noeviction; `read-only`:
+    a replica; `script error`: our script failed), or None when it was not reached at all."""
+    # Redis 6 reports a refusal met inside a script as the script's error, naming the refusal in its text.
+    text = str(exc)
+    if isinstance(exc, OutOfMemoryError) or (
+        isinstance(exc, ResponseError) and "OOM command not allowed" in text
+    ):
+        return "out of memory"
+    if isinstance(exc, ReadOnlyError) or (isinstance(exc, ResponseError) and "READONLY" in text):
+        return "read-only"
+    if isinstance(exc, ResponseError):
+        return "script error"
+    return None

@@ -16,7 +16,9 @@ Every exception class of the product, where it is defined, and what it becomes:
      |    +-- ApiRefused, AnswerTooLarge
      +-- DeliveryError ........... workers.delivery: a failed attempt (retried)
      |    +-- PermanentDeliveryError: dead-lettered at once
-     +-- DeadLettered, TargetNotConfigured .. workers.delivery
+     +-- LoggedOutcome ........... receiver.logs: an outcome we log; a library's record of it is left out
+     |    +-- DeadLettered ....... workers.delivery
+     +-- TargetNotConfigured ..... workers.delivery
      +-- AnswerError ............. workers.merchant_http: a merchant answer that cannot be read
      +-- DestinationNotConfigured  receiver.deadletters: a requeue refused (409 in the ops API)
     ValueError

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from textwrap import indent
 from typing import Any
 
 import orjson
@@ -43,6 +45,10 @@ from receiver.settings import Settings
 
 NUMBER_INDEX_CHARS = 128  # a longer merchant order number is not indexed (it would make a long key)
 ERROR_CHARS = 200
+HEADER_CHARS = 100  # of an answer's Retry-After or Content-Type
+ANSWER_BODY_BYTES = 1024
+# Control characters of an answer's body (a terminal's escape sequences among them) are not kept as such.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 REQUEST_ID_CHARS = 64
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,64}")
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
@@ -63,14 +69,21 @@ class HistoryNote:
     always: bool
 
 
+def _number(order_number: Any) -> str | None:
+    return clip(order_number, NUMBER_INDEX_CHARS) if isinstance(order_number, str) else None
+
+
 def callback_note(at: str, verified_by: str, request: str, order_number: Any) -> HistoryNote:
-    number = clip(order_number, NUMBER_INDEX_CHARS) if isinstance(order_number, str) else None
-    note = entry("callback", at, verified_by=verified_by, request_id=request, order_number=number)
+    note = entry(
+        "callback", at, verified_by=verified_by, request_id=request, order_number=_number(order_number)
+    )
     return HistoryNote(note[:-1], always=True)
 
 
-def reconcile_note(at: str) -> HistoryNote:
-    return HistoryNote(entry("reconcile", at)[:-1], always=False)
+def reconcile_note(at: str, order_number: Any = None) -> HistoryNote:
+    """What reconcile's intake step writes (the merchant order number too: for an order that no
+    callback ever reached, reconcile is the only step that tells it)."""
+    return HistoryNote(entry("reconcile", at, order_number=_number(order_number))[:-1], always=False)
 
 
 def replay_note(at: str, destination: str) -> bytes:
@@ -92,13 +105,25 @@ def attempt_entry(
     http_status: int | None,
     error: str | None,
     duration_ms: float,
+    retry_after: str | None = None,
+    content_type: str | None = None,
+    body: bytes = b"",
     replay: bool = False,
 ) -> bytes:
-    """One delivery attempt: `outcome` is `delivered`, `retry` or `dead_lettered`; `replay`: of an update
+    """One delivery attempt: `outcome` is `delivered`, `retry` or `dead_lettered`; of the merchant's
+    answer its `Retry-After` and `Content-Type` as sent (cut short) and the start of its `body` (at most
+    ANSWER_BODY_BYTES, as text: invalid UTF-8 and control characters replaced); `replay`: of an update
     queued again by `replay`."""
+    said = {
+        "retry_after": clip(retry_after, HEADER_CHARS) if retry_after else None,
+        "content_type": clip(content_type, HEADER_CHARS) if content_type else None,
+        "body": _CONTROL.sub("\ufffd", body[:ANSWER_BODY_BYTES].decode("utf-8", "replace")) if body else None,
+        "replay": True if replay else None,
+    }
     return entry(
         "attempt", at, update=short_id(update_id, order_id), target=target or None, outcome=outcome, http_status=http_status,
-        error=clip(error, ERROR_CHARS) if error else None, duration_ms=round(duration_ms, 1), replay=replay or None,
+        error=clip(error, ERROR_CHARS) if error else None, duration_ms=round(duration_ms, 1),
+        **{k: v for k, v in said.items() if v is not None},
     )  # fmt: skip
 
 
@@ -224,6 +249,7 @@ def story(entries: list[dict[str, Any]], order_id: str, live: LiveState) -> dict
             for item in e.get("queued", []):
                 queue(item, at, "callback")
         elif kind == "reconcile":
+            order_number = order_number or e.get("order_number")
             for item in e.get("queued", []):
                 queue(item, at, "reconcile")
         elif kind == "requeue":
@@ -255,6 +281,9 @@ def story(entries: list[dict[str, Any]], order_id: str, live: LiveState) -> dict
                         "http_status": e.get("http_status"),
                         "error": e.get("error"),
                         "duration_ms": e.get("duration_ms"),
+                        "retry_after": e.get("retry_after"),
+                        "content_type": e.get("content_type"),
+                        "body": e.get("body"),
                         **({"replay": True} if e.get("replay") else {}),
                     }
                 )
@@ -363,20 +392,25 @@ def render(document: dict[str, Any]) -> list[str]:
             took = f" in {attempt['duration_ms']:g} ms" if attempt["duration_ms"] is not None else ""
             target = f" to {attempt['target']}" if attempt["target"] else ""
             target += " (replay)" if attempt.get("replay") else ""
-            steps.append(
-                (attempt["at"], f"{update['id']} attempt{target}: {attempt['outcome']} ({answer}){took}")
-            )
+            said = f", Retry-After {attempt['retry_after']}" if attempt.get("retry_after") else ""
+            text = f"{update['id']} attempt{target}: {attempt['outcome']} ({answer}{said}){took}"
+            if attempt.get("body"):  # what the merchant said, under the attempt
+                text += f"\n{' ' * 28}answer ({attempt.get('content_type') or 'no Content-Type'}):\n"
+                text += indent(attempt["body"].rstrip(), " " * 30 + "| ")
+            steps.append((attempt["at"], text))
     lines = [f"order {document['order_id']} (merchant number {document['order_number'] or '-'})"]
     lines += [f"  {at}  {text}" for at, text in sorted(steps, key=lambda step: step[0] or "")]
     lines.append("  now:")
     for update in document["updates"]:
         event = update["event"] or {}
+        tried = Counter(_destination_of(a["target"]) for a in update["attempts"])  # None: merchant's
         others = "".join(
-            f"; {name}: {state}" for name, state in sorted(update.get("destinations", {}).items())
+            f"; {name}: {state} after {tried[name]} attempt(s)"
+            for name, state in sorted(update.get("destinations", {}).items())
         )
+        own = f" after {tried[None]} attempt(s)" if tried[None] or not others else ""
         lines.append(
-            f"    {update['id']}  {event.get('type')} -> {update['status']}: {update['state']} "
-            f"after {len(update['attempts'])} attempt(s){others}"
+            f"    {update['id']}  {event.get('type')} -> {update['status']}: {update['state']}{own}{others}"
         )
     return lines
 

@@ -2,16 +2,23 @@
 
 Our own events go through structlog; records of libraries using `logging` (RQ, aiohttp) are rendered
 by the same renderer, so a log collector reads one format from every line.
+
+Many processes share one stderr (`serve --processes N`, `worker --processes N`, `dev`): each line is
+written whole, with one `write(2)` on the file descriptor, and is at most PIPE_BUF bytes, the size
+the kernel writes to a pipe without interleaving another process's write. A line that would be longer
+has its longest texts cut (and says `"truncated": true`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
-from collections.abc import MutableMapping
-from typing import Any
+import time
+from collections.abc import Callable, MutableMapping
+from typing import Any, TextIO
 
 import orjson
 import structlog
@@ -19,16 +26,79 @@ import structlog
 from receiver.clock import utc_now
 
 _HANDLER_MARK = "_intergiro_receiver"
+# Linux's PIPE_BUF: a write to a pipe of at most this many bytes is never split or interleaved.
+MAX_LINE_BYTES = 4096
+_CUT_MARK = "[...]"
 
 
-def _dumps(event: Any, **kw: Any) -> str:
+class LoggedOutcome(Exception):
+    """An exception that stands for an outcome we log ourselves (a dead letter): a library's record
+    made while it is handled (RQ's ERROR line with its traceback) is left out."""
+
+
+class LineWriter:
+    """Writes each line with one `os.write` on the stream's file descriptor, so that lines of several
+    processes sharing it never interleave; a stream without one (a test's capture) is written as is."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        try:
+            self.fd: int | None = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+            self.fd = None
+
+    def write(self, text: str) -> int:
+        if self.fd is None:
+            written = self.stream.write(text)
+            self.stream.flush()
+            return written
+        data = memoryview(text.encode("utf-8", "backslashreplace"))
+        while data:  # a blocking write is whole; a signal may still interrupt one part-way
+            data = data[os.write(self.fd, data) :]
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
+
+
+def _render(event: Any, **kw: Any) -> str:
     """orjson, faster than `json.dumps` for one log line; the standard library's text
-    for what orjson does not write the same way (non-ASCII, integers beyond 64 bits)."""
+    for what orjson does not write the same way (non-ASCII, integers beyond 64 bits). ASCII only, so
+    its length is its size in bytes."""
     try:
         line = orjson.dumps(event, default=kw.get("default"))
     except TypeError:
         return json.dumps(event, **kw)
     return line.decode() if line.isascii() else json.dumps(event, **kw)
+
+
+def _dumps(event: Any, **kw: Any) -> str:
+    """One JSON line of at most MAX_LINE_BYTES - 1 bytes (its newline follows): a longer one has its
+    longest texts cut (a traceback keeps its end, where the error is), and `truncated` set."""
+    line = _render(event, **kw)
+    if len(line) < MAX_LINE_BYTES:
+        return line
+    fitted = dict(event, truncated=True)
+    for _ in range(32):
+        texts = [k for k, v in fitted.items() if isinstance(v, str) and len(v) > 64]
+        excess = len(line) - (MAX_LINE_BYTES - 1)
+        if excess <= 0 or not texts:
+            break
+        name = max(texts, key=lambda k: len(fitted[k]))
+        value = fitted[name]
+        keep = max(32, len(value) - excess - len(_CUT_MARK) - 16, len(value) // 4)
+        fitted[name] = _CUT_MARK + value[-keep:] if name == "exception" else value[:keep] + _CUT_MARK
+        line = _render(fitted, **kw)
+    if len(line) >= MAX_LINE_BYTES:  # many fields, or one long list: what always fits
+        short = {k: event[k] for k in ("event", "level", "timestamp", "pid", "logger") if k in event}
+        line = _render({k: str(v)[:512] for k, v in short.items()} | {"truncated": True}, **kw)
+    return line
+
+
+def _not_a_logged_outcome(record: logging.LogRecord) -> bool:
+    """False for a library's record made while a LoggedOutcome is handled: we logged it already."""
+    error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+    return not isinstance(error, LoggedOutcome)
 
 
 def add_timestamp(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> Any:
@@ -43,48 +113,24 @@ def add_pid(logger: Any, method_name: str, event_dict: MutableMapping[str, Any])
     return event_dict
 
 
-class LineWriter:
-    """Writes each log line whole, with one write() of the file descriptor: the lines of several
-    threads (a worker's deliveries) and of several processes sharing one output (`worker --processes`)
-    never interleave, as `print` (the text, then the newline) lets them. A stream with no descriptor
-    (a test's capture) is written as a stream."""
+class OncePer:
+    """Lets through one event per `seconds` (a condition that would otherwise log once per callback),
+    and says how many were held back since the last one."""
 
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        try:
-            self.fd: int | None = stream.fileno()
-        except (AttributeError, OSError, ValueError):
-            self.fd = None
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self.clock = clock
+        self.last = -math.inf
+        self.held_back = 0
 
-    def write_line(self, line: str) -> None:
-        data = (line + "\n").encode("utf-8", "backslashreplace")
-        if self.fd is None:
-            self.stream.write(data.decode())
-            self.stream.flush()
-            return
-        while data:  # one write unless the line is larger than the pipe takes at once
-            written = os.write(self.fd, data)
-            data = data[written:]
-
-    # structlog's logger interface: every level is one line
-    def msg(self, message: str) -> None:
-        self.write_line(message)
-
-    log = debug = info = warn = warning = error = critical = exception = fatal = msg
-
-
-class LineHandler(logging.Handler):
-    """The standard library's records (RQ, aiohttp), one whole line each through a LineWriter."""
-
-    def __init__(self, writer: LineWriter) -> None:
-        super().__init__()
-        self.writer = writer
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.writer.write_line(self.format(record))
-        except Exception:
-            self.handleError(record)
+    def due(self) -> int | None:
+        """The number held back since the last one let through, when this one is let through; else None."""
+        now = self.clock()
+        if now - self.last < self.seconds:
+            self.held_back += 1
+            return None
+        self.last, held_back, self.held_back = now, self.held_back, 0
+        return held_back
 
 
 def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
@@ -95,7 +141,6 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     )
     # JSON needs a traceback as text; the console renderer formats exceptions itself.
     exceptions = [] if log_format == "console" else [structlog.processors.format_exc_info]
-    writer = LineWriter(sys.stderr)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -105,10 +150,11 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=lambda *args: writer,
+        logger_factory=structlog.WriteLoggerFactory(LineWriter(sys.stderr)),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
-    handler = LineHandler(writer)
+    handler = logging.StreamHandler(LineWriter(sys.stderr))
+    handler.addFilter(_not_a_logged_outcome)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[

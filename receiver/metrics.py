@@ -393,6 +393,13 @@ class ReceiverMetrics:
             "Connections answered 503 at once because the process had RECEIVER_MAX_CONNECTIONS open.",
             registry=self.registry,
         )
+        self.redis_refusals = Counter(
+            "intergiro_redis_write_refusals_total",
+            "Writes a reachable Redis refused (out of memory, read-only, script error), by reason; each "
+            "callback concerned was answered 503 and nothing of it kept.",
+            ["reason"],
+            registry=self.registry,
+        )
         self.verification_seconds = Histogram(
             "intergiro_verification_seconds",
             "Time to verify one callback, by method.",

@@ -218,7 +218,9 @@ class Reconciler:
                 missing = await self._unseen(updates)
             else:
                 # job data is made before anything is sent
-                missing = await self.intake.store(updates, history=reconcile_note(received_at))
+                missing = await self.intake.store(
+                    updates, history=reconcile_note(received_at, order.get("number"))
+                )
         except (BadCallback, Unrepresentable) as exc:
             summary.malformed.append(order_id)
             reason = exc.reason if isinstance(exc, BadCallback) else clip(str(exc))

@@ -130,6 +130,24 @@ class Settings:
     def with_changes(self, **changes: Any) -> Settings:
         return replace(self, **changes)
 
+    def summary(self) -> dict[str, Any]:
+        """What a process's start line says of its settings: no secret, token or credential (a URL's
+        user and password, a webhook's URL), so that it may go to any log."""
+        redis = urlparse(self.redis_url)
+        return {
+            "redis": f"{redis.scheme}://{redis.hostname or ''}:{redis.port or ''}{redis.path}",
+            "redis_sentinels": len(self.redis_sentinels),
+            "redis_min_replicas": self.redis_min_replicas,
+            "key_prefix": self.redis_key_prefix,
+            "queue": self.queue_name,
+            "environment": self.intergiro_environment,
+            "verify": self.intergiro_verify,
+            "destinations": [d.name for d in self.destinations],
+            "delivery_max_attempts": self.delivery_max_attempts,
+            "delivery_timeout_seconds": self.delivery_timeout_seconds,
+            "log_level": self.log_level,
+        }
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Settings:
         """Build and validate settings; raises ConfigError listing every bad variable."""

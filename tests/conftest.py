@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import date
@@ -233,6 +234,7 @@ def cli(
     """Runs `intergiro-receiver ARGS` in this process with the suite's Redis; returns (exit code, stdout)."""
     monkeypatch.setenv("REDIS_URL", redis_url)
     logging_config = structlog.get_config()  # main() points structlog at the captured stderr
+    handlers = list(logging.getLogger().handlers)  # and the root logger's handler at it too
 
     def run(*args: str) -> tuple[int, str]:
         capsys.readouterr()
@@ -242,6 +244,8 @@ def cli(
 
     yield run
     structlog.configure(**logging_config)
+    for handler in [h for h in logging.getLogger().handlers if h not in handlers]:
+        logging.getLogger().removeHandler(handler)
 
 
 @pytest.fixture

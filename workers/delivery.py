@@ -29,13 +29,13 @@ from receiver.clock import utc_now
 from receiver.connections import sync_redis
 from receiver.destinations import MERCHANT, Destination, queue_name
 from receiver.history import attempt_entry
-from receiver.logs import log
+from receiver.logs import LoggedOutcome, log
 from receiver.metrics import count, counter_increment, observation_increments
 from receiver.rediskeys import RedisKeys
 from receiver.retry_after import parse_retry_after
 from receiver.rqstore import RETRY_BUDGET
 from receiver.settings import Settings
-from workers.merchant_http import AnswerError, ConnectionOptions, MerchantConnection
+from workers.merchant_http import Answer, AnswerError, ConnectionOptions, MerchantConnection
 from workers.streams import StreamTarget
 
 MAX_BACKOFF_SECONDS = 3600.0
@@ -48,11 +48,16 @@ class DeliveryError(Exception):
     retryable = True
 
     def __init__(
-        self, message: str, retry_after: float | None = None, http_status: int | None = None
+        self,
+        message: str,
+        retry_after: float | None = None,
+        http_status: int | None = None,
+        answer: Answer | None = None,
     ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.http_status = http_status
+        self.answer = answer  # the merchant's, when it answered
 
 
 class PermanentDeliveryError(DeliveryError):
@@ -61,10 +66,11 @@ class PermanentDeliveryError(DeliveryError):
     retryable = False
 
 
-class DeadLettered(Exception):
+class DeadLettered(LoggedOutcome):
     """Raised by the job once its update is in the dead-letter queue, so that RQ records the job as
     failed (RQ's FailedJobRegistry, where `rq info` and rq-dashboard count it). `intergiro-receiver dlq
-    requeue` is the way back: it puts the update into its order's chain again, in order."""
+    requeue` is the way back: it puts the update into its order's chain again, in order. Logged once,
+    by `dead_letter`: RQ's own line with its traceback is left out (receiver.logs)."""
 
 
 class TargetNotConfigured(Exception):
@@ -114,9 +120,9 @@ class WebhookTarget:
         except ValueError as exc:
             raise TargetNotConfigured(f"{setting}: {exc}") from None
 
-    def __call__(self, update: dict[str, Any], replay: bool = False) -> int:
+    def __call__(self, update: dict[str, Any], replay: bool = False) -> Answer:
         """POST the update (`replay`: queued again by `replay`, said in a `webhook-replay: 1` header);
-        returns the merchant's 2xx status, raises DeliveryError otherwise."""
+        returns the merchant's 2xx answer, raises DeliveryError otherwise."""
         body = orjson.dumps(update)
         sent_at = datetime.now(UTC)
         headers = {
@@ -130,15 +136,16 @@ class WebhookTarget:
         if replay:
             headers["webhook-replay"] = "1"
         try:
-            status, retry_after = self.connection.post(body, headers)
+            answer = self.connection.post(body, headers)
         except (OSError, AnswerError) as exc:  # refused, timed out, reset, TLS, unreadable answer
             raise DeliveryError(f"POST failed: {type(exc).__name__}: {exc}") from None
+        status = answer.status
         if 200 <= status < 300:
-            return status
+            return answer
         message = f"merchant answered HTTP {status}"
         if is_retryable_status(status):
-            raise DeliveryError(message, parse_retry_after(retry_after), http_status=status)
-        raise PermanentDeliveryError(message, http_status=status)
+            raise DeliveryError(message, parse_retry_after(answer.retry_after), status, answer)
+        raise PermanentDeliveryError(message, http_status=status, answer=answer)
 
 
 class HandlerTarget:
@@ -355,25 +362,30 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False)
         return None
     done = {k.decode() for k in fields if k.startswith(b"done:")}
     replay = b"replay" in fields  # queued again by `intergiro-receiver replay`
+    earlier = int(fields.get(b"earlier_attempts", 0))  # before it was requeued: its entry counts them
     if attempt > destination.max_attempts:
         # Only after attempts that never reported back (their worker died): give up like any last attempt.
         last_error = fields.get(b"last_error", b"worker stopped during the attempt").decode()
         dead_letter(
-            ctx, update, attempt - 1, last_error, fields.get(b"last_error_at", b"").decode() or utc_now()
+            ctx,
+            update,
+            earlier + attempt - 1,
+            last_error,
+            fields.get(b"last_error_at", b"").decode() or utc_now(),
         )
         raise DeadLettered(last_error)
     pending = [t for t in ctx.targets if f"done:{t.name}" not in done]  # others took it in an earlier attempt
     at, started = utc_now(), time.perf_counter()
     failure: DeliveryError | None = None
-    http_status: int | None = None
+    answer: Answer | None = None  # the last one a webhook target got
     tried: list[str] = []
     for n, target in enumerate(pending):
         tried.append(target.name)
         try:
-            http_status = target(update, replay=replay) or http_status
+            answer = target(update, replay=replay) or answer
         except DeliveryError as exc:
             failure = exc
-            http_status = exc.http_status
+            answer = exc.answer
             break
         except Exception as exc:  # e.g. RQ's job timeout firing mid-POST: retry like a network error
             failure = DeliveryError(f"{target.name}: {type(exc).__name__}: {exc}")
@@ -381,6 +393,7 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False)
         if n < len(pending) - 1:  # a later target may fail: its retry must not repeat this one
             redis.hset(record, f"done:{target.name}", 1)
     elapsed = time.perf_counter() - started
+    http_status = None if answer is None else answer.status
     result = "success" if failure is None else "retryable" if failure.retryable else "permanent"
     attempt_counters = [
         outcomes.attempts[result],
@@ -392,8 +405,10 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False)
 
     def history(outcome: str) -> bytes:
         error = None if failure is None else str(failure)
+        said = answer or Answer(0)  # what the merchant said: its body kept only when it refused
         return attempt_entry(
             update["id"], update["order_id"], at, target_names, outcome, http_status, error, elapsed * 1000,
+            said.retry_after, said.content_type, said.body_start if failure is not None else b"",
             replay,
         )  # fmt: skip
 
@@ -416,7 +431,16 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False)
         return None
     error, error_at = str(failure), utc_now()
     if not failure.retryable or attempt >= destination.max_attempts:
-        dead_letter(ctx, update, attempt, error, error_at, attempt_counters, history("dead_lettered"))
+        dead_letter(
+            ctx,
+            update,
+            earlier + attempt,
+            error,
+            error_at,
+            attempt_counters,
+            history("dead_lettered"),
+            logged,
+        )
         raise DeadLettered(error)
     delay = backoff_delay(attempt, destination.backoff_seconds, failure.retry_after)
     due = time.time() + delay
@@ -443,9 +467,11 @@ def dead_letter(
     error_at: str,
     counters: list[tuple[str, float]] | None = None,
     history: bytes | None = None,
+    logged: dict[str, Any] | None = None,
 ) -> None:
     """Move the update to the dead-letter queue and release its order (atomically, see receiver.chains),
-    adding `counters` (the last attempt's metrics) and its `history` entry in the same step."""
+    adding `counters` (the last attempt's metrics) and its `history` entry in the same step. `logged`:
+    the last attempt, as its log line says it."""
     name = ctx.destination.name
     if history is None:  # no attempt of its own (its earlier ones never reported back)
         history = attempt_entry(
@@ -463,13 +489,16 @@ def dead_letter(
     }
     if name != MERCHANT:
         entry["destination"] = name
+    if logged and logged.get("http_status") is not None:
+        entry["http_status"] = logged["http_status"]
     next_head = ctx.chains.finish(
         update, orjson.dumps(entry), counters=[*(counters or ()), ctx.outcomes.dead_lettered], history=history
     )
+    attempt = logged or {"update": update["id"], "order": update["order_id"], "attempt": attempts}
     ctx.logger.warning(
         "update dead-lettered",
-        update=entry["id"],
-        attempts=attempts,
+        **attempt,
+        destination=name,
         error=error,
         next_update_of_order=next_head,
     )

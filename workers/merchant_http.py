@@ -34,6 +34,19 @@ from receiver.settings import Settings
 # A longer answer head is refused; of a longer body this much is read, then the connection is closed.
 MAX_ANSWER_BYTES = 65536
 READ_BYTES = 65536
+# What an attempt's history keeps of the merchant's answer body.
+BODY_KEPT_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The merchant's answer: its status, Retry-After and Content-Type (as sent), and the first
+    BODY_KEPT_BYTES of its body with any credential of ours (the URL's or a proxy's) replaced by ***."""
+
+    status: int
+    retry_after: str | None = None
+    content_type: str | None = None
+    body_start: bytes = b""
 
 
 class AnswerError(Exception):
@@ -162,8 +175,8 @@ class MerchantConnection:
         # Each thread that posts (a worker keeps several deliveries in flight) has its own connection.
         self._local = _ThreadConnection()
 
-    def post(self, body: bytes, headers: Mapping[str, str]) -> tuple[int, str | None]:
-        """POST `body`; returns the answer's status and Retry-After. Raises OSError (refused, timed out,
+    def post(self, body: bytes, headers: Mapping[str, str]) -> Answer:
+        """POST `body`; returns the merchant's answer. Raises OSError (refused, timed out,
         reset, TLS, proxy) or AnswerError, after closing the connection. A kept-alive connection the
         merchant closed as the POST left fails before any answer: the POST is sent again, once, on a
         new connection."""
@@ -233,7 +246,7 @@ class MerchantConnection:
             local.pid = os.getpid()
         return local.pool
 
-    def _exchange(self, body: bytes, headers: dict[str, str]) -> tuple[int, str | None]:
+    def _exchange(self, body: bytes, headers: dict[str, str]) -> Answer:
         try:
             answer = self._manager().urlopen(
                 "POST", self.url, body=body, headers=headers, redirect=False, preload_content=False
@@ -251,7 +264,8 @@ class MerchantConnection:
         if head > MAX_ANSWER_BYTES:
             answer.close()
             raise AnswerError(f"no status line and headers within {MAX_ANSWER_BYTES} bytes")
-        received = 0
+        received, start = 0, b""
+        content_type = answer.headers.get("Content-Type")
         try:
             while received <= MAX_ANSWER_BYTES:
                 data = answer.read(READ_BYTES, decode_content=False)
@@ -259,14 +273,24 @@ class MerchantConnection:
                     answer.release_conn()
                     connection = answer.headers.get("Connection", "").lower()
                     self._local.reusable = answer.version == 11 and "close" not in connection
-                    return status, retry_after
+                    return Answer(status, retry_after, content_type, self._kept(start))
+                if len(start) < 2 * BODY_KEPT_BYTES:  # more than is kept: a credential cut in two is found
+                    start += data[: 2 * BODY_KEPT_BYTES - len(start)]
                 received += len(data)
         except (HTTPError, HTTPException, OSError):
             pass  # a body cut short: the status is what counts
         # Not worth reading on to keep the connection (or it broke): close it.
         answer.close()
         answer.release_conn()
-        return status, retry_after
+        return Answer(status, retry_after, content_type, self._kept(start))
+
+    def _kept(self, body_start: bytes) -> bytes:
+        """The body's start without our credentials, should the merchant echo them (a URL's or proxy's
+        password, the Basic auth header made of the URL's user and password)."""
+        for secret in (*self.secrets, *(v.split()[-1] for v in self.auth_headers.values() if v)):
+            if secret:
+                body_start = body_start.replace(secret.encode(), b"***")
+        return body_start[:BODY_KEPT_BYTES]
 
     def _redacted(self, exc: OSError | AnswerError) -> OSError | AnswerError:
         """`exc` with any password of the URL or the proxy replaced by ***."""

@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from receiver import __version__
 from receiver.chains import OrderChains
 from receiver.connections import sync_redis
 from receiver.destinations import PROCESSES_PER_DESTINATION, REMOVED, Destination
@@ -64,6 +65,8 @@ def work(settings: Settings, burst: bool, destination: Destination | None = None
         burst=burst,
         concurrency=settings.delivery_concurrency,
         max_in_flight=context.destination.max_in_flight,
+        version=__version__,
+        settings=settings.summary(),
     )
     pause = 1.0
     try:
@@ -84,6 +87,7 @@ def work(settings: Settings, burst: bool, destination: Destination | None = None
             pause = min(pause * 2, MAX_RESTART_PAUSE_SECONDS)
     finally:
         maintenance.stopping.set()
+        log.info("worker stopped", queue=queue_name)
     return 0
 
 

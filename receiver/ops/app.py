@@ -24,10 +24,11 @@ from aiohttp import web
 from redis import Redis
 from redis.exceptions import RedisError
 
+from receiver import __version__
 from receiver.app import stop_signal
 from receiver.chains import OrderChains
 from receiver.connections import sync_redis
-from receiver.deadletters import DeadLetters, DestinationNotConfigured
+from receiver.deadletters import DeadLetterFilter, DeadLetters, DestinationNotConfigured, http_status
 from receiver.errors import CommandError
 from receiver.history import render, trace
 from receiver.logs import log
@@ -182,6 +183,8 @@ NOTICES = {
     "purged": "purged {done} of {asked} update(s)",
     "requeued": "requeued {done} of {asked} update(s)",
     "requeued-some": "requeued {done} of {asked} update(s); {refused} not: their destination is no longer configured",
+    "purged-matching": "purged {done} dead letter(s) matching the filter",
+    "requeued-matching": "requeued {done} dead letter(s) matching the filter",
     "retrying": "{id}: retrying now",
     "not-retrying": "{id} is not waiting for a retry",
 }
@@ -296,33 +299,91 @@ async def overview_page(request: web.Request) -> web.Response:
     return page(request, "overview.html", o=data, peak=peak)
 
 
-def _filter(query: Any) -> tuple[str, int | None, int | None, str | None]:
-    """The dead-letter filter of a query or form: text, older-than and newer-than seconds, a problem."""
-    text = str(query.get("q", "")).strip()
-    durations: list[int | None] = []
-    problem = None
+FILTER_FIELDS = ("q", "destination", "status", "older", "newer")
+LIST_FIELDS = (*FILTER_FIELDS, "sort", "dir", "per")
+# A selection is one page at most (the largest page size): a form of ids stays far below aiohttp's 1000
+# fields. More is "all matching", which sends the filter, not the ids.
+MAX_SELECTED = max(state.PAGE_SIZES)
+CONFIRM_IDS_SHOWN = 20
+
+
+def _filter(query: Any) -> tuple[DeadLetterFilter, str | None]:
+    """The dead-letter filter of a query or form (q, destination, status, older, newer), and what of
+    it cannot be used (left out of the filter)."""
+    problems = []
+    ages: dict[str, int | None] = {}
     for name in ("older", "newer"):
         raw = str(query.get(name, "")).strip()
         try:
-            durations.append(parse_duration(raw) if raw else None)
+            ages[f"{name}_than"] = parse_duration(raw) if raw else None
         except ValueError:
-            durations.append(None)
-            problem = f"{name}: use a number with s, m, h, d or w (e.g. 30m, 2h, 3d)"
-    return text, durations[0], durations[1], problem
+            ages[f"{name}_than"] = None
+            problems.append(f"{name}: use a number with s, m, h, d or w (e.g. 30m, 2h, 3d)")
+    text = str(query.get("q", "")).strip()
+    destination = str(query.get("destination", "")).strip() or None
+    status = str(query.get("status", "")).strip().lower()
+    try:
+        chosen = DeadLetterFilter(destination, text, status, **ages)
+    except ValueError as exc:
+        problems.append(str(exc))
+        chosen = DeadLetterFilter(destination, text, "", **ages)
+    return chosen, "; ".join(problems) or None
 
 
-def _matching(redis: Redis, keys: RedisKeys, query: Any) -> tuple[list[dict[str, Any]], str | None]:
-    text, older, newer, problem = _filter(query)
-    now = time.time()
-    entries = DeadLetters(redis, keys).entries()
-    return [e for e in entries if state.matches(e, text, older, newer, now)], problem
+def _paging(query: Any) -> state.Paging:
+    """Page, size and order of a list page's query (`page`, `per`, `sort`, `dir=asc`)."""
+    sort = str(query.get("sort", "time"))
+    per, number = str(query.get("per", "")), str(query.get("page", ""))
+    return state.Paging(
+        number=max(1, int(number)) if number.isdigit() and len(number) < 9 else 1,
+        size=int(per) if per.isdigit() and int(per) in state.PAGE_SIZES else 50,
+        sort=sort if sort in state.DEAD_LETTER_SORTS else "time",
+        ascending=query.get("dir") == "asc",
+    )
+
+
+def _kept(source: Any, fields: tuple[str, ...] = LIST_FIELDS) -> dict[str, str]:
+    """The list fields set in a query or form, to carry into the next URL (filters survive actions)."""
+    kept = {k: str(source.get(k, "")).strip() for k in fields}
+    return {k: v for k, v in kept.items() if v}
+
+
+def _linker(path: str, current: dict[str, str]) -> Callable[..., str]:
+    """For a template: this list's URL with some fields changed (paging, sorting, a filter cleared)."""
+
+    def link(**changes: Any) -> str:
+        fields = {k: str(v) for k, v in {**current, **changes}.items() if v not in ("", None)}
+        return path + ("?" + urlencode(fields) if fields else "")
+
+    return link
 
 
 async def dlq_page(request: web.Request) -> web.Response:
     app = request.app
-    entries, problem = await in_thread(request, _matching, app[REDIS], app[KEYS], request.query)
-    q = {k: request.query.get(k, "") for k in ("q", "older", "newer")}
-    return page(request, "dlq.html", entries=entries, problem=problem, q=q, filtered=any(q.values()))
+    chosen, problem = _filter(request.query)
+    paging = _paging(request.query)
+    listing = await in_thread(request, state.dead_letter_page, app[REDIS], app[KEYS], chosen, paging)
+    current = _kept(request.query)
+    return page(
+        request, "dlq.html", listing=listing, entries=listing["entries"], problem=problem, paging=paging,
+        q={k: request.query.get(k, "") for k in LIST_FIELDS}, filtered=bool(chosen.described()),
+        link=_linker("/dlq", current), sizes=state.PAGE_SIZES, kept=current,
+        destinations=[d.name for d in app[SETTINGS].destinations],
+    )  # fmt: skip
+
+
+def _attempts_of(redis: Redis, keys: RedisKeys, entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The attempts of a dead letter's delivery, as its order's history keeps them (what the merchant
+    answered each time), oldest first."""
+    destination = entry.get("destination")
+    for document in trace(redis, keys, entry["order_id"]):
+        for update in document["updates"]:
+            if update["id"] == entry["update"]["id"]:
+                return [
+                    a for a in update["attempts"]
+                    if (a["target"] or "").partition(":")[0] == destination or (not destination and ":" not in (a["target"] or ""))
+                ]  # fmt: skip
+    return []
 
 
 async def dlq_entry_page(request: web.Request) -> web.Response:
@@ -332,24 +393,43 @@ async def dlq_entry_page(request: web.Request) -> web.Response:
     if entry is None:
         return page(request, "missing.html", what=f"{update_id} is not in the dead-letter queue", status=404)
     pretty = orjson.dumps(entry["update"], option=orjson.OPT_INDENT_2).decode()
-    return page(request, "dlq_entry.html", e=entry, pretty=pretty)
+    attempts = await in_thread(request, _attempts_of, app[REDIS], app[KEYS], entry)
+    return page(request, "dlq_entry.html", e=entry, pretty=pretty, status_of=http_status, attempts=attempts)
+
+
+def _selected(form: Any) -> list[str]:
+    ids = [str(i) for i in form.getall("id", [])]
+    if len(ids) > MAX_SELECTED:
+        raise web.HTTPBadRequest(text=f"select at most {MAX_SELECTED} (a page); for more, use all matching")
+    return ids
+
+
+def _first_matching(redis: Redis, keys: RedisKeys, chosen: DeadLetterFilter) -> tuple[int, list[str]]:
+    """How many dead letters `chosen` matches, and the newest CONFIRM_IDS_SHOWN of their ids."""
+    found = list(DeadLetters(redis, keys).matching(chosen))
+    found.sort(key=state.DEAD_LETTER_SORTS["time"], reverse=True)
+    return len(found), [e["id"] for e in found[:CONFIRM_IDS_SHOWN]]
 
 
 async def dlq_confirm(request: web.Request) -> web.Response:
-    """The confirmation step of every dead-letter action: what will be done to which updates."""
+    """The confirmation step of every dead-letter action: what will be done to which updates (for all
+    matching: how many, the newest few, and the filter, which the action sends on)."""
     app = request.app
     form = await read_form(request)
     action = str(form.get("action", ""))
     if action not in ACTIONS:
         raise web.HTTPBadRequest(text="action: requeue or purge")
+    kept = _kept(form)
     if request.query.get("scope") == "matching":
-        entries, problem = await in_thread(request, _matching, app[REDIS], app[KEYS], form)
+        chosen, problem = _filter(form)
         if problem:
             raise web.HTTPBadRequest(text=problem)
-        ids = [e["id"] for e in entries]
-    else:
-        ids = [str(i) for i in form.getall("id", [])]
-    return page(request, "confirm.html", action=action, ids=ids)
+        count, ids = await in_thread(request, _first_matching, app[REDIS], app[KEYS], chosen)
+        return page(request, "confirm.html", action=action, scope="matching", count=count, ids=ids,
+                    described=chosen.described(), kept=kept, back=_linker("/dlq", kept)())  # fmt: skip
+    ids = _selected(form)
+    return page(request, "confirm.html", action=action, scope="selected", count=len(ids), ids=ids,
+                described={}, kept=kept, back=_linker("/dlq", kept)())  # fmt: skip
 
 
 async def dlq_act(request: web.Request) -> web.StreamResponse:
@@ -357,14 +437,22 @@ async def dlq_act(request: web.Request) -> web.StreamResponse:
     action = str(form.get("action", ""))
     if action not in ACTIONS or form.get("confirm") != "yes":
         raise web.HTTPBadRequest(text="confirm the action first")
-    ids = [str(i) for i in form.getall("id", [])]
+    code = "purged" if action == "purge" else "requeued"
+    if form.get("scope") == "matching":
+        chosen, problem = _filter(form)
+        if problem:
+            raise web.HTTPBadRequest(text=problem)
+        done = await in_thread(request, _act_matching, request, action, chosen)
+        return see_other(notice_link("/dlq", f"{code}-matching", done=done, **_kept(form)))
+    ids = _selected(form)
     done, refused = await in_thread(request, _act, request, action, ids)
     if refused:
         return see_other(
-            notice_link("/dlq", "requeued-some", done=done, asked=len(ids), refused=len(refused))
+            notice_link(
+                "/dlq", "requeued-some", done=done, asked=len(ids), refused=len(refused), **_kept(form)
+            )
         )
-    code = "purged" if action == "purge" else "requeued"
-    return see_other(notice_link("/dlq", code, done=done, asked=len(ids)))
+    return see_other(notice_link("/dlq", code, done=done, asked=len(ids), **_kept(form)))
 
 
 def _act(request: web.Request, action: str, ids: list[str]) -> tuple[int, list[str]]:
@@ -396,6 +484,24 @@ def _act(request: web.Request, action: str, ids: list[str]) -> tuple[int, list[s
     return done, refused
 
 
+def _act_matching(request: web.Request, action: str, chosen: DeadLetterFilter) -> int:
+    """Requeue (those for a configured destination) or purge every dead letter `chosen` matches, in
+    batches; one log line says what, with the filter (each order's history records each update)."""
+    app = request.app
+    dlq = DeadLetters(app[REDIS], app[KEYS], app[SETTINGS].history_retention_seconds)
+    configured = {d.name for d in app[SETTINGS].destinations}
+    done = dlq.apply(action, chosen, configured if action == "requeue" else None)
+    log.info(
+        f"ops: dead letters {action}d by filter",
+        action=action,
+        filter=chosen.described(),
+        count=done,
+        via=request[VIA],
+        remote=request.remote,
+    )
+    return done
+
+
 async def order_page(request: web.Request) -> web.Response:
     app = request.app
     key = request.query.get("key", "").strip()
@@ -406,12 +512,27 @@ async def order_page(request: web.Request) -> web.Response:
                 retention=app[SETTINGS].history_retention_seconds)  # fmt: skip
 
 
+def _retrying_listing(app: web.Application, paging: state.Paging, destination: str | None) -> dict[str, Any]:
+    """One page of the updates waiting for a retry (of `destination`, when given), soonest first."""
+    each = [k for k in app[DESTINATION_KEYS] if destination in (None, k.destination)]
+    count = state.retrying_count(app[REDIS], app[KEYS], each) if each else 0
+    start, end = paging.window(count)
+    updates = (
+        state.retrying(app[REDIS], app[KEYS], None, end - start, each, offset=start) if end > start else []
+    )
+    return {"updates": updates, "first": start + 1 if updates else 0, "last": start + len(updates),
+            "total": count, "page": start // paging.size + 1, "pages": max(1, -(-count // paging.size))}  # fmt: skip
+
+
 async def retrying_page(request: web.Request) -> web.Response:
     app = request.app
-    updates = await in_thread(
-        request, state.retrying, app[REDIS], app[KEYS], None, 1000, app[DESTINATION_KEYS]
-    )
-    return page(request, "retrying.html", updates=updates)
+    paging = _paging(request.query)
+    destination = request.query.get("destination") or None
+    listing = await in_thread(request, _retrying_listing, app, paging, destination)
+    current = _kept(request.query, ("destination", "per"))
+    return page(request, "retrying.html", listing=listing, updates=listing["updates"], paging=paging,
+                link=_linker("/retrying", current), destination=destination or "",
+                destinations=[d.name for d in app[SETTINGS].destinations], sizes=state.PAGE_SIZES)  # fmt: skip
 
 
 async def retry_now_form(request: web.Request) -> web.StreamResponse:
@@ -442,12 +563,28 @@ async def api_overview(request: web.Request) -> web.Response:
 
 
 async def api_dlq(request: web.Request) -> web.Response:
-    """The entries as `dlq list --json` prints them; `q`, `older`, `newer` filter as the page does."""
+    """The entries as `dlq list --json` prints them, oldest first; `q`, `destination`, `status`,
+    `older`, `newer` filter as the page does."""
     app = request.app
-    entries, problem = await in_thread(request, _matching, app[REDIS], app[KEYS], request.query)
+    chosen, problem = _filter(request.query)
     if problem:
         return api_error(400, "bad_filter", problem)
-    return json_response(entries)
+    entries = await in_thread(request, lambda: list(DeadLetters(app[REDIS], app[KEYS]).matching(chosen)))
+    return json_response(sorted(entries, key=state.DEAD_LETTER_SORTS["time"]))
+
+
+def _api_bulk(action: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """POST /api/dlq/requeue|purge: the action on every dead letter the JSON body's filter matches."""
+
+    async def act(request: web.Request) -> web.Response:
+        try:
+            chosen = DeadLetterFilter.from_json(orjson.loads(await request.read()))
+        except ValueError as exc:  # orjson's JSONDecodeError is one
+            return api_error(400, "bad_filter", f"{exc} (a JSON object; `{{}}` means every dead letter)")
+        done = await in_thread(request, _act_matching, request, action, chosen)
+        return json_response({"purged" if action == "purge" else "requeued": done})
+
+    return act
 
 
 def _api_action(action: str) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -552,6 +689,8 @@ def create_ops_app(
     r.add_get("/api/overview", api_overview)
     r.add_get("/api/dlq", api_dlq)
     for action in ACTIONS:
+        r.add_post(f"/api/dlq/{action}", _api_bulk(action))
+    for action in ACTIONS:
         r.add_post(f"/api/dlq/{{id}}/{action}", _api_action(action))
     r.add_get("/api/orders/{key}", api_order)
     r.add_get("/api/retrying", api_retrying)
@@ -566,8 +705,15 @@ def run_ops(settings: Settings) -> int:
             "OPS_TOKEN is required (at least 32 characters; e.g. "
             '`python3 -c "import secrets; print(secrets.token_urlsafe(32))"`)'
         )
-    log.info("ops console starting", host=settings.ops_host, port=settings.ops_port)
+    log.info(
+        "ops console starting",
+        host=settings.ops_host,
+        port=settings.ops_port,
+        version=__version__,
+        settings=settings.summary(),
+    )
     asyncio.run(_serve(settings))
+    log.info("ops console stopped")
     return 0
 
 

@@ -8,7 +8,8 @@ are the allowlisted fields only (receiver/app.py), and RQ's worker records are r
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +18,7 @@ from redis import Redis
 from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
+from receiver.deadletters import DeadLetterFilter, DeadLetters
 from receiver.destinations import MERCHANT, split_job_id
 from receiver.history import parse_update_id
 from receiver.rediskeys import RedisKeys
@@ -142,14 +144,24 @@ def retrying(
     now: float | None = None,
     limit: int = 1000,
     destinations: Sequence[RedisKeys] = (),
+    offset: int = 0,
 ) -> list[dict[str, Any]]:
-    """Updates waiting for their next attempt, soonest first: due time, attempts, last error (and the
-    destination, for one other than `merchant`), over every destination's retry schedule."""
+    """Updates waiting for their next attempt, soonest first, `limit` of them from the `offset`th: due
+    time, attempts, last error (and the destination, for one other than `merchant`), over every
+    destination's retry schedule."""
     now = time.time() if now is None else now
     found = []
     for dest in list(destinations) or [keys]:
-        found += _retrying(redis, dest, now, limit)
-    return sorted(found, key=lambda u: u["due_at"] or "")[:limit]
+        found += _retrying(redis, dest, now, offset + limit)
+    return sorted(found, key=lambda u: u["due_at"] or "")[offset : offset + limit]
+
+
+def retrying_count(redis: Redis, keys: RedisKeys, destinations: Sequence[RedisKeys] = ()) -> int:
+    """How many updates wait for their next attempt, over every destination's retry schedule."""
+    with redis.pipeline(transaction=False) as pipe:
+        for dest in list(destinations) or [keys]:
+            pipe.zcard(dest.retry_schedule)
+        return sum(int(n) for n in pipe.execute())
 
 
 def _retrying(redis: Redis, keys: RedisKeys, now: float, limit: int) -> list[dict[str, Any]]:
@@ -180,22 +192,48 @@ def _retrying(redis: Redis, keys: RedisKeys, now: float, limit: int) -> list[dic
     return found
 
 
-def matches(entry: dict[str, Any], text: str, older: int | None, newer: int | None, now: float) -> bool:
-    """A dead-letter entry against the console's filter: `text` in its id, order, merchant order number
-    or error (any case); dead-lettered more than `older` / less than `newer` seconds ago."""
-    if text:
-        update = entry.get("update") or {}
-        haystack = " ".join(
-            str(x or "") for x in (entry.get("id"), entry.get("order_id"), update.get("order_number"),
-                                   entry.get("last_error"))
-        ).lower()  # fmt: skip
-        if text.lower() not in haystack:
-            return False
-    if older is None and newer is None:
-        return True
-    try:
-        at = datetime.fromisoformat(str(entry.get("dead_lettered_at")).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return False
-    age = now - at
-    return (older is None or age >= older) and (newer is None or age <= newer)
+DEAD_LETTER_SORTS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "time": lambda e: (e.get("dead_lettered_at") or "", e["id"]),
+    "order": lambda e: (e.get("order_id") or "", e["id"]),
+    "destination": lambda e: (e.get("destination", MERCHANT), e.get("dead_lettered_at") or "", e["id"]),
+    "attempts": lambda e: (int(e.get("attempts") or 0), e.get("dead_lettered_at") or "", e["id"]),
+}
+PAGE_SIZES = (25, 50, 100, 200, 500)
+
+
+@dataclass(frozen=True)
+class Paging:
+    """Which page of a list: `number` from 1, `size` one of PAGE_SIZES, sorted by `sort`, newest or
+    highest first unless `ascending`."""
+
+    number: int = 1
+    size: int = 50
+    sort: str = "time"
+    ascending: bool = False
+
+    def window(self, count: int) -> tuple[int, int]:
+        """The first and past-the-last index of this page in a list of `count` (the last page when
+        `number` is past it)."""
+        pages = max(1, -(-count // self.size))
+        start = (min(self.number, pages) - 1) * self.size
+        return start, min(start + self.size, count)
+
+
+def dead_letter_page(
+    redis: Redis, keys: RedisKeys, chosen: DeadLetterFilter, paging: Paging
+) -> dict[str, Any]:
+    """One page of the dead letters `chosen` matches, sorted as `paging` says, and the counts that say
+    where it stands: {entries, first, last, matching, total, page, pages}."""
+    found = list(DeadLetters(redis, keys).matching(chosen))
+    total = redis.hlen(keys.dead_letters)
+    found.sort(key=DEAD_LETTER_SORTS[paging.sort], reverse=not paging.ascending)
+    start, end = paging.window(len(found))
+    return {
+        "entries": found[start:end],
+        "first": start + 1 if end > start else 0,
+        "last": end,
+        "matching": len(found),
+        "total": max(int(total), len(found)),  # type: ignore[arg-type]
+        "page": start // paging.size + 1,
+        "pages": max(1, -(-len(found) // paging.size)),
+    }

