@@ -32,7 +32,7 @@ def scale_settings(make_settings: Any) -> Settings:
 
 @pytest.fixture
 async def ops(aiohttp_client: Any, scale_settings: Settings, sync_redis: redis.Redis) -> Any:
-    return await aiohttp_client(create_ops_app(scale_settings, redis=sync_redis, failure_delay=0.05))
+    return await aiohttp_client(create_ops_app(scale_settings, redis=sync_redis))
 
 
 def seed(client: redis.Redis, settings: Settings) -> None:
