@@ -225,8 +225,8 @@ class DeliveryWorker(SimpleWorker):
         return True
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        """Start the job's execution (RQ's `prepare_execution`), then run it (RQ's `perform_job`) on a
-        pool thread; on this thread when one delivery at a time is asked for."""
+        """Start the job's execution (RQ's `prepare_execution`) and run it (RQ's `perform_job`) on a pool
+        thread; on this thread when one delivery at a time is asked for."""
         lease, self.taken_lease = self.taken_lease, None
         if self.pool is None:
             try:
@@ -235,14 +235,16 @@ class DeliveryWorker(SimpleWorker):
                 self.end_lane(lease)
             return
         try:
-            execution = self.prepare_execution(job)
-            self.pool.submit(self.perform_in_lane, job, queue, execution, lease)
+            self.pool.submit(self.perform_in_lane, job, queue, lease)
         except BaseException:
             self.end_lane(lease)
             raise
 
-    def perform_in_lane(self, job: Job, queue: Queue, execution: Execution, lease: str | None) -> None:
+    def perform_in_lane(self, job: Job, queue: Queue, lease: str | None) -> None:
+        """On a pool thread: RQ's start of the job's execution, then RQ's `perform_job` (so the main
+        thread's part of a job is only taking it off the queue: one round trip)."""
         try:
+            execution = self.prepare_execution(job)
             self.perform_job(job, queue, execution)
         except Exception:  # RQ records the job's own failures; this is RQ's bookkeeping failing (Redis)
             log.exception("delivery thread could not record a job's end", job=job.id)
