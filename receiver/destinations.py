@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from receiver.retries import DAY_SCHEDULE
+
 MERCHANT = "merchant"
 NAME_PATTERN = r"[a-z0-9-]{1,40}"
 JOB_ID_SEPARATOR = "__"  # RQ allows letters, digits, _ and - in job ids; names have no _
@@ -49,8 +51,9 @@ class Destination:
     events: frozenset[str] = frozenset()
     statuses: frozenset[str] = frozenset()
     timeout_seconds: float = 10.0
-    max_attempts: int = 8
-    backoff_seconds: float = 2.0
+    max_attempts: int = len(DAY_SCHEDULE) + 1
+    retry_schedule: tuple[float, ...] = DAY_SCHEDULE  # the waits after attempts 1, 2, ... (retries.py)
+    backoff_seconds: float | None = None  # an exponential backoff's base instead of the schedule
     max_in_flight: int = MAX_IN_FLIGHT
     tls_client_cert: str = ""
     tls_client_key: str = ""

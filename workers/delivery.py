@@ -3,16 +3,15 @@
 One worker process delivers to one destination (receiver/destinations.py; `merchant` is the MERCHANT_*
 settings). Its targets: a Standard Webhooks-signed POST to its URL and/or its handler, a Python
 function. 2xx (or a handler that returns) is done; a network error, a timeout, 408, 429 and 5xx (or a
-handler's exception) are retried with exponential backoff and full jitter, honouring Retry-After; any
-other answer (or PermanentDeliveryError from a handler) dead-letters the update at once, as does the
-last of DELIVERY_MAX_ATTEMPTS attempts.
+handler's exception) are retried on the destination's retry schedule (receiver/retries.py: about a day
+by default), honouring Retry-After; any other answer (or PermanentDeliveryError from a handler)
+dead-letters the update at once, as does the last of its attempts.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,12 +31,12 @@ from receiver.history import attempt_entry
 from receiver.logs import log
 from receiver.metrics import count, counter_increment, observation_increments
 from receiver.rediskeys import RedisKeys
+from receiver.retries import retry_wait
 from receiver.retry_after import parse_retry_after
 from receiver.rqstore import RETRY_BUDGET
 from receiver.settings import Settings
 from workers.merchant_http import AnswerError, ConnectionOptions, MerchantConnection
 
-MAX_BACKOFF_SECONDS = 3600.0
 USER_AGENT = "intergiro-receiver"
 
 
@@ -78,20 +77,13 @@ def variable(destination: str, name: str) -> str:
     return f"DESTINATION_{destination.upper().replace('-', '_')}_{name}"
 
 
-def backoff_delay(
-    attempt: int, base: float, retry_after: float | None = None, rng: Callable[[], float] = random.random
-) -> float:
-    """Seconds to wait after failed attempt number `attempt` (1-based): full jitter over base * 2^(n-1),
-    capped at one hour, and never sooner than the merchant's Retry-After (itself capped at one hour)."""
-    ceiling = min(MAX_BACKOFF_SECONDS, base * 2 ** min(attempt - 1, 64))
-    delay = rng() * ceiling
-    if retry_after is not None:
-        delay = max(delay, min(retry_after, MAX_BACKOFF_SECONDS))
-    return float(delay)
+# 4xx answers that mean "not now" rather than "never": timeout, conflict (a concurrent change on the
+# merchant's side), too early, too many requests.
+RETRYABLE_4XX = (408, 409, 425, 429)
 
 
 def is_retryable_status(status: int) -> bool:
-    return status in (408, 429) or status >= 500
+    return status in RETRYABLE_4XX or status >= 500
 
 
 class WebhookTarget:
@@ -403,7 +395,7 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False)
     if not failure.retryable or attempt >= destination.max_attempts:
         dead_letter(ctx, update, attempt, error, error_at, attempt_counters, history("dead_lettered"))
         raise DeadLettered(error)
-    delay = backoff_delay(attempt, destination.backoff_seconds, failure.retry_after)
+    delay = retry_wait(destination.retry_schedule, destination.backoff_seconds, attempt, failure.retry_after)
     due = time.time() + delay
     ctx.chains.schedule_retry(
         update, due, error, error_at, [*attempt_counters, outcomes.retry_scheduled], history=history("retry")
