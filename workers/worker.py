@@ -48,10 +48,13 @@ from receiver.inflight import InFlightLeases
 from receiver.logs import log
 from receiver.settings import Settings
 from workers.delivery import count_attempt_commands, current_context
+from workers.gate import DeliveryGate
 
 # How long one BLMOVE waits for a job: under the workers' socket timeout (10 s, DeliveryContext), or each
 # idle wait would end in a TimeoutError that RQ answers with a growing pause (up to a minute).
 DEQUEUE_WAIT_SECONDS = 5
+# How long a worker with a gate waits for a job before it passes the gate again (workers/gate.py).
+GATE_RECHECK_SECONDS = 1
 # How often RQ's periodic heartbeat (no timeout given) is sent while jobs follow one another.
 HEARTBEAT_REFRESH_SECONDS = 1.0
 
@@ -99,13 +102,15 @@ class DeliveryWorker(SimpleWorker):
     execution (`prepare_execution`: RQ's StartedJobRegistry and the worker's executions, as for any
     RQ worker), then a pool thread runs `perform_job` (RQ's preparation, the job, its success, retry or
     failure and the end of the execution). A job is taken only when a thread is free and, with
-    `leases`, when the destination has a slot (receiver/inflight.py): one waiting is still on the queue.
+    `leases`, when the destination has a slot (receiver/inflight.py): one waiting is still on the queue;
+    with a `gate`, only while the destination is up (workers/gate.py).
     """
 
     job_class = DeliveryJob
     attempt_timeout = 300
     concurrency = 1
     leases: InFlightLeases | None = None
+    gate: DeliveryGate | None = None
     stop_requested = False  # SIGTERM or SIGINT: RQ's loop ends on purpose
     drained = False  # burst mode found the queue empty
     waiting_for_job = False  # the main thread waits for a thread, a slot or a job: a stop ends the wait
@@ -167,12 +172,17 @@ class DeliveryWorker(SimpleWorker):
         """RQ's wait for a job, once a thread is free and the destination has a slot. In burst mode an
         empty queue ends the loop only once no delivery is in flight (a delivery's end may queue its
         order's next update)."""
+        # With a gate, one wait lasts GATE_RECHECK_SECONDS (RQ's own idle bound), then the gate is passed
+        # again: a pause holds the next job within about that long, not after the next job came.
+        rechecks = self.gate is not None and timeout is not None and max_idle_time is None
         while True:
             self.waiting_for_job = True
             try:
                 self.take_lane()
                 try:
-                    result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+                    result = super().dequeue_job_and_maintain_ttl(
+                        timeout, GATE_RECHECK_SECONDS if rechecks else max_idle_time
+                    )
                 except BaseException:
                     self.end_lane(self.taken_lease)
                     raise
@@ -181,6 +191,8 @@ class DeliveryWorker(SimpleWorker):
             if result is not None:
                 return result
             self.end_lane(self.taken_lease)
+            if rechecks:
+                continue
             if self.leases is not None:
                 self.leases.return_spare()
             if timeout is None and self.wait_for_deliveries():
@@ -190,13 +202,16 @@ class DeliveryWorker(SimpleWorker):
 
     def take_lane(self) -> None:
         """Wait until fewer than `concurrency` deliveries are in flight (heartbeats going on), reserve
-        that place, then a lease on one of the destination's slots."""
+        that place, then for the destination's gate, then a lease on one of its slots."""
         with self.lanes:
             while self.busy_lanes >= self.concurrency:
                 self.lanes.wait(HEARTBEAT_REFRESH_SECONDS)
                 self.heartbeat()
             self.busy_lanes += 1
         self.taken_lease = None
+        if self.gate is not None and not self.gate.pass_through(lambda: self.stop_requested, self.heartbeat):
+            self.end_lane(None)
+            raise StopRequested()
         if self.leases is None:
             return
         try:
@@ -279,15 +294,17 @@ def delivery_worker(
     attempt_seconds: int,
     concurrency: int = 1,
     leases: InFlightLeases | None = None,
+    gate: DeliveryGate | None = None,
 ) -> DeliveryWorker:
     """A DeliveryWorker on `queue` (RQ's JSON serializer), its job heartbeat and death penalty bounded by
     one attempt of `attempt_seconds` (attempt_timeout_seconds), keeping up to `concurrency` deliveries
-    in flight, within the destination's bound when `leases` are given."""
+    in flight, within the destination's bound when `leases` are given, while its `gate` lets them."""
     worker = DeliveryWorker([queue], connection=connection, serializer=JSONSerializer, worker_ttl=60)
     worker.attempt_timeout = attempt_seconds
     worker.concurrency = concurrency
     worker.lanes = threading.Condition()
     worker.leases = leases
+    worker.gate = gate
     if concurrency > 1:
         worker.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="delivery")
     worker.death_penalty_class = attempt_death_penalty(attempt_seconds, threaded=concurrency > 1)

@@ -1,0 +1,229 @@
+"""A destination's state, deployment-wide: `up`, `paused` by an operator, or `down` (its breaker open).
+
+One Redis hash per destination (RedisKeys.destination_state) that every worker process reads before it
+takes a job off the destination's queue (workers/gate.py): while the destination is paused no job is
+taken, so its updates wait on the queue, in their orders' sequence, and spend no attempts; a pause lives
+in Redis, so it survives a restart of every process. The fields:
+
+- `paused_at`, `paused_reason`, `paused_by`: set by `destination pause` or the console, gone on resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from redis import Redis
+
+from receiver import rqstore
+from receiver.connections import sync_redis
+from receiver.errors import report
+from receiver.logs import log
+from receiver.rediskeys import RedisKeys, destination_keys
+from receiver.retries import format_duration
+from receiver.settings import Settings
+
+UP, DOWN, PAUSED = "up", "down", "paused"
+STATES = (UP, DOWN, PAUSED)
+MAX_REASON_CHARS = 500
+SNAPSHOT_SECONDS = 1.0  # how stale a worker's view may be: a pause holds new jobs within about a second
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+@dataclass(frozen=True)
+class StateView:
+    """One read of a destination's state."""
+
+    destination: str
+    paused_at: float | None = None
+    paused_reason: str = ""
+    paused_by: str = ""
+
+    @property
+    def state(self) -> str:
+        return PAUSED if self.paused_at is not None else UP
+
+    def as_dict(self) -> dict[str, Any]:
+        paused_at = None
+        if self.paused_at is not None:
+            paused_at = datetime.fromtimestamp(self.paused_at, UTC).isoformat(timespec="seconds")
+        return {
+            "state": self.state,
+            "paused_at": paused_at and paused_at.replace("+00:00", "Z"),
+            "paused_reason": self.paused_reason,
+            "paused_by": self.paused_by,
+        }
+
+    @classmethod
+    def parse(cls, destination: str, fields: dict[Any, Any]) -> StateView:
+        f = {_text(k): _text(v) for k, v in fields.items()}
+        return cls(
+            destination,
+            paused_at=float(f["paused_at"]) if "paused_at" in f else None,
+            paused_reason=f.get("paused_reason", ""),
+            paused_by=f.get("paused_by", ""),
+        )
+
+
+PAUSE_FIELDS = ("paused_at", "paused_reason", "paused_by")
+# KEYS: state. ARGV: now, reason, by. The three fields are set together, and only when not paused already
+# (a second pause must not overwrite who paused it and why).
+PAUSE = """
+if redis.call('HEXISTS', KEYS[1], 'paused_at') == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'paused_at', ARGV[1], 'paused_reason', ARGV[2], 'paused_by', ARGV[3])
+return 1
+"""
+
+
+class DestinationState:
+    """The state of one destination (its keys): read it (a snapshot at most SNAPSHOT_SECONDS old for the
+    workers), pause and resume it."""
+
+    def __init__(self, redis: Redis, keys: RedisKeys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.snapshot = StateView(keys.destination)
+        self.read_at = -SNAPSHOT_SECONDS
+        self._pause = redis.register_script(PAUSE)
+
+    def read(self) -> StateView:
+        fields: dict[Any, Any] = self.redis.hgetall(self.keys.destination_state)  # type: ignore[assignment]
+        self.snapshot = StateView.parse(self.keys.destination, fields)
+        self.read_at = time.monotonic()
+        return self.snapshot
+
+    def current(self) -> StateView:
+        """The state as last read, read again when older than SNAPSHOT_SECONDS."""
+        if time.monotonic() - self.read_at >= SNAPSHOT_SECONDS:
+            return self.read()
+        return self.snapshot
+
+    def pause(self, reason: str = "", by: str = "") -> bool:
+        """Hold the destination's deliveries; False when it was paused already (its reason is kept)."""
+        paused = self._pause(
+            keys=[self.keys.destination_state], args=[repr(time.time()), reason[:MAX_REASON_CHARS], by]
+        )
+        if paused:
+            log.warning("destination paused", destination=self.keys.destination, reason=reason, by=by)
+        return bool(paused)
+
+    def resume(self, by: str = "") -> bool:
+        """Deliver again; False when it was not paused."""
+        resumed = self.redis.hdel(self.keys.destination_state, *PAUSE_FIELDS)
+        if resumed:
+            log.warning("destination resumed", destination=self.keys.destination, by=by)
+        return bool(resumed)
+
+
+# How many of each list `describe` reads for the age of the oldest undelivered update: queued ones from
+# the queue's front, every in-flight one, retrying ones soonest due first. Bounded, so that a large backlog
+# costs one round trip of a known size; an age read from them is then at least the true one's lower bound.
+OLDEST_SCAN = 1000
+
+
+def _age(created_at: Any, now: float) -> float | None:
+    if not created_at:
+        return None
+    try:
+        at = datetime.fromisoformat(_text(created_at).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+    return max(0.0, now - at)
+
+
+def describe(redis: Redis, each: Sequence[RedisKeys], now: float | None = None) -> list[dict[str, Any]]:
+    """Every destination's state and figures, as `destination list --json` and GET /api/destinations show
+    them: `state`, the pause (when, why, by whom), deliveries `in_flight` (RQ's StartedJobRegistry),
+    `queued` (on the RQ queue), `waiting` (behind their order's head), `retrying`, and
+    `oldest_undelivered_seconds` (the age of the oldest update not yet delivered: queued, in flight or
+    retrying; None when there is none)."""
+    now = time.time() if now is None else now
+    with redis.pipeline(transaction=False) as pipe:  # one round trip for the figures
+        for keys in each:
+            pipe.hgetall(keys.destination_state)
+            pipe.zcard(rqstore.started_key(keys.queue_name))
+            pipe.llen(keys.rq_queue)
+            pipe.zcard(keys.rq_deferred)
+            pipe.zcard(keys.retry_schedule)
+            pipe.lrange(keys.rq_queue, 0, OLDEST_SCAN - 1)
+            pipe.zrange(rqstore.started_key(keys.queue_name), 0, OLDEST_SCAN - 1)
+            pipe.zrange(keys.retry_schedule, 0, OLDEST_SCAN - 1)
+        answers = pipe.execute()
+    rows, undelivered = [], []
+    for n, keys in enumerate(each):
+        fields, in_flight, queued, waiting, retrying, *lists = answers[8 * n : 8 * n + 8]
+        view = StateView.parse(keys.destination, fields)
+        rows.append(
+            {"destination": keys.destination, **view.as_dict(), "in_flight": in_flight, "queued": queued,
+             "waiting": waiting, "retrying": retrying}
+        )  # fmt: skip
+        undelivered.append({_text(i) for listed in lists for i in listed})
+    with redis.pipeline(transaction=False) as pipe:  # and one for the oldest of each
+        for ids in undelivered:
+            for job in ids:
+                pipe.hget(rqstore.job_key(job), "created_at")
+        created = iter(pipe.execute())
+    for row, ids in zip(rows, undelivered, strict=True):
+        ages = [a for a in (_age(next(created), now) for _ in ids) if a is not None]
+        row["oldest_undelivered_seconds"] = round(max(ages), 1) if ages else None
+    return rows
+
+
+def all_keys(settings: Settings) -> list[RedisKeys]:
+    """The keys of every configured destination."""
+    return destination_keys(
+        RedisKeys(settings.redis_key_prefix, settings.queue_name), [d.name for d in settings.destinations]
+    )
+
+
+def format_age(seconds: float | None) -> str:
+    return "-" if seconds is None else format_duration(seconds) if seconds >= 1 else "0s"
+
+
+def run_destination_command(settings: Settings, args: argparse.Namespace) -> int:
+    """`intergiro-receiver destination list|pause|resume`: 0 when done, 1 for a destination not
+    configured."""
+    redis = sync_redis(settings, timeout=10)
+    try:
+        each = all_keys(settings)
+        if args.destination_command == "list":
+            rows = describe(redis, each)
+            if args.json:
+                print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+                return 0
+            print(f"{'DESTINATION':<20} {'STATE':<7} {'IN-FLIGHT':>9} {'QUEUED':>7} {'WAITING':>7} "
+                  f"{'RETRYING':>8} {'OLDEST':>8}  NOTE")  # fmt: skip
+            for r in rows:
+                note = (
+                    f"paused by {r['paused_by'] or '?'} at {r['paused_at']}: {r['paused_reason']}"
+                    if r["state"] == PAUSED
+                    else ""
+                )
+                print(f"{r['destination']:<20} {r['state']:<7} {r['in_flight']:>9} {r['queued']:>7} "
+                      f"{r['waiting']:>7} {r['retrying']:>8} {format_age(r['oldest_undelivered_seconds']):>8}  {note}")  # fmt: skip
+            return 0
+        found = next((k for k in each if k.destination == args.name), None)
+        if found is None:
+            names = ", ".join(k.destination for k in each)
+            report("destination", f"no destination {args.name!r} is configured (configured: {names})")
+            return 1
+        state = DestinationState(redis, found)
+        by = f"cli:{getpass.getuser()}"
+        if args.destination_command == "pause":
+            done = state.pause(args.reason or "", by)
+            print(f"{args.name}: {'paused' if done else 'already paused'}")
+        else:
+            done = state.resume(by)
+            print(f"{args.name}: {'resumed' if done else 'was not paused'}")
+        return 0
+    finally:
+        redis.close()

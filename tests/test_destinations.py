@@ -1,0 +1,129 @@
+"""A destination's state, deployment-wide: pause and resume (CLI, console API), on real worker
+processes, a real Redis and a real sink."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+import redis
+
+from receiver.ops.app import create_ops_app
+from receiver.rediskeys import RedisKeys
+from receiver.settings import Settings
+from tests.processes import stop
+from tests.sink import Sink, wait_for
+from tests.test_workers import post_order, webhook_settings
+from workers.worker import GATE_RECHECK_SECONDS
+
+TOKEN = "ops-test-token-0123456789abcdefghijklmnop"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+EVENTS = ("order", "charge", "refund")
+# A worker already waiting for a job when the pause came may still take one: after this, none does.
+PAUSE_TAKES_HOLD = GATE_RECHECK_SECONDS + 2
+
+
+@pytest.fixture
+async def ops(aiohttp_client: Any, settings: Settings, sync_redis: redis.Redis) -> Any:
+    app = create_ops_app(settings.with_changes(ops_token=TOKEN), redis=sync_redis, failure_delay=0.05)
+    return await aiohttp_client(app)
+
+
+def listed(cli: Any) -> dict[str, dict[str, Any]]:
+    code, out = cli("destination", "list", "--json")
+    assert code == 0
+    return {row["destination"]: row for row in json.loads(out)}
+
+
+async def test_a_pause_holds_every_update_in_order_across_a_restart_of_every_process_and_resume_delivers_them(
+    make_receiver: Any, rsa_key: Any, sink: Sink, workers: Any, sync_redis: Any, cli: Any, ops: Any
+) -> None:
+    env = webhook_settings(sink, delivery_timeout_seconds=10)
+    running = workers("--processes", "2", **env)
+    receiver = await make_receiver()
+    await post_order(receiver, rsa_key, "BeforeThePause01")
+    await wait_for(lambda: len(sink.received) == 1, what="a delivery before the pause")
+    code, out = cli("destination", "pause", "merchant", "--reason", "merchant deploy")
+    assert (code, out.strip()) == (0, "merchant: paused")
+    assert cli("destination", "pause", "merchant")[1].strip() == "merchant: already paused"
+    await asyncio.sleep(PAUSE_TAKES_HOLD)
+    orders = [f"PausedOrder{n:05d}" for n in range(10)]
+    for round_ in (1, 2):
+        for order_id in orders:
+            await post_order(receiver, rsa_key, order_id, EVENTS[:round_])
+    await asyncio.sleep(2)
+    assert len(sink.received) == 1
+    # every process restarts: the workers, the receiver (a new one), the console (its state is Redis')
+    stop(running)
+    receiver = await make_receiver()
+    for order_id in orders:
+        await post_order(receiver, rsa_key, order_id, EVENTS)
+    workers("--processes", "2", **env)
+    await asyncio.sleep(3)
+    assert len(sink.received) == 1
+    row = listed(cli)["merchant"]
+    assert row["state"] == "paused" and row["paused_reason"] == "merchant deploy"
+    assert row["paused_by"].startswith("cli:")
+    assert (row["in_flight"], row["queued"], row["waiting"], row["retrying"]) == (0, 10, 20, 0)
+    assert row["oldest_undelivered_seconds"] >= 3
+    assert not list(sync_redis.scan_iter(RedisKeys().delivery("*")))  # no attempt spent
+    answer = await ops.post("/api/destinations/merchant/resume", headers=BEARER)
+    assert answer.status == 200
+    body = await answer.json()
+    assert (body["destination"], body["state"], body["changed"]) == ("merchant", "up", True)
+    await wait_for(lambda: len(sink.received) >= 31, seconds=60, what="every held update")
+    await asyncio.sleep(1)
+    ids = [r.headers["webhook-id"] for r in sink.received]
+    assert len(ids) == len(set(ids)) == 31
+    by_order: dict[str, list[int]] = {}
+    for received in sink.received[1:]:
+        by_order.setdefault(received.update["order_id"], []).append(received.update["event"]["sequence"])
+    assert by_order == {order_id: [0, 1, 2] for order_id in orders}
+    row = listed(cli)["merchant"]
+    assert (row["state"], row["queued"], row["waiting"], row["oldest_undelivered_seconds"]) == (
+        "up",
+        0,
+        0,
+        None,
+    )
+
+
+async def test_the_api_lists_pauses_with_a_reason_and_resumes_a_destination_and_refuses_unknown_ones(
+    ops: Any, cli: Any
+) -> None:
+    assert (await ops.get("/api/destinations")).status == 401
+    [row] = await (await ops.get("/api/destinations", headers=BEARER)).json()
+    assert (row["destination"], row["state"], row["in_flight"], row["oldest_undelivered_seconds"]) == (
+        "merchant",
+        "up",
+        0,
+        None,
+    )
+    answer = await ops.post(
+        "/api/destinations/merchant/pause", headers=BEARER, data=json.dumps({"reason": "maintenance"})
+    )
+    body = await answer.json()
+    assert (answer.status, body["state"], body["paused_reason"], body["paused_by"], body["changed"]) == (
+        200,
+        "paused",
+        "maintenance",
+        "ops:bearer",
+        True,
+    )
+    again = await (await ops.post("/api/destinations/merchant/pause", headers=BEARER)).json()
+    assert (again["changed"], again["paused_reason"]) == (False, "maintenance")
+    assert listed(cli)["merchant"]["state"] == "paused"
+    for path in ("/api/destinations/erp/pause", "/api/destinations/erp/resume"):
+        answer = await ops.post(path, headers=BEARER)
+        assert answer.status == 404 and (await answer.json())["error"] == "not_found"
+    bad = await ops.post("/api/destinations/merchant/pause", headers=BEARER, data=b"{not json")
+    assert bad.status == 400
+    assert (await (await ops.post("/api/destinations/merchant/resume", headers=BEARER)).json())[
+        "state"
+    ] == "up"
+    code, out = cli("destination", "resume", "merchant")
+    assert (code, out.strip()) == (0, "merchant: was not paused")
+    code, _ = cli("destination", "pause", "erp")
+    assert code == 1
