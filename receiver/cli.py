@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     pause.add_argument("--reason", metavar="TEXT", help="why, shown by `destination list` and the console")
     resume = destination_commands.add_parser("resume", help="deliver its held updates again", epilog=EPILOG)
     resume.add_argument("name", metavar="NAME", help="the destination (merchant: MERCHANT_*)")
+    retry_now = command(
+        "retry-now", "make every update waiting for a retry due now (each order still in sequence)"
+    )
+    retry_now.add_argument(
+        "--destination", metavar="NAME", help="only this destination's (merchant: MERCHANT_*)"
+    )
     command(
         "check",
         "validate the configuration and try Redis, the verify endpoint (when used), the merchant URL "
@@ -243,6 +249,10 @@ def run(args: argparse.Namespace) -> None:
         from receiver.destination_state import run_destination_command
 
         raise SystemExit(run_destination_command(settings, args))
+    elif args.command == "retry-now":
+        from receiver.destination_state import run_retry_now
+
+        raise SystemExit(run_retry_now(settings, args))
     elif args.command == "trace":
         from receiver.history import run_trace
 

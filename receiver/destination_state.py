@@ -227,3 +227,36 @@ def run_destination_command(settings: Settings, args: argparse.Namespace) -> int
         return 0
     finally:
         redis.close()
+
+
+def retry_all_now(redis: Redis, each: Sequence[RedisKeys], by: str) -> dict[str, int]:
+    """Make every retrying update of the destinations `each` due now (`retry-now`, the console's and
+    the API's retry-now): per destination, how many were due later. Logged with who asked."""
+    from receiver.chains import OrderChains
+
+    made = {keys.destination: OrderChains(redis, keys).retry_all_now() for keys in each}
+    for name, n in made.items():
+        log.info("retry now: every retrying update made due", destination=name, updates=n, by=by)
+    return made
+
+
+def run_retry_now(settings: Settings, args: argparse.Namespace) -> int:
+    """`intergiro-receiver retry-now [--destination NAME]`: 0 when done, 1 for a destination not
+    configured."""
+    redis = sync_redis(settings, timeout=10)
+    try:
+        each = all_keys(settings)
+        if args.destination:
+            chosen = [k for k in each if k.destination == args.destination]
+            if not chosen:
+                names = ", ".join(k.destination for k in each)
+                report(
+                    "retry-now", f"no destination {args.destination!r} is configured (configured: {names})"
+                )
+                return 1
+            each = chosen
+        for name, n in retry_all_now(redis, each, f"cli:{getpass.getuser()}").items():
+            print(f"{name}: {n} retrying update(s) made due now")
+        return 0
+    finally:
+        redis.close()

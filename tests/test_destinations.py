@@ -127,3 +127,28 @@ async def test_the_api_lists_pauses_with_a_reason_and_resumes_a_destination_and_
     assert (code, out.strip()) == (0, "merchant: was not paused")
     code, _ = cli("destination", "pause", "erp")
     assert code == 1
+
+
+async def test_retry_now_delivers_every_retrying_update_at_once_each_order_in_sequence(
+    receiver: Any, rsa_key: Any, sink: Sink, workers: Any, sync_redis: Any, cli: Any, ops: Any
+) -> None:
+    orders = [f"RetryNowOrder{n:03d}" for n in range(5)]
+    failing = {(await post_order(receiver, rsa_key, order_id))[0] for order_id in orders}
+    sink.answer = lambda id_, n: (503 if n == 1 and id_ in failing else 200, {}, 0.0)  # each first attempt
+    await post_order(receiver, rsa_key, orders[0], EVENTS[:2])  # waits behind its order's retrying head
+    workers(**webhook_settings(sink, delivery_retry_schedule="1h"))
+    await wait_for(lambda: sync_redis.zcard(RedisKeys().retry_schedule) == 5, what="five retries scheduled")
+    await asyncio.sleep(2)
+    assert len(sink.received) == 5  # an hour away
+    answer = await ops.post("/api/retrying/retry-now?destination=erp", headers=BEARER)
+    assert answer.status == 404
+    code, out = cli("retry-now", "--destination", "merchant")
+    assert (code, out.strip()) == (0, "merchant: 5 retrying update(s) made due now")
+    await wait_for(lambda: len(sink.received) == 11, seconds=15, what="every retry and the waiting update")
+    second_tries = {r.headers["webhook-id"] for r in sink.received[5:]}
+    assert len(second_tries) == 6 and sync_redis.zcard(RedisKeys().retry_schedule) == 0
+    first_order = [r.update["event"]["sequence"] for r in sink.received if r.update["order_id"] == orders[0]]
+    assert first_order == [0, 0, 1]
+    answer = await ops.post("/api/retrying/retry-now", headers=BEARER)
+    assert (answer.status, await answer.json()) == (200, {"made_due": {"merchant": 0}})
+    assert cli("retry-now", "--destination", "erp")[0] == 1

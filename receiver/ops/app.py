@@ -27,7 +27,7 @@ from receiver.app import stop_signal
 from receiver.chains import OrderChains
 from receiver.connections import sync_redis
 from receiver.deadletters import DeadLetters
-from receiver.destination_state import DestinationState, describe, format_age
+from receiver.destination_state import DestinationState, describe, format_age, retry_all_now
 from receiver.errors import CommandError
 from receiver.history import render, trace
 from receiver.logs import log
@@ -446,6 +446,27 @@ async def api_retry_now(request: web.Request) -> web.Response:
     return json_response({"id": update_id, "status": "retrying"})
 
 
+async def api_retry_all_now(request: web.Request) -> web.Response:
+    """Every retrying update due now (`?destination=NAME`: only that destination's):
+    {"made_due": {destination: count}}."""
+    each = request.app[DESTINATION_KEYS]
+    name = request.query.get("destination")
+    if name is not None:
+        each = [k for k in each if k.destination == name]
+        if not each:
+            return api_error(404, "not_found", f"no destination {name!r} is configured")
+    by = f"ops:{request[VIA]}"
+    return json_response({"made_due": await in_thread(request, retry_all_now, request.app[REDIS], each, by)})
+
+
+async def retry_all_now_form(request: web.Request) -> web.StreamResponse:
+    made = await in_thread(
+        request, retry_all_now, request.app[REDIS], request.app[DESTINATION_KEYS], f"ops:{request[VIA]}"
+    )
+    notice = f"{sum(made.values())} retrying update(s) made due now"
+    return see_other("/retrying?" + urlencode({"notice": notice}))
+
+
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
@@ -517,6 +538,8 @@ def create_ops_app(
         r.add_post(f"/api/dlq/{{id}}/{action}", _api_action(action))
     r.add_get("/api/orders/{key}", api_order)
     r.add_get("/api/retrying", api_retrying)
+    r.add_post("/retrying/retry-now", retry_all_now_form)
+    r.add_post("/api/retrying/retry-now", api_retry_all_now)
     r.add_post("/api/retrying/{id}/retry-now", api_retry_now)
     return app
 
