@@ -6,6 +6,12 @@ taken, so its updates wait on the queue, in their orders' sequence, and spend no
 in Redis, so it survives a restart of every process. The fields:
 
 - `paused_at`, `paused_reason`, `paused_by`: set by `destination pause` or the console, gone on resume.
+- The breaker's: `failures` (consecutive attempts that found the destination unreachable: refused,
+  timed out, 502/503/504), `down_since` (set once `failures` reaches BREAKER_FAILURES), `probe_wait`
+  and `probe_at` (when the next probe may go), `last_error`. While down, one delivery at a time across
+  the deployment (the probe: its token in RedisKeys.destination_probe) goes out every `probe_wait`
+  seconds, doubling up to BREAKER_MAX_PROBE_SECONDS; every other update waits on the queue and spends no
+  attempt. Any answer that shows the destination reachable (2xx, or another status) closes the breaker.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from redis import Redis
 
 from receiver import rqstore
 from receiver.connections import sync_redis
+from receiver.destinations import Breaker
 from receiver.errors import report
 from receiver.logs import log
 from receiver.rediskeys import RedisKeys, destination_keys
@@ -39,6 +46,54 @@ def _text(raw: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# KEYS: state, probe. ARGV: now, threshold, first probe wait, longest probe wait, probe (1/0), error.
+# An attempt found the destination unreachable. Counted, and the destination marked down once there were
+# `threshold` in a row; a probe's failure doubles the wait for the next probe and frees the probe's
+# place. One script: the count, the mark and the probe's schedule must agree for every process.
+# Returns 1 when this attempt marked the destination down.
+UNREACHABLE = """
+local now, probe = tonumber(ARGV[1]), ARGV[5]
+redis.call('HSET', KEYS[1], 'last_error', ARGV[6])
+if redis.call('HEXISTS', KEYS[1], 'down_since') == 1 then
+  if probe == '1' then
+    local wait = math.min(tonumber(redis.call('HGET', KEYS[1], 'probe_wait') or ARGV[3]) * 2, tonumber(ARGV[4]))
+    redis.call('HSET', KEYS[1], 'probe_wait', wait, 'probe_at', now + wait)
+    redis.call('DEL', KEYS[2])
+  end
+  return 0
+end
+if redis.call('HINCRBY', KEYS[1], 'failures', 1) < tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'down_since', ARGV[1], 'probe_wait', ARGV[3], 'probe_at', now + tonumber(ARGV[3]))
+return 1
+"""
+# KEYS: state, probe. The destination answered: the count starts again, and a destination that was down
+# is up (its probe's place freed). Returns 1 when it was down.
+REACHABLE = """
+local was_down = redis.call('HEXISTS', KEYS[1], 'down_since')
+redis.call('HDEL', KEYS[1], 'failures', 'down_since', 'probe_wait', 'probe_at', 'last_error')
+redis.call('DEL', KEYS[2])
+return was_down
+"""
+# KEYS: state, probe. ARGV: now, token, lease (ms). A worker of a down destination asks to send the probe:
+# granted (1) when its time has come and no other probe is out (the token, lapsing after one attempt's
+# time, holds the place), and the next probe's time set; 0 when not; 2 when the destination is not down.
+TRY_PROBE = """
+if redis.call('HEXISTS', KEYS[1], 'down_since') == 0 then return 2 end
+if redis.call('HEXISTS', KEYS[1], 'paused_at') == 1 then return 0 end
+local now = tonumber(ARGV[1])
+if now < tonumber(redis.call('HGET', KEYS[1], 'probe_at') or 0) then return 0 end
+if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[1], 'probe_at', now + tonumber(redis.call('HGET', KEYS[1], 'probe_wait') or 1))
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class StateView:
     """One read of a destination's state."""
@@ -47,10 +102,14 @@ class StateView:
     paused_at: float | None = None
     paused_reason: str = ""
     paused_by: str = ""
+    down_since: float | None = None
+    failures: int = 0
+    probe_at: float | None = None
+    last_error: str = ""
 
     @property
     def state(self) -> str:
-        return PAUSED if self.paused_at is not None else UP
+        return PAUSED if self.paused_at is not None else DOWN if self.down_since is not None else UP
 
     def as_dict(self) -> dict[str, Any]:
         paused_at = None
@@ -61,6 +120,10 @@ class StateView:
             "paused_at": paused_at and paused_at.replace("+00:00", "Z"),
             "paused_reason": self.paused_reason,
             "paused_by": self.paused_by,
+            "down_since": _iso(self.down_since),
+            "next_probe_at": _iso(self.probe_at) if self.down_since is not None else None,
+            "consecutive_failures": self.failures,
+            "last_error": self.last_error,
         }
 
     @classmethod
@@ -71,6 +134,10 @@ class StateView:
             paused_at=float(f["paused_at"]) if "paused_at" in f else None,
             paused_reason=f.get("paused_reason", ""),
             paused_by=f.get("paused_by", ""),
+            down_since=float(f["down_since"]) if "down_since" in f else None,
+            failures=int(f.get("failures", 0)),
+            probe_at=float(f["probe_at"]) if "probe_at" in f else None,
+            last_error=f.get("last_error", ""),
         )
 
 
@@ -88,9 +155,13 @@ class DestinationState:
     """The state of one destination (its keys): read it (a snapshot at most SNAPSHOT_SECONDS old for the
     workers), pause and resume it."""
 
-    def __init__(self, redis: Redis, keys: RedisKeys) -> None:
+    def __init__(self, redis: Redis, keys: RedisKeys, breaker: Breaker | None = None) -> None:
         self.redis = redis
         self.keys = keys
+        self.breaker = breaker or Breaker()
+        self._unreachable = redis.register_script(UNREACHABLE)
+        self._reachable = redis.register_script(REACHABLE)
+        self._try_probe = redis.register_script(TRY_PROBE)
         self.snapshot = StateView(keys.destination)
         self.read_at = -SNAPSHOT_SECONDS
         self._pause = redis.register_script(PAUSE)
@@ -115,6 +186,52 @@ class DestinationState:
         if paused:
             log.warning("destination paused", destination=self.keys.destination, reason=reason, by=by)
         return bool(paused)
+
+    def reachable(self, probe: bool = False) -> bool:
+        """An attempt got an answer: the breaker closes. Writes only when this process saw failures counted
+        or the destination down (or the attempt was the probe); True when the destination was down."""
+        if not (probe or self.snapshot.failures or self.snapshot.down_since is not None):
+            return False
+        was_down = bool(self._reachable(keys=[self.keys.destination_state, self.keys.destination_probe]))
+        self.read()
+        if was_down:
+            log.warning("destination up: delivering again", destination=self.keys.destination)
+        return was_down
+
+    def unreachable(self, error: str, probe: bool = False) -> bool:
+        """An attempt found the destination unreachable; True when that marked it down."""
+        if self.breaker.failures <= 0:  # BREAKER_FAILURES=0: no breaker
+            return False
+        b = self.breaker
+        marked = bool(
+            self._unreachable(
+                keys=[self.keys.destination_state, self.keys.destination_probe],
+                args=[
+                    repr(time.time()),
+                    b.failures,
+                    b.probe_seconds,
+                    b.max_probe_seconds,
+                    int(probe),
+                    error[:500],
+                ],
+            )
+        )
+        self.read()
+        if marked:
+            log.warning(
+                "destination down: one probe at a time until it answers", destination=self.keys.destination,
+                failures=b.failures, error=error, probe_in=b.probe_seconds,
+            )  # fmt: skip
+        return marked
+
+    def try_probe(self, token: str, lease_seconds: float) -> int:
+        """1: send the probe now; 0: not now; 2: the destination is not down (any more)."""
+        return int(
+            self._try_probe(
+                keys=[self.keys.destination_state, self.keys.destination_probe],
+                args=[repr(time.time()), token, int(lease_seconds * 1000)],
+            )
+        )
 
     def resume(self, by: str = "") -> bool:
         """Deliver again; False when it was not paused."""
@@ -166,7 +283,9 @@ def describe(redis: Redis, each: Sequence[RedisKeys], now: float | None = None) 
             {"destination": keys.destination, **view.as_dict(), "in_flight": in_flight, "queued": queued,
              "waiting": waiting, "retrying": retrying}
         )  # fmt: skip
-        undelivered.append({_text(i) for listed in lists for i in listed})
+        undelivered.append(
+            {_text(i).split(":")[0] for listed in lists for i in listed}
+        )  # started: id:execution
     with redis.pipeline(transaction=False) as pipe:  # and one for the oldest of each
         for ids in undelivered:
             for job in ids:

@@ -40,6 +40,22 @@ MAX_IN_FLIGHT = 64
 
 
 @dataclass(frozen=True)
+class Breaker:
+    """When a destination counts as down, and how often it is probed then (BREAKER_* settings; the
+    state is receiver/destination_state.py's)."""
+
+    # Attempts in a row that found it unreachable (refused, timed out, 502/503/504) before it is marked
+    # down: more than a blip (a restart drops a few connections; with 64 in flight, a few fail at once),
+    # few enough that an outage costs the merchant a handful of requests, not a backlog's worth.
+    failures: int = 10
+    # The first wait between probes, doubling after each failed probe: a quick restart is found quickly.
+    probe_seconds: float = 5.0
+    # The longest wait: a merchant back from a long outage waits at most a minute for its backlog, and a
+    # probe a minute costs a merchant that is down nothing.
+    max_probe_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
 class Destination:
     """One downstream system: a signed webhook and/or a Python handler, with optional filters on the
     update's event type and status (empty: every update), and its own delivery settings."""

@@ -19,6 +19,7 @@ from receiver.destinations import (
     MAX_IN_FLIGHT,
     MERCHANT,
     NAME_PATTERN,
+    Breaker,
     Destination,
 )
 from receiver.errors import ConfigError
@@ -60,6 +61,9 @@ class Settings:
     delivery_retry_schedule: tuple[float, ...] = DAY_SCHEDULE
     delivery_backoff_seconds: float | None = None
     delivery_timeout_seconds: float = 10.0
+    breaker_failures: int = Breaker.failures
+    breaker_probe_seconds: float = Breaker.probe_seconds
+    breaker_max_probe_seconds: float = Breaker.max_probe_seconds
     delivery_concurrency: int = DELIVERY_CONCURRENCY
     merchant_max_in_flight: int = MAX_IN_FLIGHT
     merchant_tls_client_cert: str = ""
@@ -100,6 +104,10 @@ class Settings:
     @property
     def order_limits(self) -> OrderLimits:
         return OrderLimits(self.max_callback_events, self.max_meta_bytes, self.max_customer_bytes)
+
+    @property
+    def breaker(self) -> Breaker:
+        return Breaker(self.breaker_failures, self.breaker_probe_seconds, self.breaker_max_probe_seconds)
 
     @property
     def merchant(self) -> Destination:
@@ -228,6 +236,13 @@ class _Reader:
             ),
             delivery_timeout_seconds=self.get(
                 "DELIVERY_TIMEOUT_SECONDS", d.delivery_timeout_seconds, _positive_float
+            ),
+            breaker_failures=self.get("BREAKER_FAILURES", d.breaker_failures, _int_between(0, 100_000)),
+            breaker_probe_seconds=self.get(
+                "BREAKER_PROBE_SECONDS", d.breaker_probe_seconds, _float_between(0.1, 3600.0)
+            ),
+            breaker_max_probe_seconds=self.get(
+                "BREAKER_MAX_PROBE_SECONDS", d.breaker_max_probe_seconds, _float_between(0.1, 3600.0)
             ),
             delivery_concurrency=self.get(
                 "DELIVERY_CONCURRENCY", d.delivery_concurrency, _int_between(1, MAX_CONCURRENCY)

@@ -152,3 +152,57 @@ async def test_retry_now_delivers_every_retrying_update_at_once_each_order_in_se
     answer = await ops.post("/api/retrying/retry-now", headers=BEARER)
     assert (answer.status, await answer.json()) == (200, {"made_due": {"merchant": 0}})
     assert cli("retry-now", "--destination", "erp")[0] == 1
+
+
+async def test_the_breaker_holds_an_outage_to_one_probe_at_a_time_and_resumes_in_sequence_when_it_is_back(
+    receiver: Any, rsa_key: Any, sink: Sink, workers: Any, sync_redis: Any, cli: Any
+) -> None:
+    """A merchant down (503) for a while: after BREAKER_FAILURES attempts in a row the destination is
+    down for every process; updates arriving meanwhile wait and spend no attempt, one probe at a time
+    goes out (the sink counts them); once a probe is answered, everything is delivered, each order in
+    sequence, the outage's retries at once (their schedule said an hour)."""
+    down = True
+    delivered: list[dict[str, Any]] = []  # the updates answered 200, in the order they came
+
+    def answer(_id: str, _n: int) -> tuple[int, dict[str, str], float]:
+        return (503, {}, 0.2) if down else (200, {}, 0.0)
+
+    sink.answer = answer
+    env = webhook_settings(
+        sink, delivery_timeout_seconds=10, delivery_retry_schedule="1h", breaker_failures=3,
+        breaker_probe_seconds=0.5, breaker_max_probe_seconds=1,
+    )  # fmt: skip
+    workers("--processes", "2", **env)
+    for n in range(5):
+        await post_order(receiver, rsa_key, f"BeforeDown{n:06d}")
+    await wait_for(lambda: listed(cli)["merchant"]["state"] == "down", what="the destination marked down")
+    row = listed(cli)["merchant"]
+    assert row["consecutive_failures"] >= 3 and "503" in row["last_error"] and row["down_since"]
+    await asyncio.sleep(1)  # the attempts in flight when it was marked down end
+    before, sink.most_open = len(sink.received), 0
+    during = [f"DuringDown{n:06d}" for n in range(10)]
+    for order_id in during:
+        await post_order(receiver, rsa_key, order_id, EVENTS[:2])
+    await asyncio.sleep(5)
+    probes = len(sink.received) - before
+    assert 1 <= probes <= 10 and sink.most_open == 1  # one at a time, on the backoff
+    attempted = [
+        int(sync_redis.hget(RedisKeys().delivery(f"{order_id}-{n}-{kind}"), "attempts") or 0)
+        for order_id in during
+        for n, kind in enumerate(EVENTS[:2])
+    ]
+    assert sum(attempted) == probes and max(attempted) <= 1  # only the probes spent attempts
+    assert listed(cli)["merchant"]["state"] == "down"
+    down = False
+    received_before_up = len(sink.received)
+    await wait_for(
+        lambda: len({r.headers["webhook-id"] for r in sink.received[received_before_up:]}) >= 25,
+        seconds=60, what="every update delivered once the merchant is back",
+    )  # fmt: skip
+    await asyncio.sleep(1)
+    delivered = [r.update for r in sink.received[received_before_up:]]
+    assert len(delivered) == len({u["id"] for u in delivered}) == 25  # nothing lost, nothing twice
+    assert not sync_redis.hlen(RedisKeys().dead_letters) and not sync_redis.zcard(RedisKeys().retry_schedule)
+    assert listed(cli)["merchant"]["state"] == "up"
+    for order_id in during:
+        assert [u["event"]["sequence"] for u in delivered if u["order_id"] == order_id] == [0, 1]

@@ -26,6 +26,7 @@ from standardwebhooks.webhooks import Webhook
 from receiver.chains import OrderChains
 from receiver.clock import utc_now
 from receiver.connections import sync_redis
+from receiver.destination_state import DestinationState
 from receiver.destinations import MERCHANT, Destination, queue_name
 from receiver.history import attempt_entry
 from receiver.logs import log
@@ -46,11 +47,16 @@ class DeliveryError(Exception):
     retryable = True
 
     def __init__(
-        self, message: str, retry_after: float | None = None, http_status: int | None = None
+        self,
+        message: str,
+        retry_after: float | None = None,
+        http_status: int | None = None,
+        unreachable: bool = False,
     ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.http_status = http_status
+        self.unreachable = unreachable  # says the destination is down (its breaker counts it)
 
 
 class PermanentDeliveryError(DeliveryError):
@@ -80,6 +86,11 @@ def variable(destination: str, name: str) -> str:
 # 4xx answers that mean "not now" rather than "never": timeout, conflict (a concurrent change on the
 # merchant's side), too early, too many requests.
 RETRYABLE_4XX = (408, 409, 425, 429)
+
+
+# Answers that say the destination is down rather than failing this update: a gateway or load balancer
+# in front of it answering for it.
+UNREACHABLE_STATUSES = (502, 503, 504)
 
 
 def is_retryable_status(status: int) -> bool:
@@ -120,12 +131,14 @@ class WebhookTarget:
         try:
             status, retry_after = self.connection.post(body, headers)
         except (OSError, AnswerError) as exc:  # refused, timed out, reset, TLS, unreadable answer
-            raise DeliveryError(f"POST failed: {type(exc).__name__}: {exc}") from None
+            raise DeliveryError(f"POST failed: {type(exc).__name__}: {exc}", unreachable=True) from None
         if 200 <= status < 300:
             return status
         message = f"merchant answered HTTP {status}"
         if is_retryable_status(status):
-            raise DeliveryError(message, parse_retry_after(retry_after), http_status=status)
+            raise DeliveryError(
+                message, parse_retry_after(retry_after), status, unreachable=status in UNREACHABLE_STATUSES
+            )
         raise PermanentDeliveryError(message, http_status=status)
 
 
@@ -250,6 +263,7 @@ class DeliveryContext:
     logger: Any  # bound once: structlog's module-level proxy binds anew on every call
     destination: Destination
     outcomes: Outcomes
+    state: DestinationState  # its pause and breaker, shared with the worker's gate
 
     def start_attempt(self, update: dict[str, Any], counted: bool = False) -> AttemptStart:
         """Count the attempt (before the POST, so an attempt whose worker dies still counts; unless
@@ -278,6 +292,7 @@ class DeliveryContext:
             logger,
             destination,
             Outcomes.of(destination),
+            DestinationState(redis, keys, settings.breaker),
         )
 
 
@@ -309,11 +324,26 @@ def current_context() -> DeliveryContext:
 
 def deliver_from_job(update: dict[str, Any]) -> Retry | None:
     """One attempt at delivering `update` (see `deliver`); counted already when the running job is a
-    workers.worker.DeliveryJob (`worker` runs them; a plain `rq worker` runs RQ's Job)."""
-    return deliver(current_context(), update, getattr(get_current_job(), "attempt_counted", False) is True)
+    workers.worker.DeliveryJob (`worker` runs them; a plain `rq worker` runs RQ's Job), which also says
+    whether it is its down destination's probe."""
+    job = get_current_job()
+    counted = getattr(job, "attempt_counted", False) is True
+    return deliver(current_context(), update, counted, getattr(job, "probe", False) is True)
 
 
-def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False) -> Retry | None:
+def note_breaker(ctx: DeliveryContext, failure: DeliveryError | None, probe: bool) -> None:
+    """Tell the destination's breaker what the attempt found; a destination back up gets every retrying
+    update of its outage made due at once (each order still in sequence)."""
+    if failure is not None and failure.unreachable:
+        ctx.state.unreachable(str(failure), probe)
+    elif ctx.state.reachable(probe):
+        made = ctx.chains.retry_all_now()
+        ctx.logger.info("retrying updates made due now: the destination is back", updates=made)
+
+
+def deliver(
+    ctx: DeliveryContext, update: dict[str, Any], counted: bool = False, probe: bool = False
+) -> Retry | None:
     """One attempt; records its outcome in Redis. Returns None when the update is done (delivered, or
     finished before), a `Retry` for RQ to hold the job in its ScheduledJobRegistry until the next
     attempt, and raises DeadLettered when the update went to the dead-letter queue. `counted`: the
@@ -358,11 +388,12 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False)
             http_status = exc.http_status
             break
         except Exception as exc:  # e.g. RQ's job timeout firing mid-POST: retry like a network error
-            failure = DeliveryError(f"{target.name}: {type(exc).__name__}: {exc}")
+            failure = DeliveryError(f"{target.name}: {type(exc).__name__}: {exc}", unreachable=True)
             break
         if n < len(pending) - 1:  # a later target may fail: its retry must not repeat this one
             redis.hset(record, f"done:{target.name}", 1)
     elapsed = time.perf_counter() - started
+    note_breaker(ctx, failure, probe)
     result = "success" if failure is None else "retryable" if failure.retryable else "permanent"
     attempt_counters = [
         outcomes.attempts[result],

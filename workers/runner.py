@@ -22,7 +22,6 @@ from rq.serializers import JSONSerializer
 
 from receiver.chains import OrderChains
 from receiver.connections import sync_redis
-from receiver.destination_state import DestinationState
 from receiver.destinations import PROCESSES_PER_DESTINATION, REMOVED, Destination
 from receiver.errors import CommandError, report
 from receiver.inflight import InFlightLeases
@@ -75,7 +74,7 @@ def work(settings: Settings, burst: bool, destination: Destination | None = None
                 leases = InFlightLeases(
                     context.redis, context.keys.in_flight, context.destination.max_in_flight
                 )
-                gate = DeliveryGate(DestinationState(context.redis, context.keys))
+                gate = DeliveryGate(context.state, probe_lease_seconds=timeout)
                 worker = delivery_worker(
                     queue, context.redis, timeout, settings.delivery_concurrency, leases, gate
                 )

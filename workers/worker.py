@@ -48,7 +48,7 @@ from receiver.inflight import InFlightLeases
 from receiver.logs import log
 from receiver.settings import Settings
 from workers.delivery import count_attempt_commands, current_context
-from workers.gate import DeliveryGate
+from workers.gate import PROBE, DeliveryGate
 
 # How long one BLMOVE waits for a job: under the workers' socket timeout (10 s, DeliveryContext), or each
 # idle wait would end in a TimeoutError that RQ answers with a growing pause (up to a minute).
@@ -87,6 +87,7 @@ class DeliveryJob(Job):
     attempt counts itself there."""
 
     attempt_counted = False
+    probe = False  # the one delivery its down destination lets out (workers/gate.py)
 
     def prepare_for_execution(self, worker_name: str, pipeline: Pipeline) -> None:
         super().prepare_for_execution(worker_name, pipeline)
@@ -119,6 +120,7 @@ class DeliveryWorker(SimpleWorker):
     lanes: threading.Condition
     busy_lanes = 0  # deliveries in flight, and the one being taken
     taken_lease: str | None = None
+    taken_probe = False  # the job being taken is its down destination's probe (workers/gate.py)
     pool: ThreadPoolExecutor | None = None
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
@@ -209,9 +211,12 @@ class DeliveryWorker(SimpleWorker):
                 self.heartbeat()
             self.busy_lanes += 1
         self.taken_lease = None
-        if self.gate is not None and not self.gate.pass_through(lambda: self.stop_requested, self.heartbeat):
-            self.end_lane(None)
-            raise StopRequested()
+        if self.gate is not None:
+            passed = self.gate.pass_through(lambda: self.stop_requested, self.heartbeat)
+            if passed is None:
+                self.end_lane(None)
+                raise StopRequested()
+            self.taken_probe = passed == PROBE
         if self.leases is None:
             return
         try:
@@ -243,6 +248,7 @@ class DeliveryWorker(SimpleWorker):
         """Start the job's execution (RQ's `prepare_execution`), then run it (RQ's `perform_job`) on a
         pool thread; on this thread when one delivery at a time is asked for."""
         lease, self.taken_lease = self.taken_lease, None
+        job.probe, self.taken_probe = self.taken_probe, False  # type: ignore[attr-defined]
         if self.pool is None:
             try:
                 super().execute_job(job, queue)
