@@ -206,3 +206,33 @@ async def test_the_breaker_holds_an_outage_to_one_probe_at_a_time_and_resumes_in
     assert listed(cli)["merchant"]["state"] == "up"
     for order_id in during:
         assert [u["event"]["sequence"] for u in delivered if u["order_id"] == order_id] == [0, 1]
+
+
+async def test_metrics_show_each_destination_state_backlog_and_oldest_undelivered_age(
+    receiver: Any, rsa_key: Any, cli: Any, ops: Any
+) -> None:
+    """What the alert rules read (deploy/prometheus/alerts.yml): a paused destination with updates
+    queued and waiting, and no worker serving it."""
+    assert cli("destination", "pause", "merchant", "--reason", "deploy")[0] == 0
+    for n in range(3):
+        await post_order(receiver, rsa_key, f"GaugedOrder{n:05d}", EVENTS[:2])
+    await asyncio.sleep(1.1)
+    metrics = await (await receiver.get("/metrics")).text()
+    for line in (
+        'intergiro_destination_queued{destination="merchant"} 3.0',
+        'intergiro_destination_waiting{destination="merchant"} 3.0',
+        'intergiro_destination_retrying{destination="merchant"} 0.0',
+        'intergiro_destination_in_flight{destination="merchant"} 0.0',
+        'intergiro_destination_workers_alive{destination="merchant"} 0.0',
+        'intergiro_destination_state{destination="merchant",state="paused"} 1.0',
+        'intergiro_destination_state{destination="merchant",state="up"} 0.0',
+    ):
+        assert line in metrics, line
+    [age] = [
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith('intergiro_oldest_undelivered_seconds{destination="merchant"}')
+    ]
+    assert age >= 1.0
+    overview = await (await ops.get("/api/overview", headers=BEARER)).json()
+    assert overview["deliveries"] == {"merchant": {"delivered": 0, "retry_scheduled": 0, "dead_lettered": 0}}
