@@ -304,6 +304,14 @@ def all_keys(settings: Settings) -> list[RedisKeys]:
     )
 
 
+def _note(row: dict[str, Any]) -> str:
+    if row["state"] == PAUSED:
+        return f"paused by {row['paused_by'] or '?'} at {row['paused_at']}: {row['paused_reason']}"
+    if row["state"] == DOWN:
+        return f"down since {row['down_since']}, next probe {row['next_probe_at']}: {row['last_error']}"
+    return ""
+
+
 def format_age(seconds: float | None) -> str:
     return "-" if seconds is None else format_duration(seconds) if seconds >= 1 else "0s"
 
@@ -322,11 +330,7 @@ def run_destination_command(settings: Settings, args: argparse.Namespace) -> int
             print(f"{'DESTINATION':<20} {'STATE':<7} {'IN-FLIGHT':>9} {'QUEUED':>7} {'WAITING':>7} "
                   f"{'RETRYING':>8} {'OLDEST':>8}  NOTE")  # fmt: skip
             for r in rows:
-                note = (
-                    f"paused by {r['paused_by'] or '?'} at {r['paused_at']}: {r['paused_reason']}"
-                    if r["state"] == PAUSED
-                    else ""
-                )
+                note = _note(r)
                 print(f"{r['destination']:<20} {r['state']:<7} {r['in_flight']:>9} {r['queued']:>7} "
                       f"{r['waiting']:>7} {r['retrying']:>8} {format_age(r['oldest_undelivered_seconds']):>8}  {note}")  # fmt: skip
             return 0

@@ -178,6 +178,8 @@ async def test_the_breaker_holds_an_outage_to_one_probe_at_a_time_and_resumes_in
     await wait_for(lambda: listed(cli)["merchant"]["state"] == "down", what="the destination marked down")
     row = listed(cli)["merchant"]
     assert row["consecutive_failures"] >= 3 and "503" in row["last_error"] and row["down_since"]
+    text = cli("destination", "list")[1]
+    assert "merchant" in text and "down since" in text and "HTTP 503" in text
     await asyncio.sleep(1)  # the attempts in flight when it was marked down end
     before, sink.most_open = len(sink.received), 0
     during = [f"DuringDown{n:06d}" for n in range(10)]
