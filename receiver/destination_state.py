@@ -80,6 +80,11 @@ redis.call('HDEL', KEYS[1], 'failures', 'down_since', 'probe_wait', 'probe_at', 
 redis.call('DEL', KEYS[2])
 return was_down
 """
+# KEYS: probe. ARGV: token. A probe that found no job gives its place back (only its own: compare, delete).
+RELEASE_PROBE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 # KEYS: state, probe. ARGV: now, token, lease (ms). A worker of a down destination asks to send the probe:
 # granted (1) when its time has come and no other probe is out (the token, lapsing after one attempt's
 # time, holds the place), and the next probe's time set; 0 when not; 2 when the destination is not down.
@@ -162,6 +167,7 @@ class DestinationState:
         self._unreachable = redis.register_script(UNREACHABLE)
         self._reachable = redis.register_script(REACHABLE)
         self._try_probe = redis.register_script(TRY_PROBE)
+        self._release_probe = redis.register_script(RELEASE_PROBE)
         self.snapshot = StateView(keys.destination)
         self.read_at = -SNAPSHOT_SECONDS
         self._pause = redis.register_script(PAUSE)
@@ -232,6 +238,10 @@ class DestinationState:
                 args=[repr(time.time()), token, int(lease_seconds * 1000)],
             )
         )
+
+    def release_probe(self, token: str) -> None:
+        """The probe `token` was granted for took no job (its queue was empty): another may go."""
+        self._release_probe(keys=[self.keys.destination_probe], args=[token])
 
     def resume(self, by: str = "") -> bool:
         """Deliver again; False when it was not paused."""

@@ -23,6 +23,7 @@ class DeliveryGate:
         self.stopping = threading.Event()
         self.prefix = uuid.uuid4().hex[:12]
         self.probes = 0
+        self.probe_token: str | None = None  # the last probe granted
 
     def pass_through(self, give_up: Callable[[], bool], waiting: Callable[[], None]) -> str | None:
         """DELIVER when the destination is up, PROBE when this worker may send the down destination's
@@ -34,8 +35,10 @@ class DeliveryGate:
                 return DELIVER
             if view.state == DOWN:
                 self.probes += 1
-                granted = self.state.try_probe(f"{self.prefix}-{self.probes}", self.probe_lease_seconds)
+                token = f"{self.prefix}-{self.probes}"
+                granted = self.state.try_probe(token, self.probe_lease_seconds)
                 if granted == 1:
+                    self.probe_token = token
                     return PROBE
                 if granted == 2:
                     self.state.read()
@@ -46,3 +49,9 @@ class DeliveryGate:
             waiting()
             self.stopping.wait(POLL_SECONDS)
         return None
+
+    def probe_unused(self) -> None:
+        """The probe granted last took no job: give its place back rather than let it lapse."""
+        if self.probe_token is not None:
+            self.state.release_probe(self.probe_token)
+            self.probe_token = None

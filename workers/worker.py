@@ -193,6 +193,9 @@ class DeliveryWorker(SimpleWorker):
             if result is not None:
                 return result
             self.end_lane(self.taken_lease)
+            if self.taken_probe and self.gate is not None:  # the probe found no job
+                self.taken_probe = False
+                self.gate.probe_unused()
             if rechecks:
                 continue
             if self.leases is not None:
