@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from receiver.errors import ConfigError
 from receiver.rediskeys import RedisKeys
 from receiver.retries import DAY_SCHEDULE, JITTER, format_duration, parse_schedule, schedule_wait
 from receiver.settings import Settings
-from tests.sink import SECRET, Sink, wait_for
+from tests.sink import SECRET, Sink, log_events, wait_for
 from tests.test_workers import post_order
 
 DAY = 86400.0
@@ -74,7 +75,7 @@ def test_a_destination_has_its_own_schedule_and_bad_ones_are_named() -> None:
 
 
 async def test_an_outage_of_half_the_shrunk_schedule_dead_letters_nothing_and_its_shape_holds(
-    receiver: Any, rsa_key: Any, sink: Sink, workers: Any, sync_redis: Any
+    receiver: Any, rsa_key: Any, sink: Sink, workers: Any, sync_redis: Any, tmp_path: Path
 ) -> None:
     """With the default schedule's shape shrunk 15 000 times, a merchant down for 3 s (12.5 h at full
     scale) gets its update; one down for good gets it dead-lettered only after the schedule's ten
@@ -111,6 +112,13 @@ async def test_an_outage_of_half_the_shrunk_schedule_dead_letters_nothing_and_it
     assert delivered[-1].at >= up_at[0] and 2 <= len(delivered) < 10
     attempts = sink.attempts(gone)
     assert len(attempts) == 10 and json.loads(sync_redis.hget(dead, gone))["attempts"] == 10
-    for wait, before, after in zip(DAY_SCHEDULE, attempts, attempts[1:], strict=False):
-        assert after.at - before.at >= wait / SCALE - 0.002
+    retries = [
+        e for e in log_events(tmp_path / "worker.log", "delivery retry scheduled") if e["update"] == gone
+    ]
+    assert [e["attempt"] for e in retries] == list(range(1, 10))
+    for wait, retry, before, after in zip(DAY_SCHEDULE, retries, attempts[:-1], attempts[1:], strict=True):
+        # the schedule's wait, lengthened by at most JITTER (retry_in is rounded to 0.1 ms) ...
+        assert wait / SCALE - 0.0001 <= retry["retry_in"] <= wait / SCALE * (1 + JITTER) + 0.0001
+        # ... and the next attempt reached the merchant no sooner (less a loaded machine's send delays)
+        assert after.at - before.at >= retry["retry_in"] - 0.05
     assert sync_redis.hlen(dead) == 2
