@@ -362,6 +362,15 @@ return 0
 """
 )
 
+# KEYS: retry schedule. ARGV: now (Unix), limit. Ops' "retry all now": up to `limit` updates whose retry
+# is due later are made due now; MOVE_DUE then queues them by its rules (each is its order's head, so
+# every order stays in sequence). Returns how many were made due.
+MAKE_DUE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], 'XX', ARGV[1], id) end
+return #ids
+"""
+
 
 # ARGV[5] the replay's history entry (a JSON object without its closing brace, completed here with the
 # ids queued; '' for none), then per update: its job id for this destination and the update (JSON).
@@ -444,6 +453,7 @@ class OrderChains:
         self._schedule = redis.register_script(SCHEDULE_RETRY)
         self._move_due = redis.register_script(MOVE_DUE)
         self._retry_now = redis.register_script(RETRY_NOW)
+        self._make_due = redis.register_script(MAKE_DUE)
 
     def _chain_keys(self, order_id: str) -> list[str]:
         return [self.keys.order_head(order_id), self.keys.order_waiting(order_id)]
@@ -518,6 +528,19 @@ class OrderChains:
             args=[update_id, repr(time.time()), JOB_PREFIX, rq_timestamp()],
         )
         return bool(int(answer))
+
+    def retry_all_now(self, batch: int = 500) -> int:
+        """Make every update waiting for its next attempt due now, and queue them (each order still in
+        sequence: a retrying update is its order's head); how many were due later."""
+        now, made = time.time(), 0
+        while True:
+            n = int(self._make_due(keys=[self.keys.retry_schedule], args=[repr(now), batch]))
+            made += n
+            if n < batch:
+                break
+        while self.move_due(batch)[0] == batch:
+            pass
+        return made
 
     def release_stale_heads(self) -> int:
         """Sweep the orders that have a head; dead-letter heads whose job was deleted from outside and

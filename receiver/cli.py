@@ -108,6 +108,31 @@ def build_parser() -> argparse.ArgumentParser:
         target.add_argument("id", nargs="?", help="the update's id (as `dlq list` prints it)")
         target.add_argument("--all", action="store_true", help=f"{action} every dead-lettered update")
         sub.add_argument("--destination", metavar="NAME", help="with --all: only this destination's")
+    destination = command("destination", "each destination's state and backlog; pause and resume one")
+    destination_commands = destination.add_subparsers(
+        dest="destination_command", required=True, metavar="ACTION"
+    )
+    listing = destination_commands.add_parser(
+        "list",
+        help="state (up, down, paused), in flight, queued, waiting, retrying, oldest undelivered",
+        epilog=EPILOG,
+    )
+    listing.add_argument("--json", action="store_true", help="one JSON document")
+    pause = destination_commands.add_parser(
+        "pause",
+        help="hold its deliveries (new updates still queue, in order; no attempt is spent)",
+        epilog=EPILOG,
+    )
+    pause.add_argument("name", metavar="NAME", help="the destination (merchant: MERCHANT_*)")
+    pause.add_argument("--reason", metavar="TEXT", help="why, shown by `destination list` and the console")
+    resume = destination_commands.add_parser("resume", help="deliver its held updates again", epilog=EPILOG)
+    resume.add_argument("name", metavar="NAME", help="the destination (merchant: MERCHANT_*)")
+    retry_now = command(
+        "retry-now", "make every update waiting for a retry due now (each order still in sequence)"
+    )
+    retry_now.add_argument(
+        "--destination", metavar="NAME", help="only this destination's (merchant: MERCHANT_*)"
+    )
     command(
         "check",
         "validate the configuration and try Redis, the verify endpoint (when used), the merchant URL "
@@ -231,6 +256,14 @@ def run(args: argparse.Namespace) -> None:
         from receiver.deadletters import run_dlq_command
 
         raise SystemExit(run_dlq_command(settings, args))
+    elif args.command == "destination":
+        from receiver.destination_state import run_destination_command
+
+        raise SystemExit(run_destination_command(settings, args))
+    elif args.command == "retry-now":
+        from receiver.destination_state import run_retry_now
+
+        raise SystemExit(run_retry_now(settings, args))
     elif args.command == "trace":
         from receiver.history import run_trace
 

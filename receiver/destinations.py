@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from receiver.retries import DAY_SCHEDULE
+
 MERCHANT = "merchant"
 NAME_PATTERN = r"[a-z0-9-]{1,40}"
 JOB_ID_SEPARATOR = "__"  # RQ allows letters, digits, _ and - in job ids; names have no _
@@ -41,6 +43,22 @@ STREAM_MAXLEN = 1_000_000
 
 
 @dataclass(frozen=True)
+class Breaker:
+    """When a destination counts as down, and how often it is probed then (BREAKER_* settings; the
+    state is receiver/destination_state.py's)."""
+
+    # Attempts in a row that found it unreachable (refused, timed out, 502/503/504) before it is marked
+    # down: more than a blip (a restart drops a few connections; with 64 in flight, a few fail at once),
+    # few enough that an outage costs the merchant a handful of requests, not a backlog's worth.
+    failures: int = 10
+    # The first wait between probes, doubling after each failed probe: a quick restart is found quickly.
+    probe_seconds: float = 5.0
+    # The longest wait: a merchant back from a long outage waits at most a minute for its backlog, and a
+    # probe a minute costs a merchant that is down nothing.
+    max_probe_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
 class Destination:
     """One downstream system: a signed webhook and/or a Python handler, or a Redis Stream, with optional
     filters on the update's event type and status (empty: every update), and its own delivery settings."""
@@ -54,8 +72,9 @@ class Destination:
     events: frozenset[str] = frozenset()
     statuses: frozenset[str] = frozenset()
     timeout_seconds: float = 10.0
-    max_attempts: int = 8
-    backoff_seconds: float = 2.0
+    max_attempts: int = len(DAY_SCHEDULE) + 1
+    retry_schedule: tuple[float, ...] = DAY_SCHEDULE  # the waits after attempts 1, 2, ... (retries.py)
+    backoff_seconds: float | None = None  # an exponential backoff's base instead of the schedule
     max_in_flight: int = MAX_IN_FLIGHT
     tls_client_cert: str = ""
     tls_client_key: str = ""

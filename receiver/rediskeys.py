@@ -80,6 +80,18 @@ class RedisKeys:
         return f"{self._own}replay-lock"
 
     @property
+    def destination_state(self) -> str:
+        """Hash of the destination's state, shared by every process: paused (when, why, by whom) and the
+        breaker's (consecutive failures, down since, next probe). receiver/destination_state.py owns it."""
+        return f"{self.prefix}destination-state:{self.destination}"
+
+    @property
+    def destination_probe(self) -> str:
+        """The one probe delivery allowed in flight while the destination is down: a token that lapses
+        after one attempt's time. receiver/destination_state.py owns it."""
+        return f"{self.prefix}destination-probe:{self.destination}"
+
+    @property
     def pending_updates(self) -> str:
         """Hash of every update not yet finished: update id -> the update (JSON). RQ's job holds it too;
         this copy is what puts an update whose job was deleted from outside into the dead-letter queue."""

@@ -66,6 +66,11 @@ def failed_key(queue_name: str) -> str:
     return FailedJobRegistry.key_template.format(queue_name)
 
 
+def started_key(queue_name: str) -> str:
+    """RQ's StartedJobRegistry: the deliveries in flight are listed here."""
+    return StartedJobRegistry.key_template.format(queue_name)
+
+
 def rq_timestamp(moment: datetime | None = None) -> str:
     """RQ's own timestamp format (rq.utils.utcformat), for the job fields the scripts write."""
     # isoformat is cheaper than strftime and spells the same for a UTC moment

@@ -20,11 +20,13 @@ from receiver.destinations import (
     MERCHANT,
     NAME_PATTERN,
     STREAM_MAXLEN,
+    Breaker,
     Destination,
 )
 from receiver.errors import ConfigError
 from receiver.keys import INTERGIRO_ENVIRONMENTS, TrustedKey, intergiro_key, load_public_key, split_key_list
 from receiver.order import CREATED_EVENT, EVENT_TYPES, MAX_EVENTS, OrderLimits
+from receiver.retries import DAY_SCHEDULE, attempts_of, parse_schedule
 from receiver.status import STATUS_ORDER
 
 VERIFY_MODES = ("local", "remote", "local-then-remote")
@@ -56,9 +58,13 @@ class Settings:
     merchant_webhook_url: str = field(default="", repr=False)  # may hold Basic auth credentials
     merchant_webhook_secret: str = field(default="", repr=False)
     merchant_handler: str = ""
-    delivery_max_attempts: int = 8
-    delivery_backoff_seconds: float = 2.0
+    delivery_max_attempts: int | None = None  # the schedule's attempts (receiver.retries.attempts_of)
+    delivery_retry_schedule: tuple[float, ...] = DAY_SCHEDULE
+    delivery_backoff_seconds: float | None = None
     delivery_timeout_seconds: float = 10.0
+    breaker_failures: int = Breaker.failures
+    breaker_probe_seconds: float = Breaker.probe_seconds
+    breaker_max_probe_seconds: float = Breaker.max_probe_seconds
     delivery_concurrency: int = DELIVERY_CONCURRENCY
     merchant_max_in_flight: int = MAX_IN_FLIGHT
     merchant_tls_client_cert: str = ""
@@ -103,12 +109,20 @@ class Settings:
         return OrderLimits(self.max_callback_events, self.max_meta_bytes, self.max_customer_bytes)
 
     @property
+    def breaker(self) -> Breaker:
+        return Breaker(self.breaker_failures, self.breaker_probe_seconds, self.breaker_max_probe_seconds)
+
+    @property
     def merchant(self) -> Destination:
         """The `MERCHANT_*` settings as the destination `merchant`."""
         return Destination(
             MERCHANT, self.merchant_webhook_url, self.merchant_webhook_secret, self.merchant_handler,
-            timeout_seconds=self.delivery_timeout_seconds, max_attempts=self.delivery_max_attempts,
-            backoff_seconds=self.delivery_backoff_seconds, max_in_flight=self.merchant_max_in_flight,
+            timeout_seconds=self.delivery_timeout_seconds,
+            max_attempts=attempts_of(
+                self.delivery_retry_schedule, self.delivery_backoff_seconds, self.delivery_max_attempts
+            ),
+            retry_schedule=self.delivery_retry_schedule, backoff_seconds=self.delivery_backoff_seconds,
+            max_in_flight=self.merchant_max_in_flight,
             tls_client_cert=self.merchant_tls_client_cert,
             tls_client_key=self.merchant_tls_client_key, http_proxy=self.http_proxy,
             https_proxy=self.https_proxy, no_proxy=self.no_proxy,
@@ -235,11 +249,21 @@ class _Reader:
             delivery_max_attempts=self.get(
                 "DELIVERY_MAX_ATTEMPTS", d.delivery_max_attempts, _int_between(1, 100)
             ),
+            delivery_retry_schedule=self.get(
+                "DELIVERY_RETRY_SCHEDULE", d.delivery_retry_schedule, parse_schedule
+            ),
             delivery_backoff_seconds=self.get(
                 "DELIVERY_BACKOFF_SECONDS", d.delivery_backoff_seconds, _nonnegative_float
             ),
             delivery_timeout_seconds=self.get(
                 "DELIVERY_TIMEOUT_SECONDS", d.delivery_timeout_seconds, _positive_float
+            ),
+            breaker_failures=self.get("BREAKER_FAILURES", d.breaker_failures, _int_between(0, 100_000)),
+            breaker_probe_seconds=self.get(
+                "BREAKER_PROBE_SECONDS", d.breaker_probe_seconds, _float_between(0.1, 3600.0)
+            ),
+            breaker_max_probe_seconds=self.get(
+                "BREAKER_MAX_PROBE_SECONDS", d.breaker_max_probe_seconds, _float_between(0.1, 3600.0)
             ),
             delivery_concurrency=self.get(
                 "DELIVERY_CONCURRENCY", d.delivery_concurrency, _int_between(1, MAX_CONCURRENCY)
@@ -314,6 +338,9 @@ class _Reader:
         found: list[Destination] = []
         for name in names:
             p = f"DESTINATION_{name.upper().replace('-', '_')}_"
+            schedule = self.get(p + "RETRY_SCHEDULE", s.delivery_retry_schedule, parse_schedule)
+            backoff = self.get(p + "BACKOFF_SECONDS", s.delivery_backoff_seconds, _nonnegative_float)
+            attempts = self.get(p + "MAX_ATTEMPTS", s.delivery_max_attempts, _int_between(1, 100))
             destination = Destination(
                 name,
                 url=self.get(p + "URL", "", _http_url),
@@ -324,8 +351,9 @@ class _Reader:
                 events=self.get(p + "EVENTS", frozenset(), _names_of("event type", (*EVENT_TYPES, CREATED_EVENT))),
                 statuses=self.get(p + "STATUSES", frozenset(), _names_of("status", STATUS_ORDER)),
                 timeout_seconds=self.get(p + "TIMEOUT_SECONDS", s.delivery_timeout_seconds, _positive_float),
-                max_attempts=self.get(p + "MAX_ATTEMPTS", s.delivery_max_attempts, _int_between(1, 100)),
-                backoff_seconds=self.get(p + "BACKOFF_SECONDS", s.delivery_backoff_seconds, _nonnegative_float),
+                max_attempts=attempts_of(schedule, backoff, attempts),
+                retry_schedule=schedule,
+                backoff_seconds=backoff,
                 max_in_flight=self.get(p + "MAX_IN_FLIGHT", MAX_IN_FLIGHT, _int_between(1, 100_000)),
                 tls_client_cert=self.get(p + "TLS_CLIENT_CERT", "", _pem_file("CERTIFICATE")),
                 tls_client_key=self.get(p + "TLS_CLIENT_KEY", "", _pem_file("PRIVATE KEY")),
@@ -537,7 +565,7 @@ def _webhook_secret(raw: str) -> str:
 # the process: a destination left unconfigured by a typo must not go unnoticed).
 DESTINATION_VARIABLES = (
     "URL", "SECRET", "HANDLER", "EVENTS", "STATUSES", "TIMEOUT_SECONDS", "MAX_ATTEMPTS", "BACKOFF_SECONDS",
-    "MAX_IN_FLIGHT", "STREAM", "STREAM_MAXLEN",
+    "RETRY_SCHEDULE", "MAX_IN_FLIGHT", "STREAM", "STREAM_MAXLEN",
     "TLS_CLIENT_CERT", "TLS_CLIENT_KEY", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
 )  # fmt: skip
 

@@ -36,3 +36,30 @@ def test_the_alert_rules_pass_their_unit_tests() -> None:
         cwd=RULES, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert answer.returncode == 0, answer.stdout + answer.stderr
+
+
+def test_every_alert_has_a_runbook_section_a_console_link_and_a_unit_test() -> None:
+    import yaml
+
+    from tests.test_docs import headings
+
+    rules = [
+        rule
+        for name in ("alerts.yml", "reconcile-alerts.yml")
+        for group in yaml.safe_load((RULES / name).read_text())["groups"]
+        for rule in group["rules"]
+    ]
+    tested = {
+        case["alertname"]
+        for test in yaml.safe_load((RULES / "alerts.test.yml").read_text())["tests"]
+        for case in test["alert_rule_test"]
+        if case.get("exp_alerts")
+    }
+    sections = headings(RULES.parents[1] / "docs" / "operations.md")
+    assert len(rules) == 14
+    for rule in rules:
+        name, annotations = rule["alert"], rule["annotations"]
+        assert annotations["runbook_url"].endswith(f"/operations.md#{name.lower()}"), name
+        assert name.lower() in sections, name
+        assert annotations["console"].startswith("{{ $externalLabels.intergiro_ops_url }}/"), name
+        assert name in tested, name

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from receiver.cli import build_parser
-from receiver.metrics import DEPLOYMENT_GAUGES, SHARED_METRICS, ReceiverMetrics
+from receiver.metrics import DEPLOYMENT_GAUGES, DESTINATION_GAUGES, SHARED_METRICS, ReceiverMetrics
 from receiver.settings import SETTING_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,7 +321,10 @@ def test_the_ops_console_runs_in_compose_and_kubernetes_internal_only_with_the_t
 
 def served_metric_names() -> set[str]:
     names = {m.name for m in ReceiverMetrics().registry.collect()}
-    return names | {n + "_total" for n in names} | set(SHARED_METRICS) | set(DEPLOYMENT_GAUGES)
+    per_destination = {*DESTINATION_GAUGES, "intergiro_destination_state"}
+    return (
+        names | {n + "_total" for n in names} | set(SHARED_METRICS) | set(DEPLOYMENT_GAUGES) | per_destination
+    )
 
 
 def test_the_alerts_watch_dead_letters_503s_and_workers_through_metrics_the_receiver_serves() -> None:

@@ -22,10 +22,10 @@ def test_defaults_are_the_contracts() -> None:
         "production",
         "local",
     )
-    assert (s.dedup_ttl_seconds, s.queue_name, s.delivery_max_attempts, s.max_body_bytes) == (
+    assert (s.dedup_ttl_seconds, s.queue_name, s.merchant.max_attempts, s.max_body_bytes) == (
         34560000,
         "order-updates",
-        8,
+        10,
         262144,
     )
     assert [k.name for k in s.trusted_keys] == ["intergiro-production"]

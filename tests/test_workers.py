@@ -20,6 +20,7 @@ from standardwebhooks.webhooks import Webhook
 from receiver.app import CALLBACK_PATH
 from receiver.chains import OrderChains
 from receiver.rediskeys import RedisKeys
+from receiver.retries import backoff_delay
 from receiver.retry_after import parse_retry_after
 from receiver.rqstore import DELIVER_UPDATE
 from tests.conftest import queued_updates
@@ -27,7 +28,6 @@ from tests.helpers import JWT, card_order, token
 from tests.merchant_handlers import CALLS, DELIVERED
 from tests.processes import ROOT, is_running, run_command, start_command, stop, worker_env
 from tests.sink import SECRET, Sink, log_events, wait_for
-from workers.delivery import backoff_delay
 
 EVENTS = ("order", "charge", "refund")
 

@@ -3,16 +3,15 @@
 One worker process delivers to one destination (receiver/destinations.py; `merchant` is the MERCHANT_*
 settings). Its targets: a Standard Webhooks-signed POST to its URL and/or its handler, a Python
 function. 2xx (or a handler that returns) is done; a network error, a timeout, 408, 429 and 5xx (or a
-handler's exception) are retried with exponential backoff and full jitter, honouring Retry-After; any
-other answer (or PermanentDeliveryError from a handler) dead-letters the update at once, as does the
-last of DELIVERY_MAX_ATTEMPTS attempts.
+handler's exception) are retried on the destination's retry schedule (receiver/retries.py: about a day
+by default), honouring Retry-After; any other answer (or PermanentDeliveryError from a handler)
+dead-letters the update at once, as does the last of its attempts.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,18 +26,19 @@ from standardwebhooks.webhooks import Webhook
 from receiver.chains import OrderChains
 from receiver.clock import utc_now
 from receiver.connections import sync_redis
+from receiver.destination_state import DestinationState
 from receiver.destinations import MERCHANT, Destination, queue_name
 from receiver.history import attempt_entry
 from receiver.logs import LoggedOutcome, log
 from receiver.metrics import count, counter_increment, observation_increments
 from receiver.rediskeys import RedisKeys
+from receiver.retries import retry_wait
 from receiver.retry_after import parse_retry_after
 from receiver.rqstore import RETRY_BUDGET
 from receiver.settings import Settings
 from workers.merchant_http import Answer, AnswerError, ConnectionOptions, MerchantConnection
 from workers.streams import StreamTarget
 
-MAX_BACKOFF_SECONDS = 3600.0
 USER_AGENT = "intergiro-receiver"
 
 
@@ -53,11 +53,13 @@ class DeliveryError(Exception):
         retry_after: float | None = None,
         http_status: int | None = None,
         answer: Answer | None = None,
+        unreachable: bool = False,
     ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.http_status = http_status
         self.answer = answer  # the merchant's, when it answered
+        self.unreachable = unreachable  # says the destination is down (its breaker counts it)
 
 
 class PermanentDeliveryError(DeliveryError):
@@ -85,20 +87,18 @@ def variable(destination: str, name: str) -> str:
     return f"DESTINATION_{destination.upper().replace('-', '_')}_{name}"
 
 
-def backoff_delay(
-    attempt: int, base: float, retry_after: float | None = None, rng: Callable[[], float] = random.random
-) -> float:
-    """Seconds to wait after failed attempt number `attempt` (1-based): full jitter over base * 2^(n-1),
-    capped at one hour, and never sooner than the merchant's Retry-After (itself capped at one hour)."""
-    ceiling = min(MAX_BACKOFF_SECONDS, base * 2 ** min(attempt - 1, 64))
-    delay = rng() * ceiling
-    if retry_after is not None:
-        delay = max(delay, min(retry_after, MAX_BACKOFF_SECONDS))
-    return float(delay)
+# 4xx answers that mean "not now" rather than "never": timeout, conflict (a concurrent change on the
+# merchant's side), too early, too many requests.
+RETRYABLE_4XX = (408, 409, 425, 429)
+
+
+# Answers that say the destination is down rather than failing this update: a gateway or load balancer
+# in front of it answering for it.
+UNREACHABLE_STATUSES = (502, 503, 504)
 
 
 def is_retryable_status(status: int) -> bool:
-    return status in (408, 429) or status >= 500
+    return status in RETRYABLE_4XX or status >= 500
 
 
 class WebhookTarget:
@@ -138,13 +138,16 @@ class WebhookTarget:
         try:
             answer = self.connection.post(body, headers)
         except (OSError, AnswerError) as exc:  # refused, timed out, reset, TLS, unreadable answer
-            raise DeliveryError(f"POST failed: {type(exc).__name__}: {exc}") from None
+            raise DeliveryError(f"POST failed: {type(exc).__name__}: {exc}", unreachable=True) from None
         status = answer.status
         if 200 <= status < 300:
             return answer
         message = f"merchant answered HTTP {status}"
         if is_retryable_status(status):
-            raise DeliveryError(message, parse_retry_after(answer.retry_after), status, answer)
+            raise DeliveryError(
+                message, parse_retry_after(answer.retry_after), status, answer,
+                unreachable=status in UNREACHABLE_STATUSES,
+            )  # fmt: skip
         raise PermanentDeliveryError(message, http_status=status, answer=answer)
 
 
@@ -274,6 +277,7 @@ class DeliveryContext:
     logger: Any  # bound once: structlog's module-level proxy binds anew on every call
     destination: Destination
     outcomes: Outcomes
+    state: DestinationState  # its pause and breaker, shared with the worker's gate
 
     def start_attempt(self, update: dict[str, Any], counted: bool = False) -> AttemptStart:
         """Count the attempt (before the POST, so an attempt whose worker dies still counts; unless
@@ -302,6 +306,7 @@ class DeliveryContext:
             logger,
             destination,
             Outcomes.of(destination),
+            DestinationState(redis, keys, settings.breaker),
         )
 
 
@@ -333,11 +338,26 @@ def current_context() -> DeliveryContext:
 
 def deliver_from_job(update: dict[str, Any]) -> Retry | None:
     """One attempt at delivering `update` (see `deliver`); counted already when the running job is a
-    workers.worker.DeliveryJob (`worker` runs them; a plain `rq worker` runs RQ's Job)."""
-    return deliver(current_context(), update, getattr(get_current_job(), "attempt_counted", False) is True)
+    workers.worker.DeliveryJob (`worker` runs them; a plain `rq worker` runs RQ's Job), which also says
+    whether it is its down destination's probe."""
+    job = get_current_job()
+    counted = getattr(job, "attempt_counted", False) is True
+    return deliver(current_context(), update, counted, getattr(job, "probe", False) is True)
 
 
-def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False) -> Retry | None:
+def note_breaker(ctx: DeliveryContext, failure: DeliveryError | None, probe: bool) -> None:
+    """Tell the destination's breaker what the attempt found; a destination back up gets every retrying
+    update of its outage made due at once (each order still in sequence)."""
+    if failure is not None and failure.unreachable:
+        ctx.state.unreachable(str(failure), probe)
+    elif ctx.state.reachable(probe):
+        made = ctx.chains.retry_all_now()
+        ctx.logger.info("retrying updates made due now: the destination is back", updates=made)
+
+
+def deliver(
+    ctx: DeliveryContext, update: dict[str, Any], counted: bool = False, probe: bool = False
+) -> Retry | None:
     """One attempt; records its outcome in Redis. Returns None when the update is done (delivered, or
     finished before), a `Retry` for RQ to hold the job in its ScheduledJobRegistry until the next
     attempt, and raises DeadLettered when the update went to the dead-letter queue. `counted`: the
@@ -388,12 +408,13 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False)
             answer = exc.answer
             break
         except Exception as exc:  # e.g. RQ's job timeout firing mid-POST: retry like a network error
-            failure = DeliveryError(f"{target.name}: {type(exc).__name__}: {exc}")
+            failure = DeliveryError(f"{target.name}: {type(exc).__name__}: {exc}", unreachable=True)
             break
         if n < len(pending) - 1:  # a later target may fail: its retry must not repeat this one
             redis.hset(record, f"done:{target.name}", 1)
     elapsed = time.perf_counter() - started
     http_status = None if answer is None else answer.status
+    note_breaker(ctx, failure, probe)
     result = "success" if failure is None else "retryable" if failure.retryable else "permanent"
     attempt_counters = [
         outcomes.attempts[result],
@@ -442,7 +463,7 @@ def deliver(ctx: DeliveryContext, update: dict[str, Any], counted: bool = False)
             logged,
         )
         raise DeadLettered(error)
-    delay = backoff_delay(attempt, destination.backoff_seconds, failure.retry_after)
+    delay = retry_wait(destination.retry_schedule, destination.backoff_seconds, attempt, failure.retry_after)
     due = time.time() + delay
     ctx.chains.schedule_retry(
         update, due, error, error_at, [*attempt_counters, outcomes.retry_scheduled], history=history("retry")

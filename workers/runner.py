@@ -31,6 +31,7 @@ from receiver.parent import stop_with_parent
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
 from workers.delivery import DeliveryContext, TargetNotConfigured, build_targets, use_context
+from workers.gate import DeliveryGate
 from workers.maintenance import Maintenance
 from workers.worker import DeliveryWorker, attempt_timeout_seconds, delivery_worker
 
@@ -76,7 +77,10 @@ def work(settings: Settings, burst: bool, destination: Destination | None = None
                 leases = InFlightLeases(
                     context.redis, context.keys.in_flight, context.destination.max_in_flight
                 )
-                worker = delivery_worker(queue, context.redis, timeout, settings.delivery_concurrency, leases)
+                gate = DeliveryGate(context.state, probe_lease_seconds=timeout)
+                worker = delivery_worker(
+                    queue, context.redis, timeout, settings.delivery_concurrency, leases, gate
+                )
                 worker.work(burst=burst, logging_level=rq_level, with_scheduler=False)
             except RedisError as exc:
                 log.warning("worker cannot reach Redis", error=str(exc))

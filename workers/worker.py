@@ -48,10 +48,13 @@ from receiver.inflight import InFlightLeases
 from receiver.logs import log
 from receiver.settings import Settings
 from workers.delivery import count_attempt_commands, current_context
+from workers.gate import PROBE, DeliveryGate
 
 # How long one BLMOVE waits for a job: under the workers' socket timeout (10 s, DeliveryContext), or each
 # idle wait would end in a TimeoutError that RQ answers with a growing pause (up to a minute).
 DEQUEUE_WAIT_SECONDS = 5
+# How long a worker with a gate waits for a job before it passes the gate again (workers/gate.py).
+GATE_RECHECK_SECONDS = 1
 # How often RQ's periodic heartbeat (no timeout given) is sent while jobs follow one another.
 HEARTBEAT_REFRESH_SECONDS = 1.0
 
@@ -84,6 +87,7 @@ class DeliveryJob(Job):
     attempt counts itself there."""
 
     attempt_counted = False
+    probe = False  # the one delivery its down destination lets out (workers/gate.py)
 
     def prepare_for_execution(self, worker_name: str, pipeline: Pipeline) -> None:
         super().prepare_for_execution(worker_name, pipeline)
@@ -99,13 +103,15 @@ class DeliveryWorker(SimpleWorker):
     execution (`prepare_execution`: RQ's StartedJobRegistry and the worker's executions, as for any
     RQ worker), then a pool thread runs `perform_job` (RQ's preparation, the job, its success, retry or
     failure and the end of the execution). A job is taken only when a thread is free and, with
-    `leases`, when the destination has a slot (receiver/inflight.py): one waiting is still on the queue.
+    `leases`, when the destination has a slot (receiver/inflight.py): one waiting is still on the queue;
+    with a `gate`, only while the destination is up (workers/gate.py).
     """
 
     job_class = DeliveryJob
     attempt_timeout = 300
     concurrency = 1
     leases: InFlightLeases | None = None
+    gate: DeliveryGate | None = None
     stop_requested = False  # SIGTERM or SIGINT: RQ's loop ends on purpose
     drained = False  # burst mode found the queue empty
     waiting_for_job = False  # the main thread waits for a thread, a slot or a job: a stop ends the wait
@@ -114,6 +120,7 @@ class DeliveryWorker(SimpleWorker):
     lanes: threading.Condition
     busy_lanes = 0  # deliveries in flight, and the one being taken
     taken_lease: str | None = None
+    taken_probe = False  # the job being taken is its down destination's probe (workers/gate.py)
     pool: ThreadPoolExecutor | None = None
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
@@ -167,12 +174,17 @@ class DeliveryWorker(SimpleWorker):
         """RQ's wait for a job, once a thread is free and the destination has a slot. In burst mode an
         empty queue ends the loop only once no delivery is in flight (a delivery's end may queue its
         order's next update)."""
+        # With a gate, one wait lasts GATE_RECHECK_SECONDS (RQ's own idle bound), then the gate is passed
+        # again: a pause holds the next job within about that long, not after the next job came.
+        rechecks = self.gate is not None and timeout is not None and max_idle_time is None
         while True:
             self.waiting_for_job = True
             try:
                 self.take_lane()
                 try:
-                    result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+                    result = super().dequeue_job_and_maintain_ttl(
+                        timeout, GATE_RECHECK_SECONDS if rechecks else max_idle_time
+                    )
                 except BaseException:
                     self.end_lane(self.taken_lease)
                     raise
@@ -181,6 +193,11 @@ class DeliveryWorker(SimpleWorker):
             if result is not None:
                 return result
             self.end_lane(self.taken_lease)
+            if self.taken_probe and self.gate is not None:  # the probe found no job
+                self.taken_probe = False
+                self.gate.probe_unused()
+            if rechecks:
+                continue
             if self.leases is not None:
                 self.leases.return_spare()
             if timeout is None and self.wait_for_deliveries():
@@ -190,13 +207,19 @@ class DeliveryWorker(SimpleWorker):
 
     def take_lane(self) -> None:
         """Wait until fewer than `concurrency` deliveries are in flight (heartbeats going on), reserve
-        that place, then a lease on one of the destination's slots."""
+        that place, then for the destination's gate, then a lease on one of its slots."""
         with self.lanes:
             while self.busy_lanes >= self.concurrency:
                 self.lanes.wait(HEARTBEAT_REFRESH_SECONDS)
                 self.heartbeat()
             self.busy_lanes += 1
         self.taken_lease = None
+        if self.gate is not None:
+            passed = self.gate.pass_through(lambda: self.stop_requested, self.heartbeat)
+            if passed is None:
+                self.end_lane(None)
+                raise StopRequested()
+            self.taken_probe = passed == PROBE
         if self.leases is None:
             return
         try:
@@ -228,6 +251,7 @@ class DeliveryWorker(SimpleWorker):
         """Start the job's execution (RQ's `prepare_execution`) and run it (RQ's `perform_job`) on a pool
         thread; on this thread when one delivery at a time is asked for."""
         lease, self.taken_lease = self.taken_lease, None
+        job.probe, self.taken_probe = self.taken_probe, False  # type: ignore[attr-defined]
         if self.pool is None:
             try:
                 super().execute_job(job, queue)
@@ -281,15 +305,17 @@ def delivery_worker(
     attempt_seconds: int,
     concurrency: int = 1,
     leases: InFlightLeases | None = None,
+    gate: DeliveryGate | None = None,
 ) -> DeliveryWorker:
     """A DeliveryWorker on `queue` (RQ's JSON serializer), its job heartbeat and death penalty bounded by
     one attempt of `attempt_seconds` (attempt_timeout_seconds), keeping up to `concurrency` deliveries
-    in flight, within the destination's bound when `leases` are given."""
+    in flight, within the destination's bound when `leases` are given, while its `gate` lets them."""
     worker = DeliveryWorker([queue], connection=connection, serializer=JSONSerializer, worker_ttl=60)
     worker.attempt_timeout = attempt_seconds
     worker.concurrency = concurrency
     worker.lanes = threading.Condition()
     worker.leases = leases
+    worker.gate = gate
     if concurrency > 1:
         worker.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="delivery")
     worker.death_penalty_class = attempt_death_penalty(attempt_seconds, threaded=concurrency > 1)

@@ -29,6 +29,7 @@ from receiver.app import stop_signal
 from receiver.chains import OrderChains
 from receiver.connections import sync_redis
 from receiver.deadletters import DeadLetterFilter, DeadLetters, DestinationNotConfigured, http_status
+from receiver.destination_state import DestinationState, describe, format_age, retry_all_now
 from receiver.errors import CommandError
 from receiver.history import render, trace
 from receiver.logs import log
@@ -295,8 +296,56 @@ async def overview_page(request: web.Request) -> web.Response:
     data = await in_thread(
         request, state.overview, request.app[REDIS], keys, None, request.app[DESTINATION_KEYS]
     )
+    rows = await in_thread(request, describe, request.app[REDIS], request.app[DESTINATION_KEYS])
     peak = max([sum(m["counts"].values()) for m in data["callbacks_per_minute"]] + [1])
-    return page(request, "overview.html", o=data, peak=peak)
+    return page(request, "overview.html", o=data, peak=peak, destinations=rows, format_age=format_age)
+
+
+def _destination_state(request: web.Request) -> DestinationState | None:
+    name = request.match_info["name"]
+    found = next((k for k in request.app[DESTINATION_KEYS] if k.destination == name), None)
+    return None if found is None else DestinationState(request.app[REDIS], found)
+
+
+def _pause_or_resume(request: web.Request, destination: DestinationState, action: str, reason: str) -> bool:
+    by = f"ops:{request[VIA]}"
+    log.info("ops: " + action, action=action, destination=destination.keys.destination, via=request[VIA],
+             remote=request.remote)  # fmt: skip
+    return destination.pause(reason, by) if action == "pause" else destination.resume(by)
+
+
+def _destination_action(action: str, api: bool) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """POST /destinations/{name}/pause|resume (the overview's buttons) and its /api/ twin; a pause's
+    reason is the form's or the JSON body's `reason`."""
+
+    async def act(request: web.Request) -> web.StreamResponse:
+        destination = _destination_state(request)
+        name = request.match_info["name"]
+        if destination is None:
+            if api:
+                return api_error(404, "not_found", f"no destination {name!r} is configured")
+            raise web.HTTPNotFound()
+        reason = ""
+        if action == "pause":
+            if api and request.can_read_body:
+                try:
+                    body = orjson.loads(await request.read())
+                except orjson.JSONDecodeError:
+                    return api_error(400, "bad_body", 'the body must be JSON: {"reason": "..."}')
+                reason = str(body.get("reason", "")) if isinstance(body, dict) else ""
+            elif not api:
+                reason = str((await request.post()).get("reason", ""))
+        changed = await in_thread(request, _pause_or_resume, request, destination, action, reason)
+        done = "paused" if action == "pause" else "resumed"
+        if api:
+            rows = await in_thread(request, describe, request.app[REDIS], [destination.keys])
+            return json_response({**rows[0], "changed": changed})
+        notice = (
+            f"{name}: {done}" if changed else f"{name}: already {done if action == 'pause' else 'delivering'}"
+        )
+        return see_other("/?" + urlencode({"notice": notice}))
+
+    return act
 
 
 FILTER_FIELDS = ("q", "destination", "status", "older", "newer")
@@ -562,6 +611,13 @@ async def api_overview(request: web.Request) -> web.Response:
     )
 
 
+async def api_destinations(request: web.Request) -> web.Response:
+    """Every destination as `destination list --json` prints it."""
+    return json_response(
+        await in_thread(request, describe, request.app[REDIS], request.app[DESTINATION_KEYS])
+    )
+
+
 async def api_dlq(request: web.Request) -> web.Response:
     """The entries as `dlq list --json` prints them, oldest first; `q`, `destination`, `status`,
     `older`, `newer` filter as the page does."""
@@ -622,6 +678,27 @@ async def api_retry_now(request: web.Request) -> web.Response:
     if not await in_thread(request, _retry_now, request, update_id):
         return api_error(404, "not_found", f"{update_id} is not waiting for a retry")
     return json_response({"id": update_id, "status": "retrying"})
+
+
+async def api_retry_all_now(request: web.Request) -> web.Response:
+    """Every retrying update due now (`?destination=NAME`: only that destination's):
+    {"made_due": {destination: count}}."""
+    each = request.app[DESTINATION_KEYS]
+    name = request.query.get("destination")
+    if name is not None:
+        each = [k for k in each if k.destination == name]
+        if not each:
+            return api_error(404, "not_found", f"no destination {name!r} is configured")
+    by = f"ops:{request[VIA]}"
+    return json_response({"made_due": await in_thread(request, retry_all_now, request.app[REDIS], each, by)})
+
+
+async def retry_all_now_form(request: web.Request) -> web.StreamResponse:
+    made = await in_thread(
+        request, retry_all_now, request.app[REDIS], request.app[DESTINATION_KEYS], f"ops:{request[VIA]}"
+    )
+    notice = f"{sum(made.values())} retrying update(s) made due now"
+    return see_other("/retrying?" + urlencode({"notice": notice}))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -687,6 +764,10 @@ def create_ops_app(
     r.add_get("/retrying", retrying_page)
     r.add_post("/retrying/{id}/retry-now", retry_now_form)
     r.add_get("/api/overview", api_overview)
+    r.add_get("/api/destinations", api_destinations)
+    for action in ("pause", "resume"):
+        r.add_post(f"/destinations/{{name}}/{action}", _destination_action(action, api=False))
+        r.add_post(f"/api/destinations/{{name}}/{action}", _destination_action(action, api=True))
     r.add_get("/api/dlq", api_dlq)
     for action in ACTIONS:
         r.add_post(f"/api/dlq/{action}", _api_bulk(action))
@@ -694,6 +775,8 @@ def create_ops_app(
         r.add_post(f"/api/dlq/{{id}}/{action}", _api_action(action))
     r.add_get("/api/orders/{key}", api_order)
     r.add_get("/api/retrying", api_retrying)
+    r.add_post("/retrying/retry-now", retry_all_now_form)
+    r.add_post("/api/retrying/retry-now", api_retry_all_now)
     r.add_post("/api/retrying/{id}/retry-now", api_retry_now)
     return app
 

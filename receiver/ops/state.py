@@ -51,9 +51,9 @@ def callbacks_per_minute(redis: Redis, keys: RedisKeys, now: float) -> list[dict
     ]
 
 
-def workers(redis: Redis, queue_name: str) -> list[dict[str, Any]]:
-    """RQ's live workers on the queue (RQ's public API: Worker.all, get_current_job) and the update each
-    is delivering now."""
+def workers(redis: Redis, queue_name: str, destination: str = MERCHANT) -> list[dict[str, Any]]:
+    """RQ's live workers on the queue (RQ's public API: Worker.all, get_current_job), the destination
+    each serves and the update each is delivering now."""
     queue = Queue(queue_name, connection=redis, serializer=JSONSerializer)
     found = []
     for worker in Worker.all(connection=redis, queue=queue, serializer=JSONSerializer):
@@ -63,6 +63,7 @@ def workers(redis: Redis, queue_name: str) -> list[dict[str, Any]]:
         found.append(
             {
                 "name": worker.name,
+                "serves": destination,
                 "hostname": worker.hostname,
                 "pid": worker.pid,
                 "state": str(worker.get_state()),
@@ -74,6 +75,17 @@ def workers(redis: Redis, queue_name: str) -> list[dict[str, Any]]:
             }
         )
     return sorted(found, key=lambda w: w["name"])
+
+
+OUTCOMES = ("delivered", "retry_scheduled", "dead_lettered")
+
+
+def deliveries(counters: dict[str, float], destination: str) -> dict[str, int]:
+    """A destination's deliveries by outcome (intergiro_deliveries_total, summed over every worker):
+    delivered, retried (`retry_scheduled`), dead-lettered. RQ's own per-worker counts tell a retry as a
+    failed job, so the console shows these instead."""
+    label = "" if destination == MERCHANT else f"|destination={destination}"
+    return {o: int(counters.get(f"intergiro_deliveries_total{label}|outcome={o}", 0)) for o in OUTCOMES}
 
 
 def overview(
@@ -126,7 +138,8 @@ def overview(
         "retrying": retrying,
         "dead_letters": dead,
         "destinations": per_destination,
-        "workers": [w for dest in each for w in workers(redis, dest.queue_name)],
+        "workers": [w for dest in each for w in workers(redis, dest.queue_name, dest.destination)],
+        "deliveries": {dest.destination: deliveries(counters, dest.destination) for dest in each},
         "reconcile": {
             "last_completed_window_end": iso(float(watermark)) if watermark else None,
             "running": bool(reconciling),
