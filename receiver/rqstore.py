@@ -18,7 +18,7 @@ from redis import Redis
 from rq.defaults import RQ_KEY_PREFIX
 from rq.job import Job
 from rq.queue import Queue
-from rq.registry import DeferredJobRegistry, FailedJobRegistry, ScheduledJobRegistry
+from rq.registry import DeferredJobRegistry, FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
