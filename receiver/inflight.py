@@ -115,10 +115,11 @@ class InFlightLeases:
                 self.in_use.discard(token)
                 self.spare.append(token)
 
-    def return_spare(self) -> None:
-        """Return the leases no delivery uses (the queue was empty, or the process stops)."""
+    def return_spare(self, keep: int = 0) -> None:
+        """Return the leases no delivery uses (the queue was empty, or the process stops), but `keep`
+        (the one its next wait for a job takes again a second later)."""
         with self.lock:
-            spare, self.spare = self.spare, []
+            spare, self.spare = self.spare[keep:], self.spare[:keep]
         if spare:
             self.redis.zrem(self.key, *spare)
 

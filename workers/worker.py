@@ -196,10 +196,10 @@ class DeliveryWorker(SimpleWorker):
             if self.taken_probe and self.gate is not None:  # the probe found no job
                 self.taken_probe = False
                 self.gate.probe_unused()
+            if self.leases is not None:  # the queue was empty: leases beyond the next wait's go back
+                self.leases.return_spare(keep=1 if rechecks else 0)
             if rechecks:
                 continue
-            if self.leases is not None:
-                self.leases.return_spare()
             if timeout is None and self.wait_for_deliveries():
                 continue  # burst: deliveries ended meanwhile; look again
             self.drained = True
