@@ -140,12 +140,23 @@ def queue(sync_redis: redis.Redis, settings: Settings) -> Queue:
 
 
 @pytest.fixture
-async def sink(aiohttp_server: Any) -> Sink:
+def make_sink(aiohttp_server: Any) -> Callable[..., Any]:
+    """Makes real merchant endpoints (tests/sink.py), each recording every delivery at its `url`."""
+
+    async def make() -> Sink:
+        sink = Sink()
+        server = await aiohttp_server(sink.app())
+        sink.url = str(server.make_url("/hooks"))
+        return sink
+
+    return make
+
+
+@pytest.fixture
+async def sink(make_sink: Callable[..., Any]) -> Sink:
     """A real merchant endpoint (tests/sink.py) recording every delivery, at `sink.url`."""
-    sink = Sink()
-    server = await aiohttp_server(sink.app())
-    sink.url = str(server.make_url("/hooks"))
-    return sink
+    made: Sink = await make_sink()
+    return made
 
 
 def queued_updates(client: redis.Redis, settings: Settings) -> list[dict[str, Any]]:

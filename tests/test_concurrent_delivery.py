@@ -73,12 +73,10 @@ async def test_one_process_keeps_delivery_concurrency_requests_open_and_rq_count
 
 
 @pytest.fixture
-def two_sinks(aiohttp_server: Any) -> Callable[..., Any]:
+def two_sinks(make_sink: Callable[..., Any]) -> Callable[..., Any]:
     async def make() -> tuple[Sink, Sink]:
-        sinks = (Sink(), Sink())
+        sinks = (await make_sink(), await make_sink())
         for sink in sinks:
-            server = await aiohttp_server(sink.app())
-            sink.url = str(server.make_url("/hooks"))
             # answers in 0-20 ms, in no particular order: what would reorder a sloppy concurrent worker
             sink.answer = lambda _id, _n: (200, {}, random.random() / 50)
         return sinks

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -27,17 +26,6 @@ from workers.runner import retire_removed_destinations
 
 ERP_SECRET = "whsec_" + "RVJQLXNlY3JldC1mb3ItdGhlLWVycC1kZXN0aW5hdGlvbg=="
 EVENTS = ("order", "charge", "refund")  # statuses: ordered, charged, refunded
-
-
-@pytest.fixture
-def make_sink(aiohttp_server: Any) -> Callable[..., Any]:
-    async def make() -> Sink:
-        sink = Sink()
-        server = await aiohttp_server(sink.app())
-        sink.url = str(server.make_url("/hooks"))
-        return sink
-
-    return make
 
 
 def destinations_env(erp: Sink, warehouse: Sink | None = None, **more: Any) -> dict[str, str]:

@@ -7,11 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
-
-import pytest
 
 from receiver.app import CALLBACK_PATH
 from receiver.history import read_entries
@@ -24,17 +21,6 @@ from tests.test_fanout import ERP_SECRET
 from tests.test_workers import EVENTS
 
 ORDERS = [f"Replayed{n:08d}" for n in range(5)]
-
-
-@pytest.fixture
-def make_sink(aiohttp_server: Any) -> Callable[..., Any]:
-    async def make() -> Sink:
-        sink = Sink()
-        server = await aiohttp_server(sink.app())
-        sink.url = str(server.make_url("/hooks"))
-        return sink
-
-    return make
 
 
 def today_order(order_id: str) -> dict[str, Any]:
