@@ -27,7 +27,7 @@ PAUSE_TAKES_HOLD = GATE_RECHECK_SECONDS + 2
 
 @pytest.fixture
 async def ops(aiohttp_client: Any, settings: Settings, sync_redis: redis.Redis) -> Any:
-    app = create_ops_app(settings.with_changes(ops_token=TOKEN), redis=sync_redis, failure_delay=0.05)
+    app = create_ops_app(settings.with_changes(ops_token=TOKEN), redis=sync_redis)
     return await aiohttp_client(app)
 
 
