@@ -11,6 +11,7 @@ import structlog
 
 from receiver.chains import OrderChains
 from receiver.clock import utc_now
+from receiver.destination_state import DestinationState
 from receiver.destinations import MERCHANT, Destination
 from receiver.order import build_updates, parse_order
 from receiver.rediskeys import RedisKeys
@@ -32,6 +33,7 @@ def seed_dead_letters(
     context = DeliveryContext(
         settings, client, keys, OrderChains(client, keys, settings.history_retention_seconds), [],
         structlog.testing.ReturnLogger(), target, Outcomes.of(target),
+        DestinationState(client, keys, settings.breaker),
     )  # fmt: skip
     [template] = build_updates(
         parse_order(card_order("TemplateOrder001")), received_at=utc_now(), verified_by="local"
