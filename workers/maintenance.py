@@ -149,6 +149,7 @@ class Maintenance(threading.Thread):
             try:
                 job = Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
                 if not pending:  # delivered: RQ failed to record its success
+                    forget_dead_executions(job)  # else RQ's delete fails on an execution already gone
                     self.failed.remove(job, delete_job=True)
                     continue
                 update = job.args[0]
