@@ -60,12 +60,6 @@ return lost
 """
 
 
-def in_flight(redis: Redis, key: str) -> int:
-    """How many leases are live on a destination (its requests in flight, and slots held for the next)."""
-    now_s, now_us = redis.time()
-    return int(redis.zcount(key, now_s * 1000 + now_us // 1000, "+inf"))
-
-
 class InFlightLeases:
     """One process's leases on one destination's slots: `take` before a job is taken off the queue,
     `give_back` once its delivery ended (kept for the next), `return_spare` when the queue is empty."""

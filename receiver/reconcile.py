@@ -146,6 +146,14 @@ class Summary:
         return "\n".join(rows)
 
 
+def listed_updates(raw: Any, received_at: str) -> tuple[Any, list[dict[str, Any]]]:
+    """An order as Intergiro's order list gave it (trusted: a lone surrogate or a huge integer is
+    repaired, not refused) and its updates; BadCallback, Unrepresentable or a parsing error otherwise."""
+    order, repaired = repair_unwritable(raw)
+    updates = build_updates(parse_order(order), received_at=received_at, verified_by="api", repaired=repaired)
+    return order, updates
+
+
 class Reconciler:
     """Lists a window's orders and runs each through the callback path (or, dry, only reads the dedup)."""
 
@@ -208,10 +216,7 @@ class Reconciler:
         received_at = utc_now()
         order_id = order_id_of(raw)
         try:
-            order, repaired = repair_unwritable(raw)  # a lone surrogate, a huge integer: queued, repaired
-            updates = build_updates(
-                parse_order(order), received_at=received_at, verified_by="api", repaired=repaired
-            )
+            order, updates = listed_updates(raw, received_at)
             if self.dry_run:
                 for update in updates:
                     job_data(update)  # what a real run would write: skipped alike when it cannot be

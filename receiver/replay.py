@@ -31,11 +31,10 @@ from receiver.history import replay_note
 from receiver.intergiro_api import ApiFailed, ApiRefused, OrderApi, new_session, order_id_of
 from receiver.logs import log
 from receiver.metrics import count
-from receiver.order import build_updates, parse_order
-from receiver.reconcile import Window, parse_duration
+from receiver.reconcile import Window, listed_updates, parse_duration
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
-from receiver.verify import Unrepresentable, repair_unwritable
+from receiver.verify import Unrepresentable
 
 # How long one replay holds its destination's lock without renewing it (a replay of a long window
 # renews it as it goes): a replay killed mid-way frees its destination within this.
@@ -117,10 +116,7 @@ class Replayer:
             return
         summary.orders_listed += 1
         try:
-            order, repaired = repair_unwritable(raw)
-            updates = build_updates(
-                parse_order(order), received_at=utc_now(), verified_by="api", repaired=repaired
-            )
+            _, updates = listed_updates(raw, utc_now())
         except (
             BadCallback,
             Unrepresentable,
@@ -137,14 +133,14 @@ class Replayer:
         if not mine:
             return
         summary.updates_matching += len(mine)
-        with self.redis.pipeline(transaction=False) as pipe:
-            for update in mine:
-                job = self.keys.job_id(update["id"])
-                pipe.exists(self.keys.rq_job(job))
-                pipe.hexists(self.keys.dead_letters, job)
-            answers = pipe.execute()
-        held = sum(1 for n in range(len(mine)) if answers[2 * n] or answers[2 * n + 1])
-        if self.dry_run:
+        if self.dry_run:  # what the script would leave: still pending, or dead-lettered
+            with self.redis.pipeline(transaction=False) as pipe:
+                for update in mine:
+                    job = self.keys.job_id(update["id"])
+                    pipe.exists(self.keys.rq_job(job))
+                    pipe.hexists(self.keys.dead_letters, job)
+                answers = pipe.execute()
+            held = sum(1 for n in range(len(mine)) if answers[2 * n] or answers[2 * n + 1])
             summary.queued += len(mine) - held
             summary.skipped_pending += held
             return
