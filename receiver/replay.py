@@ -240,7 +240,8 @@ def replay(
 
 
 def _record(redis: Redis, settings: Settings, keys: RedisKeys, document: dict[str, Any]) -> None:
-    redis.set(keys.replay_last, orjson.dumps(document), ex=settings.history_retention_seconds)
+    # One small key per destination: kept as long as histories are, and for good when they are off (0).
+    redis.set(keys.replay_last, orjson.dumps(document), ex=settings.history_retention_seconds or None)
 
 
 def last_replay(redis: Redis, settings: Settings, destination: Destination) -> dict[str, Any] | None:
@@ -252,11 +253,12 @@ def last_replay(redis: Redis, settings: Settings, destination: Destination) -> d
         pipe.get(keys.replay_last)
         pipe.exists(keys.replay_lock)
         raw, locked = pipe.execute()
-    if raw is None:
-        return None
-    document: dict[str, Any] = orjson.loads(raw)
-    if document.get("state") == "running" and not locked:
-        document["state"] = "interrupted"
+    document: dict[str, Any] | None = orjson.loads(raw) if raw is not None else None
+    running = document is not None and document.get("state") == "running"
+    if locked and not running:  # taken a moment ago: the run has not recorded itself yet
+        return {"destination": destination.name, "state": "running"}
+    if running and not locked:
+        return {**(document or {}), "state": "interrupted"}
     return document
 
 
