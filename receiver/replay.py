@@ -178,12 +178,12 @@ async def list_and_replay(
         api = OrderApi(session, settings)
         for day in window.days():
             async for page in api.pages(day):
+                if stop is not None and stop.is_set():  # this page and the rest are not queued
+                    raise Stopped("stopped before the end of the window: its process was stopping")
                 for raw in page:
                     replayer.order(raw, only, summary)
                 if lock is not None:
                     lock.extend(LOCK_SECONDS, replace_ttl=True)
-                if stop is not None and stop.is_set():
-                    raise Stopped("stopped before the end of the window: its process is stopping")
 
 
 def replay_lock(redis: Redis, settings: Settings, destination: Destination) -> Lock:

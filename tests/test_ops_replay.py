@@ -21,6 +21,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from receiver.app import CALLBACK_PATH
 from receiver.ops.app import create_ops_app
 from receiver.rediskeys import RedisKeys
+from receiver.replay import last_replay
 from receiver.settings import Settings
 from tests.helpers import JWT, token
 from tests.processes import ROOT, free_port, start_server, stop
@@ -140,6 +141,32 @@ async def test_the_api_counts_a_replay_then_queues_the_window_for_that_destinati
     assert not sync_redis.exists(ERP.replay_lock)  # freed: the next replay may run
     status, body = await post({"since": "1d", "order": ORDERS[0]})
     assert status == 202
+
+
+async def test_a_console_stopping_mid_replay_stops_it_records_it_failed_and_frees_the_destination(
+    aiohttp_client: Any, make_settings: Any, make_receiver: Any, make_sink: Any, rsa_key: Any, workers: Any,
+    sync_redis: Any, order_api: Any,
+) -> None:  # fmt: skip
+    merchant, erp = await make_sink(), await make_sink()
+    env = two_destinations(merchant, erp, order_api)
+    settings = await delivered_once(
+        env, make_settings, make_receiver, rsa_key, workers, order_api, merchant, erp, sync_redis
+    )
+    ops = await aiohttp_client(create_ops_app(settings, redis=sync_redis))
+    order_api.state.update(paging="link", page_size=1, gate=asyncio.Event())  # a page an order, held
+    answer = await ops.post("/api/destinations/erp/replay", headers=BEARER, data=json.dumps({"since": "1d"}))
+    assert answer.status == 202
+    stopping = asyncio.create_task(ops.close())
+    await asyncio.sleep(0.5)
+    assert not stopping.done()  # the console waits for its replay to stop
+    order_api.state["gate"].set()
+    await asyncio.wait_for(stopping, 30)
+    last = last_replay(sync_redis, settings, settings.extra_destinations[0])
+    assert last is not None and (last["state"], last["queued"]) == ("failed", 0)
+    assert "stopping" in last["errors"][-1]
+    assert not sync_redis.exists(ERP.replay_lock)  # the next replay may run
+    await asyncio.sleep(1)
+    assert len(erp.received) == 9 and not sync_redis.hlen(RedisKeys().pending_updates)  # nothing queued
 
 
 @pytest.fixture
