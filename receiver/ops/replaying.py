@@ -5,16 +5,18 @@ background, and the destination's last replay (running, completed, failed) on it
 The replay reads Intergiro's order list one day and page at a time, so a long window takes minutes: the
 request that confirms it takes the destination's lock (one replay per destination, refused at once when
 another holds it) and returns; a thread of this process runs the replay and frees the lock. The dry run
-behind the confirmation page is read within its request (its thread, off the event loop): it reads the
-same list, so the page takes as long as that list does.
+behind the confirmation page is read within its request (on a thread of its own, off the event loop):
+it reads the same list, so the page takes as long as that list does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +31,14 @@ from receiver.ops.app import REDIS, SETTINGS, VIA, api_error, in_thread, json_re
 from receiver.reconcile import Window
 from receiver.replay import ReplaySummary, last_replay, replay, replay_lock, window_of
 
-REPLAYS = web.AppKey("replays", set[asyncio.Task[None]])
+REPLAYS = web.AppKey("replays", set[asyncio.Future[None]])
 STOP = web.AppKey("replay_stop", threading.Event)
+# Replays and dry runs hold a thread for as long as the order list takes: their own threads, so that
+# they never take all of the default executor's, which every page's Redis reads run on. One replay per
+# destination runs at a time (the lock); dry runs beyond DRY_RUN_THREADS wait their turn.
+THREADS = web.AppKey("replay_threads", ThreadPoolExecutor)
+DRY_RUN_THREADS = web.AppKey("dry_run_threads", ThreadPoolExecutor)
+DRY_RUNS_AT_ONCE = 2
 ORDER_ID_CHARS = 200
 API_FIELDS = {"since", "start", "end", "order", "dry_run"}
 
@@ -69,6 +77,8 @@ def setup(app: web.Application) -> None:
     """The replay routes and the background runs' bookkeeping (stopped, and waited for, on shutdown)."""
     app[REPLAYS] = set()
     app[STOP] = threading.Event()
+    app[THREADS] = ThreadPoolExecutor(len(app[SETTINGS].destinations), thread_name_prefix="replay")
+    app[DRY_RUN_THREADS] = ThreadPoolExecutor(DRY_RUNS_AT_ONCE, thread_name_prefix="replay-dry-run")
     app.on_shutdown.append(_stop_replays)
     r = app.router
     r.add_get("/destinations/{name}/replay", replay_page)
@@ -84,6 +94,8 @@ async def _stop_replays(app: web.Application) -> None:
     app[STOP].set()
     if app[REPLAYS]:
         await asyncio.gather(*app[REPLAYS], return_exceptions=True)
+    app[THREADS].shutdown(wait=False)  # nothing runs on it any more
+    app[DRY_RUN_THREADS].shutdown(wait=False, cancel_futures=True)  # a dry run under way ends on its own
 
 
 def _destination(request: web.Request) -> Destination:
@@ -103,10 +115,9 @@ def _running_already(name: str) -> str:
 async def _dry_run(request: web.Request, destination: Destination, asked: Asked) -> ReplaySummary:
     """The counts `replay --dry-run` prints: what would be queued, what would be left alone."""
     app = request.app
-    return await in_thread(
-        request, replay, app[SETTINGS], destination, asked.window, asked.order, app[REDIS], True,
-        f"ops:{request[VIA]}",
-    )  # fmt: skip
+    work = functools.partial(replay, app[SETTINGS], destination, asked.window, asked.order, app[REDIS], True,
+                             f"ops:{request[VIA]}")  # fmt: skip
+    return await asyncio.get_running_loop().run_in_executor(app[DRY_RUN_THREADS], work)
 
 
 async def _start(request: web.Request, destination: Destination, asked: Asked) -> bool:
@@ -119,9 +130,9 @@ async def _start(request: web.Request, destination: Destination, asked: Asked) -
         return False
     who = {"via": request[VIA], "remote": request.remote}
     log.info("ops: replay started", action="replay", destination=destination.name, **asked.described(), **who)
-    task = asyncio.create_task(asyncio.to_thread(_run, app, destination, asked, lock, who))
-    app[REPLAYS].add(task)
-    task.add_done_callback(app[REPLAYS].discard)
+    run = asyncio.get_running_loop().run_in_executor(app[THREADS], _run, app, destination, asked, lock, who)
+    app[REPLAYS].add(run)
+    run.add_done_callback(app[REPLAYS].discard)
     return True
 
 
