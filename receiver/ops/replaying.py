@@ -77,7 +77,7 @@ def setup(app: web.Application) -> None:
     """The replay routes and the background runs' bookkeeping (stopped, and waited for, on shutdown)."""
     app[REPLAYS] = set()
     app[STOP] = threading.Event()
-    app[THREADS] = ThreadPoolExecutor(len(app[SETTINGS].destinations), thread_name_prefix="replay")
+    app[THREADS] = ThreadPoolExecutor(max(1, len(app[SETTINGS].destinations)), thread_name_prefix="replay")
     app[DRY_RUN_THREADS] = ThreadPoolExecutor(DRY_RUNS_AT_ONCE, thread_name_prefix="replay-dry-run")
     app.on_shutdown.append(_stop_replays)
     r = app.router
