@@ -778,6 +778,9 @@ def create_ops_app(
     r.add_post("/retrying/retry-now", retry_all_now_form)
     r.add_post("/api/retrying/retry-now", api_retry_all_now)
     r.add_post("/api/retrying/{id}/retry-now", api_retry_now)
+    from receiver.ops import replaying  # its handlers use this module's; imported once this one is
+
+    replaying.setup(app)
     return app
 
 
