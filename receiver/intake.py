@@ -140,7 +140,7 @@ class Intake:
                 deadline(self.redis, self.timeout_seconds),
                 self.redis.pipeline(transaction=True) as pipe,
             ):
-                pipe.rpush(key, history.start + b',"outcome":"' + outcome.encode() + b'","queued":[]}')
+                pipe.rpush(key, history.completed(outcome))
                 pipe.expire(key, self.history_ttl)
                 await pipe.execute()
         except RedisError as exc:  # a timeout too: deadline raises redis's TimeoutError

@@ -13,7 +13,8 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from receiver.app import CALLBACK_PATH
 from receiver.chains import OrderChains
-from receiver.destinations import REMOVED, Destination
+from receiver.destinations import Destination
+from receiver.history import DESTINATION_REMOVED_REASON as REMOVED
 from receiver.history import render, trace
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings

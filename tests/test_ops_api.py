@@ -319,10 +319,10 @@ async def test_all_matching_the_filter_are_listed_for_confirmation_and_only_they
 def test_retry_now_queues_a_scheduled_retry_makes_a_started_one_due_and_drops_any_other(
     sync_redis: redis.Redis,
 ) -> None:
-    from receiver.chains import OrderChains
+    from receiver.retries import RetrySchedule
 
     keys = RedisKeys()
-    chains = OrderChains(sync_redis, keys)
+    chains = RetrySchedule(sync_redis, keys)
     for update_id, status in (("A-0-order", "scheduled"), ("B-0-order", "started"), ("C-0-order", "queued")):
         sync_redis.zadd(keys.retry_schedule, {update_id: time.time() + 3600})
         sync_redis.zadd(keys.rq_scheduled, {update_id: time.time() + 3600})

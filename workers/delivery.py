@@ -26,13 +26,14 @@ from standardwebhooks.webhooks import Webhook
 from receiver.chains import OrderChains
 from receiver.clock import utc_now
 from receiver.connections import sync_redis
+from receiver.deadletters import entry as dead_letter_entry
 from receiver.destination_state import DestinationState
 from receiver.destinations import MERCHANT, Destination, queue_name
 from receiver.history import attempt_entry
 from receiver.logs import LoggedOutcome, log
 from receiver.metrics import count, counter_increment, observation_increments
 from receiver.rediskeys import RedisKeys
-from receiver.retries import retry_wait
+from receiver.retries import RetrySchedule, retry_wait
 from receiver.retry_after import parse_retry_after
 from receiver.rqstore import RETRY_BUDGET
 from receiver.settings import Settings
@@ -273,6 +274,7 @@ class DeliveryContext:
     redis: Redis
     keys: RedisKeys  # the destination's
     chains: OrderChains
+    retries: RetrySchedule
     targets: list[Target]
     logger: Any  # bound once: structlog's module-level proxy binds anew on every call
     destination: Destination
@@ -296,12 +298,14 @@ class DeliveryContext:
         if destination.name != MERCHANT:
             keys = keys.for_destination(destination.name)
         chains = OrderChains(redis, keys, settings.history_retention_seconds)
+        retries = RetrySchedule(redis, keys, settings.history_retention_seconds)
         logger = log.bind() if destination.name == MERCHANT else log.bind(destination=destination.name)
         return cls(
             settings,
             redis,
             keys,
             chains,
+            retries,
             build_targets(destination),
             logger,
             destination,
@@ -351,7 +355,7 @@ def note_breaker(ctx: DeliveryContext, failure: DeliveryError | None, probe: boo
     if failure is not None and failure.unreachable:
         ctx.state.unreachable(str(failure), probe)
     elif ctx.state.reachable(probe):
-        made = ctx.chains.retry_all_now()
+        made = ctx.retries.retry_all_now()
         ctx.logger.info("retrying updates made due now: the destination is back", updates=made)
 
 
@@ -465,7 +469,7 @@ def deliver(
         raise DeadLettered(error)
     delay = retry_wait(destination.retry_schedule, destination.backoff_seconds, attempt, failure.retry_after)
     due = time.time() + delay
-    ctx.chains.schedule_retry(
+    ctx.retries.schedule_retry(
         update, due, error, error_at, [*attempt_counters, outcomes.retry_scheduled], history=history("retry")
     )
     ctx.logger.info(
@@ -476,7 +480,7 @@ def deliver(
         retry_after=failure.retry_after,
     )
     # RQ keeps the job, as scheduled, in its ScheduledJobRegistry (in whole seconds: never sooner than
-    # `due`); the workers' maintenance queues it at `due` to the microsecond (receiver.chains.MOVE_DUE).
+    # `due`); the workers' maintenance queues it at `due` to the microsecond (receiver.retries.MOVE_DUE).
     return Retry(max=RETRY_BUDGET, interval=max(1, math.ceil(delay)))
 
 
@@ -499,21 +503,10 @@ def dead_letter(
             update["id"], update["order_id"], error_at, "" if name == MERCHANT else f"{name}:", "dead_lettered",
             None, error, 0,
         )  # fmt: skip
-    entry = {
-        "id": ctx.keys.job_id(update["id"]),
-        "order_id": update["order_id"],
-        "update": update,
-        "attempts": attempts,
-        "last_error": error,
-        "last_error_at": error_at,
-        "dead_lettered_at": utc_now(),
-    }
-    if name != MERCHANT:
-        entry["destination"] = name
-    if logged and logged.get("http_status") is not None:
-        entry["http_status"] = logged["http_status"]
+    status = logged.get("http_status") if logged else None
+    entry = dead_letter_entry(ctx.keys.job_id(update["id"]), update, name, attempts, error, error_at, status)
     next_head = ctx.chains.finish(
-        update, orjson.dumps(entry), counters=[*(counters or ()), ctx.outcomes.dead_lettered], history=history
+        update, entry, counters=[*(counters or ()), ctx.outcomes.dead_lettered], history=history
     )
     attempt = logged or {"update": update["id"], "order": update["order_id"], "attempt": attempts}
     ctx.logger.warning(

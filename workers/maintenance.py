@@ -3,7 +3,7 @@ due, recover attempts of dead workers, and move orders on past jobs deleted from
 
 - Due retries: an update waiting for its next attempt is a job RQ holds as scheduled (its
   ScheduledJobRegistry, whole seconds); it is queued at its due time to the microsecond
-  (receiver.chains.MOVE_DUE). An RQ scheduler, if one runs (`rq worker --with-scheduler`), may queue it
+  (receiver.retries.MOVE_DUE). An RQ scheduler, if one runs (`rq worker --with-scheduler`), may queue it
   too, never sooner.
 - Dead workers: RQ's own StartedJobRegistry.cleanup() finds their jobs and, as the jobs have no RQ
   retries, records them failed; every failed job whose update is still its order's head and not
@@ -58,6 +58,7 @@ class Maintenance(threading.Thread):
     def __init__(self, context: DeliveryContext, queue_name: str, recovery_seconds: float) -> None:
         super().__init__(name="delivery-maintenance", daemon=True)
         self.chains = context.chains
+        self.retries = context.retries
         self.keys = context.keys
         self.redis = sync_redis(context.settings, timeout=10)
         self.queue = Queue(queue_name, connection=self.redis, serializer=JSONSerializer)
@@ -73,7 +74,7 @@ class Maintenance(threading.Thread):
         while not self.stopping.is_set():
             sleep = MAX_SCHEDULER_SLEEP_SECONDS
             try:
-                moved, next_due = self.chains.move_due()
+                moved, next_due = self.retries.move_due()
                 if moved:
                     log.debug("retries queued", count=moved)
                 if next_due is not None:
