@@ -324,6 +324,28 @@ def _dead_lettered_field(destination: str) -> str:
     return counter_increment("intergiro_deliveries_total", 1, outcome="dead_lettered", **labels)[0]
 
 
+def chain_keys(keys: RedisKeys, order_id: str) -> list[str]:
+    """The order's chain in one destination: its head and its waiting list (every chain script's KEYS[1]
+    and KEYS[2])."""
+    return [keys.order_head(order_id), keys.order_waiting(order_id)]
+
+
+def read_head(client: Redis | Pipeline, keys: RedisKeys, order_id: str) -> Any:
+    """The order's head (its job id as bytes, None when it has none); on a pipeline, queued."""
+    return client.get(keys.order_head(order_id))
+
+
+def read_chain(pipe: Pipeline, keys: RedisKeys, order_id: str) -> None:
+    """Queue on `pipe` the reading of the order's chain: its head, then its waiting job ids in order."""
+    read_head(pipe, keys, order_id)
+    pipe.lrange(keys.order_waiting(order_id), 0, -1)
+
+
+def read_pending(pipe: Pipeline, keys: RedisKeys, job_id: str) -> None:
+    """Queue on `pipe` whether delivery `job_id` is unfinished (in `pending` since it joined its chain)."""
+    pipe.hexists(keys.pending_updates, job_id)
+
+
 def chain_args(order_id: str, stamp: str | None = None) -> list[Any]:
     """ARGV[1..4] of every chain script."""
     return [order_id, stamp or rq_timestamp(), repr(time.time()), utc_now()]
@@ -342,7 +364,7 @@ class OrderChains:
         self._requeue = redis.register_script(chain_script(keys, REQUEUE, history_ttl))
 
     def _chain_keys(self, order_id: str) -> list[str]:
-        return [self.keys.order_head(order_id), self.keys.order_waiting(order_id)]
+        return chain_keys(self.keys, order_id)
 
     def finish(
         self,

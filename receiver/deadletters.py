@@ -111,6 +111,11 @@ def entry(
     return orjson.dumps(fields)
 
 
+def read_dead_lettered(pipe: Pipeline, keys: RedisKeys, job_id: str) -> None:
+    """Queue on `pipe` whether delivery `job_id` is in the dead-letter queue."""
+    pipe.hexists(keys.dead_letters, job_id)
+
+
 def destination_of(entry: Mapping[str, Any]) -> str:
     """The destination the entry's delivery was for."""
     return str(entry.get("destination", MERCHANT))

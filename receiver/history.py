@@ -1,4 +1,5 @@
-"""The order history: what happened to each order, written as it happens, and `trace`'s reader.
+"""The order history's entry: its format, the Lua that writes it, its Python writers, and `trace`'s
+reading of it (`story`, `render`; receiver/trace.py adds where the updates are now).
 
 Each order has one Redis list (`<prefix>history:<order id>`) of small JSON entries in the order they
 happened, kept HISTORY_RETENTION_SECONDS after its last entry; a merchant order number points at its
@@ -21,7 +22,8 @@ orders through a set (`<prefix>history:number:<number>`) kept as long. Entries:
 Entries are written by the same Lua scripts that change the state they describe (intake, finish,
 retry, requeue), so the history never tells of something that did not happen. An update's event type
 and sequence are read back from its id (`<order>-<sequence>-<type>`, `<order>-created`), and its state
-now from the chain itself (head, waiting list, retry schedule, dead-letter queue) and the history.
+now (LiveState, read by receiver/trace.py) from the chain itself (head, waiting list, retry schedule,
+dead-letter queue) and the history.
 """
 
 from __future__ import annotations
@@ -35,13 +37,11 @@ from typing import Any
 import orjson
 from redis import Redis
 
-from receiver.connections import sync_redis
 from receiver.destinations import MERCHANT
 from receiver.errors import clip
 from receiver.order import parse_update_id
 from receiver.rediskeys import RedisKeys
 from receiver.rqstore import lua_string
-from receiver.settings import Settings
 
 NUMBER_INDEX_CHARS = 128  # a longer merchant order number is not indexed (it would make a long key)
 ERROR_CHARS = 200
@@ -436,43 +436,15 @@ def _state(update_id: str, finished: str | None, live: LiveState) -> str:
     return finished or DELIVERED
 
 
+def named_updates(entries: list[dict[str, Any]], order_id: str) -> list[str]:
+    """The ids of the updates the entries name, sorted."""
+    shorts = {q["id"] for e in entries for q in e.get("queued", [])}
+    shorts |= {e["update"] for e in entries if "update" in e}
+    return sorted(f"{order_id}-{short}" for short in shorts)
+
+
 def read_entries(redis: Redis, keys: RedisKeys, order_id: str) -> list[dict[str, Any]]:
     return [orjson.loads(raw) for raw in redis.lrange(keys.history(order_id), 0, -1)]  # type: ignore[union-attr]
-
-
-def live_state(redis: Redis, keys: RedisKeys, order_id: str, update_ids: list[str]) -> LiveState:
-    """Where the order's updates are now (one round trip)."""
-    with redis.pipeline(transaction=False) as pipe:
-        pipe.get(keys.order_head(order_id))
-        pipe.lrange(keys.order_waiting(order_id), 0, -1)
-        for update_id in update_ids:
-            pipe.zscore(keys.retry_schedule, update_id)
-        for update_id in update_ids:
-            pipe.hexists(keys.dead_letters, update_id)
-        answers = pipe.execute()
-    head, waiting = answers[0], answers[1]
-    n = len(update_ids)
-    return LiveState(
-        head=head.decode() if head else None,
-        waiting=frozenset(w.decode() for w in waiting),
-        retrying=frozenset(
-            u for u, due in zip(update_ids, answers[2 : 2 + n], strict=True) if due is not None
-        ),
-        dead_lettered=frozenset(u for u, dead in zip(update_ids, answers[2 + n :], strict=True) if dead),
-    )
-
-
-def trace(redis: Redis, keys: RedisKeys, key: str) -> list[dict[str, Any]]:
-    """The story of every order KEY names (an order id, an update id or a merchant order number),
-    newest first; empty when nothing is known."""
-    documents = []
-    for order_id in find_orders(redis, keys, key):
-        entries = read_entries(redis, keys, order_id)
-        shorts = {q["id"] for e in entries for q in e.get("queued", [])}
-        shorts |= {e["update"] for e in entries if "update" in e}
-        ids = sorted(f"{order_id}-{short}" for short in shorts)
-        documents.append(story(entries, order_id, live_state(redis, keys, order_id, ids)))
-    return documents
 
 
 def render(document: dict[str, Any]) -> list[str]:
@@ -518,29 +490,3 @@ def render(document: dict[str, Any]) -> list[str]:
             f"    {update['id']}  {event.get('type')} -> {update['status']}: {update['state']}{own}{others}"
         )
     return lines
-
-
-def run_trace(settings: Settings, key: str, *, as_json: bool = False) -> int:
-    """`intergiro-receiver trace KEY [--json]`: 0 when something is known, 1 when nothing is."""
-    redis = sync_redis(settings, timeout=10)
-    try:
-        documents = trace(redis, RedisKeys(settings.redis_key_prefix, settings.queue_name), key)
-    finally:
-        redis.close()
-    if not documents:
-        print(
-            f"trace: nothing is known of {clip(key, 80)!r} (history is kept {settings.history_retention_seconds} s)"
-        )
-        return 1
-    if as_json:
-        print(
-            orjson.dumps(
-                documents[0] if len(documents) == 1 else documents, option=orjson.OPT_INDENT_2
-            ).decode()
-        )
-        return 0
-    for n, document in enumerate(documents):
-        if n:
-            print()
-        print("\n".join(render(document)))
-    return 0

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from receiver.chains import chain_args, intake_script
+from receiver.chains import chain_args, chain_keys, intake_script
 from receiver.connections import deadline
 from receiver.destinations import MERCHANT, Destination
 from receiver.history import HistoryNote, indexable_number
@@ -90,9 +90,9 @@ class Intake:
             return []
         order_id = updates[0]["order_id"]
         first, *others = self._chain_keys
-        keys = [first.order_head(order_id), first.order_waiting(order_id), self.keys.seen(order_id)]
+        keys = [*chain_keys(first, order_id), self.keys.seen(order_id)]
         for k in others:
-            keys += (k.order_head(order_id), k.order_waiting(order_id))
+            keys += chain_keys(k, order_id)
         args: list[Any] = [*chain_args(order_id, created_at), self.ttl]
         if history is None or not self.history_ttl:
             args += [b"", b"", b""]

@@ -203,6 +203,11 @@ return #ids
 """
 
 
+def read_due(pipe: Any, keys: RedisKeys, job_id: str) -> None:
+    """Queue on `pipe` when delivery `job_id`'s next attempt is due (Unix seconds; None: not retrying)."""
+    pipe.zscore(keys.retry_schedule, job_id)
+
+
 class RetrySchedule:
     """The scripts above, bound to one Redis client and one destination's keys."""
 

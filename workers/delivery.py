@@ -23,10 +23,11 @@ from redis import Redis
 from rq.job import Retry, get_current_job
 from standardwebhooks.webhooks import Webhook
 
-from receiver.chains import OrderChains
+from receiver.chains import OrderChains, read_head
 from receiver.clock import utc_now
 from receiver.connections import sync_redis
 from receiver.deadletters import entry as dead_letter_entry
+from receiver.deadletters import read_dead_lettered
 from receiver.destination_state import DestinationState
 from receiver.destinations import MERCHANT, Destination, queue_name
 from receiver.history import DEAD_LETTERED, DELIVERED, RETRY, attempt_entry
@@ -227,9 +228,9 @@ def start_attempt_commands(pipe: Any, keys: RedisKeys, update: dict[str, Any], c
     job = keys.job_id(update["id"])
     if not counted:
         count_attempt_commands(pipe, keys, job)
-    pipe.get(keys.order_head(update["order_id"]))
+    read_head(pipe, keys, update["order_id"])
     pipe.hgetall(keys.delivery(job))
-    pipe.hexists(keys.dead_letters, job)
+    read_dead_lettered(pipe, keys, job)
 
 
 def attempt_start(update: dict[str, Any], answers: list[Any], job: str | None = None) -> AttemptStart:

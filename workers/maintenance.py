@@ -29,7 +29,9 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from receiver.chains import read_head, read_pending
 from receiver.connections import sync_redis
+from receiver.deadletters import read_dead_lettered
 from receiver.logs import log
 from receiver.rqstore import job_key
 from workers.delivery import DeliveryContext
@@ -139,8 +141,8 @@ class Maintenance(threading.Thread):
             return 0
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
-                pipe.hexists(self.keys.dead_letters, job_id)
-                pipe.hexists(self.keys.pending_updates, job_id)
+                read_dead_lettered(pipe, self.keys, job_id)
+                read_pending(pipe, self.keys, job_id)
             answers = pipe.execute()
         requeued = 0
         for n, job_id in enumerate(ids):
@@ -154,7 +156,7 @@ class Maintenance(threading.Thread):
                     self.failed.remove(job, delete_job=True)
                     continue
                 update = job.args[0]
-                if self.redis.get(self.keys.order_head(update["order_id"])) != job_id.encode():
+                if read_head(self.redis, self.keys, update["order_id"]) != job_id.encode():
                     continue
                 forget_dead_executions(job)
                 self.failed.requeue(job)

@@ -31,7 +31,7 @@ from receiver.deadletters import SORTS as DEAD_LETTER_SORTS
 from receiver.deadletters import DeadLetterFilter, DeadLetters, DestinationNotConfigured, http_status
 from receiver.destination_state import DestinationState, describe, format_age, retry_all_now
 from receiver.errors import CommandError
-from receiver.history import render, trace
+from receiver.history import render
 from receiver.logs import log
 from receiver.ops import state
 from receiver.ops.auth import COOKIE, Authenticator, Session, set_session_cookie
@@ -39,6 +39,7 @@ from receiver.reconcile import parse_duration
 from receiver.rediskeys import RedisKeys, destination_keys
 from receiver.retries import RetrySchedule
 from receiver.settings import Settings
+from receiver.trace import trace
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", Redis)
