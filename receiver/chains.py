@@ -170,17 +170,7 @@ if ARGV[6] ~= '' and history_ttl > 0 and (#queued > 0 or ARGV[7] == '1') then
   local outcome = duplicate
   if #queued > 0 then outcome = accepted end
   remember(queued_entry(ARGV[6], items, outcome))
-  if ARGV[8] ~= '' then  -- the merchant order number's orders, comma-separated (a string: the smallest key)
-    local known = redis.call('GET', ARGV[8])
-    if not known then
-      redis.call('SET', ARGV[8], order_id, 'EX', history_ttl)
-    else
-      if #known < 4096 and not string.find(',' .. known .. ',', ',' .. order_id .. ',', 1, true) then
-        redis.call('APPEND', ARGV[8], ',' .. order_id)
-      end
-      redis.call('EXPIRE', ARGV[8], history_ttl)
-    end
-  end
+  if ARGV[8] ~= '' then index_number(ARGV[8]) end
 end
 return queued
 """

@@ -91,10 +91,11 @@ local function remember(entry)
 end
 """
 
-# The entries a chain script makes (needs the locals `order_id`, `now_text` and `suffix`, the
-# destination's job id suffix). Updates are named by their id without the order id and its dash
-# (`1-charge`): the list is the order's already; a destination's job id is named by its update's id and
-# the destination (`history_destination`, set per destination by the intake).
+# The entries a chain script makes, and the merchant order number's index; after LUA_WRITE (needs the
+# locals `order_id`, `now_text` and `suffix`, the destination's job id suffix). Updates are named by
+# their id without the order id and its dash (`1-charge`): the list is the order's already; a
+# destination's job id is named by its update's id and the destination (`history_destination`, set per
+# destination by the intake).
 LUA_ENTRIES = """
 local history_destination = {DESTINATION}
 local kind_requeue, kind_deleted_outside, kind_destination_removed = {KINDS}
@@ -123,6 +124,20 @@ end
 -- an update a replay queued, as its entry lists it
 local function replayed_item(id)
   return '{"id":' .. update_name(id) .. '}'
+end
+
+-- the merchant order number's index (key `number_key`) names the order: its orders, comma-separated
+-- (a string: the smallest key), kept as long as the history
+local function index_number(number_key)
+  local known = redis.call('GET', number_key)
+  if not known then
+    redis.call('SET', number_key, order_id, 'EX', history_ttl)
+  else
+    if #known < 4096 and not string.find(',' .. known .. ',', ',' .. order_id .. ',', 1, true) then
+      redis.call('APPEND', number_key, ',' .. order_id)
+    end
+    redis.call('EXPIRE', number_key, history_ttl)
+  end
 end
 
 -- completes an entry made beforehand without its closing brace (HistoryNote, replay_note)
