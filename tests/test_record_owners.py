@@ -83,6 +83,7 @@ SAME_WORD_ELSEWHERE: dict[str, dict[str, str]] = {
         "workers/delivery.py": "the delivery record's and the attempt's log line",
         "receiver/replay.py": "the command's name",
         "receiver/cli.py": "the command's name",
+        "receiver/ops/replaying.py": "the console's action and thread names",
     },
 }
 
