@@ -22,10 +22,11 @@ from redis.asyncio import Redis
 
 from bench.tokens import bench_order
 from receiver.chains import OrderChains
-from receiver.history import attempt_entry, callback_note, request_id
+from receiver.history import attempt_entry, callback_note
 from receiver.intake import Intake
 from receiver.order import build_updates, parse_order
 from receiver.rediskeys import RedisKeys
+from receiver.request_ids import request_id
 from receiver.settings import Settings
 from tests.processes import RedisServer
 

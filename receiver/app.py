@@ -36,7 +36,7 @@ from receiver.errors import (
     UnsupportedMediaType,
     clip,
 )
-from receiver.history import callback_note, request_id
+from receiver.history import callback_note
 from receiver.intake import Intake
 from receiver.intergiro_api import IntergiroApi
 from receiver.keys import TrustedKey
@@ -45,6 +45,7 @@ from receiver.metrics import DEPLOYMENT_SCRIPT, ReceiverMetrics, multiprocess_di
 from receiver.order import OrderLimits, is_error_object, parse_order
 from receiver.parent import stop_with_parent
 from receiver.rediskeys import RedisKeys, destination_keys
+from receiver.request_ids import request_id
 from receiver.settings import Settings
 from receiver.verify import NoKeyVerifies, Unrepresentable, Verified, strict_json, verify_local
 

@@ -1,4 +1,4 @@
-"""Per-order chains: join, advance, requeue; and the retry schedule. Each change is one Lua script.
+"""Per-order chains: join, advance, requeue, replay, drop. Each change is one Lua script.
 
 An order's first unfinished update is its "head", the only one of the order on the RQ queue (or, while
 it waits for a retry, in RQ's ScheduledJobRegistry); the others wait in event order in the order's list
@@ -8,7 +8,8 @@ waiting list, queue, registries, job hash), so each is atomic: a process dying b
 would otherwise lose an update or block its order.
 
 The fragments (join, advance, dead-lettering a job deleted from outside) are written once, in PRELUDE,
-and every script that changes a chain starts with it. Keys that are the same for every order are
+and every script that changes a chain starts with it, after the fragments of the records it writes
+(receiver.history's entry, receiver.deadletters' entry). The retry schedule is receiver.retries'. Keys that are the same for every order are
 written into the scripts' text: the product runs on one Redis server (not Redis Cluster).
 
 Chains are per destination (receiver/destinations.py): an OrderChains is bound to one destination's
@@ -27,7 +28,14 @@ from redis import Redis
 from redis.client import Pipeline
 
 from receiver.clock import utc_now
-from receiver.destinations import MERCHANT, REMOVED
+from receiver.destinations import MERCHANT
+from receiver.history import (
+    DELETED_OUTSIDE_REASON,
+    DESTINATION_REMOVED_REASON,
+    destination_field,
+    lua_entries,
+    lua_write,
+)
 from receiver.logs import log
 from receiver.metrics import counter_increment
 from receiver.rediskeys import RedisKeys
@@ -41,42 +49,17 @@ from receiver.rqstore import (
     template_args,
 )
 
-DELETED_OUTSIDE = "job deleted outside intergiro-receiver"
-
 # KEYS[1] the order's head, KEYS[2] its waiting list; ARGV[1] order id, ARGV[2] now in RQ's format,
-# ARGV[3] now in Unix seconds, ARGV[4] now as the product writes it. The {NAMES} are filled in once.
+# ARGV[3] now in Unix seconds, ARGV[4] now as the product writes it. The {NAMES} are filled in once;
+# the history's and the dead-letter queue's fragments (receiver.history, receiver.deadletters) come
+# before it.
 PRELUDE = """
-local head, waiting = KEYS[1], KEYS[2]
-local order_id, stamp, now, now_text = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local queue, queues, active, deferred = {QUEUE}, {QUEUES}, {ACTIVE}, {DEFERRED}
-local pending, dead_letters, metrics = {PENDING}, {DEAD_LETTERS}, {METRICS}
+local pending, metrics = {PENDING}, {METRICS}
 local job_prefix, delivery_prefix = {JOB_PREFIX}, {DELIVERY_PREFIX}
 local fields = {FIELDS}
 local deleted = {}
-local history_prefix, history_ttl = {HISTORY_PREFIX}, {HISTORY_TTL}
 local retry_schedule, scheduled = {RETRY_SCHEDULE}, {SCHEDULED}
--- the destination's job id suffix ('' for merchant) and what its history and dead-letter entries add
-local suffix, dest_field = {SUFFIX}, {DEST_FIELD}
-
--- One entry of the order's history (receiver/history.py), in the step that changes what it tells of;
--- kept history_ttl seconds after the order's last entry (0: no history). Updates are named there by
--- their id without the order id and its dash (`1-charge`): the list is the order's already; a
--- destination's job id is named by its update's id and the destination.
-local function plain(id)
-  return cjson.encode(string.sub(id, #order_id + 2))
-end
-
-local function short(id)
-  return cjson.encode(string.sub(id, #order_id + 2, #id - #suffix)) .. dest_field
-end
-
-local function remember(entry)
-  if history_ttl > 0 then
-    local key = history_prefix .. order_id
-    redis.call('RPUSH', key, entry)
-    redis.call('EXPIRE', key, history_ttl)
-  end
-end
 
 -- Join the order's chain: queued at once as its head when the order has none (or this is it),
 -- otherwise waiting behind it (listed in RQ's DeferredJobRegistry). Writes the job as RQ would.
@@ -107,22 +90,18 @@ local function dead_letter_pending(id, reason, kind)
   local record = delivery_prefix .. id
   local attempts = tonumber(redis.call('HGET', record, 'attempts') or '0')
     + tonumber(redis.call('HGET', record, 'earlier_attempts') or '0')
-  local entry = '{"id":' .. cjson.encode(id) .. ',"order_id":' .. cjson.encode(order_id)
-    .. ',"update":' .. update .. ',"attempts":' .. attempts .. ',"last_error":' .. cjson.encode(reason)
-    .. ',"last_error_at":' .. cjson.encode(now_text) .. ',"dead_lettered_at":' .. cjson.encode(now_text)
-    .. dest_field .. '}'
-  redis.call('HSET', dead_letters, id, entry)
+  dead_letter(id, update, attempts, reason)
   redis.call('HDEL', pending, id)
   redis.call('DEL', record)
   redis.call('HINCRBYFLOAT', metrics, {DEAD_LETTERED_FIELD}, 1)
-  remember('{"kind":"' .. kind .. '","at":' .. cjson.encode(now_text) .. ',"update":' .. short(id) .. '}')
+  remember(update_entry(kind, id))
 end
 
 -- An update whose RQ job was deleted from outside (rq-dashboard, `rq empty`, Job.delete()) is
 -- dead-lettered with the reason; the caller logs its id.
 local function dead_letter_deleted(id)
   deleted[#deleted + 1] = id
-  dead_letter_pending(id, {REASON}, 'deleted_outside')
+  dead_letter_pending(id, deleted_outside_reason, kind_deleted_outside)
 end
 
 -- The head is finished: the next waiting update (whose job still exists) becomes the head and is
@@ -149,6 +128,14 @@ local function advance()
 end
 """
 
+# The locals every chain script starts with (the fragments use them).
+ARGS = """
+local head, waiting = KEYS[1], KEYS[2]
+local order_id, stamp, now, now_text = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+-- the destination's job id suffix ('' for merchant)
+local suffix = {SUFFIX}
+"""
+
 # KEYS[1], KEYS[2] the order's head and waiting list in the first destination's chain, KEYS[3] the order's
 # seen hash, then head and waiting list in each further destination's chain. ARGV[5] the seen hash's
 # TTL; ARGV[6] the history entry's start ('' for none: a JSON object without its closing brace, completed
@@ -163,7 +150,7 @@ local targets = {TARGETS}  -- per destination: queue, active orders, deferred re
 local function use(n)
   if n == 1 then head, waiting = KEYS[1], KEYS[2] else head, waiting = KEYS[2 * n], KEYS[2 * n + 1] end
   local t = targets[n]
-  queue, active, deferred, fields, suffix, dest_field = t[1], t[2], t[3], t[4], t[5], t[6]
+  queue, active, deferred, fields, suffix, history_destination = t[1], t[2], t[3], t[4], t[5], t[6]
 end
 for i = 9, #ARGV, 5 do
   if redis.call('HSETNX', KEYS[3], ARGV[i], 1) == 1 then
@@ -175,25 +162,15 @@ for i = 9, #ARGV, 5 do
       end
     end
     queued[#queued + 1] = ARGV[i + 1]
-    items[#items + 1] = '{"id":' .. plain(ARGV[i + 1]) .. ',"status":' .. cjson.encode(ARGV[i + 3]) .. '}'
+    items[#items + 1] = queued_item(ARGV[i + 1], ARGV[i + 3])
   end
 end
 redis.call('EXPIRE', KEYS[3], ARGV[5])
 if ARGV[6] ~= '' and history_ttl > 0 and (#queued > 0 or ARGV[7] == '1') then
-  local outcome = 'duplicate'
-  if #queued > 0 then outcome = 'accepted' end
-  remember(ARGV[6] .. ',"outcome":"' .. outcome .. '","queued":[' .. table.concat(items, ',') .. ']}')
-  if ARGV[8] ~= '' then  -- the merchant order number's orders, comma-separated (a string: the smallest key)
-    local known = redis.call('GET', ARGV[8])
-    if not known then
-      redis.call('SET', ARGV[8], order_id, 'EX', history_ttl)
-    else
-      if #known < 4096 and not string.find(',' .. known .. ',', ',' .. order_id .. ',', 1, true) then
-        redis.call('APPEND', ARGV[8], ',' .. order_id)
-      end
-      redis.call('EXPIRE', ARGV[8], history_ttl)
-    end
-  end
+  local outcome = duplicate
+  if #queued > 0 then outcome = accepted end
+  remember(queued_entry(ARGV[6], items, outcome))
+  if ARGV[8] ~= '' then index_number(ARGV[8]) end
 end
 return queued
 """
@@ -218,7 +195,7 @@ if redis.call('DEL', KEYS[3]) == 1 then
 end
 redis.call('ZREM', KEYS[4], id)
 redis.call('HDEL', pending, id)
-if entry ~= '' then redis.call('HSET', dead_letters, id, entry) end
+if entry ~= '' then store_dead_letter(id, entry) end
 if redis.call('GET', head) ~= id then return {''} end
 return {advance(), unpack(deleted)}
 """
@@ -248,7 +225,7 @@ for _, x in ipairs(ids) do
   redis.call('ZREM', deferred, x)
   redis.call('ZREM', scheduled, x)
   redis.call('ZREM', retry_schedule, x)
-  dead_letter_pending(x, ARGV[5], 'destination_removed')
+  dead_letter_pending(x, ARGV[5], kind_destination_removed)
   redis.call('DEL', job_prefix .. x)
 end
 redis.call('DEL', head, waiting)
@@ -262,166 +239,74 @@ return #ids
 # `earlier_attempts`. Returns 0 when it was not dead-lettered.
 REQUEUE = """
 local id = ARGV[5]
-local entry = redis.call('HGET', dead_letters, id)
-if not entry then return 0 end
-redis.call('HDEL', dead_letters, id)
+local earlier = take_dead_letter(id)
+if not earlier then return 0 end
 redis.call('DEL', KEYS[4])
 -- a fresh set of attempts; the earlier ones stay counted, so that its next dead letter says them all
-local earlier = tonumber(cjson.decode(entry)['attempts']) or 0
 if earlier > 0 then redis.call('HSET', KEYS[4], 'earlier_attempts', earlier) end
 redis.call('ZREM', KEYS[5], id)
 redis.call('PERSIST', KEYS[3])
 redis.call('HDEL', KEYS[3], 'exc_info')
 join(id, ARGV[6])
-remember('{"kind":"requeue","at":' .. cjson.encode(now_text) .. ',"update":' .. short(id) .. '}')
+remember(update_entry(kind_requeue, id))
 return 1
 """
-
-# KEYS: retry schedule, delivery record, metrics, the order's history. ARGV: update id, due time, error,
-# error time, the attempt's history entry ('' for none), the history's TTL, then pairs of metrics field
-# and amount. The job itself goes to RQ's ScheduledJobRegistry as RQ records the attempt's Retry
-# (workers/delivery.py).
-SCHEDULE_RETRY = """
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('HSET', KEYS[2], 'last_error', ARGV[3], 'last_error_at', ARGV[4])
-for i = 7, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[3], ARGV[i], ARGV[i + 1]) end
-if ARGV[5] ~= '' and tonumber(ARGV[6]) > 0 then
-  redis.call('RPUSH', KEYS[4], ARGV[5])
-  redis.call('EXPIRE', KEYS[4], ARGV[6])
-end
-return 1
-"""
-
-# KEYS: retry schedule, RQ's ScheduledJobRegistry, queue, RQ queue set. ARGV: now (Unix), job prefix,
-# now (RQ format), limit.
-# Queues the updates whose retry is due, to the microsecond (RQ's own scheduler, if one runs, keeps
-# whole seconds and would queue them up to a second later). Only a job RQ recorded as scheduled moves;
-# one still `started` is the attempt that scheduled the retry, not yet recorded by RQ. Any other state
-# (queued by RQ's scheduler, deleted) leaves the schedule. Returns the number moved and the next due time.
-# The retry scripts' common step, written once: a job RQ recorded as scheduled leaves the schedule and
-# RQ's ScheduledJobRegistry and goes on the queue (its locals: schedule, registry, queue, stamp).
-QUEUE_SCHEDULED = """
-local function queue_scheduled(id, job)
-  redis.call('ZREM', schedule, id)
-  redis.call('ZREM', registry, id)
-  redis.call('HSET', job, 'status', 'queued', 'enqueued_at', stamp)
-  redis.call('RPUSH', queue, id)
-end
-"""
-MOVE_DUE = (
-    """
-local schedule, registry, queue = KEYS[1], KEYS[2], KEYS[3]
-local now, job_prefix, stamp, limit = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-"""
-    + QUEUE_SCHEDULED
-    + """
-local moved = 0
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', schedule, '-inf', now, 'LIMIT', 0, limit)) do
-  local job = job_prefix .. id
-  local status = redis.call('HGET', job, 'status')
-  if status == 'scheduled' then
-    queue_scheduled(id, job)
-    moved = moved + 1
-  elseif status ~= 'started' then
-    redis.call('ZREM', schedule, id)
-  end
-end
-if moved > 0 then redis.call('SADD', KEYS[4], queue) end
-local first = redis.call('ZRANGE', schedule, 0, 0, 'WITHSCORES')
-return {moved, first[2] or ''}
-"""
-)
-
-# KEYS: retry schedule, RQ's ScheduledJobRegistry, queue, RQ queue set. ARGV: update id, now (Unix), job
-# prefix, now (RQ format).
-# Ops' "retry now": one update waiting for its next attempt is made due at once, by MOVE_DUE's rules, in
-# one step (schedule, registry, job and queue must agree). A job RQ recorded as scheduled is queued now;
-# one still `started` (the attempt that scheduled the retry is being recorded) is made due now, and the
-# next sweep queues it; any other state leaves the schedule, as MOVE_DUE does. Returns 1 queued, 2 due,
-# 0 when the update was not waiting for a retry.
-RETRY_NOW = (
-    """
-local schedule, registry, queue = KEYS[1], KEYS[2], KEYS[3]
-local id, now, job_prefix, stamp = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-"""
-    + QUEUE_SCHEDULED
-    + """
-if not redis.call('ZSCORE', schedule, id) then return 0 end
-local job = job_prefix .. id
-local status = redis.call('HGET', job, 'status')
-if status == 'scheduled' then
-  queue_scheduled(id, job)
-  redis.call('SADD', KEYS[4], queue)
-  return 1
-elseif status == 'started' then
-  redis.call('ZADD', schedule, 'XX', now, id)
-  return 2
-end
-redis.call('ZREM', schedule, id)
-return 0
-"""
-)
-
-# KEYS: retry schedule. ARGV: now (Unix), limit. Ops' "retry all now": up to `limit` updates whose retry
-# is due later are made due now; MOVE_DUE then queues them by its rules (each is its order's head, so
-# every order stays in sequence). Returns how many were made due.
-MAKE_DUE = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
-for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], 'XX', ARGV[1], id) end
-return #ids
-"""
-
 
 # ARGV[5] the replay's history entry (a JSON object without its closing brace, completed here with the
-# ids queued; '' for none), then per update: its job id for this destination and the update (JSON).
+# ids queued; '' for none), ARGV[6] '1' for a dry run, then per update: its job id for this destination
+# and the update (JSON).
 # A replay queues an update again for one destination, with its own job id (so the same webhook-id and
 # Idempotency-Key), into its order's chain like a new one, marked as a replay on its delivery record;
 # not an update still pending or dead-lettered there (`dlq requeue` is their way), and no dedup marker
-# is read or written: the other destinations never see it.
+# is read or written: the other destinations never see it. A dry run changes nothing and counts what
+# a run would queue now.
 REPLAY = """
-local queued = {}
-for i = 6, #ARGV, 2 do
+local queued, dry = {}, ARGV[6] == '1'
+for i = 7, #ARGV, 2 do
   local id = ARGV[i]
   if redis.call('EXISTS', job_prefix .. id) == 0 and redis.call('HEXISTS', pending, id) == 0
-      and redis.call('HEXISTS', dead_letters, id) == 0 then
-    join(id, ARGV[i + 1])
-    redis.call('HSET', delivery_prefix .. id, 'replay', 1)
-    queued[#queued + 1] = '{"id":' .. cjson.encode(string.sub(id, #order_id + 2, #id - #suffix)) .. '}'
+      and not is_dead_lettered(id) then
+    if not dry then
+      join(id, ARGV[i + 1])
+      redis.call('HSET', delivery_prefix .. id, 'replay', 1)
+    end
+    queued[#queued + 1] = replayed_item(id)
   end
 end
-if #queued > 0 and ARGV[5] ~= '' then remember(ARGV[5] .. ',"queued":[' .. table.concat(queued, ',') .. ']}') end
+if #queued > 0 and ARGV[5] ~= '' and not dry then remember(queued_entry(ARGV[5], queued)) end
 return #queued
 """
 
 
 def chain_script(keys: RedisKeys, body: str, history_ttl: int = 0) -> str:
-    """PRELUDE with this deployment's names (and the history's TTL, 0 for none) written in, then `body`."""
+    """The chain scripts' start (ARGS, the history's and the dead-letter queue's fragments, PRELUDE) with
+    this deployment's names (and the history's TTL, 0 for none) written in, then `body`."""
     names: dict[str, str | bytes] = {
         "QUEUE": keys.rq_queue,
         "QUEUES": QUEUES_KEY,
         "ACTIVE": keys.active_orders,
         "DEFERRED": keys.rq_deferred,
         "PENDING": keys.pending_updates,
-        "DEAD_LETTERS": keys.dead_letters,
         "METRICS": keys.metrics,
         "JOB_PREFIX": JOB_PREFIX,
         "DELIVERY_PREFIX": keys.delivery(""),
         "DATA_HEAD": JOB_DATA_HEAD,
         "DATA_TAIL": JOB_DATA_TAIL,
-        "REASON": DELETED_OUTSIDE,
         "DEAD_LETTERED_FIELD": _dead_lettered_field(keys.destination),
-        "HISTORY_PREFIX": keys.history(""),
         "RETRY_SCHEDULE": keys.retry_schedule,
         "SCHEDULED": keys.rq_scheduled,
-        "SUFFIX": keys.job_id(""),
-        "DEST_FIELD": _dest_field(keys.destination),
     }
     text = PRELUDE
     for name, value in names.items():
         text = text.replace("{" + name + "}", lua_string(value))
     fields = ", ".join(lua_string(x) for x in template_args(keys.queue_name))
-    text = text.replace("{HISTORY_TTL}", str(int(history_ttl)))
-    return text.replace("{FIELDS}", "{" + fields + "}") + body
+    text = text.replace("{FIELDS}", "{" + fields + "}")
+    # not at the top: receiver.deadletters' operations (requeue) import this module
+    from receiver.deadletters import lua as dead_letter_lua
+
+    start = ARGS.replace("{SUFFIX}", lua_string(keys.job_id("")))
+    records = lua_write(keys.history(""), history_ttl) + lua_entries(keys.destination) + dead_letter_lua(keys)
+    return start + records + text + body
 
 
 def _dead_lettered_field(destination: str) -> str:
@@ -429,9 +314,26 @@ def _dead_lettered_field(destination: str) -> str:
     return counter_increment("intergiro_deliveries_total", 1, outcome="dead_lettered", **labels)[0]
 
 
-def _dest_field(destination: str) -> str:
-    """What a non-merchant destination's history and dead-letter entries add (JSON, after a field)."""
-    return "" if destination == MERCHANT else ',"destination":' + orjson.dumps(destination).decode()
+def chain_keys(keys: RedisKeys, order_id: str) -> list[str]:
+    """The order's chain in one destination: its head and its waiting list (every chain script's KEYS[1]
+    and KEYS[2])."""
+    return [keys.order_head(order_id), keys.order_waiting(order_id)]
+
+
+def read_head(client: Redis | Pipeline, keys: RedisKeys, order_id: str) -> Any:
+    """The order's head (its job id as bytes, None when it has none); on a pipeline, queued."""
+    return client.get(keys.order_head(order_id))
+
+
+def read_chain(pipe: Pipeline, keys: RedisKeys, order_id: str) -> None:
+    """Queue on `pipe` the reading of the order's chain: its head, then its waiting job ids in order."""
+    read_head(pipe, keys, order_id)
+    pipe.lrange(keys.order_waiting(order_id), 0, -1)
+
+
+def read_pending(pipe: Pipeline, keys: RedisKeys, job_id: str) -> None:
+    """Queue on `pipe` whether delivery `job_id` is unfinished (in `pending` since it joined its chain)."""
+    pipe.hexists(keys.pending_updates, job_id)
 
 
 def chain_args(order_id: str, stamp: str | None = None) -> list[Any]:
@@ -450,13 +352,9 @@ class OrderChains:
         self._replay = redis.register_script(chain_script(keys, REPLAY, history_ttl))
         self._release_stale = redis.register_script(chain_script(keys, RELEASE_STALE, history_ttl))
         self._requeue = redis.register_script(chain_script(keys, REQUEUE, history_ttl))
-        self._schedule = redis.register_script(SCHEDULE_RETRY)
-        self._move_due = redis.register_script(MOVE_DUE)
-        self._retry_now = redis.register_script(RETRY_NOW)
-        self._make_due = redis.register_script(MAKE_DUE)
 
     def _chain_keys(self, order_id: str) -> list[str]:
-        return [self.keys.order_head(order_id), self.keys.order_waiting(order_id)]
+        return chain_keys(self.keys, order_id)
 
     def finish(
         self,
@@ -483,64 +381,16 @@ class OrderChains:
             args += (field, repr(amount))
         return self._moved_on(update["order_id"], self._finish(keys=keys, args=args))
 
-    def replay(self, updates: list[dict[str, Any]], history: bytes = b"") -> int:
+    def replay(self, updates: list[dict[str, Any]], history: bytes = b"", dry_run: bool = False) -> int:
         """Queue `updates` (one order's, in sequence) again for this destination only, each marked as a
-        replay; `history`: the replay's entry, without its closing brace. Returns how many were queued."""
+        replay, except those it still has pending or dead-lettered; `history`: the replay's entry,
+        without its closing brace. Returns how many were queued (`dry_run`: would be, and nothing
+        changes)."""
         order_id = updates[0]["order_id"]
-        args: list[Any] = [*chain_args(order_id), history]
+        args: list[Any] = [*chain_args(order_id), history, "1" if dry_run else ""]
         for update in updates:
             args += [self.keys.job_id(update["id"]), orjson.dumps(update)]
         return int(self._replay(keys=self._chain_keys(order_id), args=args))
-
-    def schedule_retry(
-        self,
-        update: dict[str, Any],
-        due: float,
-        error: str,
-        error_at: str,
-        counters: Iterable[tuple[str, float]],
-        history: bytes = b"",
-    ) -> None:
-        k = self.keys
-        job = k.job_id(update["id"])
-        args: list[Any] = [job, repr(due), error, error_at, history, self.history_ttl]
-        for field, amount in counters:
-            args += (field, repr(amount))
-        keys = [k.retry_schedule, k.delivery(job), k.metrics, k.history(update["order_id"])]
-        self._schedule(keys=keys, args=args)
-
-    def move_due(self, limit: int = 500) -> tuple[int, float | None]:
-        """Queue the updates whose retry is due; returns how many, and when the next one is due."""
-        k = self.keys
-        moved, first = self._move_due(
-            keys=[k.retry_schedule, k.rq_scheduled, k.rq_queue, QUEUES_KEY],
-            args=[repr(time.time()), JOB_PREFIX, rq_timestamp(), limit],
-        )
-        first = _text(first)
-        return int(moved), float(first) if first else None
-
-    def retry_now(self, update_id: str) -> bool:
-        """Make an update waiting for its next attempt due now (queued at once when RQ has recorded its
-        retry); False when it was not waiting for a retry."""
-        k = self.keys
-        answer = self._retry_now(
-            keys=[k.retry_schedule, k.rq_scheduled, k.rq_queue, QUEUES_KEY],
-            args=[update_id, repr(time.time()), JOB_PREFIX, rq_timestamp()],
-        )
-        return bool(int(answer))
-
-    def retry_all_now(self, batch: int = 500) -> int:
-        """Make every update waiting for its next attempt due now, and queue them (each order still in
-        sequence: a retrying update is its order's head); how many were due later."""
-        now, made = time.time(), 0
-        while True:
-            n = int(self._make_due(keys=[self.keys.retry_schedule], args=[repr(now), batch]))
-            made += n
-            if n < batch:
-                break
-        while self.move_due(batch)[0] == batch:
-            pass
-        return made
 
     def release_stale_heads(self) -> int:
         """Sweep the orders that have a head; dead-letter heads whose job was deleted from outside and
@@ -582,7 +432,7 @@ class OrderChains:
         keys = [*self._chain_keys(update["order_id"]), k.rq_job(job), k.delivery(job), k.rq_failed]
         return keys, [*chain_args(update["order_id"]), job, update_json]
 
-    def drop_all(self, reason: str = REMOVED) -> int:
+    def drop_all(self, reason: str = DESTINATION_REMOVED_REASON) -> int:
         """Dead-letter every unfinished delivery of this destination with `reason` (it was removed from
         the configuration); returns how many. One script run per order, in pipelined batches."""
         k = self.keys
@@ -608,7 +458,7 @@ class OrderChains:
                 "update dead-lettered: its RQ job was deleted outside intergiro-receiver",
                 update=_text(raw),
                 order=order_id,
-                reason=DELETED_OUTSIDE,
+                reason=DELETED_OUTSIDE_REASON,
             )
         return _text(answer[0]) or None
 
@@ -624,7 +474,7 @@ def intake_script(keys: RedisKeys, history_ttl: int = 0, destinations: Sequence[
         values = [k.rq_queue, k.active_orders, k.rq_deferred]
         targets.append(
             "{" + ", ".join(lua_string(v) for v in values) + ", {" + fields + "}, "
-            + lua_string(k.job_id("")) + ", " + lua_string(_dest_field(k.destination)) + "}"
+            + lua_string(k.job_id("")) + ", " + lua_string(destination_field(k.destination)) + "}"
         )  # fmt: skip
     return chain_script(own[0], INTAKE.replace("{TARGETS}", "{" + ", ".join(targets) + "}"), history_ttl)
 

@@ -265,7 +265,7 @@ def run(args: argparse.Namespace) -> None:
 
         raise SystemExit(run_retry_now(settings, args))
     elif args.command == "trace":
-        from receiver.history import run_trace
+        from receiver.trace import run_trace
 
         raise SystemExit(run_trace(settings, args.key, as_json=args.json))
     elif args.command == "ops":

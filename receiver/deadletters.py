@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import re
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
 import orjson
 from redis import Redis
+from redis.client import Pipeline
 from redis.exceptions import WatchError
 
 from receiver.chains import OrderChains
@@ -29,15 +30,104 @@ from receiver.clock import utc_now
 from receiver.connections import sync_redis
 from receiver.destinations import MERCHANT
 from receiver.errors import report
-from receiver.history import entry as history_entry
-from receiver.history import short_id
+from receiver.history import purge_entry
 from receiver.reconcile import parse_duration
 from receiver.rediskeys import RedisKeys
-from receiver.rqstore import update_json
+from receiver.rqstore import lua_string, update_json
 from receiver.settings import Settings
 
 # Entries read, and acted on, per round trip when an action applies to every entry a filter matches.
 BATCH = 500
+
+# The scripts' side of the entry (composed into receiver.chains' scripts; needs the locals `order_id`
+# and `now_text`). Written by `dead_letter` exactly as `entry` writes it (without `http_status`: no
+# attempt of its own).
+LUA = """
+local dead_letters, dead_letter_destination = {DEAD_LETTERS}, {DESTINATION}
+
+-- update `id` (its JSON `update`) goes to the dead-letter queue after `attempts`, for `reason`
+local function dead_letter(id, update, attempts, reason)
+  local entry = '{"id":' .. cjson.encode(id) .. ',"order_id":' .. cjson.encode(order_id)
+    .. ',"update":' .. update .. ',"attempts":' .. attempts .. ',"last_error":' .. cjson.encode(reason)
+    .. ',"last_error_at":' .. cjson.encode(now_text) .. ',"dead_lettered_at":' .. cjson.encode(now_text)
+    .. dead_letter_destination .. '}'
+  redis.call('HSET', dead_letters, id, entry)
+end
+
+-- an entry made by the worker (`entry`)
+local function store_dead_letter(id, entry)
+  redis.call('HSET', dead_letters, id, entry)
+end
+
+local function is_dead_lettered(id)
+  return redis.call('HEXISTS', dead_letters, id) == 1
+end
+
+-- takes update `id` out of the dead-letter queue: the attempts its entry counts, nil when it had none
+local function take_dead_letter(id)
+  local entry = redis.call('HGET', dead_letters, id)
+  if not entry then return nil end
+  redis.call('HDEL', dead_letters, id)
+  return tonumber(cjson.decode(entry)['attempts']) or 0
+end
+"""
+
+
+def lua(keys: RedisKeys) -> str:
+    """LUA for one destination's scripts (`keys` are the destination's)."""
+    return LUA.replace("{DEAD_LETTERS}", lua_string(keys.dead_letters)).replace(
+        "{DESTINATION}", lua_string(_destination_field(keys.destination))
+    )
+
+
+def _destination_field(destination: str) -> str:
+    return "" if destination == MERCHANT else ',"destination":' + orjson.dumps(destination).decode()
+
+
+def entry(
+    job_id: str,
+    update: Mapping[str, Any],
+    destination: str,
+    attempts: int,
+    error: str,
+    error_at: str,
+    http_status: int | None = None,
+) -> bytes:
+    """The entry of `update` (delivery `job_id` of `destination`), dead-lettered now after `attempts`;
+    `error` (at `error_at`) the last one, `http_status` the last answer's."""
+    fields: dict[str, Any] = {
+        "id": job_id,
+        "order_id": update["order_id"],
+        "update": update,
+        "attempts": attempts,
+        "last_error": error,
+        "last_error_at": error_at,
+        "dead_lettered_at": utc_now(),
+    }
+    if destination != MERCHANT:
+        fields["destination"] = destination
+    if http_status is not None:
+        fields["http_status"] = http_status
+    return orjson.dumps(fields)
+
+
+def read_dead_lettered(pipe: Pipeline, keys: RedisKeys, job_id: str) -> None:
+    """Queue on `pipe` whether delivery `job_id` is in the dead-letter queue."""
+    pipe.hexists(keys.dead_letters, job_id)
+
+
+def destination_of(entry: Mapping[str, Any]) -> str:
+    """The destination the entry's delivery was for."""
+    return str(entry.get("destination", MERCHANT))
+
+
+# How the console sorts the entries (receiver/ops/state.py).
+SORTS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "time": lambda e: (e.get("dead_lettered_at") or "", e["id"]),
+    "order": lambda e: (e.get("order_id") or "", e["id"]),
+    "destination": lambda e: (destination_of(e), e.get("dead_lettered_at") or "", e["id"]),
+    "attempts": lambda e: (int(e.get("attempts") or 0), e.get("dead_lettered_at") or "", e["id"]),
+}
 _STATUS = re.compile(r"[1-5](?:[0-9]{2}|xx)")
 _STATUS_IN_ERROR = re.compile(r"\bHTTP ([1-5][0-9]{2})\b")
 
@@ -110,7 +200,7 @@ class DeadLetterFilter:
         return {k: v for k, v in asdict(self).items() if v not in (None, "")}
 
     def matches(self, entry: Mapping[str, Any], now: float) -> bool:
-        if self.destination is not None and entry.get("destination", MERCHANT) != self.destination:
+        if self.destination is not None and destination_of(entry) != self.destination:
             return False
         if self.text:
             update = entry.get("update") or {}
@@ -171,12 +261,12 @@ class DeadLetters:
         raw = self.redis.hgetall(self.keys.dead_letters)
         entries = [orjson.loads(v) for v in raw.values()]
         if destination is not None:
-            entries = [e for e in entries if e.get("destination", MERCHANT) == destination]
+            entries = [e for e in entries if destination_of(e) == destination]
         return sorted(entries, key=lambda e: (e.get("dead_lettered_at", ""), e["id"]))
 
     def _keys(self, entry: dict[str, Any]) -> RedisKeys:
         """The keys of the destination the entry's delivery was for."""
-        name = entry.get("destination", MERCHANT)
+        name = destination_of(entry)
         return self.keys if name == MERCHANT else self.keys.for_destination(name)
 
     def get(self, update_id: str) -> dict[str, Any] | None:
@@ -204,7 +294,7 @@ class DeadLetters:
         entry = self.get(update_id)
         if entry is None:
             return False
-        destination = entry.get("destination", MERCHANT)
+        destination = destination_of(entry)
         if self.configured is not None and destination not in self.configured:
             raise DestinationNotConfigured(update_id, destination)
         return self._requeue([entry]) == 1
@@ -227,15 +317,7 @@ class DeadLetters:
                     pipe.zrem(self._keys(entry).rq_failed, update_id)
                     pipe.delete(self.keys.rq_job(update_id))
                     if self.history_ttl:
-                        history = self.keys.history(entry["order_id"])
-                        short = short_id(entry["update"]["id"], entry["order_id"])
-                        pipe.rpush(
-                            history,
-                            history_entry(
-                                "purge", utc_now(), update=short, destination=entry.get("destination")
-                            ),
-                        )
-                        pipe.expire(history, self.history_ttl)
+                        self._remember_purge(pipe, entry)
                     return bool(pipe.execute()[0])
                 except WatchError:
                     continue
@@ -254,7 +336,7 @@ class DeadLetters:
                 continue
             seen.add(entry["id"])
             if action == "requeue" and destinations is not None:
-                if entry.get("destination", MERCHANT) not in destinations:
+                if destination_of(entry) not in destinations:
                     continue
             batch.append(entry)
             if len(batch) == BATCH:
@@ -266,7 +348,7 @@ class DeadLetters:
         chains: dict[str, OrderChains] = {}
         with self.redis.pipeline(transaction=False) as pipe:
             for entry in entries:
-                name = entry.get("destination", MERCHANT)
+                name = destination_of(entry)
                 if name not in chains:
                     chains[name] = OrderChains(self.redis, self._keys(entry), self.history_ttl)
                 update = entry["update"]
@@ -285,15 +367,16 @@ class DeadLetters:
                 pipe.zrem(self._keys(entry).rq_failed, update_id)
                 pipe.delete(self.keys.rq_job(update_id))
                 if "order_id" in entry and self.history_ttl:
-                    history = self.keys.history(entry["order_id"])
-                    short = short_id(entry["update"]["id"], entry["order_id"])
-                    note = history_entry(
-                        "purge", utc_now(), update=short, destination=entry.get("destination")
-                    )
-                    pipe.rpush(history, note)
-                    pipe.expire(history, self.history_ttl)
+                    self._remember_purge(pipe, entry)
             answers = pipe.execute()
         return sum(int(answers[n]) for n in removals)
+
+    def _remember_purge(self, pipe: Pipeline, entry: dict[str, Any]) -> None:
+        """Queue the order's history entry that tells of the purge on `pipe`."""
+        history = self.keys.history(entry["order_id"])
+        note = purge_entry(entry["update"]["id"], entry["order_id"], utc_now(), entry.get("destination"))
+        pipe.rpush(history, note)
+        pipe.expire(history, self.history_ttl)
 
 
 def run_dlq_command(settings: Settings, args: argparse.Namespace) -> int:
@@ -318,7 +401,7 @@ def _run(dlq: DeadLetters, args: argparse.Namespace, configured: set[str]) -> in
             return 0
         for e in entries:
             print(
-                f"{e['id']}  destination={e.get('destination', MERCHANT)}  attempts={e['attempts']}  "
+                f"{e['id']}  destination={destination_of(e)}  attempts={e['attempts']}  "
                 f"at={e['dead_lettered_at']}  error={e['last_error']}"
             )
         print(f"{len(entries)} dead-lettered update(s)")
@@ -334,9 +417,7 @@ def _run(dlq: DeadLetters, args: argparse.Namespace, configured: set[str]) -> in
     done_word = "requeued" if command == "requeue" else "purged"
     ids = dlq.ids(destination) if args.all else [args.id]
     if command == "requeue":
-        unserved = [
-            i for i in ids if (found := dlq.get(i)) and found.get("destination", MERCHANT) not in configured
-        ]
+        unserved = [i for i in ids if (found := dlq.get(i)) and destination_of(found) not in configured]
         for i in unserved:
             report("dlq", f"{i} is for a destination no longer configured; not requeued")
         ids = [i for i in ids if i not in unserved]

@@ -33,7 +33,7 @@ from receiver.destinations import Breaker
 from receiver.errors import report
 from receiver.logs import log
 from receiver.rediskeys import RedisKeys, destination_keys
-from receiver.retries import format_duration
+from receiver.retries import RetrySchedule, format_duration
 from receiver.settings import Settings
 
 UP, DOWN, PAUSED = "up", "down", "paused"
@@ -365,9 +365,7 @@ def run_destination_command(settings: Settings, args: argparse.Namespace) -> int
 def retry_all_now(redis: Redis, each: Sequence[RedisKeys], by: str) -> dict[str, int]:
     """Make every retrying update of the destinations `each` due now (`retry-now`, the console's and
     the API's retry-now): per destination, how many were due later. Logged with who asked."""
-    from receiver.chains import OrderChains
-
-    made = {keys.destination: OrderChains(redis, keys).retry_all_now() for keys in each}
+    made = {keys.destination: RetrySchedule(redis, keys).retry_all_now() for keys in each}
     for name, n in made.items():
         log.info("retry now: every retrying update made due", destination=name, updates=n, by=by)
     return made

@@ -19,7 +19,6 @@ from receiver.retries import DAY_SCHEDULE
 MERCHANT = "merchant"
 NAME_PATTERN = r"[a-z0-9-]{1,40}"
 JOB_ID_SEPARATOR = "__"  # RQ allows letters, digits, _ and - in job ids; names have no _
-REMOVED = "destination removed"
 # `worker` processes per destination unless told otherwise, chosen with bench/e2e in the production Redis
 # configuration (docs/performance.md has the runs): two held rates at which one fell behind, and with
 # two, a slow disk flush or a slow answer of the destination holds one process while the other goes on.

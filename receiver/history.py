@@ -1,4 +1,5 @@
-"""The order history: what happened to each order, written as it happens, and `trace`'s reader.
+"""The order history's entry: its format, the Lua that writes it, its Python writers, and `trace`'s
+reading of it (`story`, `render`; receiver/trace.py adds where the updates are now).
 
 Each order has one Redis list (`<prefix>history:<order id>`) of small JSON entries in the order they
 happened, kept HISTORY_RETENTION_SECONDS after its last entry; a merchant order number points at its
@@ -21,15 +22,14 @@ orders through a set (`<prefix>history:number:<number>`) kept as long. Entries:
 Entries are written by the same Lua scripts that change the state they describe (intake, finish,
 retry, requeue), so the history never tells of something that did not happen. An update's event type
 and sequence are read back from its id (`<order>-<sequence>-<type>`, `<order>-created`), and its state
-now from the chain itself (head, waiting list, retry schedule, dead-letter queue) and the history.
+now (LiveState, read by receiver/trace.py) from the chain itself (head, waiting list, retry schedule,
+dead-letter queue) and the history.
 """
 
 from __future__ import annotations
 
 import re
-import uuid
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass
 from textwrap import indent
 from typing import Any
@@ -37,11 +37,11 @@ from typing import Any
 import orjson
 from redis import Redis
 
-from receiver.connections import sync_redis
+from receiver.destinations import MERCHANT
 from receiver.errors import clip
-from receiver.order import CREATED_EVENT, EVENT_TYPES
+from receiver.order import parse_update_id
 from receiver.rediskeys import RedisKeys
-from receiver.settings import Settings
+from receiver.rqstore import lua_string
 
 NUMBER_INDEX_CHARS = 128  # a longer merchant order number is not indexed (it would make a long key)
 ERROR_CHARS = 200
@@ -49,14 +49,128 @@ HEADER_CHARS = 100  # of an answer's Retry-After or Content-Type
 ANSWER_BODY_BYTES = 1024
 # Control characters of an answer's body (a terminal's escape sequences among them) are not kept as such.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-REQUEST_ID_CHARS = 64
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,64}")
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
-_UPDATE_ID = re.compile(
-    r"(?P<order>[A-Za-z0-9_-]+?)-(?:(?P<sequence>\d+)-(?P<type>[a-z]+)|(?P<created>created))"
-)
 
-STATES = ("waiting", "queued", "retrying", "delivered", "dead_lettered")
+# What an entry tells of (its `kind`)
+CALLBACK = "callback"
+RECONCILE = "reconcile"
+ATTEMPT = "attempt"
+REQUEUE = "requeue"
+REPLAY = "replay"
+PURGE = "purge"
+DELETED_OUTSIDE = "deleted_outside"
+DESTINATION_REMOVED = "destination_removed"
+# A callback's `outcome`
+ACCEPTED = "accepted"
+DUPLICATE = "duplicate"
+# An attempt's `outcome`, and the states `trace` tells of an update
+DELIVERED = "delivered"
+RETRY = "retry"
+DEAD_LETTERED = "dead_lettered"
+QUEUED = "queued"
+WAITING = "waiting"
+RETRYING = "retrying"
+PURGED = "purged"
+# Why an update was dead-lettered without an attempt of its own: its dead-letter entry's `last_error`,
+# and what `trace` tells of the entry that says it.
+DELETED_OUTSIDE_REASON = "job deleted outside intergiro-receiver"
+DESTINATION_REMOVED_REASON = "destination removed"
+REASONS = {DELETED_OUTSIDE: DELETED_OUTSIDE_REASON, DESTINATION_REMOVED: DESTINATION_REMOVED_REASON}
+
+# The entries a script writes, in the step that changes what they tell of (composed into the scripts
+# by receiver.chains and receiver.retries). Kept {TTL} seconds after the order's last entry (0: no
+# history). Needs the local `order_id`.
+LUA_WRITE = """
+local history_prefix, history_ttl = {PREFIX}, {TTL}
+
+local function remember(entry)
+  if history_ttl > 0 then
+    local key = history_prefix .. order_id
+    redis.call('RPUSH', key, entry)
+    redis.call('EXPIRE', key, history_ttl)
+  end
+end
+"""
+
+# The entries a chain script makes, and the merchant order number's index; after LUA_WRITE (needs the
+# locals `order_id`, `now_text` and `suffix`, the destination's job id suffix). Updates are named by
+# their id without the order id and its dash (`1-charge`): the list is the order's already; a
+# destination's job id is named by its update's id and the destination (`history_destination`, set per
+# destination by the intake).
+LUA_ENTRIES = """
+local history_destination = {DESTINATION}
+local kind_requeue, kind_deleted_outside, kind_destination_removed = {KINDS}
+local accepted, duplicate = {OUTCOMES}
+local deleted_outside_reason = {DELETED_OUTSIDE_REASON}
+
+local function plain(id)
+  return cjson.encode(string.sub(id, #order_id + 2))
+end
+
+local function update_name(id)
+  return cjson.encode(string.sub(id, #order_id + 2, #id - #suffix))
+end
+
+-- what happened to one update (requeued, dead-lettered without an attempt)
+local function update_entry(kind, id)
+  return '{"kind":"' .. kind .. '","at":' .. cjson.encode(now_text) .. ',"update":' .. update_name(id)
+    .. history_destination .. '}'
+end
+
+-- an update the intake queued, as its callback's (or reconcile's) entry lists it
+local function queued_item(id, status)
+  return '{"id":' .. plain(id) .. ',"status":' .. cjson.encode(status) .. '}'
+end
+
+-- an update a replay queued, as its entry lists it
+local function replayed_item(id)
+  return '{"id":' .. update_name(id) .. '}'
+end
+
+-- the merchant order number's index (key `number_key`) names the order: its orders, comma-separated
+-- (a string: the smallest key), kept as long as the history
+local function index_number(number_key)
+  local known = redis.call('GET', number_key)
+  if not known then
+    redis.call('SET', number_key, order_id, 'EX', history_ttl)
+  else
+    if #known < 4096 and not string.find(',' .. known .. ',', ',' .. order_id .. ',', 1, true) then
+      redis.call('APPEND', number_key, ',' .. order_id)
+    end
+    redis.call('EXPIRE', number_key, history_ttl)
+  end
+end
+
+-- completes an entry made beforehand without its closing brace (HistoryNote, replay_note)
+local function queued_entry(start, items, outcome)
+  local said = ''
+  if outcome then said = ',"outcome":"' .. outcome .. '"' end
+  return start .. said .. ',"queued":[' .. table.concat(items, ',') .. ']}'
+end
+"""
+
+
+def lua_write(history_prefix: str, history_ttl: int) -> str:
+    """LUA_WRITE with the deployment's history key prefix and TTL written in."""
+    return LUA_WRITE.replace("{PREFIX}", lua_string(history_prefix)).replace("{TTL}", str(int(history_ttl)))
+
+
+def lua_entries(destination: str) -> str:
+    """LUA_ENTRIES for the scripts of one destination's chain."""
+    names = {
+        "DESTINATION": lua_string(destination_field(destination)),
+        "KINDS": ", ".join(lua_string(k) for k in (REQUEUE, DELETED_OUTSIDE, DESTINATION_REMOVED)),
+        "OUTCOMES": ", ".join(lua_string(k) for k in (ACCEPTED, DUPLICATE)),
+        "DELETED_OUTSIDE_REASON": lua_string(DELETED_OUTSIDE_REASON),
+    }
+    text = LUA_ENTRIES
+    for name, value in names.items():
+        text = text.replace("{" + name + "}", value)
+    return text
+
+
+def destination_field(destination: str) -> str:
+    """What an entry of a destination other than `merchant` adds (JSON, after a field)."""
+    return "" if destination == MERCHANT else ',"destination":' + orjson.dumps(destination).decode()
 
 
 @dataclass(frozen=True)
@@ -68,6 +182,11 @@ class HistoryNote:
     start: bytes
     always: bool
 
+    def completed(self, outcome: str, queued: list[dict[str, Any]] | None = None) -> bytes:
+        """The entry as stored, with its `outcome` and what was `queued` (as the intake script writes it)."""
+        items = b",".join(orjson.dumps(item) for item in queued or [])
+        return self.start + b',"outcome":"' + outcome.encode() + b'","queued":[' + items + b"]}"
+
 
 def _number(order_number: Any) -> str | None:
     return clip(order_number, NUMBER_INDEX_CHARS) if isinstance(order_number, str) else None
@@ -75,7 +194,7 @@ def _number(order_number: Any) -> str | None:
 
 def callback_note(at: str, verified_by: str, request: str, order_number: Any) -> HistoryNote:
     note = entry(
-        "callback", at, verified_by=verified_by, request_id=request, order_number=_number(order_number)
+        CALLBACK, at, verified_by=verified_by, request_id=request, order_number=_number(order_number)
     )
     return HistoryNote(note[:-1], always=True)
 
@@ -83,12 +202,12 @@ def callback_note(at: str, verified_by: str, request: str, order_number: Any) ->
 def reconcile_note(at: str, order_number: Any = None) -> HistoryNote:
     """What reconcile's intake step writes (the merchant order number too: for an order that no
     callback ever reached, reconcile is the only step that tells it)."""
-    return HistoryNote(entry("reconcile", at, order_number=_number(order_number))[:-1], always=False)
+    return HistoryNote(entry(RECONCILE, at, order_number=_number(order_number))[:-1], always=False)
 
 
 def replay_note(at: str, destination: str) -> bytes:
     """A replay's entry (receiver/replay.py), without its closing brace: the script adds what it queued."""
-    return entry("replay", at, destination=destination)[:-1]
+    return entry(REPLAY, at, destination=destination)[:-1]
 
 
 def short_id(update_id: str, order_id: str) -> str:
@@ -121,22 +240,15 @@ def attempt_entry(
         "replay": True if replay else None,
     }
     return entry(
-        "attempt", at, update=short_id(update_id, order_id), target=target or None, outcome=outcome, http_status=http_status,
+        ATTEMPT, at, update=short_id(update_id, order_id), target=target or None, outcome=outcome, http_status=http_status,
         error=clip(error, ERROR_CHARS) if error else None, duration_ms=round(duration_ms, 1),
         **{k: v for k, v in said.items() if v is not None},
     )  # fmt: skip
 
 
-def request_id(headers: Mapping[str, str]) -> str:
-    """The callback's request id: `X-Request-ID` when it is a plausible one, else the trace id of a
-    W3C `traceparent`, else one made here."""
-    given = headers.get("X-Request-ID", "")
-    if _REQUEST_ID.fullmatch(given):
-        return given
-    parent = _TRACEPARENT.fullmatch(headers.get("traceparent", "").strip().lower())
-    if parent and parent.group(1) != "0" * 32:
-        return parent.group(1)
-    return uuid.uuid4().hex[:16]  # 64 random bits: unique enough to find one callback's lines
+def purge_entry(update_id: str, order_id: str, at: str, destination: str | None) -> bytes:
+    """Ops purged the dead-lettered `update_id` (receiver/deadletters.py)."""
+    return entry(PURGE, at, update=short_id(update_id, order_id), destination=destination)
 
 
 def indexable_number(number: Any) -> str | None:
@@ -144,18 +256,6 @@ def indexable_number(number: Any) -> str | None:
     if isinstance(number, str) and 0 < len(number) <= NUMBER_INDEX_CHARS:
         return number
     return None
-
-
-def parse_update_id(update_id: str) -> tuple[str, int, str] | None:
-    """(order id, sequence, event type) of an update id, or None when it is not one."""
-    match = _UPDATE_ID.fullmatch(update_id)
-    if match is None:
-        return None
-    if match.group("created"):
-        return match.group("order"), -1, CREATED_EVENT
-    if match.group("type") not in EVENT_TYPES:
-        return None
-    return match.group("order"), int(match.group("sequence")), match.group("type")
 
 
 def entry(kind: str, at: str, **fields: Any) -> bytes:
@@ -200,44 +300,48 @@ def find_orders(redis: Redis, keys: RedisKeys, key: str) -> list[str]:
 
 def story(entries: list[dict[str, Any]], order_id: str, live: LiveState) -> dict[str, Any]:
     """The document `trace --json` prints for one order, from its history entries and live state."""
-    callbacks: list[dict[str, Any]] = []
-    replays: list[dict[str, Any]] = []
-    updates: dict[str, dict[str, Any]] = {}
-    order_number = None
-    finished: dict[str, str] = {}  # update id -> delivered / dead_lettered, as the history says
-
-    def queue(item: dict[str, Any], at: str, by: str) -> None:
-        update_id = item["id"]
-        parsed = parse_update_id(update_id)
-        sequence, event_type = (parsed[1], parsed[2]) if parsed else (None, None)
-        known = updates.setdefault(
-            update_id,
-            {
-                "id": update_id,
-                "event": {"type": event_type, "sequence": sequence},
-                "status": item.get("status"),
-                "state": "queued",
-                "queued_at": at,
-                "queued_by": by,
-                "attempts": [],
-            },
-        )
-        if by == "requeue":
-            known["queued_at"], known["queued_by"] = at, by
-        finished.pop(update_id, None)
-
-    def full(short: str) -> str:
-        return f"{order_id}-{short}"
-
+    told = _Story(order_id)
     for e in entries:
+        told.read(_full_ids(e, order_id))
+    for update_id, update in told.updates.items():
+        update["state"] = _state(update_id, told.finished.get(update_id), live)
+    ordered = sorted(told.updates.values(), key=lambda u: (u["event"] or {}).get("sequence") or -1)
+    document = {
+        "order_id": order_id,
+        "order_number": told.order_number,
+        "callbacks": told.callbacks,
+        "updates": ordered,
+    }
+    if told.replays:
+        document["replays"] = told.replays
+    return document
+
+
+def _full_ids(e: dict[str, Any], order_id: str) -> dict[str, Any]:
+    """The entry with its updates named by their whole id (`<order id>-1-charge`)."""
+    if "update" in e:
+        e = {**e, "update": f"{order_id}-{e['update']}"}
+    if "queued" in e:
+        e = {**e, "queued": [{**q, "id": f"{order_id}-{q['id']}"} for q in e["queued"]]}
+    return e
+
+
+class _Story:
+    """An order's story as its entries tell it, read one entry at a time in the order they happened."""
+
+    def __init__(self, order_id: str) -> None:
+        self.order_id = order_id
+        self.callbacks: list[dict[str, Any]] = []
+        self.replays: list[dict[str, Any]] = []
+        self.updates: dict[str, dict[str, Any]] = {}
+        self.order_number: Any = None
+        self.finished: dict[str, str] = {}  # update id -> delivered / dead_lettered, as the history says
+
+    def read(self, e: dict[str, Any]) -> None:
         kind, at = e.get("kind"), str(e.get("at"))
-        if "update" in e:
-            e = {**e, "update": full(e["update"])}
-        if "queued" in e:
-            e = {**e, "queued": [{**q, "id": full(q["id"])} for q in e["queued"]]}
-        if kind == "callback":
-            order_number = e.get("order_number", order_number)
-            callbacks.append(
+        if kind == CALLBACK:
+            self.order_number = e.get("order_number", self.order_number)
+            self.callbacks.append(
                 {
                     "received_at": at,
                     "outcome": e.get("outcome"),
@@ -247,69 +351,85 @@ def story(entries: list[dict[str, Any]], order_id: str, live: LiveState) -> dict
                 }
             )
             for item in e.get("queued", []):
-                queue(item, at, "callback")
-        elif kind == "reconcile":
-            order_number = order_number or e.get("order_number")
+                self.queue(item, at, CALLBACK)
+        elif kind == RECONCILE:
+            self.order_number = self.order_number or e.get("order_number")
             for item in e.get("queued", []):
-                queue(item, at, "reconcile")
-        elif kind == "requeue":
-            queue({"id": e["update"]}, at, "requeue")
-        elif kind == "replay":
-            replays.append(
+                self.queue(item, at, RECONCILE)
+        elif kind == REQUEUE:
+            self.queue({"id": e["update"]}, at, REQUEUE)
+        elif kind == REPLAY:
+            self.replays.append(
                 {
                     "at": at,
                     "destination": e.get("destination"),
                     "queued": [q["id"] for q in e.get("queued", [])],
                 }
             )
-        elif kind == "purge" and e["update"] in updates:
-            updates[e["update"]]["purged_at"] = at
-            finished[e["update"]] = "purged"
-        elif kind in ("attempt", "deleted_outside", "destination_removed"):
-            update = updates.setdefault(
-                e["update"],
-                {"id": e["update"], "event": None, "status": None, "state": None, "queued_at": None,
-                 "queued_by": None, "attempts": []},
+        elif kind == PURGE and e["update"] in self.updates:
+            self.updates[e["update"]]["purged_at"] = at
+            self.finished[e["update"]] = PURGED
+        elif kind == ATTEMPT or kind in REASONS:
+            self.attempted(e, kind, at)
+
+    def queue(self, item: dict[str, Any], at: str, by: str) -> None:
+        """An update queued (by a callback, reconcile or requeue)."""
+        update_id = item["id"]
+        parsed = parse_update_id(update_id)
+        sequence, event_type = (parsed[1], parsed[2]) if parsed else (None, None)
+        known = self.updates.setdefault(
+            update_id,
+            {
+                "id": update_id,
+                "event": {"type": event_type, "sequence": sequence},
+                "status": item.get("status"),
+                "state": QUEUED,
+                "queued_at": at,
+                "queued_by": by,
+                "attempts": [],
+            },
+        )
+        if by == REQUEUE:
+            known["queued_at"], known["queued_by"] = at, by
+        self.finished.pop(update_id, None)
+
+    def attempted(self, e: dict[str, Any], kind: str, at: str) -> None:
+        """An attempt, or an update dead-lettered without one (`kind` says why)."""
+        update = self.updates.setdefault(
+            e["update"],
+            {"id": e["update"], "event": None, "status": None, "state": None, "queued_at": None,
+             "queued_by": None, "attempts": []},
+        )  # fmt: skip
+        destination = e.get("destination") or _destination_of(e.get("target"))
+        if kind == ATTEMPT:
+            update["attempts"].append(_attempt(e, at))
+            outcome = str(e.get("outcome"))
+        else:
+            update["attempts"].append(
+                {"at": at, "target": f"{destination}:" if destination else None, "outcome": DEAD_LETTERED,
+                 "http_status": None, "error": REASONS[kind], "duration_ms": None}
             )  # fmt: skip
-            destination = e.get("destination") or _destination_of(e.get("target"))
-            if kind == "attempt":
-                update["attempts"].append(
-                    {
-                        "at": at,
-                        "target": e.get("target"),
-                        "outcome": e.get("outcome"),
-                        "http_status": e.get("http_status"),
-                        "error": e.get("error"),
-                        "duration_ms": e.get("duration_ms"),
-                        "retry_after": e.get("retry_after"),
-                        "content_type": e.get("content_type"),
-                        "body": e.get("body"),
-                        **({"replay": True} if e.get("replay") else {}),
-                    }
-                )
-                outcome = str(e.get("outcome"))
-            else:
-                error = (
-                    "job deleted outside intergiro-receiver"
-                    if kind == "deleted_outside"
-                    else "destination removed"
-                )
-                update["attempts"].append(
-                    {"at": at, "target": f"{destination}:" if destination else None, "outcome": "dead_lettered",
-                     "http_status": None, "error": error, "duration_ms": None}
-                )  # fmt: skip
-                outcome = "dead_lettered"
-            if destination:  # another destination's: its own state, never merchant's
-                update.setdefault("destinations", {})[destination] = outcome
-            elif outcome in ("delivered", "dead_lettered"):
-                finished[e["update"]] = outcome
-    for update_id, update in updates.items():
-        update["state"] = _state(update_id, finished.get(update_id), live)
-    ordered = sorted(updates.values(), key=lambda u: (u["event"] or {}).get("sequence") or -1)
-    story = {"order_id": order_id, "order_number": order_number, "callbacks": callbacks, "updates": ordered}
-    if replays:
-        story["replays"] = replays
-    return story
+            outcome = DEAD_LETTERED
+        if destination:  # another destination's: its own state, never merchant's
+            update.setdefault("destinations", {})[destination] = outcome
+        elif outcome in (DELIVERED, DEAD_LETTERED):
+            self.finished[e["update"]] = outcome
+
+
+def _attempt(e: dict[str, Any], at: str) -> dict[str, Any]:
+    """An attempt entry as `trace` tells it."""
+    return {
+        "at": at,
+        "target": e.get("target"),
+        "outcome": e.get("outcome"),
+        "http_status": e.get("http_status"),
+        "error": e.get("error"),
+        "duration_ms": e.get("duration_ms"),
+        "retry_after": e.get("retry_after"),
+        "content_type": e.get("content_type"),
+        "body": e.get("body"),
+        **({"replay": True} if e.get("replay") else {}),
+    }
 
 
 def _destination_of(target: Any) -> str | None:
@@ -321,53 +441,25 @@ def _destination_of(target: Any) -> str | None:
 
 def _state(update_id: str, finished: str | None, live: LiveState) -> str:
     if update_id in live.dead_lettered:
-        return "dead_lettered"
+        return DEAD_LETTERED
     if update_id in live.retrying:
-        return "retrying"
+        return RETRYING
     if update_id == live.head:
-        return "queued"
+        return QUEUED
     if update_id in live.waiting:
-        return "waiting"
-    return finished or "delivered"
+        return WAITING
+    return finished or DELIVERED
+
+
+def named_updates(entries: list[dict[str, Any]], order_id: str) -> list[str]:
+    """The ids of the updates the entries name, sorted."""
+    shorts = {q["id"] for e in entries for q in e.get("queued", [])}
+    shorts |= {e["update"] for e in entries if "update" in e}
+    return sorted(f"{order_id}-{short}" for short in shorts)
 
 
 def read_entries(redis: Redis, keys: RedisKeys, order_id: str) -> list[dict[str, Any]]:
     return [orjson.loads(raw) for raw in redis.lrange(keys.history(order_id), 0, -1)]  # type: ignore[union-attr]
-
-
-def live_state(redis: Redis, keys: RedisKeys, order_id: str, update_ids: list[str]) -> LiveState:
-    """Where the order's updates are now (one round trip)."""
-    with redis.pipeline(transaction=False) as pipe:
-        pipe.get(keys.order_head(order_id))
-        pipe.lrange(keys.order_waiting(order_id), 0, -1)
-        for update_id in update_ids:
-            pipe.zscore(keys.retry_schedule, update_id)
-        for update_id in update_ids:
-            pipe.hexists(keys.dead_letters, update_id)
-        answers = pipe.execute()
-    head, waiting = answers[0], answers[1]
-    n = len(update_ids)
-    return LiveState(
-        head=head.decode() if head else None,
-        waiting=frozenset(w.decode() for w in waiting),
-        retrying=frozenset(
-            u for u, due in zip(update_ids, answers[2 : 2 + n], strict=True) if due is not None
-        ),
-        dead_lettered=frozenset(u for u, dead in zip(update_ids, answers[2 + n :], strict=True) if dead),
-    )
-
-
-def trace(redis: Redis, keys: RedisKeys, key: str) -> list[dict[str, Any]]:
-    """The story of every order KEY names (an order id, an update id or a merchant order number),
-    newest first; empty when nothing is known."""
-    documents = []
-    for order_id in find_orders(redis, keys, key):
-        entries = read_entries(redis, keys, order_id)
-        shorts = {q["id"] for e in entries for q in e.get("queued", [])}
-        shorts |= {e["update"] for e in entries if "update" in e}
-        ids = sorted(f"{order_id}-{short}" for short in shorts)
-        documents.append(story(entries, order_id, live_state(redis, keys, order_id, ids)))
-    return documents
 
 
 def render(document: dict[str, Any]) -> list[str]:
@@ -383,7 +475,7 @@ def render(document: dict[str, Any]) -> list[str]:
             )
         )
     for update in document["updates"]:
-        if update["queued_by"] in ("reconcile", "requeue"):
+        if update["queued_by"] in (RECONCILE, REQUEUE):
             steps.append((update["queued_at"], f"{update['id']} queued by {update['queued_by']}"))
         for attempt in update["attempts"]:
             answer = (
@@ -413,29 +505,3 @@ def render(document: dict[str, Any]) -> list[str]:
             f"    {update['id']}  {event.get('type')} -> {update['status']}: {update['state']}{own}{others}"
         )
     return lines
-
-
-def run_trace(settings: Settings, key: str, *, as_json: bool = False) -> int:
-    """`intergiro-receiver trace KEY [--json]`: 0 when something is known, 1 when nothing is."""
-    redis = sync_redis(settings, timeout=10)
-    try:
-        documents = trace(redis, RedisKeys(settings.redis_key_prefix, settings.queue_name), key)
-    finally:
-        redis.close()
-    if not documents:
-        print(
-            f"trace: nothing is known of {clip(key, 80)!r} (history is kept {settings.history_retention_seconds} s)"
-        )
-        return 1
-    if as_json:
-        print(
-            orjson.dumps(
-                documents[0] if len(documents) == 1 else documents, option=orjson.OPT_INDENT_2
-            ).decode()
-        )
-        return 0
-    for n, document in enumerate(documents):
-        if n:
-            print()
-        print("\n".join(render(document)))
-    return 0

@@ -19,10 +19,10 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from receiver.chains import chain_args, intake_script
+from receiver.chains import chain_args, chain_keys, intake_script
 from receiver.connections import deadline
 from receiver.destinations import MERCHANT, Destination
-from receiver.history import HistoryNote, indexable_number
+from receiver.history import DUPLICATE, HistoryNote, indexable_number
 from receiver.logs import log
 from receiver.order import build_updates, event_key
 from receiver.rediskeys import RedisKeys
@@ -107,9 +107,9 @@ class Intake:
             return []
         order_id = updates[0]["order_id"]
         first, *others = self._chain_keys
-        keys = [first.order_head(order_id), first.order_waiting(order_id), self.keys.seen(order_id)]
+        keys = [*chain_keys(first, order_id), self.keys.seen(order_id)]
         for k in others:
-            keys += (k.order_head(order_id), k.order_waiting(order_id))
+            keys += chain_keys(k, order_id)
         args: list[Any] = [*chain_args(order_id, created_at), self.ttl]
         if history is None or not self.history_ttl:
             args += [b"", b"", b""]
@@ -158,7 +158,7 @@ class Intake:
             new = await self.new_events(order["id"], [event_key(i, e["type"]) for i, e in enumerate(events)])
             if not new:
                 if history is not None:
-                    await self.remember(order["id"], history, "duplicate")
+                    await self.remember(order["id"], history, DUPLICATE)
                 return []
         updates = build_updates(order, received_at=received_at, verified_by=verified_by, repaired=repaired)
         if new is not None:
@@ -187,7 +187,7 @@ class Intake:
                 deadline(self.redis, self.timeout_seconds),
                 self.redis.pipeline(transaction=True) as pipe,
             ):
-                pipe.rpush(key, history.start + b',"outcome":"' + outcome.encode() + b'","queued":[]}')
+                pipe.rpush(key, history.completed(outcome))
                 pipe.expire(key, self.history_ttl)
                 await pipe.execute()
         except RedisError as exc:  # a timeout too: deadline raises redis's TimeoutError

@@ -42,6 +42,9 @@ class OrderLimits:
 
 DEFAULT_LIMITS = OrderLimits()
 _ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_UPDATE_ID = re.compile(
+    r"(?P<order>[A-Za-z0-9_-]+?)-(?:(?P<sequence>\d+)-(?P<type>[a-z]+)|(?P<created>created))"
+)
 _CURRENCY = re.compile(r"[A-Z]{3}")
 _CAMEL = re.compile(r"(?<=[a-z0-9])([A-Z])")
 # Payment fields an update carries, with the JSON type the update schema promises: an allowlist, so a
@@ -259,6 +262,18 @@ def update_id(order_id: str, sequence: int, event_type: str) -> str:
     if sequence < 0:
         return f"{order_id}-{event_type}"
     return f"{order_id}-{sequence}-{event_type}"
+
+
+def parse_update_id(update_id: str) -> tuple[str, int, str] | None:
+    """(order id, sequence, event type) of an update id, or None when it is not one."""
+    match = _UPDATE_ID.fullmatch(update_id)
+    if match is None:
+        return None
+    if match.group("created"):
+        return match.group("order"), -1, CREATED_EVENT
+    if match.group("type") not in EVENT_TYPES:
+        return None
+    return match.group("order"), int(match.group("sequence")), match.group("type")
 
 
 def _money(value: Decimal) -> float | int:

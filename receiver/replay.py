@@ -140,17 +140,9 @@ class Replayer:
         if not mine:
             return
         summary.updates_matching += len(mine)
-        if self.dry_run:  # what the script would leave: still pending, or dead-lettered
-            with self.redis.pipeline(transaction=False) as pipe:
-                for update in mine:
-                    job = self.keys.job_id(update["id"])
-                    pipe.exists(self.keys.rq_job(job))
-                    pipe.hexists(self.keys.dead_letters, job)
-                answers = pipe.execute()
-            held = sum(1 for n in range(len(mine)) if answers[2 * n] or answers[2 * n + 1])
-            queued = len(mine) - held
-        else:
-            queued = self.chains.replay(mine, history=replay_note(utc_now(), self.destination.name))
+        queued = self.chains.replay(
+            mine, history=replay_note(utc_now(), self.destination.name), dry_run=self.dry_run
+        )
         summary.queued += queued
         summary.orders_queued += 1 if queued else 0
         summary.skipped_pending += len(mine) - queued

@@ -15,6 +15,7 @@ from receiver.destination_state import DestinationState
 from receiver.destinations import MERCHANT, Destination
 from receiver.order import build_updates, parse_order
 from receiver.rediskeys import RedisKeys
+from receiver.retries import RetrySchedule
 from receiver.settings import Settings
 from tests.helpers import card_order
 from workers.delivery import DeliveryContext, Outcomes, dead_letter
@@ -31,7 +32,8 @@ def seed_dead_letters(
         keys = keys.for_destination(destination)
     target = settings.destination(destination) or Destination(destination)
     context = DeliveryContext(
-        settings, client, keys, OrderChains(client, keys, settings.history_retention_seconds), [],
+        settings, client, keys, OrderChains(client, keys, settings.history_retention_seconds),
+        RetrySchedule(client, keys, settings.history_retention_seconds), [],
         structlog.testing.ReturnLogger(), target, Outcomes.of(target),
         DestinationState(client, keys, settings.breaker),
     )  # fmt: skip

@@ -13,10 +13,12 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from receiver.app import CALLBACK_PATH
 from receiver.chains import OrderChains
-from receiver.destinations import REMOVED, Destination
-from receiver.history import render, trace
+from receiver.destinations import Destination
+from receiver.history import DESTINATION_REMOVED_REASON as REMOVED
+from receiver.history import render
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
+from receiver.trace import trace
 from tests.conftest import DAYS
 from tests.helpers import JWT, card_order, token
 from tests.merchant_handlers import BOOKS

@@ -319,27 +319,27 @@ async def test_all_matching_the_filter_are_listed_for_confirmation_and_only_they
 def test_retry_now_queues_a_scheduled_retry_makes_a_started_one_due_and_drops_any_other(
     sync_redis: redis.Redis,
 ) -> None:
-    from receiver.chains import OrderChains
+    from receiver.retries import RetrySchedule
 
     keys = RedisKeys()
-    chains = OrderChains(sync_redis, keys)
+    schedule = RetrySchedule(sync_redis, keys)
     for update_id, status in (("A-0-order", "scheduled"), ("B-0-order", "started"), ("C-0-order", "queued")):
         sync_redis.zadd(keys.retry_schedule, {update_id: time.time() + 3600})
         sync_redis.zadd(keys.rq_scheduled, {update_id: time.time() + 3600})
         sync_redis.hset(keys.rq_job(update_id), "status", status)
-    assert chains.retry_now("A-0-order")
+    assert schedule.retry_now("A-0-order")
     assert sync_redis.lrange(keys.rq_queue, 0, -1) == [b"A-0-order"]
     assert sync_redis.hget(keys.rq_job("A-0-order"), "status") == b"queued"
     assert sync_redis.zscore(keys.retry_schedule, "A-0-order") is None
     assert sync_redis.zscore(keys.rq_scheduled, "A-0-order") is None
 
-    assert chains.retry_now("B-0-order")
+    assert schedule.retry_now("B-0-order")
     assert (sync_redis.zscore(keys.retry_schedule, "B-0-order") or 0) <= time.time()
     assert sync_redis.hget(keys.rq_job("B-0-order"), "status") == b"started"
 
-    assert not chains.retry_now("C-0-order")
+    assert not schedule.retry_now("C-0-order")
     assert sync_redis.zscore(keys.retry_schedule, "C-0-order") is None
-    assert not chains.retry_now("Nobody-0-order")
+    assert not schedule.retry_now("Nobody-0-order")
     assert sync_redis.lrange(keys.rq_queue, 0, -1) == [b"A-0-order"]
 
 

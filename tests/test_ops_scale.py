@@ -11,10 +11,10 @@ import pytest
 import redis
 import structlog
 
-from receiver.chains import OrderChains
 from receiver.destinations import Destination
 from receiver.ops.app import create_ops_app
 from receiver.rediskeys import RedisKeys
+from receiver.retries import RetrySchedule
 from receiver.settings import Settings
 from tests.deadletter_seed import seed_dead_letters
 
@@ -120,12 +120,12 @@ async def test_the_dead_letter_page_shows_one_page_of_ten_thousand_newest_first_
 async def test_the_retrying_page_pages_through_ten_thousand_soonest_first_with_n_of_m(
     ops: Any, sync_redis: redis.Redis, scale_settings: Settings
 ) -> None:
-    chains = OrderChains(sync_redis, RedisKeys())
+    schedule = RetrySchedule(sync_redis, RedisKeys())
     soon = time.time() + 3600
     for n in range(10_000):  # the workers' own step that schedules a retry
         order_id = f"Retrying{n:07d}"
         update = {"id": f"{order_id}-0-order", "order_id": order_id}
-        chains.schedule_retry(update, soon + n, "merchant answered HTTP 503", "2026-01-01T00:00:00Z", [])
+        schedule.schedule_retry(update, soon + n, "merchant answered HTTP 503", "2026-01-01T00:00:00Z", [])
     await ops.post("/login", data={"token": TOKEN, "next": "/"}, allow_redirects=False)
     page = await (await ops.get("/retrying?per=200&page=3")).text()
     assert "401-600 of 10000 waiting" in page and "page 3 of 50" in page

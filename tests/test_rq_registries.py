@@ -18,7 +18,7 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from receiver.chains import DELETED_OUTSIDE
+from receiver.history import DELETED_OUTSIDE_REASON as DELETED_OUTSIDE
 from receiver.rediskeys import RedisKeys
 from tests.conftest import real_callbacks
 from tests.merchant_handlers import DELIVERED

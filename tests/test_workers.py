@@ -334,7 +334,7 @@ def test_the_maintenance_thread_outlives_a_step_that_fails_and_goes_on_with_its_
 
     settings = make_settings(**webhook_settings(sink))
     context = DeliveryContext.create(settings)
-    real_move_due = context.chains.move_due
+    real_move_due = context.retries.move_due
     calls: list[str] = []
 
     def failing_once(limit: int = 500) -> tuple[int, float | None]:
@@ -343,7 +343,7 @@ def test_the_maintenance_thread_outlives_a_step_that_fails_and_goes_on_with_its_
             raise ValueError("a step that fails in a way nobody foresaw")
         return real_move_due(limit)
 
-    context.chains.move_due = failing_once  # type: ignore[method-assign]
+    context.retries.move_due = failing_once  # type: ignore[method-assign]
     thread = Maintenance(context, settings.queue_name, recovery_seconds=60)
     thread.start()
     try:

@@ -23,16 +23,18 @@ from redis import Redis
 from rq.job import Retry, get_current_job
 from standardwebhooks.webhooks import Webhook
 
-from receiver.chains import OrderChains
+from receiver.chains import OrderChains, read_head
 from receiver.clock import utc_now
 from receiver.connections import sync_redis
+from receiver.deadletters import entry as dead_letter_entry
+from receiver.deadletters import read_dead_lettered
 from receiver.destination_state import DestinationState
 from receiver.destinations import MERCHANT, Destination, queue_name
-from receiver.history import attempt_entry
+from receiver.history import DEAD_LETTERED, DELIVERED, RETRY, attempt_entry
 from receiver.logs import LoggedOutcome, log
 from receiver.metrics import count, counter_increment, observation_increments
 from receiver.rediskeys import RedisKeys
-from receiver.retries import retry_wait
+from receiver.retries import RetrySchedule, retry_wait
 from receiver.retry_after import parse_retry_after
 from receiver.rqstore import RETRY_BUDGET
 from receiver.settings import Settings
@@ -226,9 +228,9 @@ def start_attempt_commands(pipe: Any, keys: RedisKeys, update: dict[str, Any], c
     job = keys.job_id(update["id"])
     if not counted:
         count_attempt_commands(pipe, keys, job)
-    pipe.get(keys.order_head(update["order_id"]))
+    read_head(pipe, keys, update["order_id"])
     pipe.hgetall(keys.delivery(job))
-    pipe.hexists(keys.dead_letters, job)
+    read_dead_lettered(pipe, keys, job)
 
 
 def attempt_start(update: dict[str, Any], answers: list[Any], job: str | None = None) -> AttemptStart:
@@ -273,6 +275,7 @@ class DeliveryContext:
     redis: Redis
     keys: RedisKeys  # the destination's
     chains: OrderChains
+    retries: RetrySchedule
     targets: list[Target]
     logger: Any  # bound once: structlog's module-level proxy binds anew on every call
     destination: Destination
@@ -296,12 +299,14 @@ class DeliveryContext:
         if destination.name != MERCHANT:
             keys = keys.for_destination(destination.name)
         chains = OrderChains(redis, keys, settings.history_retention_seconds)
+        retries = RetrySchedule(redis, keys, settings.history_retention_seconds)
         logger = log.bind() if destination.name == MERCHANT else log.bind(destination=destination.name)
         return cls(
             settings,
             redis,
             keys,
             chains,
+            retries,
             build_targets(destination),
             logger,
             destination,
@@ -351,7 +356,7 @@ def note_breaker(ctx: DeliveryContext, failure: DeliveryError | None, probe: boo
     if failure is not None and failure.unreachable:
         ctx.state.unreachable(str(failure), probe)
     elif ctx.state.reachable(probe):
-        made = ctx.chains.retry_all_now()
+        made = ctx.retries.retry_all_now()
         ctx.logger.info("retrying updates made due now: the destination is back", updates=made)
 
 
@@ -362,38 +367,114 @@ def deliver(
     finished before), a `Retry` for RQ to hold the job in its ScheduledJobRegistry until the next
     attempt, and raises DeadLettered when the update went to the dead-letter queue. `counted`: the
     attempt was counted in RQ's preparation of the job."""
-    destination, keys, redis, outcomes = ctx.destination, ctx.keys, ctx.redis, ctx.outcomes
-    job = keys.job_id(update["id"])
-    record = keys.delivery(job)
     start = ctx.start_attempt(update, counted)
-    attempt, fields = start.attempt, start.record
     if not start.is_head:
-        # Every update a worker runs is its order's head (see receiver.chains); one that is not was
-        # finished already and runs again (its worker died before RQ recorded the end, or someone
-        # queued its job by hand).
-        redis.delete(record)
-        if start.dead_lettered:  # its job requeued from outside (rq-dashboard's Requeue): failed it stays
-            ctx.logger.info("update is dead-lettered, not delivered", update=job)
-            raise DeadLettered(
-                "still in the dead-letter queue: requeue it with `intergiro-receiver dlq requeue`"
-            )
-        count(redis, keys, "intergiro_deliveries_total", 1, outcome="duplicate_skipped", **outcomes.labels)
-        ctx.logger.info("update already finished, not delivered again", update=job)
+        finished_before(ctx, start)
         return None
-    done = {k.decode() for k in fields if k.startswith(b"done:")}
-    replay = b"replay" in fields  # queued again by `intergiro-receiver replay`
+    fields = start.record
     earlier = int(fields.get(b"earlier_attempts", 0))  # before it was requeued: its entry counts them
-    if attempt > destination.max_attempts:
+    if start.attempt > ctx.destination.max_attempts:
         # Only after attempts that never reported back (their worker died): give up like any last attempt.
         last_error = fields.get(b"last_error", b"worker stopped during the attempt").decode()
-        dead_letter(
-            ctx,
-            update,
-            earlier + attempt - 1,
-            last_error,
-            fields.get(b"last_error_at", b"").decode() or utc_now(),
-        )
+        error_at = fields.get(b"last_error_at", b"").decode() or utc_now()
+        dead_letter(ctx, update, earlier + start.attempt - 1, last_error, error_at)
         raise DeadLettered(last_error)
+    tried = try_targets(ctx, update, start)
+    note_breaker(ctx, tried.failure, probe)
+    counters = [
+        ctx.outcomes.attempts[tried.result],
+        *observation_increments("intergiro_delivery_seconds", tried.elapsed, **ctx.outcomes.labels),
+    ]
+    if tried.failure is None:
+        # Delivered: the chain's next step and the attempt's metrics in one script run, before RQ records
+        # the job's end: a job RQ runs again after that (its record failed, its worker died) finds the
+        # update no longer its order's head and does not POST it again.
+        stream = next((t.finish_args for t in ctx.targets if isinstance(t, StreamTarget)), None)
+        ctx.chains.finish(
+            update,
+            counters=[*counters, ctx.outcomes.delivered],
+            history=tried.history(DELIVERED),
+            stream=stream,
+        )
+        ctx.logger.info("update delivered", **tried.logged)
+        return None
+    error, error_at = str(tried.failure), utc_now()
+    if not tried.failure.retryable or start.attempt >= ctx.destination.max_attempts:
+        attempts = earlier + start.attempt
+        dead_letter(
+            ctx, update, attempts, error, error_at, counters, tried.history(DEAD_LETTERED), tried.logged
+        )
+        raise DeadLettered(error)
+    return schedule_retry(ctx, update, tried, error_at, counters)
+
+
+def finished_before(ctx: DeliveryContext, start: AttemptStart) -> None:
+    """An update that is not its order's head: every update a worker runs is (see receiver.chains), so
+    this one was finished already and runs again (its worker died before RQ recorded the end, or someone
+    queued its job by hand). Raises DeadLettered when it is in the dead-letter queue."""
+    job = start.update_id
+    ctx.redis.delete(ctx.keys.delivery(job))
+    if start.dead_lettered:  # its job requeued from outside (rq-dashboard's Requeue): failed it stays
+        ctx.logger.info("update is dead-lettered, not delivered", update=job)
+        raise DeadLettered("still in the dead-letter queue: requeue it with `intergiro-receiver dlq requeue`")
+    labels = ctx.outcomes.labels
+    count(ctx.redis, ctx.keys, "intergiro_deliveries_total", 1, outcome="duplicate_skipped", **labels)
+    ctx.logger.info("update already finished, not delivered again", update=job)
+
+
+@dataclass
+class Tried:
+    """What one attempt's targets did: the failure that stopped it (None: every target took the
+    update), the last answer a webhook got, the targets tried, when it started and how long it took."""
+
+    update: dict[str, Any]
+    attempt: int
+    replay: bool
+    at: str
+    elapsed: float
+    failure: DeliveryError | None
+    answer: Answer | None
+    targets: str  # as the history and the log name them: `webhook+handler`, `erp:webhook`
+
+    @property
+    def result(self) -> str:
+        """The attempt's metrics label."""
+        if self.failure is None:
+            return "success"
+        return "retryable" if self.failure.retryable else "permanent"
+
+    @property
+    def http_status(self) -> int | None:
+        return None if self.answer is None else self.answer.status
+
+    def history(self, outcome: str) -> bytes:
+        """The attempt's history entry, with its `outcome`."""
+        error = None if self.failure is None else str(self.failure)
+        said = self.answer or Answer(0)  # what the merchant said: its body kept only when it refused
+        update = self.update
+        return attempt_entry(
+            update["id"], update["order_id"], self.at, self.targets, outcome, self.http_status, error,
+            self.elapsed * 1000, said.retry_after, said.content_type,
+            said.body_start if self.failure is not None else b"", self.replay,
+        )  # fmt: skip
+
+    @property
+    def logged(self) -> dict[str, Any]:
+        """The attempt, as its log line says it."""
+        return {
+            "update": self.update["id"], "order": self.update["order_id"], "attempt": self.attempt,
+            "target": self.targets, "http_status": self.http_status, "duration_ms": round(self.elapsed * 1000, 1),
+            **({"replay": True} if self.replay else {}),
+        }  # fmt: skip
+
+
+def try_targets(ctx: DeliveryContext, update: dict[str, Any], start: AttemptStart) -> Tried:
+    """POST (or hand) the update to each of the destination's targets that has not taken it in an
+    earlier attempt, in order, until one fails; a target that took it is marked done on the delivery
+    record, so that a retry does not repeat it."""
+    fields = start.record
+    done = {k.decode() for k in fields if k.startswith(b"done:")}
+    replay = b"replay" in fields  # queued again by `intergiro-receiver replay`
     pending = [t for t in ctx.targets if f"done:{t.name}" not in done]  # others took it in an earlier attempt
     at, started = utc_now(), time.perf_counter()
     failure: DeliveryError | None = None
@@ -411,72 +492,41 @@ def deliver(
             failure = DeliveryError(f"{target.name}: {type(exc).__name__}: {exc}", unreachable=True)
             break
         if n < len(pending) - 1:  # a later target may fail: its retry must not repeat this one
-            redis.hset(record, f"done:{target.name}", 1)
+            ctx.redis.hset(ctx.keys.delivery(start.update_id), f"done:{target.name}", 1)
     elapsed = time.perf_counter() - started
-    http_status = None if answer is None else answer.status
-    note_breaker(ctx, failure, probe)
-    result = "success" if failure is None else "retryable" if failure.retryable else "permanent"
-    attempt_counters = [
-        outcomes.attempts[result],
-        *observation_increments("intergiro_delivery_seconds", elapsed, **outcomes.labels),
-    ]
-    target_names = "+".join(tried)
-    if destination.name != MERCHANT:  # the history and the log tell the destinations' attempts apart
-        target_names = f"{destination.name}:{target_names}"
+    names = "+".join(tried)
+    if ctx.destination.name != MERCHANT:  # the history and the log tell the destinations' attempts apart
+        names = f"{ctx.destination.name}:{names}"
+    return Tried(update, start.attempt, replay, at, elapsed, failure, answer, names)
 
-    def history(outcome: str) -> bytes:
-        error = None if failure is None else str(failure)
-        said = answer or Answer(0)  # what the merchant said: its body kept only when it refused
-        return attempt_entry(
-            update["id"], update["order_id"], at, target_names, outcome, http_status, error, elapsed * 1000,
-            said.retry_after, said.content_type, said.body_start if failure is not None else b"",
-            replay,
-        )  # fmt: skip
 
-    logged = {  # the attempt, as its log line says it
-        "update": update["id"], "order": update["order_id"], "attempt": attempt, "target": target_names,
-        "http_status": http_status, "duration_ms": round(elapsed * 1000, 1), **({"replay": True} if replay else {}),
-    }  # fmt: skip
-    if failure is None:
-        # Delivered: the chain's next step and the attempt's metrics in one script run, before RQ records
-        # the job's end: a job RQ runs again after that (its record failed, its worker died) finds the
-        # update no longer its order's head and does not POST it again.
-        stream = next((t.finish_args for t in ctx.targets if isinstance(t, StreamTarget)), None)
-        ctx.chains.finish(
-            update,
-            counters=[*attempt_counters, outcomes.delivered],
-            history=history("delivered"),
-            stream=stream,
-        )
-        ctx.logger.info("update delivered", **logged)
-        return None
-    error, error_at = str(failure), utc_now()
-    if not failure.retryable or attempt >= destination.max_attempts:
-        dead_letter(
-            ctx,
-            update,
-            earlier + attempt,
-            error,
-            error_at,
-            attempt_counters,
-            history("dead_lettered"),
-            logged,
-        )
-        raise DeadLettered(error)
-    delay = retry_wait(destination.retry_schedule, destination.backoff_seconds, attempt, failure.retry_after)
+def schedule_retry(
+    ctx: DeliveryContext,
+    update: dict[str, Any],
+    tried: Tried,
+    error_at: str,
+    counters: list[tuple[str, float]],
+) -> Retry:
+    """Schedule the update's next attempt after the failed one `tried`, on the destination's schedule."""
+    failure = tried.failure
+    assert failure is not None
+    destination, error = ctx.destination, str(failure)
+    delay = retry_wait(
+        destination.retry_schedule, destination.backoff_seconds, tried.attempt, failure.retry_after
+    )
     due = time.time() + delay
-    ctx.chains.schedule_retry(
-        update, due, error, error_at, [*attempt_counters, outcomes.retry_scheduled], history=history("retry")
+    ctx.retries.schedule_retry(
+        update, due, error, error_at, [*counters, ctx.outcomes.retry_scheduled], history=tried.history(RETRY)
     )
     ctx.logger.info(
         "delivery retry scheduled",
-        **logged,
+        **tried.logged,
         error=error,
         retry_in=round(delay, 4),
         retry_after=failure.retry_after,
     )
     # RQ keeps the job, as scheduled, in its ScheduledJobRegistry (in whole seconds: never sooner than
-    # `due`); the workers' maintenance queues it at `due` to the microsecond (receiver.chains.MOVE_DUE).
+    # `due`); the workers' maintenance queues it at `due` to the microsecond (receiver.retries.MOVE_DUE).
     return Retry(max=RETRY_BUDGET, interval=max(1, math.ceil(delay)))
 
 
@@ -496,24 +546,13 @@ def dead_letter(
     name = ctx.destination.name
     if history is None:  # no attempt of its own (its earlier ones never reported back)
         history = attempt_entry(
-            update["id"], update["order_id"], error_at, "" if name == MERCHANT else f"{name}:", "dead_lettered",
+            update["id"], update["order_id"], error_at, "" if name == MERCHANT else f"{name}:", DEAD_LETTERED,
             None, error, 0,
         )  # fmt: skip
-    entry = {
-        "id": ctx.keys.job_id(update["id"]),
-        "order_id": update["order_id"],
-        "update": update,
-        "attempts": attempts,
-        "last_error": error,
-        "last_error_at": error_at,
-        "dead_lettered_at": utc_now(),
-    }
-    if name != MERCHANT:
-        entry["destination"] = name
-    if logged and logged.get("http_status") is not None:
-        entry["http_status"] = logged["http_status"]
+    status = logged.get("http_status") if logged else None
+    entry = dead_letter_entry(ctx.keys.job_id(update["id"]), update, name, attempts, error, error_at, status)
     next_head = ctx.chains.finish(
-        update, orjson.dumps(entry), counters=[*(counters or ()), ctx.outcomes.dead_lettered], history=history
+        update, entry, counters=[*(counters or ()), ctx.outcomes.dead_lettered], history=history
     )
     attempt = logged or {"update": update["id"], "order": update["order_id"], "attempt": attempts}
     ctx.logger.warning(

@@ -3,7 +3,7 @@ due, recover attempts of dead workers, and move orders on past jobs deleted from
 
 - Due retries: an update waiting for its next attempt is a job RQ holds as scheduled (its
   ScheduledJobRegistry, whole seconds); it is queued at its due time to the microsecond
-  (receiver.chains.MOVE_DUE). An RQ scheduler, if one runs (`rq worker --with-scheduler`), may queue it
+  (receiver.retries.MOVE_DUE). An RQ scheduler, if one runs (`rq worker --with-scheduler`), may queue it
   too, never sooner.
 - Dead workers: RQ's own StartedJobRegistry.cleanup() finds their jobs and, as the jobs have no RQ
   retries, records them failed; every failed job whose update is still its order's head and not
@@ -29,7 +29,9 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from receiver.chains import read_head, read_pending
 from receiver.connections import sync_redis
+from receiver.deadletters import read_dead_lettered
 from receiver.logs import log
 from receiver.rqstore import job_key
 from workers.delivery import DeliveryContext
@@ -58,6 +60,7 @@ class Maintenance(threading.Thread):
     def __init__(self, context: DeliveryContext, queue_name: str, recovery_seconds: float) -> None:
         super().__init__(name="delivery-maintenance", daemon=True)
         self.chains = context.chains
+        self.retries = context.retries
         self.keys = context.keys
         self.redis = sync_redis(context.settings, timeout=10)
         self.queue = Queue(queue_name, connection=self.redis, serializer=JSONSerializer)
@@ -73,7 +76,7 @@ class Maintenance(threading.Thread):
         while not self.stopping.is_set():
             sleep = MAX_SCHEDULER_SLEEP_SECONDS
             try:
-                moved, next_due = self.chains.move_due()
+                moved, next_due = self.retries.move_due()
                 if moved:
                     log.debug("retries queued", count=moved)
                 if next_due is not None:
@@ -138,8 +141,8 @@ class Maintenance(threading.Thread):
             return 0
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
-                pipe.hexists(self.keys.dead_letters, job_id)
-                pipe.hexists(self.keys.pending_updates, job_id)
+                read_dead_lettered(pipe, self.keys, job_id)
+                read_pending(pipe, self.keys, job_id)
             answers = pipe.execute()
         requeued = 0
         for n, job_id in enumerate(ids):
@@ -153,7 +156,7 @@ class Maintenance(threading.Thread):
                     self.failed.remove(job, delete_job=True)
                     continue
                 update = job.args[0]
-                if self.redis.get(self.keys.order_head(update["order_id"])) != job_id.encode():
+                if read_head(self.redis, self.keys, update["order_id"]) != job_id.encode():
                     continue
                 forget_dead_executions(job)
                 self.failed.requeue(job)

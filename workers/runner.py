@@ -23,8 +23,9 @@ from rq.serializers import JSONSerializer
 from receiver import __version__
 from receiver.chains import OrderChains
 from receiver.connections import sync_redis
-from receiver.destinations import PROCESSES_PER_DESTINATION, REMOVED, Destination
+from receiver.destinations import PROCESSES_PER_DESTINATION, Destination
 from receiver.errors import CommandError, report
+from receiver.history import DESTINATION_REMOVED_REASON
 from receiver.inflight import InFlightLeases
 from receiver.logs import configure_logging, log
 from receiver.parent import stop_with_parent
@@ -53,7 +54,7 @@ def work(settings: Settings, burst: bool, destination: Destination | None = None
     maintenance = Maintenance(context, queue_name, recovery_seconds=max(1.0, timeout / 2))
     queue = Queue(queue_name, connection=context.redis, serializer=JSONSerializer)
     if burst:
-        maintenance.chains.move_due()
+        maintenance.retries.move_due()
         maintenance.recover_abandoned()
         maintenance.chains.release_stale_heads()
     maintenance.start()
@@ -141,7 +142,9 @@ def retire_removed_destinations(settings: Settings) -> dict[str, int]:
         dropped = {}
         for name in sorted(known - set(configured)):
             own = keys if name == keys.destination else keys.for_destination(name)
-            dropped[name] = OrderChains(redis, own, settings.history_retention_seconds).drop_all(REMOVED)
+            dropped[name] = OrderChains(redis, own, settings.history_retention_seconds).drop_all(
+                DESTINATION_REMOVED_REASON
+            )
             redis.srem(keys.destinations, name)
             log.warning(
                 "destination removed: its pending deliveries dead-lettered",

@@ -26,18 +26,20 @@ from redis.exceptions import RedisError
 
 from receiver import __version__
 from receiver.app import stop_signal
-from receiver.chains import OrderChains
 from receiver.connections import sync_redis
+from receiver.deadletters import SORTS as DEAD_LETTER_SORTS
 from receiver.deadletters import DeadLetterFilter, DeadLetters, DestinationNotConfigured, http_status
 from receiver.destination_state import DestinationState, describe, format_age, retry_all_now
 from receiver.errors import CommandError
-from receiver.history import render, trace
+from receiver.history import render
 from receiver.logs import log
 from receiver.ops import state
 from receiver.ops.auth import COOKIE, Authenticator, Session, set_session_cookie
 from receiver.reconcile import parse_duration
 from receiver.rediskeys import RedisKeys, destination_keys
+from receiver.retries import RetrySchedule
 from receiver.settings import Settings
+from receiver.trace import trace
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", Redis)
@@ -389,7 +391,7 @@ def _paging(query: Any) -> state.Paging:
     return state.Paging(
         number=max(1, int(number)) if number.isdigit() and len(number) < 9 else 1,
         size=int(per) if per.isdigit() and int(per) in state.PAGE_SIZES else 50,
-        sort=sort if sort in state.DEAD_LETTER_SORTS else "time",
+        sort=sort if sort in DEAD_LETTER_SORTS else "time",
         ascending=query.get("dir") == "asc",
     )
 
@@ -459,7 +461,7 @@ def _selected(form: Any) -> list[str]:
 def _first_matching(redis: Redis, keys: RedisKeys, chosen: DeadLetterFilter) -> tuple[int, list[str]]:
     """How many dead letters `chosen` matches, and the newest CONFIRM_IDS_SHOWN of their ids."""
     found = list(DeadLetters(redis, keys).matching(chosen))
-    found.sort(key=state.DEAD_LETTER_SORTS["time"], reverse=True)
+    found.sort(key=DEAD_LETTER_SORTS["time"], reverse=True)
     return len(found), [e["id"] for e in found[:CONFIRM_IDS_SHOWN]]
 
 
@@ -596,7 +598,7 @@ async def retry_now_form(request: web.Request) -> web.StreamResponse:
 def _retry_now(request: web.Request, update_id: str) -> bool:
     app = request.app
     # RETRY_NOW answers 0 for an update not in that destination's schedule: the first that has it acts
-    moved = any(OrderChains(app[REDIS], keys).retry_now(update_id) for keys in app[DESTINATION_KEYS])
+    moved = any(RetrySchedule(app[REDIS], keys).retry_now(update_id) for keys in app[DESTINATION_KEYS])
     if moved:
         log.info(
             "ops: retry now", action="retry_now", update=update_id, via=request[VIA], remote=request.remote
@@ -629,7 +631,7 @@ async def api_dlq(request: web.Request) -> web.Response:
     if problem:
         return api_error(400, "bad_filter", problem)
     entries = await in_thread(request, lambda: list(DeadLetters(app[REDIS], app[KEYS]).matching(chosen)))
-    return json_response(sorted(entries, key=state.DEAD_LETTER_SORTS["time"]))
+    return json_response(sorted(entries, key=DEAD_LETTER_SORTS["time"]))
 
 
 def _api_bulk(action: str) -> Callable[[web.Request], Awaitable[web.Response]]:

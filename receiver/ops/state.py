@@ -8,7 +8,7 @@ are the allowlisted fields only (receiver/error_notes.py), and RQ's worker recor
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -17,10 +17,10 @@ from redis import Redis
 from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
-from receiver.deadletters import DeadLetterFilter, DeadLetters
+from receiver.deadletters import SORTS, DeadLetterFilter, DeadLetters
 from receiver.destinations import MERCHANT, split_job_id
 from receiver.error_notes import read_error_notes
-from receiver.history import parse_update_id
+from receiver.order import parse_update_id
 from receiver.rediskeys import RedisKeys
 
 OVERVIEW_MINUTES = 60
@@ -205,12 +205,6 @@ def _retrying(redis: Redis, keys: RedisKeys, now: float, limit: int) -> list[dic
     return found
 
 
-DEAD_LETTER_SORTS: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "time": lambda e: (e.get("dead_lettered_at") or "", e["id"]),
-    "order": lambda e: (e.get("order_id") or "", e["id"]),
-    "destination": lambda e: (e.get("destination", MERCHANT), e.get("dead_lettered_at") or "", e["id"]),
-    "attempts": lambda e: (int(e.get("attempts") or 0), e.get("dead_lettered_at") or "", e["id"]),
-}
 PAGE_SIZES = (25, 50, 100, 200, 500)
 
 
@@ -239,7 +233,7 @@ def dead_letter_page(
     where it stands: {entries, first, last, matching, total, page, pages}."""
     found = list(DeadLetters(redis, keys).matching(chosen))
     total = redis.hlen(keys.dead_letters)
-    found.sort(key=DEAD_LETTER_SORTS[paging.sort], reverse=not paging.ascending)
+    found.sort(key=SORTS[paging.sort], reverse=not paging.ascending)
     start, end = paging.window(len(found))
     return {
         "entries": found[start:end],
