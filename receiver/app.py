@@ -22,7 +22,7 @@ from redis.asyncio.sentinel import MasterNotFoundError
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from receiver import __version__
+from receiver import __version__, tracing
 from receiver.clock import utc_now
 from receiver.connections import async_redis, deadline, write_refusal
 from receiver.errors import (
@@ -251,7 +251,10 @@ async def receive_callback(request: web.Request) -> web.Response:
             await note_error_object(app, parsed, received_at, request[REQUEST_ID])
             app[METRICS].count_callback("error_noted")
             return json_response({"status": "error-noted"})
-    verified = await verify_callback(app, body, content_type)
+    trace = tracing.current()
+    with trace.span("verify callback") as span:
+        verified = await verify_callback(app, body, content_type)
+        span.set_attribute("intergiro.verified_by", verified.verified_by)
     order = parse_order(verified.order, app[ORDER_LIMITS])
     request[ORDER_ID] = order["id"]
     note = callback_note(received_at, verified.verified_by, request[REQUEST_ID], order.get("number"))
@@ -272,7 +275,9 @@ async def receive_callback(request: web.Request) -> web.Response:
         if new is not None:
             updates = [u for u in updates if event_key(u["event"]["sequence"], u["event"]["type"]) in new]
         try:
-            queued = await app[INTAKE].store(updates, received_at, note)
+            with trace.span("store updates") as span:
+                queued = await app[INTAKE].store(updates, received_at, note, trace.job_meta())
+                span.set_attribute("intergiro.update_ids", queued)
         except RedisError as exc:
             raise redis_failed(app, exc) from None
     else:
@@ -298,6 +303,11 @@ async def receive_callback(request: web.Request) -> web.Response:
             "duplicates": max(len(events), 1) - len(queued),
         }
     )
+
+
+def callback_trace(request: web.Request) -> dict[str, Any]:
+    """What a callback's span names: its order and request id."""
+    return {tracing.ORDER: request.get(ORDER_ID), tracing.REQUEST: request.get(REQUEST_ID)}
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -386,7 +396,9 @@ def create_app(settings: Settings) -> web.Application:
     app[REFUSALS_LOGGED] = OncePer(REFUSAL_LOG_SECONDS)
     app[ORDER_LIMITS] = settings.order_limits
     app.cleanup_ctx.append(_resources)
-    app.router.add_post(CALLBACK_PATH, answer_rejections(receive_callback))
+    app.router.add_post(
+        CALLBACK_PATH, tracing.current().callback(answer_rejections(receive_callback), callback_trace)
+    )
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -494,6 +506,7 @@ def serve(settings: Settings, processes: int = 1) -> None:
         processes=count,
         version=__version__,
         settings=settings.summary(),
+        tracing=tracing.status(settings),
     )
     if count == 1:
         _serve_here(settings, reuse_port=False)
@@ -579,6 +592,7 @@ def stop_signal() -> asyncio.Event:
 
 async def _serve(settings: Settings, reuse_port: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then stop accepting and let the requests in flight finish."""
+    tracing.start(settings, "serve")
     app = create_app(settings)
     app.on_startup.append(freeze_startup_objects)
     runner = web.AppRunner(app, handle_signals=False, **server_options(settings))
@@ -598,4 +612,5 @@ async def _serve(settings: Settings, reuse_port: bool = False) -> None:
             server.close()  # no new connections; the runner's cleanup ends the open ones
     finally:
         await runner.cleanup()
+        await asyncio.to_thread(tracing.current().shutdown)  # the spans still waiting, sent
         log.info("receiver stopped")

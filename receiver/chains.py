@@ -57,6 +57,8 @@ local history_prefix, history_ttl = {HISTORY_PREFIX}, {HISTORY_TTL}
 local retry_schedule, scheduled = {RETRY_SCHEDULE}, {SCHEDULED}
 -- the destination's job id suffix ('' for merchant) and what its history and dead-letter entries add
 local suffix, dest_field = {SUFFIX}, {DEST_FIELD}
+-- the RQ job meta the intake writes with each job it makes ('' for none: receiver/tracing.py's context)
+local job_meta = ''
 
 -- One entry of the order's history (receiver/history.py), in the step that changes what it tells of;
 -- kept history_ttl seconds after the order's last entry (0: no history). Updates are named there by
@@ -95,6 +97,7 @@ local function join(id, update)
   redis.call('HSET', pending, id, update)
   redis.call('HSET', job_prefix .. id, 'data', {DATA_HEAD} .. update .. {DATA_TAIL}, 'status', status,
     'created_at', stamp, 'enqueued_at', stamp, 'description', 'deliver_update(' .. id .. ')', unpack(fields))
+  if job_meta ~= '' then redis.call('HSET', job_prefix .. id, 'meta', job_meta) end
   redis.call('SADD', queues, queue)
   return status
 end
@@ -153,7 +156,8 @@ end
 # seen hash, then head and waiting list in each further destination's chain. ARGV[5] the seen hash's
 # TTL; ARGV[6] the history entry's start ('' for none: a JSON object without its closing brace, completed
 # here with `outcome` and `queued`); ARGV[7] '1' to write it even when nothing was queued (a callback,
-# not a reconcile run); ARGV[8] the merchant order number's index key ('' for none); then per update:
+# not a reconcile run); ARGV[8] the merchant order number's index key ('' for none); ARGV[9] the jobs' RQ
+# meta (JSON, '' for none: the callback's trace context, receiver/tracing.py); then per update:
 # event key, id, update (JSON), status, and the destinations it goes to ('1' at the index of each).
 # Dedup and fan-out in one step: a marker is never written without the jobs of every destination the
 # update matches, nor a job without its marker: no destination can miss an update another got.
@@ -165,7 +169,8 @@ local function use(n)
   local t = targets[n]
   queue, active, deferred, fields, suffix, dest_field = t[1], t[2], t[3], t[4], t[5], t[6]
 end
-for i = 9, #ARGV, 5 do
+job_meta = ARGV[9]
+for i = 10, #ARGV, 5 do
   if redis.call('HSETNX', KEYS[3], ARGV[i], 1) == 1 then
     local wanted = ARGV[i + 4]
     for n = 1, #targets do

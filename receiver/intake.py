@@ -82,10 +82,12 @@ class Intake:
         updates: Sequence[dict[str, Any]],
         created_at: str | None = None,
         history: HistoryNote | None = None,
+        job_meta: bytes = b"",
     ) -> list[str]:
         """Queue the updates (all of one order) whose event is new; returns the ids queued now.
         `created_at` (RQ's job timestamps; now when not given) may be the callback's `received_at`;
-        `history` is the order history's entry of this step, written in it."""
+        `history` is the order history's entry of this step, written in it; `job_meta`, RQ's `meta`
+        of the jobs written (JSON: the callback's trace context, receiver/tracing.py)."""
         if not updates:
             return []
         order_id = updates[0]["order_id"]
@@ -103,6 +105,7 @@ class Intake:
                 b"1" if history.always else b"",
                 self.keys.history_number(number) if number else b"",
             ]
+        args.append(job_meta)
         for update in updates:
             args += [
                 event_key(update["event"]["sequence"], update["event"]["type"]),

@@ -23,6 +23,7 @@ from redis import Redis
 from rq.job import Retry, get_current_job
 from standardwebhooks.webhooks import Webhook
 
+from receiver import tracing
 from receiver.chains import OrderChains
 from receiver.clock import utc_now
 from receiver.connections import sync_redis
@@ -136,7 +137,9 @@ class WebhookTarget:
         if replay:
             headers["webhook-replay"] = "1"
         try:
-            answer = self.connection.post(body, headers)
+            with tracing.current().http_post(headers, self.connection.host, self.connection.port) as span:
+                answer = self.connection.post(body, headers)
+                span.set_attribute(tracing.HTTP_STATUS, answer.status)
         except (OSError, AnswerError) as exc:  # refused, timed out, reset, TLS, unreadable answer
             raise DeliveryError(f"POST failed: {type(exc).__name__}: {exc}", unreachable=True) from None
         status = answer.status
@@ -342,7 +345,9 @@ def deliver_from_job(update: dict[str, Any]) -> Retry | None:
     whether it is its down destination's probe."""
     job = get_current_job()
     counted = getattr(job, "attempt_counted", False) is True
-    return deliver(current_context(), update, counted, getattr(job, "probe", False) is True)
+    ctx = current_context()
+    with tracing.current().attempt(getattr(job, "meta", None), ctx.destination.name, update):
+        return deliver(ctx, update, counted, getattr(job, "probe", False) is True)
 
 
 def note_breaker(ctx: DeliveryContext, failure: DeliveryError | None, probe: bool) -> None:
@@ -449,6 +454,7 @@ def deliver(
             stream=stream,
         )
         ctx.logger.info("update delivered", **logged)
+        tracing.current().note_attempt("delivered", logged)
         return None
     error, error_at = str(failure), utc_now()
     if not failure.retryable or attempt >= destination.max_attempts:
@@ -462,6 +468,7 @@ def deliver(
             history("dead_lettered"),
             logged,
         )
+        tracing.current().note_attempt("dead_lettered", logged)
         raise DeadLettered(error)
     delay = retry_wait(destination.retry_schedule, destination.backoff_seconds, attempt, failure.retry_after)
     due = time.time() + delay
@@ -475,6 +482,7 @@ def deliver(
         retry_in=round(delay, 4),
         retry_after=failure.retry_after,
     )
+    tracing.current().note_attempt("retry_scheduled", logged)
     # RQ keeps the job, as scheduled, in its ScheduledJobRegistry (in whole seconds: never sooner than
     # `due`); the workers' maintenance queues it at `due` to the microsecond (receiver.chains.MOVE_DUE).
     return Retry(max=RETRY_BUDGET, interval=max(1, math.ceil(delay)))
