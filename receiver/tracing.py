@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 ENDPOINT_VARIABLE = "OTEL_EXPORTER_OTLP_ENDPOINT"
 EXTRA_MISSING = "off: OTEL_EXPORTER_OTLP_ENDPOINT is set but the otel extra is not installed"
 SERVICE_NAME = "intergiro-receiver"
+# How long a stopping process waits for its last spans to be sent before it gives them up.
+SHUTDOWN_SECONDS = 2.0
 # How the spans name what they are about (OpenTelemetry's semantic conventions where one fits).
 ORDER = "intergiro.order_id"
 UPDATE = "intergiro.update_id"
@@ -161,11 +164,16 @@ class OtelTracing(Tracing):
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        defaults = {"service.name": SERVICE_NAME, "service.version": __version__, "process.role": process}
+        defaults = {
+            "service.name": SERVICE_NAME,
+            "service.version": __version__,
+            "intergiro.process": process,
+        }
         # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over the defaults.
         resource = Resource.create(defaults).merge(OTELResourceDetector().detect())
         self.provider = TracerProvider(resource=resource)
-        self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        self.exporter = OTLPSpanExporter()
+        self.provider.add_span_processor(BatchSpanProcessor(self.exporter))
         trace.set_tracer_provider(self.provider)  # a MERCHANT_HANDLER's own spans join the attempt's
         self.tracer = self.provider.get_tracer("intergiro_receiver", __version__)
         self._trace = trace
@@ -235,4 +243,11 @@ class OtelTracing(Tracing):
             yield span
 
     def shutdown(self) -> None:
-        self.provider.shutdown()
+        # The SDK's shutdown waits for an export retrying against a collector that is down (up to its
+        # timeout, 10 s by default): after SHUTDOWN_SECONDS the exporter's own shutdown ends the retry.
+        closing = threading.Thread(target=self.provider.shutdown, name="tracing-shutdown", daemon=True)
+        closing.start()
+        closing.join(SHUTDOWN_SECONDS)
+        if closing.is_alive():
+            self.exporter.shutdown()  # type: ignore[no-untyped-call]
+            closing.join(SHUTDOWN_SECONDS)

@@ -140,7 +140,7 @@ async def test_a_callback_and_each_delivery_attempt_are_spans_of_one_trace_and_t
     assert callback.attributes["intergiro.request_id"] == "req-traced"
     assert callback.attributes["http.response.status_code"] == 200
     assert callback.resource["service.name"] == "intergiro-receiver"
-    assert callback.resource["process.role"] == "serve"
+    assert callback.resource["intergiro.process"] == "serve"
     assert (verify.parent_id, verify.trace_id) == (callback.span_id, callback.trace_id)
     assert verify.attributes["intergiro.verified_by"].startswith("local:key-")
     assert (store.parent_id, store.trace_id) == (callback.span_id, callback.trace_id)
@@ -154,7 +154,7 @@ async def test_a_callback_and_each_delivery_attempt_are_spans_of_one_trace_and_t
         # The attempt continues the callback's trace, as a child of the step that stored its update.
         assert (attempt.trace_id, attempt.parent_id) == (callback.trace_id, store.span_id)
         assert attempt.kind == SpanMessage.SPAN_KIND_CONSUMER
-        assert attempt.resource["process.role"] == "worker"
+        assert attempt.resource["intergiro.process"] == "worker"
         assert {k: attempt.attributes[k] for k in (
             "intergiro.update_id", "intergiro.order_id", "intergiro.destination",
             "http.response.status_code", "intergiro.outcome",
@@ -178,6 +178,40 @@ async def test_a_callback_and_each_delivery_attempt_are_spans_of_one_trace_and_t
     for log, event in ((serve_log, "receiver starting"), (worker_log, "worker starting")):
         [start] = log_events(log, event)
         assert start["tracing"] == f"on: OTLP/HTTP to http://127.0.0.1:{otlp.port}"
+
+
+async def test_a_collector_that_is_down_costs_no_callback_and_no_delivery_and_the_processes_still_stop(
+    make_sink: Any, redis_url: str, tmp_path: Path, rsa_key: Any
+) -> None:
+    sink: Sink = await make_sink()
+    key_file = tmp_path / "key.pem"
+    key_file.write_text(pem_public(rsa_key))
+    port = free_port()
+    env = worker_env(
+        redis_url, merchant_webhook_url=sink.url, merchant_webhook_secret=SECRET, receiver_host="127.0.0.1",
+        receiver_port=port, intergiro_public_keys=f"@{key_file}",
+        otel_exporter_otlp_endpoint=f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        otel_bsp_schedule_delay="100",
+    )  # fmt: skip
+    serve = await asyncio.to_thread(
+        start_server, "serve", "--processes", "1", port=port, env=env, log=tmp_path / "serve.log"
+    )
+    worker = await asyncio.to_thread(start_worker, env, tmp_path / "worker.log")
+    try:
+        async with aiohttp.ClientSession() as http:
+            for n in range(3):
+                async with http.post(
+                    f"http://127.0.0.1:{port}{CALLBACK_PATH}",
+                    data=token(card_order(f"NoCollector00000{n}"), rsa_key),
+                    headers=JWT,
+                ) as answer:
+                    assert answer.status == 200, await answer.text()
+        await wait_for(lambda: len(sink.received) == 3)
+        assert all("traceparent" in r.headers for r in sink.received)
+    finally:
+        # SIGTERM, with SIGKILL 5 s later (exit code -9): the exporter retries for 10 s, the stop may not.
+        await asyncio.gather(asyncio.to_thread(stop, serve, 5), asyncio.to_thread(stop, worker, 5))
+    assert (serve.returncode, worker.returncode) == (0, 0)
 
 
 def test_without_an_otlp_endpoint_tracing_is_off_and_our_code_imports_nothing_of_opentelemetry() -> None:
