@@ -48,6 +48,7 @@ class ExportedSpan:
     attributes: dict[str, Any]
     resource: dict[str, Any]
     status: int
+    events: list[tuple[str, dict[str, Any]]]
 
 
 class OtlpReceiver:
@@ -73,6 +74,7 @@ class OtlpReceiver:
                                 span.name, span.kind, span.trace_id.hex(), span.span_id.hex(),
                                 span.parent_span_id.hex(), {a.key: plain(a.value) for a in span.attributes},
                                 resource, span.status.code,
+                                [(e.name, {a.key: plain(a.value) for a in e.attributes}) for e in span.events],
                             )
                         )  # fmt: skip
             return web.Response(
@@ -95,7 +97,7 @@ async def wait_for(condition: Any, seconds: float = 30) -> None:
 
 
 async def test_a_callback_and_each_delivery_attempt_are_spans_of_one_trace_and_the_merchant_gets_its_traceparent(
-    aiohttp_server: Any, make_sink: Any, redis_url: str, tmp_path: Path, rsa_key: Any
+    aiohttp_server: Any, make_sink: Any, redis_url: str, tmp_path: Path, rsa_key: Any, stranger_key: Any
 ) -> None:
     collector = OtlpReceiver()
     otlp = await aiohttp_server(collector.app())
@@ -111,8 +113,10 @@ async def test_a_callback_and_each_delivery_attempt_are_spans_of_one_trace_and_t
         otel_bsp_schedule_delay="100",
     )  # fmt: skip
     serve_log, worker_log = tmp_path / "serve.log", tmp_path / "worker.log"
+    # OpenTelemetry's own variables count in .env too (serve runs where one names its service).
+    (tmp_path / ".env").write_text("OTEL_SERVICE_NAME=shop-receiver\n")
     serve = await asyncio.to_thread(
-        start_server, "serve", "--processes", "1", port=port, env=env, log=serve_log
+        start_server, "serve", "--processes", "1", port=port, env=env, log=serve_log, cwd=tmp_path
     )
     worker = await asyncio.to_thread(start_worker, env, worker_log)
     try:
@@ -127,19 +131,30 @@ async def test_a_callback_and_each_delivery_attempt_are_spans_of_one_trace_and_t
         ):
             assert answer.status == 200, await answer.text()
             [update_id] = (await answer.json())["queued"]
+            forged = token(card_order("ForgedOrder00001"), stranger_key)
+            async with http.post(
+                f"http://127.0.0.1:{port}{CALLBACK_PATH}", data=forged, headers=JWT
+            ) as refused:
+                assert refused.status == 401
         await wait_for(lambda: len(sink.attempts(update_id)) == 2 and len(collector.named("POST")) == 2)
         await wait_for(lambda: len(collector.named("deliver update")) == 2)
     finally:
         await asyncio.gather(asyncio.to_thread(stop, serve), asyncio.to_thread(stop, worker))
 
-    [callback] = collector.named(f"POST {CALLBACK_PATH}")
-    [verify] = collector.named("verify callback")
+    await wait_for(lambda: len(collector.named(f"POST {CALLBACK_PATH}")) == 2)
+    callback, rejected = sorted(
+        collector.named(f"POST {CALLBACK_PATH}"), key=lambda s: s.attributes["http.response.status_code"]
+    )
+    assert rejected.attributes["http.response.status_code"] == 401
+    [refusal] = [s for s in collector.named("verify callback") if s.parent_id == rejected.span_id]
+    assert refusal.status == 2 and [name for name, _ in refusal.events] == ["exception"]  # STATUS_CODE_ERROR
+    [verify] = [s for s in collector.named("verify callback") if s.parent_id == callback.span_id]
     [store] = collector.named("store updates")
     assert callback.kind == SpanMessage.SPAN_KIND_SERVER
     assert callback.attributes["intergiro.order_id"] == "TraceOrder000001"
     assert callback.attributes["intergiro.request_id"] == "req-traced"
     assert callback.attributes["http.response.status_code"] == 200
-    assert callback.resource["service.name"] == "intergiro-receiver"
+    assert callback.resource["service.name"] == "shop-receiver"
     assert callback.resource["intergiro.process"] == "serve"
     assert (verify.parent_id, verify.trace_id) == (callback.span_id, callback.trace_id)
     assert verify.attributes["intergiro.verified_by"].startswith("local:key-")
@@ -155,6 +170,7 @@ async def test_a_callback_and_each_delivery_attempt_are_spans_of_one_trace_and_t
         assert (attempt.trace_id, attempt.parent_id) == (callback.trace_id, store.span_id)
         assert attempt.kind == SpanMessage.SPAN_KIND_CONSUMER
         assert attempt.resource["intergiro.process"] == "worker"
+        assert attempt.resource["service.name"] == "intergiro-receiver"
         assert {k: attempt.attributes[k] for k in (
             "intergiro.update_id", "intergiro.order_id", "intergiro.destination",
             "http.response.status_code", "intergiro.outcome",
@@ -171,8 +187,8 @@ async def test_a_callback_and_each_delivery_attempt_are_spans_of_one_trace_and_t
         assert (version, trace_id, parent_id, int(flags, 16) & 1) == ("00", attempt.trace_id, post.span_id, 1)
     assert [a.attributes["intergiro.attempt"] for a in attempts] == [1, 2]
 
-    everything = json.dumps([[s.attributes, s.resource] for s in collector.spans])
-    for secret in (CARD_TOKEN, SECRET, sink.url, "/hooks", token(order, rsa_key).decode()):
+    everything = json.dumps([[s.attributes, s.resource, s.events] for s in collector.spans])
+    for secret in (CARD_TOKEN, SECRET, sink.url, "/hooks", token(order, rsa_key).decode(), forged.decode()):
         assert secret not in everything
     assert collector.content_types == {"application/x-protobuf"}
     for log, event in ((serve_log, "receiver starting"), (worker_log, "worker starting")):
