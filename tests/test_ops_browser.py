@@ -209,6 +209,7 @@ async def test_an_operator_signs_in_requeues_a_dead_letter_and_watches_it_delive
         until(browser, lambda: sync_redis.hget(f"rq:job:{retrying}", "status") == b"scheduled")
         follow(browser, row.find_element(By.TAG_NAME, "button"))
         assert "retrying now" in browser.find_element(By.CSS_SELECTOR, ".notice").text
+        assert "sort=attempts" in browser.current_url  # back on the page as it was sorted
 
     await step(overview_and_retrying)
     await wait_for(lambda: len(sink.attempts(retrying)) == 2, what="the retry made now")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import redis
@@ -167,6 +168,25 @@ async def test_the_retrying_page_pages_through_ten_thousand_soonest_first_sorted
     assert re.findall(r'<tr class="retrying" data-id="([^"]+)"', by_order)[0] == "Retrying0009949-0-order"
     by_destination = await (await ops.get("/retrying?sort=destination")).text()
     assert re.findall(r'<tr class="retrying" data-id="([^"]+)"', by_destination)[0].endswith("__erp")
+
+    # An action returns to the page it was on, its notice said; "Retry all" means the destination shown.
+    csrf = re.findall(r'name="csrf" value="([^"]+)"', by_destination)[0]
+    assert 'name="sort" value="destination"' in by_destination
+    kept = {"destination": "erp", "sort": "attempts", "dir": "desc", "per": "100"}
+    answer = await ops.post("/retrying/retry-now", data={"csrf": csrf, **kept}, allow_redirects=False)
+    assert answer.headers["Location"] == (
+        "/retrying?notice=made-due&done=100&destination=erp&per=100&sort=attempts&dir=desc"
+    )
+    assert sync_redis.zcard(RedisKeys().for_destination("erp").retry_schedule) == 0
+    assert sync_redis.zcard(RedisKeys().retry_schedule) == 10_000
+    assert "100 retrying update(s) made due now" in await (await ops.get(answer.headers["Location"])).text()
+    answer = await ops.post(
+        "/retrying/Retrying0000007-0-order/retry-now",
+        data={"csrf": csrf, "page": "3", "sort": "order"},
+        allow_redirects=False,
+    )
+    back = parse_qs(urlsplit(answer.headers["Location"]).query)  # (these seeds have no RQ job to queue)
+    assert (back["id"], back["sort"], back["page"]) == (["Retrying0000007-0-order"], ["order"], ["3"])
 
 
 async def test_the_api_lists_retrying_updates_a_page_at_a_time_with_the_total_and_links(

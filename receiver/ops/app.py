@@ -188,6 +188,7 @@ NOTICES = {
     "requeued-matching": "requeued {done} dead letter(s) matching the filter",
     "retrying": "{id}: retrying now",
     "not-retrying": "{id} is not waiting for a retry",
+    "made-due": "{done} retrying update(s) made due now",
 }
 _NOTICE_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
 _NOTICE_COUNT = re.compile(r"[0-9]{1,7}")
@@ -575,16 +576,22 @@ def _retrying_listing(request: web.Request) -> tuple[dict[str, Any], state.Pagin
 async def retrying_page(request: web.Request) -> web.Response:
     app = request.app
     listing, paging = await in_thread(request, _retrying_listing, request)
-    current = _kept(request.query, ("destination", "per", "sort", "dir"))
+    current = _kept(request.query, RETRYING_FIELDS)
     return page(request, "retrying.html", listing=listing, updates=listing["updates"], paging=paging,
                 link=_linker("/retrying", current), destination=request.query.get("destination", ""),
-                destinations=[d.name for d in app[SETTINGS].destinations], sizes=state.PAGE_SIZES)  # fmt: skip
+                destinations=[d.name for d in app[SETTINGS].destinations], sizes=state.PAGE_SIZES,
+                kept=current)  # fmt: skip
+
+
+# What of the Retrying page's URL its forms carry, so the page an action returns to is the one it left.
+RETRYING_FIELDS = ("destination", "per", "sort", "dir", "page")
 
 
 async def retry_now_form(request: web.Request) -> web.StreamResponse:
     update_id = request.match_info["id"]
+    kept = _kept(await read_form(request), RETRYING_FIELDS)
     moved = await in_thread(request, _retry_now, request, update_id)
-    return see_other(notice_link("/retrying", "retrying" if moved else "not-retrying", id=update_id))
+    return see_other(notice_link("/retrying", "retrying" if moved else "not-retrying", id=update_id, **kept))
 
 
 def _retry_now(request: web.Request, update_id: str) -> bool:
@@ -699,11 +706,12 @@ async def api_retry_all_now(request: web.Request) -> web.Response:
 
 
 async def retry_all_now_form(request: web.Request) -> web.StreamResponse:
-    made = await in_thread(
-        request, retry_all_now, request.app[REDIS], request.app[DESTINATION_KEYS], f"ops:{request[VIA]}"
-    )
-    notice = f"{sum(made.values())} retrying update(s) made due now"
-    return see_other("/retrying?" + urlencode({"notice": notice}))
+    """The Retrying page's "Retry all now": every retrying update of the destination it shows (of
+    every destination when it shows all) made due now."""
+    kept = _kept(await read_form(request), RETRYING_FIELDS)
+    each = [k for k in request.app[DESTINATION_KEYS] if kept.get("destination") in (None, k.destination)]
+    made = await in_thread(request, retry_all_now, request.app[REDIS], each, f"ops:{request[VIA]}")
+    return see_other(notice_link("/retrying", "made-due", done=sum(made.values()), **kept))
 
 
 async def healthz(request: web.Request) -> web.Response:
