@@ -130,6 +130,8 @@ def status(settings: Settings) -> str:
     """What a start line says of tracing: "off", "on: OTLP/HTTP to <endpoint>", or why it is off."""
     if not settings.otel_endpoint:
         return "off"
+    if dict(settings.otel_environment).get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return "off: OTEL_SDK_DISABLED is true"
     if importlib.util.find_spec("opentelemetry.sdk") is None or (
         importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is None
     ):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -22,7 +23,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanMessage
 
+from receiver import tracing
 from receiver.app import CALLBACK_PATH
+from receiver.errors import ConfigError
+from receiver.settings import Settings
 from tests.conftest import pem_public
 from tests.helpers import JWT, card_order, token
 from tests.processes import ROOT, free_port, start_server, start_worker, stop, worker_env
@@ -251,3 +255,25 @@ def test_without_an_otlp_endpoint_tracing_is_off_and_our_code_imports_nothing_of
         [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
     )
     assert done.stdout.splitlines() == ["off False", "[]"]
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({}, "off"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://user:s3cret@collector.example:4318/otlp"},
+         "on: OTLP/HTTP to https://collector.example:4318"),  # no credential in a log line
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_SDK_DISABLED": "true"},
+         "off: OTEL_SDK_DISABLED is true"),
+    ],
+)  # fmt: skip
+def test_the_start_lines_say_whether_tracing_is_on_and_where_without_a_credential(
+    env: dict[str, str], said: str
+) -> None:
+    assert tracing.status(Settings.from_env(env, dotenv=False)) == said
+
+
+@pytest.mark.parametrize("endpoint", ["collector:4318", "ftp://collector", "http://collector:99999"])
+def test_an_otlp_endpoint_that_is_no_http_url_stops_the_process_naming_the_variable(endpoint: str) -> None:
+    with pytest.raises(ConfigError, match=r"^OTEL_EXPORTER_OTLP_ENDPOINT: "):
+        Settings.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}, dotenv=False)
