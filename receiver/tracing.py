@@ -2,7 +2,8 @@
 attempt (with its POST), the attempt continuing the trace of the callback that queued its update.
 
 On when OTEL_EXPORTER_OTLP_ENDPOINT is set and the `otel` extra (OpenTelemetry's SDK and OTLP/HTTP
-exporter) is installed; otherwise every call here is a no-op and OpenTelemetry is never imported.
+exporter) is installed; otherwise every call here is a no-op and nothing of OpenTelemetry is imported
+here.
 Everything else about the export (headers, sampler, batch delays, service name, a traces-only
 endpoint) is OpenTelemetry's own `OTEL_*` variables, read by its SDK.
 
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
     from receiver.settings import Settings
 
-ENDPOINT_VARIABLE = "OTEL_EXPORTER_OTLP_ENDPOINT"
 EXTRA_MISSING = "off: OTEL_EXPORTER_OTLP_ENDPOINT is set but the otel extra is not installed"
 SERVICE_NAME = "intergiro-receiver"
 # How long a stopping process waits for its last spans to be sent before it gives them up.
@@ -132,12 +132,18 @@ def status(settings: Settings) -> str:
         return "off"
     if dict(settings.otel_environment).get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return "off: OTEL_SDK_DISABLED is true"
-    if importlib.util.find_spec("opentelemetry.sdk") is None or (
-        importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is None
-    ):
+    if not _installed("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http.trace_exporter"):
         return EXTRA_MISSING
     endpoint = urlsplit(settings.otel_endpoint)  # without a user and password written in it
     return f"on: OTLP/HTTP to {endpoint.scheme}://{endpoint.hostname}{f':{endpoint.port}' if endpoint.port else ''}"
+
+
+def _installed(*modules: str) -> bool:
+    """Whether the modules can be imported (found, not imported: their packages' parents are)."""
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in modules)
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 def start(settings: Settings, process: str) -> Tracing:

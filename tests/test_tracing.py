@@ -257,6 +257,25 @@ def test_without_an_otlp_endpoint_tracing_is_off_and_our_code_imports_nothing_of
     assert done.stdout.splitlines() == ["off False", "[]"]
 
 
+def test_without_the_otel_extra_an_endpoint_leaves_tracing_off_and_says_why() -> None:
+    # Python's own way to make a package unimportable: None in sys.modules (as if it were not installed).
+    program = (
+        "import sys\n"
+        "sys.modules['opentelemetry'] = None\n"
+        "from receiver import tracing\n"
+        "from receiver.app import create_app\n"
+        "from receiver.settings import Settings\n"
+        "settings = Settings.from_env({'OTEL_EXPORTER_OTLP_ENDPOINT': 'http://collector:4318'}, dotenv=False)\n"
+        "print(tracing.status(settings))\n"
+        "print(tracing.start(settings, 'serve').enabled)\n"
+        "create_app(settings)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (done.returncode, done.stdout.splitlines()) == (0, [tracing.EXTRA_MISSING, "False"]), done.stderr
+
+
 @pytest.mark.parametrize(
     ("env", "said"),
     [
