@@ -166,11 +166,12 @@ class OtelTracing(Tracing):
     enabled = True
 
     def __init__(self, process: str) -> None:
-        from opentelemetry import propagate, trace
+        from opentelemetry import trace
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import OTELResourceDetector, Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         defaults = {
             "service.name": SERVICE_NAME,
@@ -185,7 +186,9 @@ class OtelTracing(Tracing):
         trace.set_tracer_provider(self.provider)  # a MERCHANT_HANDLER's own spans join the attempt's
         self.tracer = self.provider.get_tracer("intergiro_receiver", __version__)
         self._trace = trace
-        self._propagate = propagate
+        # W3C trace context only, whatever OTEL_PROPAGATORS says: the callback URL is open to anyone, and
+        # baggage a caller sent would otherwise ride along to the merchant's POST.
+        self._propagate = TraceContextTextMapPropagator()
 
     def callback(self, handler: Handler, describe: Callable[[web.Request], Mapping[str, Any]]) -> Handler:
         trace, tracer, extract = self._trace, self.tracer, self._propagate.extract

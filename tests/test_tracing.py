@@ -33,6 +33,7 @@ from tests.processes import ROOT, free_port, start_server, start_worker, stop, w
 from tests.sink import SECRET, Sink, log_events
 
 CARD_TOKEN = card_order()["payment"]["card"]
+GATEWAY_TRACE, GATEWAY_SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
 
 
 def plain(value: AnyValue) -> Any:
@@ -130,7 +131,13 @@ async def test_a_callback_and_each_delivery_attempt_are_spans_of_one_trace_and_t
             http.post(
                 f"http://127.0.0.1:{port}{CALLBACK_PATH}",
                 data=token(order, rsa_key),
-                headers={**JWT, "X-Request-ID": "req-traced"},
+                # as a gateway in front of the receiver would trace it; baggage stays with us
+                headers={
+                    **JWT,
+                    "X-Request-ID": "req-traced",
+                    "traceparent": f"00-{GATEWAY_TRACE}-{GATEWAY_SPAN}-01",
+                    "baggage": "tenant=shop-1",
+                },
             ) as answer,
         ):
             assert answer.status == 200, await answer.text()
@@ -155,6 +162,10 @@ async def test_a_callback_and_each_delivery_attempt_are_spans_of_one_trace_and_t
     [verify] = [s for s in collector.named("verify callback") if s.parent_id == callback.span_id]
     [store] = collector.named("store updates")
     assert callback.kind == SpanMessage.SPAN_KIND_SERVER
+    assert (callback.trace_id, callback.parent_id) == (
+        GATEWAY_TRACE,
+        GATEWAY_SPAN,
+    )  # the caller's trace, continued
     assert callback.attributes["intergiro.order_id"] == "TraceOrder000001"
     assert callback.attributes["intergiro.request_id"] == "req-traced"
     assert callback.attributes["http.response.status_code"] == 200
@@ -189,6 +200,7 @@ async def test_a_callback_and_each_delivery_attempt_are_spans_of_one_trace_and_t
         # The merchant's traceparent: version, the attempt's trace, the POST's span, flags saying sampled.
         version, trace_id, parent_id, flags = received.headers["traceparent"].split("-")
         assert (version, trace_id, parent_id, int(flags, 16) & 1) == ("00", attempt.trace_id, post.span_id, 1)
+        assert "baggage" not in {name.lower() for name in received.headers}
     assert [a.attributes["intergiro.attempt"] for a in attempts] == [1, 2]
 
     everything = json.dumps([[s.attributes, s.resource, s.events] for s in collector.spans])
