@@ -22,7 +22,7 @@ from redis.asyncio.sentinel import MasterNotFoundError
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from receiver import __version__
+from receiver import __version__, tracing
 from receiver.clock import utc_now
 from receiver.connections import async_redis, deadline, write_refusal
 from receiver.error_notes import error_note, keep_error_note
@@ -219,15 +219,20 @@ async def store_order(
 ) -> list[str]:
     """Decide the order's duplicates and queue its new updates (receiver.intake); the ids queued."""
     note = callback_note(received_at, verified.verified_by, request, order.get("number"))
+    trace = tracing.current()
     try:
-        return await app[INTAKE].intake_order(
-            order,
-            received_at=received_at,
-            verified_by=verified.verified_by,
-            repaired=verified.repaired,
-            history=note,
-            size=size,
-        )
+        with trace.span("store updates") as span:
+            queued = await app[INTAKE].intake_order(
+                order,
+                received_at=received_at,
+                verified_by=verified.verified_by,
+                repaired=verified.repaired,
+                history=note,
+                size=size,
+                job_meta=trace.job_meta(),
+            )
+            span.set_attribute("intergiro.update_ids", queued)
+            return queued
     except RedisError as exc:
         raise redis_failed(app, exc) from None
 
@@ -272,11 +277,18 @@ async def receive_callback(request: web.Request) -> web.Response:
         await note_error_object(app, error, received_at, request[REQUEST_ID])
         app[METRICS].count_callback("error_noted")
         return json_response({"status": "error-noted"})
-    verified = await verify_callback(app, body, content_type)
+    with tracing.current().span("verify callback") as span:
+        verified = await verify_callback(app, body, content_type)
+        span.set_attribute("intergiro.verified_by", verified.verified_by)
     order = parse_order(verified.order, app[ORDER_LIMITS])
     request[ORDER_ID] = order["id"]
     queued = await store_order(app, order, verified, received_at, request[REQUEST_ID], len(body))
     return answer_callback(app, order, verified, queued, request[REQUEST_ID])
+
+
+def callback_trace(request: web.Request) -> dict[str, Any]:
+    """What a callback's span names: its order and request id."""
+    return {tracing.ORDER: request.get(ORDER_ID), tracing.REQUEST: request.get(REQUEST_ID)}
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -365,7 +377,9 @@ def create_app(settings: Settings) -> web.Application:
     app[REFUSALS_LOGGED] = OncePer(REFUSAL_LOG_SECONDS)
     app[ORDER_LIMITS] = settings.order_limits
     app.cleanup_ctx.append(_resources)
-    app.router.add_post(CALLBACK_PATH, answer_rejections(receive_callback))
+    app.router.add_post(
+        CALLBACK_PATH, tracing.current().callback(answer_rejections(receive_callback), callback_trace)
+    )
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -473,6 +487,7 @@ def serve(settings: Settings, processes: int = 1) -> None:
         processes=count,
         version=__version__,
         settings=settings.summary(),
+        tracing=tracing.status(settings),
     )
     if count == 1:
         _serve_here(settings, reuse_port=False)
@@ -558,6 +573,7 @@ def stop_signal() -> asyncio.Event:
 
 async def _serve(settings: Settings, reuse_port: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then stop accepting and let the requests in flight finish."""
+    tracing.start(settings, "serve")
     app = create_app(settings)
     app.on_startup.append(freeze_startup_objects)
     runner = web.AppRunner(app, handle_signals=False, **server_options(settings))
@@ -577,4 +593,5 @@ async def _serve(settings: Settings, reuse_port: bool = False) -> None:
             server.close()  # no new connections; the runner's cleanup ends the open ones
     finally:
         await runner.cleanup()
+        await asyncio.to_thread(tracing.current().shutdown)  # the spans still waiting, sent
         log.info("receiver stopped")

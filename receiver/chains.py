@@ -60,6 +60,8 @@ local job_prefix, delivery_prefix = {JOB_PREFIX}, {DELIVERY_PREFIX}
 local fields = {FIELDS}
 local deleted = {}
 local retry_schedule, scheduled = {RETRY_SCHEDULE}, {SCHEDULED}
+-- the RQ job meta the intake writes with each job it makes ('' for none: receiver/tracing.py's context)
+local job_meta = ''
 
 -- Join the order's chain: queued at once as its head when the order has none (or this is it),
 -- otherwise waiting behind it (listed in RQ's DeferredJobRegistry). Writes the job as RQ would.
@@ -78,6 +80,7 @@ local function join(id, update)
   redis.call('HSET', pending, id, update)
   redis.call('HSET', job_prefix .. id, 'data', {DATA_HEAD} .. update .. {DATA_TAIL}, 'status', status,
     'created_at', stamp, 'enqueued_at', stamp, 'description', 'deliver_update(' .. id .. ')', unpack(fields))
+  if job_meta ~= '' then redis.call('HSET', job_prefix .. id, 'meta', job_meta) end
   redis.call('SADD', queues, queue)
   return status
 end
@@ -140,7 +143,8 @@ local suffix = {SUFFIX}
 # seen hash, then head and waiting list in each further destination's chain. ARGV[5] the seen hash's
 # TTL; ARGV[6] the history entry's start ('' for none: a JSON object without its closing brace, completed
 # here with `outcome` and `queued`); ARGV[7] '1' to write it even when nothing was queued (a callback,
-# not a reconcile run); ARGV[8] the merchant order number's index key ('' for none); then per update:
+# not a reconcile run); ARGV[8] the merchant order number's index key ('' for none); ARGV[9] the jobs' RQ
+# meta (JSON, '' for none: the callback's trace context, receiver/tracing.py); then per update:
 # event key, id, update (JSON), status, and the destinations it goes to ('1' at the index of each).
 # Dedup and fan-out in one step: a marker is never written without the jobs of every destination the
 # update matches, nor a job without its marker: no destination can miss an update another got.
@@ -152,7 +156,8 @@ local function use(n)
   local t = targets[n]
   queue, active, deferred, fields, suffix, history_destination = t[1], t[2], t[3], t[4], t[5], t[6]
 end
-for i = 9, #ARGV, 5 do
+job_meta = ARGV[9]
+for i = 10, #ARGV, 5 do
   if redis.call('HSETNX', KEYS[3], ARGV[i], 1) == 1 then
     local wanted = ARGV[i + 4]
     for n = 1, #targets do

@@ -106,8 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub = dlq_commands.add_parser(action, help=f"{action} one update, or all with --all", epilog=EPILOG)
         target = sub.add_mutually_exclusive_group(required=True)
         target.add_argument("id", nargs="?", help="the update's id (as `dlq list` prints it)")
-        target.add_argument("--all", action="store_true", help=f"{action} every dead-lettered update")
+        target.add_argument(
+            "--all", action="store_true", help=f"{action} every dead-lettered update the options below match"
+        )
         sub.add_argument("--destination", metavar="NAME", help="with --all: only this destination's")
+        sub.add_argument("--text", default="", help="with --all: in the id, order id, order number or error")
+        sub.add_argument("--status", default="", help="with --all: the last answer's HTTP status, 400 or 4xx")
+        sub.add_argument(
+            "--older-than", metavar="AGE", help="with --all: dead-lettered longer ago (30m, 2h, 3d)"
+        )
+        sub.add_argument("--newer-than", metavar="AGE", help="with --all: dead-lettered more recently")
     destination = command("destination", "each destination's state and backlog; pause and resume one")
     destination_commands = destination.add_subparsers(
         dest="destination_command", required=True, metavar="ACTION"

@@ -273,13 +273,6 @@ class DeadLetters:
         raw = self.redis.hget(self.keys.dead_letters, update_id)
         return None if raw is None else dict(orjson.loads(raw))
 
-    def ids(self, destination: str | None = None) -> list[str]:
-        if destination is not None:
-            return sorted(e["id"] for e in self.entries(destination))
-        return sorted(
-            k.decode() if isinstance(k, bytes) else k for k in self.redis.hkeys(self.keys.dead_letters)
-        )
-
     def matching(self, chosen: DeadLetterFilter, now: float | None = None) -> Iterator[dict[str, Any]]:
         """The entries `chosen` matches, read BATCH at a time (in no particular order)."""
         now = time.time() if now is None else now
@@ -413,22 +406,50 @@ def _run(dlq: DeadLetters, args: argparse.Namespace, configured: set[str]) -> in
             return 1
         print(orjson.dumps(entry, option=orjson.OPT_INDENT_2).decode())
         return 0
-    act = dlq.requeue if command == "requeue" else dlq.purge
     done_word = "requeued" if command == "requeue" else "purged"
-    ids = dlq.ids(destination) if args.all else [args.id]
-    if command == "requeue":
-        unserved = [i for i in ids if (found := dlq.get(i)) and destination_of(found) not in configured]
-        for i in unserved:
-            report("dlq", f"{i} is for a destination no longer configured; not requeued")
-        ids = [i for i in ids if i not in unserved]
-        if unserved and not ids:
-            return 1
-    missing = [i for i in ids if not act(i)]
-    for i in ids:
-        if i not in missing:
-            print(f"{done_word} {i}")
-    for i in missing:
-        report("dlq", f"{i} is not in the dead-letter queue")
     if args.all:
-        print(f"{len(ids) - len(missing)} update(s) {done_word}")
-    return 1 if missing else 0
+        return _run_all(dlq, args, configured)
+    act = dlq.requeue if command == "requeue" else dlq.purge
+    found = dlq.get(args.id)
+    if command == "requeue" and found and destination_of(found) not in configured:
+        report("dlq", f"{args.id} is for a destination no longer configured; not requeued")
+        return 1
+    if not act(args.id):
+        report("dlq", f"{args.id} is not in the dead-letter queue")
+        return 1
+    print(f"{done_word} {args.id}")
+    return 0
+
+
+# How many ids of dead letters for a destination no longer configured `requeue --all` names.
+UNSERVED_NAMED = 10
+
+
+def _run_all(dlq: DeadLetters, args: argparse.Namespace, configured: set[str]) -> int:
+    """`requeue|purge --all [--destination ... --newer-than ...]`: every dead letter the options match,
+    acted on BATCH per round trip (the console's "all matching" and `POST /api/dlq/requeue|purge`)."""
+    command = args.dlq_command
+    try:
+        chosen = DeadLetterFilter.from_json(
+            {
+                "text": args.text, "status": args.status,
+                **({"destination": args.destination} if args.destination else {}),
+                **({"older_than": args.older_than} if args.older_than else {}),
+                **({"newer_than": args.newer_than} if args.newer_than else {}),
+            }
+        )  # fmt: skip
+    except ValueError as exc:
+        report("dlq", str(exc).replace("_than:", "-than:"))
+        return 2
+    unserved: list[str] = []
+    if command == "requeue":  # no worker would deliver them: left where they are, and said so
+        unserved = sorted(e["id"] for e in dlq.matching(chosen) if destination_of(e) not in configured)
+        for update_id in unserved[:UNSERVED_NAMED]:
+            report("dlq", f"{update_id} is for a destination no longer configured; not requeued")
+        if len(unserved) > UNSERVED_NAMED:
+            report("dlq", f"{len(unserved) - UNSERVED_NAMED} more for a destination no longer configured")
+    done = dlq.apply(command, chosen, configured if command == "requeue" else None)
+    described = chosen.described()
+    matching = " matching " + " ".join(f"{k}={v}" for k, v in described.items()) if described else ""
+    print(f"{done} update(s) {'requeued' if command == 'requeue' else 'purged'}{matching}")
+    return 1 if unserved and not done else 0

@@ -99,10 +99,12 @@ class Intake:
         updates: Sequence[dict[str, Any]],
         created_at: str | None = None,
         history: HistoryNote | None = None,
+        job_meta: bytes = b"",
     ) -> list[str]:
         """Queue the updates (all of one order) whose event is new; returns the ids queued now.
         `created_at` (RQ's job timestamps; now when not given) may be the callback's `received_at`;
-        `history` is the order history's entry of this step, written in it."""
+        `history` is the order history's entry of this step, written in it; `job_meta`, RQ's `meta`
+        of the jobs written (JSON: the callback's trace context, receiver/tracing.py)."""
         if not updates:
             return []
         order_id = updates[0]["order_id"]
@@ -120,6 +122,7 @@ class Intake:
                 b"1" if history.always else b"",
                 self.keys.history_number(number) if number else b"",
             ]
+        args.append(job_meta)
         for update in updates:
             args += [
                 event_key(update["event"]["sequence"], update["event"]["type"]),
@@ -148,9 +151,10 @@ class Intake:
         repaired: Sequence[str] = (),
         history: HistoryNote | None = None,
         size: int = 0,
+        job_meta: bytes = b"",
     ) -> list[str]:
         """Decide which events of a parsed, trusted order are new and queue their updates; returns the
-        ids queued now (none: a duplicate). `size`: the bytes the order arrived in, which with its event
+        ids queued now (none: a duplicate); `job_meta` as for `store`. `size`: the bytes the order arrived in, which with its event
         count tells whether the replay guard is worth its round trip (`needs_replay_guard`)."""
         events = order.get("event") or ()
         new: set[str] | None = None  # event keys not seen yet; None: not looked up
@@ -163,7 +167,7 @@ class Intake:
         updates = build_updates(order, received_at=received_at, verified_by=verified_by, repaired=repaired)
         if new is not None:
             updates = [u for u in updates if event_key(u["event"]["sequence"], u["event"]["type"]) in new]
-        return await self.store(updates, received_at, history)
+        return await self.store(updates, received_at, history, job_meta)
 
     async def new_events(self, order_id: str, event_keys: Sequence[str]) -> set[str]:
         """The event keys of `order_id` not seen yet: read before any job data is built, so a replay

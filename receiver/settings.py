@@ -89,6 +89,10 @@ class Settings:
     ops_trust_forwarded_proto: bool = False
     log_format: str = "json"
     log_level: str = "INFO"
+    # Traces (receiver/tracing.py): on when set; OpenTelemetry's other OTEL_* variables, as read here
+    # (the process environment over `.env`), are handed to its SDK.
+    otel_endpoint: str = ""
+    otel_environment: tuple[tuple[str, str], ...] = ()
 
     @property
     def trusted_keys(self) -> tuple[TrustedKey, ...]:
@@ -314,6 +318,8 @@ class _Reader:
             ),
             log_format=self.get("LOG_FORMAT", d.log_format, _choice(LOG_FORMATS)),
             log_level=self.get("LOG_LEVEL", d.log_level, _log_level),
+            otel_endpoint=self.get("OTEL_EXPORTER_OTLP_ENDPOINT", d.otel_endpoint, _otlp_endpoint),
+            otel_environment=tuple(sorted((k, v) for k, v in self.env.items() if k.startswith("OTEL_"))),
         )
         if s.remote_verification and not s.intergiro_api_key and not self.refused("INTERGIRO_API_KEY"):
             self.problems.append(f"INTERGIRO_API_KEY: required when INTERGIRO_VERIFY={s.intergiro_verify}")
@@ -502,6 +508,15 @@ def _http_url(raw: str) -> str:
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ValueError("must be an http:// or https:// URL")
     return raw.rstrip("/")
+
+
+def _otlp_endpoint(raw: str) -> str:
+    url = _http_url(raw)
+    try:
+        urlparse(url).port  # noqa: B018 - raises on a port that is no number or out of range
+    except ValueError:
+        raise ValueError(f"bad port in {urlparse(url).hostname}'s URL") from None
+    return url
 
 
 def _pem_file(label: str) -> Callable[[str], str]:

@@ -199,12 +199,17 @@ async def test_an_operator_signs_in_requeues_a_dead_letter_and_watches_it_delive
         assert len(texts(browser, "table tbody tr")) >= 1  # the worker
         shot(browser, "overview")
         follow(browser, browser.find_element(By.LINK_TEXT, "Retrying"))
+        assert browser.find_element(By.ID, "retrying-count").text.startswith("1-1 of 1 waiting")
+        follow(browser, browser.find_element(By.ID, "sort-attempts"))  # most attempts first
+        assert browser.find_element(By.ID, "sort-attempts").text == "attempts ▼"
+        assert "sort=attempts" in browser.current_url and "dir=desc" in browser.current_url
         row = browser.find_element(By.CSS_SELECTOR, f'tr.retrying[data-id="{retrying}"]')
         assert "HTTP 503" in row.text
         shot(browser, "retrying")
         until(browser, lambda: sync_redis.hget(f"rq:job:{retrying}", "status") == b"scheduled")
         follow(browser, row.find_element(By.TAG_NAME, "button"))
         assert "retrying now" in browser.find_element(By.CSS_SELECTOR, ".notice").text
+        assert "sort=attempts" in browser.current_url  # back on the page as it was sorted
 
     await step(overview_and_retrying)
     await wait_for(lambda: len(sink.attempts(retrying)) == 2, what="the retry made now")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import redis
@@ -17,6 +18,7 @@ from receiver.rediskeys import RedisKeys
 from receiver.retries import RetrySchedule
 from receiver.settings import Settings
 from tests.deadletter_seed import seed_dead_letters
+from workers.delivery import count_attempt_commands
 
 TOKEN = "ops-scale-token-0123456789abcdefghijklmnop"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -117,18 +119,94 @@ async def test_the_dead_letter_page_shows_one_page_of_ten_thousand_newest_first_
     assert "1-50 of 200 matching (10200 in all)" in erp and "Requeue all 200 matching" in erp
 
 
-async def test_the_retrying_page_pages_through_ten_thousand_soonest_first_with_n_of_m(
+def seed_retrying(client: redis.Redis) -> None:
+    """10,000 updates of `merchant` waiting for a retry, the nth due in an hour and n seconds after 1 to
+    5 attempts (n % 5 + 1), and 100 of `erp`, due in an hour and 20,000 + n seconds after 9 attempts;
+    written by the workers' own steps."""
+    soon = time.time() + 3600
+    for keys, name, count, later, tries in (
+        (RedisKeys(), "Retrying", 10_000, 0, None), (RedisKeys().for_destination("erp"), "ErpRetry", 100, 20_000, 9),
+    ):  # fmt: skip
+        schedule = RetrySchedule(client, keys)
+        for n in range(count):
+            order_id = f"{name}{n:07d}"
+            update = {"id": f"{order_id}-0-order", "order_id": order_id}
+            with client.pipeline(transaction=True) as pipe:
+                for _ in range(tries or n % 5 + 1):  # the attempts made so far
+                    count_attempt_commands(pipe, keys, keys.job_id(update["id"]))
+                pipe.execute()
+            schedule.schedule_retry(
+                update, soon + later + n, "merchant answered HTTP 503", "2026-01-01T00:00:00Z", []
+            )
+
+
+async def test_the_retrying_page_pages_through_ten_thousand_soonest_first_sorted_as_asked_with_n_of_m(
     ops: Any, sync_redis: redis.Redis, scale_settings: Settings
 ) -> None:
-    schedule = RetrySchedule(sync_redis, RedisKeys())
-    soon = time.time() + 3600
-    for n in range(10_000):  # the workers' own step that schedules a retry
-        order_id = f"Retrying{n:07d}"
-        update = {"id": f"{order_id}-0-order", "order_id": order_id}
-        schedule.schedule_retry(update, soon + n, "merchant answered HTTP 503", "2026-01-01T00:00:00Z", [])
+    seed_retrying(sync_redis)
     await ops.post("/login", data={"token": TOKEN, "next": "/"}, allow_redirects=False)
     page = await (await ops.get("/retrying?per=200&page=3")).text()
-    assert "401-600 of 10000 waiting" in page and "page 3 of 50" in page
+    assert "401-600 of 10100 waiting for their next attempt, soonest first" in page and "page 3 of 51" in page
+    assert len(page) < 250_000
     rows = re.findall(r'<tr class="retrying" data-id="([^"]+)"', page)
     assert rows == [f"Retrying{n:07d}-0-order" for n in range(400, 600)]
-    assert "0 waiting" in await (await ops.get("/retrying?destination=erp")).text()
+    assert "1-50 of 100 waiting" in await (await ops.get("/retrying?destination=erp")).text()
+    latest = await (await ops.get("/retrying?dir=desc")).text()
+    assert "latest first" in latest
+    assert re.findall(r'<tr class="retrying" data-id="([^"]+)"', latest)[:2] == [
+        "ErpRetry0000099-0-order__erp", "ErpRetry0000098-0-order__erp"
+    ]  # fmt: skip
+    # Most attempts first: erp's 9, then merchant's 5s (n % 5 == 4); among equals, the order turned too.
+    by_attempts = await (await ops.get("/retrying?sort=attempts&dir=desc&per=200")).text()
+    rows = re.findall(r'<tr class="retrying" data-id="([^"]+)"', by_attempts)
+    assert rows[99:101] == ["ErpRetry0000000-0-order__erp", "Retrying0009999-0-order"]
+    assert 'href="/retrying?per=200&amp;sort=attempts&amp;dir=desc&amp;page=2"' in by_attempts
+    # The headers' links sort: a first click on order is A to Z, on an order already sorted, Z to A.
+    assert 'href="/retrying?per=200&amp;sort=order" class="sort" id="sort-order"' in by_attempts
+    by_order = await (await ops.get("/retrying?sort=order&dir=desc&page=2")).text()
+    assert "51-100 of 10100" in by_order
+    assert re.findall(r'<tr class="retrying" data-id="([^"]+)"', by_order)[0] == "Retrying0009949-0-order"
+    by_destination = await (await ops.get("/retrying?sort=destination")).text()
+    assert re.findall(r'<tr class="retrying" data-id="([^"]+)"', by_destination)[0].endswith("__erp")
+
+    # An action returns to the page it was on, its notice said; "Retry all" means the destination shown.
+    csrf = re.findall(r'name="csrf" value="([^"]+)"', by_destination)[0]
+    assert 'name="sort" value="destination"' in by_destination
+    kept = {"destination": "erp", "sort": "attempts", "dir": "desc", "per": "100"}
+    answer = await ops.post("/retrying/retry-now", data={"csrf": csrf, **kept}, allow_redirects=False)
+    assert answer.headers["Location"] == (
+        "/retrying?notice=made-due&done=100&destination=erp&per=100&sort=attempts&dir=desc"
+    )
+    assert sync_redis.zcard(RedisKeys().for_destination("erp").retry_schedule) == 0
+    assert sync_redis.zcard(RedisKeys().retry_schedule) == 10_000
+    assert "100 retrying update(s) made due now" in await (await ops.get(answer.headers["Location"])).text()
+    answer = await ops.post(
+        "/retrying/Retrying0000007-0-order/retry-now",
+        data={"csrf": csrf, "page": "3", "sort": "order"},
+        allow_redirects=False,
+    )
+    back = parse_qs(urlsplit(answer.headers["Location"]).query)  # (these seeds have no RQ job to queue)
+    assert (back["id"], back["sort"], back["page"]) == (["Retrying0000007-0-order"], ["order"], ["3"])
+
+
+async def test_the_api_lists_retrying_updates_a_page_at_a_time_with_the_total_and_links(
+    ops: Any, sync_redis: redis.Redis, scale_settings: Settings
+) -> None:
+    seed_retrying(sync_redis)
+    answer = await ops.get("/api/retrying?per=500&page=2&sort=attempts&dir=desc", headers=BEARER)
+    listed = await answer.json()
+    assert answer.headers["X-Total-Count"] == "10100" and len(listed) == 500
+    assert answer.headers["Link"] == (
+        '</api/retrying?per=500&sort=attempts&dir=desc&page=3>; rel="next", '
+        '</api/retrying?per=500&sort=attempts&dir=desc&page=1>; rel="prev"'
+    )
+    # page 1 held erp's 100 (9 attempts) and 400 of merchant's 2,000 with 5
+    assert {(u["attempts"], u.get("destination")) for u in listed} == {(5, None)}
+    assert listed[0]["id"] == "Retrying0007999-0-order" and listed[0]["order_id"] == "Retrying0007999"
+    assert listed[0]["last_error"] == "merchant answered HTTP 503"
+    first = await ops.get("/api/retrying?destination=erp", headers=BEARER)
+    assert first.headers["X-Total-Count"] == "100" and "Link" in first.headers
+    assert [u["id"] for u in await first.json()] == [f"ErpRetry{n:07d}-0-order__erp" for n in range(50)]
+    last = await ops.get("/api/retrying?destination=erp&page=9", headers=BEARER)  # past the last: the last
+    assert last.headers["Link"] == '</api/retrying?destination=erp&page=1>; rel="prev"'
+    assert next(u["id"] for u in await last.json()) == "ErpRetry0000050-0-order__erp"

@@ -95,3 +95,22 @@ async def test_a_stock_rq_simple_worker_with_the_json_serializer_runs_the_job(
     assert worker.work(burst=True, with_scheduler=False)
     assert sync_redis.lrange(DELIVERED, 0, -1) == [update["id"].encode()]
     assert not sync_redis.exists(rqstore.job_key(update["id"]))  # done: RQ deleted it (result_ttl 0)
+
+
+async def test_a_job_the_intake_writes_with_meta_has_the_meta_queue_enqueue_writes(
+    redis_url: str, sync_redis: redis.Redis, settings: Any
+) -> None:
+    # The callback's trace context rides on the job as RQ's `meta` (receiver/tracing.py).
+    meta = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    update = build_updates(parse_order(card_order("ContractOrder002")), received_at="2026-01-01T09:00:00.000Z",
+                           verified_by="local:test")[0]  # fmt: skip
+    client = AsyncRedis.from_url(redis_url)
+    intake = Intake(client, RedisKeys(settings.redis_key_prefix, settings.queue_name), 3600)
+    assert await intake.store([update], job_meta=orjson.dumps(meta)) == [update["id"]]
+    await client.aclose()
+    queue = Queue(settings.queue_name, connection=sync_redis, serializer=JSONSerializer)
+    queue.enqueue(rqstore.DELIVER_UPDATE, update, meta=meta, **rqstore.enqueue_options("enqueued-by-rq"))
+    ours, rqs = fields(sync_redis, update["id"]), fields(sync_redis, "enqueued-by-rq")
+    assert set(ours) == set(rqs)
+    assert JSONSerializer.loads(ours["meta"]) == JSONSerializer.loads(rqs["meta"]) == meta
+    assert Job.fetch(update["id"], connection=sync_redis, serializer=JSONSerializer).meta == meta

@@ -23,6 +23,7 @@ from redis import Redis
 from rq.job import Retry, get_current_job
 from standardwebhooks.webhooks import Webhook
 
+from receiver import tracing
 from receiver.chains import OrderChains, read_head
 from receiver.clock import utc_now
 from receiver.connections import sync_redis
@@ -138,7 +139,9 @@ class WebhookTarget:
         if replay:
             headers["webhook-replay"] = "1"
         try:
-            answer = self.connection.post(body, headers)
+            with tracing.current().http_post(headers, self.connection.host, self.connection.port) as span:
+                answer = self.connection.post(body, headers)
+                span.set_attribute(tracing.HTTP_STATUS, answer.status)
         except (OSError, AnswerError) as exc:  # refused, timed out, reset, TLS, unreadable answer
             raise DeliveryError(f"POST failed: {type(exc).__name__}: {exc}", unreachable=True) from None
         status = answer.status
@@ -347,7 +350,9 @@ def deliver_from_job(update: dict[str, Any]) -> Retry | None:
     whether it is its down destination's probe."""
     job = get_current_job()
     counted = getattr(job, "attempt_counted", False) is True
-    return deliver(current_context(), update, counted, getattr(job, "probe", False) is True)
+    ctx = current_context()
+    with tracing.current().attempt(getattr(job, "meta", None), ctx.destination.name, update):
+        return deliver(ctx, update, counted, getattr(job, "probe", False) is True)
 
 
 def note_breaker(ctx: DeliveryContext, failure: DeliveryError | None, probe: bool) -> None:
@@ -397,6 +402,7 @@ def deliver(
             stream=stream,
         )
         ctx.logger.info("update delivered", **tried.logged)
+        tracing.current().note_attempt("delivered", tried.logged)
         return None
     error, error_at = str(tried.failure), utc_now()
     if not tried.failure.retryable or start.attempt >= ctx.destination.max_attempts:
@@ -404,6 +410,7 @@ def deliver(
         dead_letter(
             ctx, update, attempts, error, error_at, counters, tried.history(DEAD_LETTERED), tried.logged
         )
+        tracing.current().note_attempt("dead_lettered", tried.logged)
         raise DeadLettered(error)
     return schedule_retry(ctx, update, tried, error_at, counters)
 
@@ -525,6 +532,7 @@ def schedule_retry(
         retry_in=round(delay, 4),
         retry_after=failure.retry_after,
     )
+    tracing.current().note_attempt("retry_scheduled", tried.logged)
     # RQ keeps the job, as scheduled, in its ScheduledJobRegistry (in whole seconds: never sooner than
     # `due`); the workers' maintenance queues it at `due` to the microsecond (receiver.retries.MOVE_DUE).
     return Retry(max=RETRY_BUDGET, interval=max(1, math.ceil(delay)))

@@ -163,6 +163,7 @@ class MerchantConnection:
         except ValueError:
             raise ValueError(f"bad port in {redact_url(url)!r}") from None
         self.url, self.auth_headers = _without_credentials(url)
+        self.host, self.port = parts.hostname, port  # what a trace may name of the merchant
         self.redacted_url = redact_url(url)
         self.secrets = [s for s in (parts.password, unquote(parts.password or "")) if s]
         self.options = options or ConnectionOptions()

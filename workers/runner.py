@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from receiver import __version__
+from receiver import __version__, tracing
 from receiver.chains import OrderChains
 from receiver.connections import sync_redis
 from receiver.destinations import PROCESSES_PER_DESTINATION, Destination
@@ -49,6 +49,7 @@ def work(settings: Settings, burst: bool, destination: Destination | None = None
         report("worker", str(exc))
         return 1
     use_context(context)
+    tracing.start(settings, "worker")
     queue_name = context.keys.queue_name
     timeout = attempt_timeout_seconds(context.destination.timeout_seconds)
     maintenance = Maintenance(context, queue_name, recovery_seconds=max(1.0, timeout / 2))
@@ -69,6 +70,7 @@ def work(settings: Settings, burst: bool, destination: Destination | None = None
         max_in_flight=context.destination.max_in_flight,
         version=__version__,
         settings=settings.summary(),
+        tracing=tracing.status(settings),
     )
     pause = 1.0
     try:
@@ -92,6 +94,7 @@ def work(settings: Settings, burst: bool, destination: Destination | None = None
             pause = min(pause * 2, MAX_RESTART_PAUSE_SECONDS)
     finally:
         maintenance.stopping.set()
+        tracing.current().shutdown()  # the spans still waiting, sent
         log.info("worker stopped", queue=queue_name)
     return 0
 

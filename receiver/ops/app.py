@@ -384,15 +384,16 @@ def _filter(query: Any) -> tuple[DeadLetterFilter, str | None]:
     return chosen, "; ".join(problems) or None
 
 
-def _paging(query: Any) -> state.Paging:
-    """Page, size and order of a list page's query (`page`, `per`, `sort`, `dir=asc`)."""
+def _paging(query: Any, soonest_first: bool = False) -> state.Paging:
+    """Page, size and order of a list page's query (`page`, `per`, `sort`, `dir=asc`; for the retrying
+    updates, soonest first unless `dir=desc`)."""
     sort = str(query.get("sort", "time"))
     per, number = str(query.get("per", "")), str(query.get("page", ""))
     return state.Paging(
         number=max(1, int(number)) if number.isdigit() and len(number) < 9 else 1,
         size=int(per) if per.isdigit() and int(per) in state.PAGE_SIZES else 50,
         sort=sort if sort in DEAD_LETTER_SORTS else "time",
-        ascending=query.get("dir") == "asc",
+        ascending=query.get("dir") != "desc" if soonest_first else query.get("dir") == "asc",
     )
 
 
@@ -566,33 +567,35 @@ async def order_page(request: web.Request) -> web.Response:
                 retention=app[SETTINGS].history_retention_seconds)  # fmt: skip
 
 
-def _retrying_listing(app: web.Application, paging: state.Paging, destination: str | None) -> dict[str, Any]:
-    """One page of the updates waiting for a retry (of `destination`, when given), soonest first."""
+def _retrying_listing(request: web.Request) -> tuple[dict[str, Any], state.Paging]:
+    """The page of retrying updates a query asks for (`destination`, `page`, `per`, `sort`, `dir`),
+    soonest first unless sorted otherwise."""
+    app = request.app
+    paging = _paging(request.query, soonest_first=True)
+    destination = request.query.get("destination") or None
     each = [k for k in app[DESTINATION_KEYS] if destination in (None, k.destination)]
-    count = state.retrying_count(app[REDIS], app[KEYS], each) if each else 0
-    start, end = paging.window(count)
-    updates = (
-        state.retrying(app[REDIS], app[KEYS], None, end - start, each, offset=start) if end > start else []
-    )
-    return {"updates": updates, "first": start + 1 if updates else 0, "last": start + len(updates),
-            "total": count, "page": start // paging.size + 1, "pages": max(1, -(-count // paging.size))}  # fmt: skip
+    return state.retrying_page(app[REDIS], each, paging), paging
 
 
 async def retrying_page(request: web.Request) -> web.Response:
     app = request.app
-    paging = _paging(request.query)
-    destination = request.query.get("destination") or None
-    listing = await in_thread(request, _retrying_listing, app, paging, destination)
-    current = _kept(request.query, ("destination", "per"))
+    listing, paging = await in_thread(request, _retrying_listing, request)
+    current = _kept(request.query, RETRYING_FIELDS)
     return page(request, "retrying.html", listing=listing, updates=listing["updates"], paging=paging,
-                link=_linker("/retrying", current), destination=destination or "",
-                destinations=[d.name for d in app[SETTINGS].destinations], sizes=state.PAGE_SIZES)  # fmt: skip
+                link=_linker("/retrying", current), destination=request.query.get("destination", ""),
+                destinations=[d.name for d in app[SETTINGS].destinations], sizes=state.PAGE_SIZES,
+                kept=current)  # fmt: skip
+
+
+# What of the Retrying page's URL its forms carry, so the page an action returns to is the one it left.
+RETRYING_FIELDS = ("destination", "per", "sort", "dir", "page")
 
 
 async def retry_now_form(request: web.Request) -> web.StreamResponse:
     update_id = request.match_info["id"]
+    kept = _kept(await read_form(request), RETRYING_FIELDS)
     moved = await in_thread(request, _retry_now, request, update_id)
-    return see_other(notice_link("/retrying", "retrying" if moved else "not-retrying", id=update_id))
+    return see_other(notice_link("/retrying", "retrying" if moved else "not-retrying", id=update_id, **kept))
 
 
 def _retry_now(request: web.Request, update_id: str) -> bool:
@@ -672,10 +675,18 @@ async def api_order(request: web.Request) -> web.Response:
 
 
 async def api_retrying(request: web.Request) -> web.Response:
-    app = request.app
-    return json_response(
-        await in_thread(request, state.retrying, app[REDIS], app[KEYS], None, 1000, app[DESTINATION_KEYS])
-    )
+    """One page of the retrying updates, as the Retrying page's query asks (`destination`, `page`,
+    `per`, `sort`, `dir`): a JSON list; `X-Total-Count` says how many wait, `Link` the next and
+    previous pages."""
+    listing, _ = await in_thread(request, _retrying_listing, request)
+    response = json_response(listing["updates"])
+    response.headers["X-Total-Count"] = str(listing["total"])
+    current = _linker(request.path, _kept(request.query, ("destination", "per", "sort", "dir")))
+    pages = {"next": listing["page"] + 1, "prev": listing["page"] - 1}
+    links = [f'<{current(page=n)}>; rel="{rel}"' for rel, n in pages.items() if 1 <= n <= listing["pages"]]
+    if links:
+        response.headers["Link"] = ", ".join(links)
+    return response
 
 
 async def api_retry_now(request: web.Request) -> web.Response:
@@ -699,10 +710,12 @@ async def api_retry_all_now(request: web.Request) -> web.Response:
 
 
 async def retry_all_now_form(request: web.Request) -> web.StreamResponse:
-    made = await in_thread(
-        request, retry_all_now, request.app[REDIS], request.app[DESTINATION_KEYS], f"ops:{request[VIA]}"
-    )
-    return see_other(notice_link("/retrying", "made-due", done=sum(made.values())))
+    """The Retrying page's "Retry all now": every retrying update of the destination it shows (of
+    every destination when it shows all) made due now."""
+    kept = _kept(await read_form(request), RETRYING_FIELDS)
+    each = [k for k in request.app[DESTINATION_KEYS] if kept.get("destination") in (None, k.destination)]
+    made = await in_thread(request, retry_all_now, request.app[REDIS], each, f"ops:{request[VIA]}")
+    return see_other(notice_link("/retrying", "made-due", done=sum(made.values()), **kept))
 
 
 async def healthz(request: web.Request) -> web.Response:

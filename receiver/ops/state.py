@@ -151,58 +151,91 @@ def overview(
     }
 
 
-def retrying(
-    redis: Redis,
-    keys: RedisKeys,
-    now: float | None = None,
-    limit: int = 1000,
-    destinations: Sequence[RedisKeys] = (),
-    offset: int = 0,
-) -> list[dict[str, Any]]:
-    """Updates waiting for their next attempt, soonest first, `limit` of them from the `offset`th: due
-    time, attempts, last error (and the destination, for one other than `merchant`), over every
-    destination's retry schedule."""
+RETRYING_SORTS = ("time", "order", "destination", "attempts")
+
+
+def retrying_page(
+    redis: Redis, destinations: Sequence[RedisKeys], paging: Paging, now: float | None = None
+) -> dict[str, Any]:
+    """One page of the updates waiting for their next attempt over `destinations`' retry schedules,
+    sorted as `paging` says (`time`: when due), and where it stands: {updates, first, last, total, page,
+    pages}. By time, only as many as reach the page are read of each schedule; by order or destination
+    every id and due time (no record), by attempts every attempt count too; the page's records last."""
     now = time.time() if now is None else now
-    found = []
-    for dest in list(destinations) or [keys]:
-        found += _retrying(redis, dest, now, offset + limit)
-    return sorted(found, key=lambda u: u["due_at"] or "")[offset : offset + limit]
-
-
-def retrying_count(redis: Redis, keys: RedisKeys, destinations: Sequence[RedisKeys] = ()) -> int:
-    """How many updates wait for their next attempt, over every destination's retry schedule."""
+    sort = paging.sort if paging.sort in RETRYING_SORTS else "time"
     with redis.pipeline(transaction=False) as pipe:
-        for dest in list(destinations) or [keys]:
+        for dest in destinations:
             pipe.zcard(dest.retry_schedule)
-        return sum(int(n) for n in pipe.execute())
-
-
-def _retrying(redis: Redis, keys: RedisKeys, now: float, limit: int) -> list[dict[str, Any]]:
-    scheduled: list[tuple[bytes, float]] = redis.zrange(  # type: ignore[assignment]
-        keys.retry_schedule, 0, limit - 1, withscores=True
-    )
+        total = sum(int(n) for n in pipe.execute())
+    start, end = paging.window(total)
+    if end <= start:
+        return _page_of([], 0, 0, total, paging)
+    reach = end if sort == "time" else total  # by time, the page is within each schedule's first `end`
     with redis.pipeline(transaction=False) as pipe:
-        for raw_id, _ in scheduled:
-            pipe.hgetall(keys.delivery(_text(raw_id)))
+        for dest in destinations:
+            if paging.ascending or sort != "time":
+                pipe.zrange(dest.retry_schedule, 0, reach - 1, withscores=True)
+            else:
+                pipe.zrevrange(dest.retry_schedule, 0, reach - 1, withscores=True)
+        scheduled = [
+            (dest, _text(raw_id), float(due))
+            for dest, found in zip(destinations, pipe.execute(), strict=True)
+            for raw_id, due in found
+        ]
+    attempts: dict[tuple[str, str], int] = {}
+    if sort == "attempts":
+        with redis.pipeline(transaction=False) as pipe:
+            for dest, job, _ in scheduled:
+                pipe.hget(dest.delivery(job), "attempts")
+            for (dest, job, _), n in zip(scheduled, pipe.execute(), strict=True):
+                attempts[dest.destination, job] = int(n or 0)
+
+    def by(item: tuple[RedisKeys, str, float]) -> Any:
+        dest, job, due = item
+        order = parse_update_id(split_job_id(job)[0])
+        return {
+            "time": (due, job),
+            "order": (order[0] if order else job, job),
+            "destination": (dest.destination, due, job),
+            "attempts": (attempts.get((dest.destination, job), 0), due, job),
+        }[sort]
+
+    scheduled.sort(key=by, reverse=not paging.ascending)
+    chosen = scheduled[start:end]
+    with redis.pipeline(transaction=False) as pipe:
+        for dest, job, _ in chosen:
+            pipe.hgetall(dest.delivery(job))
         records = pipe.execute()
-    found = []
-    for (raw_id, due), record in zip(scheduled, records, strict=True):
-        update_id = _text(raw_id)
-        fields = {_text(k): _text(v) for k, v in record.items()}
-        parsed = parse_update_id(split_job_id(update_id)[0])
-        found.append(
-            {
-                "id": update_id,
-                "order_id": parsed[0] if parsed else None,
-                "due_at": iso(due),
-                "due_in_seconds": round(max(due - now, 0.0), 1),
-                "attempts": int(fields.get("attempts", 0) or 0),
-                "last_error": fields.get("last_error"),
-                "last_error_at": fields.get("last_error_at"),
-                **({} if keys.destination == MERCHANT else {"destination": keys.destination}),
-            }
-        )
-    return found
+    updates = [
+        _retrying_update(dest, job, due, record, now)
+        for (dest, job, due), record in zip(chosen, records, strict=True)
+    ]
+    return _page_of(updates, start, end, total, paging)
+
+
+def _page_of(
+    updates: list[dict[str, Any]], start: int, end: int, total: int, paging: Paging
+) -> dict[str, Any]:
+    return {"updates": updates, "first": start + 1 if end > start else 0, "last": end, "total": total,
+            "page": start // paging.size + 1, "pages": max(1, -(-total // paging.size))}  # fmt: skip
+
+
+def _retrying_update(
+    keys: RedisKeys, update_id: str, due: float, record: dict[Any, Any], now: float
+) -> dict[str, Any]:
+    """A retrying update as the console and the API show it."""
+    fields = {_text(k): _text(v) for k, v in record.items()}
+    parsed = parse_update_id(split_job_id(update_id)[0])
+    return {
+        "id": update_id,
+        "order_id": parsed[0] if parsed else None,
+        "due_at": iso(due),
+        "due_in_seconds": round(max(due - now, 0.0), 1),
+        "attempts": int(fields.get("attempts", 0) or 0),
+        "last_error": fields.get("last_error"),
+        "last_error_at": fields.get("last_error_at"),
+        **({} if keys.destination == MERCHANT else {"destination": keys.destination}),
+    }
 
 
 PAGE_SIZES = (25, 50, 100, 200, 500)
