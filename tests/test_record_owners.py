@@ -52,8 +52,12 @@ SAME_WORD_ELSEWHERE: dict[str, dict[str, str]] = {
     "http_status": {
         "workers/delivery.py": "the attempt's log line",
         "receiver/history.py": "the attempt's entry",
+        "receiver/tracing.py": "the attempt's log line, as span attributes",
     },
-    "duration_ms": {"workers/delivery.py": "the attempt's log line"},
+    "duration_ms": {
+        "workers/delivery.py": "the attempt's log line",
+        "receiver/tracing.py": "the attempt's log line, as span attributes",
+    },
     "verified_by": {"receiver/order.py": "the update message's"},
     "request_id": {"receiver/app.py": "the aiohttp request's key"},
     "order_number": {
@@ -77,6 +81,7 @@ SAME_WORD_ELSEWHERE: dict[str, dict[str, str]] = {
     "target": {
         "workers/delivery.py": "the attempt's log line",
         "receiver/ops/app.py": "`trace`'s document (receiver/history.py `story`)",
+        "receiver/tracing.py": "the attempt's log line, as span attributes",
     },
     "replay": {
         "receiver/chains.py": "the delivery record's",
@@ -84,6 +89,7 @@ SAME_WORD_ELSEWHERE: dict[str, dict[str, str]] = {
         "receiver/replay.py": "the command's name",
         "receiver/cli.py": "the command's name",
         "receiver/ops/replaying.py": "the console's action and thread names",
+        "receiver/tracing.py": "the attempt's log line, as span attributes",
     },
 }
 
