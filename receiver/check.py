@@ -172,7 +172,7 @@ def check_destination_url(destination: Destination) -> str | None:
     """HEAD a destination's URL (the merchant's, MERCHANT_WEBHOOK_URL, or a DESTINATION_<NAME>_URL) as
     the workers reach it (its proxy, its client certificate): any HTTP answer is reachable; returns the
     problem, naming the variable, or None."""
-    from workers.merchant_http import AnswerError, ConnectionOptions, MerchantConnection
+    from workers.merchant_http import ConnectionOptions, MerchantConnection, PostFailed
 
     name = destination_variable(destination.name, "URL")
     timeout = destination_variable(destination.name, "TIMEOUT_SECONDS")
@@ -187,12 +187,14 @@ def check_destination_url(destination: Destination) -> str | None:
         return f"{name}: {exc}"
     try:
         connection.reach()
-    except AnswerError:
-        return None  # it answered, if not in good HTTP: reachable, the workers will say more
-    except TimeoutError:
-        return f"{name}: {connection.redacted_url} did not answer within {d.timeout_seconds:g} s ({timeout})"
-    except OSError as exc:
-        return f"{name}: cannot reach {connection.redacted_url}: {exc}"
+    except PostFailed as exc:
+        if exc.answered:
+            return None  # it answered, if not in good HTTP: reachable, the workers will say more
+        if exc.timed_out:
+            return (
+                f"{name}: {connection.redacted_url} did not answer within {d.timeout_seconds:g} s ({timeout})"
+            )
+        return f"{name}: cannot reach {connection.redacted_url}: {exc.detail}"
     return None
 
 

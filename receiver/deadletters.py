@@ -28,7 +28,7 @@ from receiver.chains import OrderChains
 from receiver.clock import utc_now
 from receiver.connections import sync_redis
 from receiver.destinations import MERCHANT
-from receiver.errors import report
+from receiver.errors import IntergiroReceiverError, report
 from receiver.history import entry as history_entry
 from receiver.history import short_id
 from receiver.reconcile import parse_duration
@@ -138,7 +138,7 @@ class DeadLetterFilter:
         )
 
 
-class DestinationNotConfigured(Exception):
+class DestinationNotConfigured(IntergiroReceiverError):
     """A dead letter for a destination no longer configured: requeued, no worker would deliver it."""
 
     def __init__(self, update_id: str, destination: str) -> None:

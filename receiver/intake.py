@@ -19,6 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from receiver.chains import chain_args, intake_script
 from receiver.connections import deadline
 from receiver.destinations import MERCHANT, Destination
+from receiver.errors import IntergiroReceiverError
 from receiver.history import HistoryNote, indexable_number
 from receiver.logs import log
 from receiver.order import event_key
@@ -37,7 +38,7 @@ Batch = list[tuple[list[Any], "asyncio.Future[list[Any]]"]]
 REPLICA_WAIT_MS = 1000
 
 
-class NotReplicated(RedisError):
+class NotReplicated(IntergiroReceiverError, RedisError):
     """The callback is on the primary but not yet on enough replicas: a failover could lose it, so the
     sender is told to retry (its retry is a duplicate that waits for the replicas again)."""
 

@@ -28,6 +28,8 @@ from receiver.clock import utc_now
 from receiver.connections import sync_redis
 from receiver.destination_state import DestinationState
 from receiver.destinations import MERCHANT, Destination, queue_name
+from receiver.errors import IntergiroReceiverError
+from receiver.handler_errors import DeliveryError, MerchantAnswer, PermanentDeliveryError
 from receiver.history import attempt_entry
 from receiver.logs import LoggedOutcome, log
 from receiver.metrics import count, counter_increment, observation_increments
@@ -36,36 +38,13 @@ from receiver.retries import retry_wait
 from receiver.retry_after import parse_retry_after
 from receiver.rqstore import RETRY_BUDGET
 from receiver.settings import Settings
-from workers.merchant_http import Answer, AnswerError, ConnectionOptions, MerchantConnection
+from workers.merchant_http import Answer, ConnectionOptions, MerchantConnection
 from workers.streams import StreamTarget
 
+# PermanentDeliveryError (imported above) stays importable from here for the handlers written before
+# receiver.handler_errors was their module (tests/test_errors.py).
+
 USER_AGENT = "intergiro-receiver"
-
-
-class DeliveryError(Exception):
-    """A failed delivery attempt; `retryable` says whether another attempt may succeed."""
-
-    retryable = True
-
-    def __init__(
-        self,
-        message: str,
-        retry_after: float | None = None,
-        http_status: int | None = None,
-        answer: Answer | None = None,
-        unreachable: bool = False,
-    ) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.http_status = http_status
-        self.answer = answer  # the merchant's, when it answered
-        self.unreachable = unreachable  # says the destination is down (its breaker counts it)
-
-
-class PermanentDeliveryError(DeliveryError):
-    """Raise from a MERCHANT_HANDLER to dead-letter the update at once instead of retrying it."""
-
-    retryable = False
 
 
 class DeadLettered(LoggedOutcome):
@@ -75,7 +54,7 @@ class DeadLettered(LoggedOutcome):
     by `dead_letter`: RQ's own line with its traceback is left out (receiver.logs)."""
 
 
-class TargetNotConfigured(Exception):
+class TargetNotConfigured(IntergiroReceiverError):
     """Neither MERCHANT_WEBHOOK_URL nor MERCHANT_HANDLER is set (nor a destination's URL or handler),
     or the handler cannot be imported."""
 
@@ -135,10 +114,7 @@ class WebhookTarget:
         }
         if replay:
             headers["webhook-replay"] = "1"
-        try:
-            answer = self.connection.post(body, headers)
-        except (OSError, AnswerError) as exc:  # refused, timed out, reset, TLS, unreadable answer
-            raise DeliveryError(f"POST failed: {type(exc).__name__}: {exc}", unreachable=True) from None
+        answer = self.connection.post(body, headers)  # raises PostFailed: no answer it could read
         status = answer.status
         if 200 <= status < 300:
             return answer
@@ -397,7 +373,7 @@ def deliver(
     pending = [t for t in ctx.targets if f"done:{t.name}" not in done]  # others took it in an earlier attempt
     at, started = utc_now(), time.perf_counter()
     failure: DeliveryError | None = None
-    answer: Answer | None = None  # the last one a webhook target got
+    answer: MerchantAnswer | None = None  # the last one a webhook target got
     tried: list[str] = []
     for n, target in enumerate(pending):
         tried.append(target.name)

@@ -29,6 +29,8 @@ import urllib3
 from urllib3.exceptions import HTTPError, ProtocolError, ProxyError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
+from receiver.errors import IntergiroReceiverError
+from receiver.handler_errors import DeliveryError
 from receiver.settings import Settings
 
 # A longer answer head is refused; of a longer body this much is read, then the connection is closed.
@@ -49,8 +51,20 @@ class Answer:
     body_start: bytes = b""
 
 
-class AnswerError(Exception):
+class AnswerError(IntergiroReceiverError):
     """The merchant's answer could not be read: malformed, or cut short before its status line ended."""
+
+
+class PostFailed(DeliveryError):
+    """No answer to the POST (or HEAD) that could be read: refused, timed out, reset, TLS, a proxy, or an
+    unreadable answer. urllib3's errors and http.client's become this one, here and nowhere else: a
+    retryable attempt that says the merchant is unreachable."""
+
+    def __init__(self, cause: OSError | AnswerError) -> None:
+        super().__init__(f"POST failed: {type(cause).__name__}: {cause}", unreachable=True)
+        self.detail = str(cause)
+        self.answered = isinstance(cause, AnswerError)  # something answered, if not in readable HTTP
+        self.timed_out = isinstance(cause, TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -176,8 +190,8 @@ class MerchantConnection:
         self._local = _ThreadConnection()
 
     def post(self, body: bytes, headers: Mapping[str, str]) -> Answer:
-        """POST `body`; returns the merchant's answer. Raises OSError (refused, timed out,
-        reset, TLS, proxy) or AnswerError, after closing the connection. A kept-alive connection the
+        """POST `body`; returns the merchant's answer. Raises PostFailed (refused, timed out, reset,
+        TLS, proxy, an unreadable answer), after closing the connection. A kept-alive connection the
         merchant closed as the POST left fails before any answer: the POST is sent again, once, on a
         new connection."""
         all_headers = {**self.auth_headers, **headers} if self.auth_headers else dict(headers)
@@ -192,25 +206,25 @@ class MerchantConnection:
                 return self._exchange(body, all_headers)
         except RemoteDisconnected:
             self.close()
-            raise AnswerError("connection closed before any answer") from None
+            raise PostFailed(AnswerError("connection closed before any answer")) from None
         except (OSError, AnswerError) as exc:
             self.close()
-            raise self._redacted(exc) from None
+            raise PostFailed(self._redacted(exc)) from None
         except BaseException:
             self.close()
             raise
 
     def reach(self) -> int:
-        """`HEAD` the URL (for `check`): the status of any answer; raises OSError (refused, timed out,
-        TLS, proxy) or AnswerError as `post` does. Nothing is posted."""
+        """`HEAD` the URL (for `check`): the status of any answer; raises PostFailed as `post` does.
+        Nothing is posted."""
         try:
             answer = self._manager().urlopen(
                 "HEAD", self.url, headers=dict(self.auth_headers), redirect=False, preload_content=False
             )
         except HTTPError as exc:
-            raise self._redacted(_unwrapped(exc)) from None
+            raise PostFailed(self._redacted(_unwrapped(exc))) from None
         except HTTPException as exc:
-            raise AnswerError(f"unreadable answer: {type(exc).__name__}: {exc}") from None
+            raise PostFailed(AnswerError(f"unreadable answer: {type(exc).__name__}: {exc}")) from None
         finally:
             self.close()
         return int(answer.status)
