@@ -14,7 +14,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from importlib import resources
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
@@ -61,6 +61,7 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 PUBLIC = ("/login", "/static/", "/healthz")
+STATIC_FOLDER = Path(__file__).with_name("static")  # package data: ops.css, ops.js
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -705,17 +706,6 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
-async def static(request: web.Request) -> web.Response:
-    name = request.match_info["name"]
-    if name not in STATIC_TYPES:
-        raise web.HTTPNotFound()
-    body = resources.files("receiver.ops").joinpath("static", name).read_bytes()
-    return web.Response(body=body, content_type=STATIC_TYPES[name], headers={"Cache-Control": "max-age=3600"})
-
-
-STATIC_TYPES = {"ops.css": "text/css", "ops.js": "text/javascript"}
-
-
 @functools.cache
 def templates() -> jinja2.Environment:
     env = jinja2.Environment(
@@ -753,7 +743,8 @@ def create_ops_app(
     r.add_post("/login", login)
     r.add_get("/login/link/{nonce}", login_link)
     r.add_post("/logout", logout)
-    r.add_get("/static/{name}", static)
+    # The console's style sheet and script, served by aiohttp (no index, no symlinks out of the folder).
+    r.add_static("/static/", STATIC_FOLDER, show_index=False, follow_symlinks=False)
     r.add_get("/healthz", healthz)
     r.add_get("/", overview_page)
     r.add_get("/dlq", dlq_page)
