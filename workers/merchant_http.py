@@ -8,9 +8,9 @@ is one package with no dependencies of its own, and costs less CPU per POST than
 (docs/performance.md).
 
 What urllib3 leaves to us: the proxy variables are read by `receiver.settings` (so `.env` counts
-too) and NO_PROXY is matched here; credentials written in the URL become Basic auth and are kept out
-of every message; the pool is made per process, on first use, so a forked worker never shares its
-parent's socket.
+too) and NO_PROXY is matched here (the standard library's rules, with addresses and CIDR blocks
+added); credentials written in the URL become Basic auth and are kept out of every message; the pool
+is made per process, on first use, so a forked worker never shares its parent's socket.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from http.client import HTTPException, RemoteDisconnected
 from typing import Any
 from urllib.parse import unquote, urlsplit
+from urllib.request import proxy_bypass_environment  # type: ignore[attr-defined]  # not in typeshed
 
 import urllib3
 from urllib3.exceptions import HTTPError, ProtocolError, ProxyError
@@ -98,37 +99,42 @@ class ConnectionOptions:
 
 def bypasses_proxy(no_proxy: str, host: str, port: int) -> bool:
     """Whether NO_PROXY (comma-separated: `*`, host names matching themselves and their subdomains,
-    with or without a leading dot, IP addresses, CIDR blocks, each optionally with `:port`) names
-    `host`."""
+    with or without a leading dot or `*.`, IP addresses, CIDR blocks, each optionally with `:port`)
+    names `host`. Host names follow the standard library's rules (`proxy_bypass_environment`, as
+    urllib and requests apply them); what those lack is added here: `*` among other entries, `*.`,
+    and addresses matched as addresses (IPv6 in brackets when a port follows, CIDR blocks)."""
     host = host.strip("[]").lower()
     try:
         address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
     except ValueError:
         address = None
+    names = []
     for entry in (e.strip().lower() for e in no_proxy.split(",")):
-        if not entry:
-            continue
         if entry == "*":
             return True
-        name, entry_port = entry, ""
-        if entry.startswith("["):  # [::1]:8080
-            name, _, rest = entry[1:].partition("]")
-            entry_port = rest.removeprefix(":")
-        elif entry.count(":") == 1:  # host:port (an IPv6 address without brackets has several)
-            name, entry_port = entry.split(":")
-        if entry_port and entry_port != str(port):
+        if not entry:
             continue
-        if address is not None:
-            try:
-                if address in ipaddress.ip_network(name, strict=False):
-                    return True
-            except ValueError:
-                pass
-            continue
-        name = name.lstrip(".").removeprefix("*.")
-        if host == name or host.endswith("." + name):
+        if address is None:
+            names.append(entry.removeprefix("*."))
+        elif _names_address(entry, address, port):
             return True
-    return False
+    return address is None and proxy_bypass_environment(f"{host}:{port}", {"no": ",".join(names)})
+
+
+def _names_address(entry: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> bool:
+    """Whether a NO_PROXY entry (an address or a CIDR block, optionally with `:port`) holds `address`."""
+    name, entry_port = entry, ""
+    if entry.startswith("["):  # [::1]:8080
+        name, _, rest = entry[1:].partition("]")
+        entry_port = rest.removeprefix(":")
+    elif entry.count(":") == 1:  # 10.0.0.1:8080 (an IPv6 address without brackets has several colons)
+        name, entry_port = entry.split(":")
+    if entry_port and entry_port != str(port):
+        return False
+    try:
+        return address in ipaddress.ip_network(name, strict=False)
+    except ValueError:  # a host name: not an address's
+        return False
 
 
 def redact_url(url: str) -> str:
