@@ -178,11 +178,7 @@ def check_destination_url(destination: Destination) -> str | None:
     timeout = destination_variable(destination.name, "TIMEOUT_SECONDS")
     d = destination
     try:
-        connection = MerchantConnection(
-            d.url,
-            d.timeout_seconds,
-            ConnectionOptions(d.http_proxy, d.https_proxy, d.no_proxy, d.tls_client_cert, d.tls_client_key),
-        )
+        connection = MerchantConnection(d.url, d.timeout_seconds, ConnectionOptions.of(d))
     except ValueError as exc:
         return f"{name}: {exc}"
     try:

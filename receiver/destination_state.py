@@ -37,7 +37,6 @@ from receiver.retries import format_duration
 from receiver.settings import Settings
 
 UP, DOWN, PAUSED = "up", "down", "paused"
-STATES = (UP, DOWN, PAUSED)
 MAX_REASON_CHARS = 500
 SNAPSHOT_SECONDS = 1.0  # how stale a worker's view may be: a pause holds new jobs within about a second
 

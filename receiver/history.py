@@ -49,14 +49,11 @@ HEADER_CHARS = 100  # of an answer's Retry-After or Content-Type
 ANSWER_BODY_BYTES = 1024
 # Control characters of an answer's body (a terminal's escape sequences among them) are not kept as such.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-REQUEST_ID_CHARS = 64
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,64}")
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 _UPDATE_ID = re.compile(
     r"(?P<order>[A-Za-z0-9_-]+?)-(?:(?P<sequence>\d+)-(?P<type>[a-z]+)|(?P<created>created))"
 )
-
-STATES = ("waiting", "queued", "retrying", "delivered", "dead_lettered")
 
 
 @dataclass(frozen=True)

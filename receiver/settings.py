@@ -1,6 +1,9 @@
 """Every setting of the product, read once from the environment (and `.env`) and validated together.
 
-This is the only module that reads `os.environ`; everything else gets a `Settings` passed down.
+This is the only module that reads the product's settings from `os.environ`; everything else gets a
+`Settings` passed down. One variable is not ours: prometheus_client's PROMETHEUS_MULTIPROC_DIR, which
+receiver/cli.py sets for `serve --processes` before prometheus_client is imported (it reads it then)
+and receiver.metrics looks up to find the same folder.
 """
 
 from __future__ import annotations

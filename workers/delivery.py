@@ -162,9 +162,7 @@ def build_targets(config: Settings | Destination) -> list[Target]:
         return [StreamTarget(d.stream, d.stream_maxlen)]
     targets: list[Target] = []
     if d.url:
-        options = ConnectionOptions(
-            d.http_proxy, d.https_proxy, d.no_proxy, d.tls_client_cert, d.tls_client_key
-        )
+        options = ConnectionOptions.of(d)
         targets.append(WebhookTarget(d.url, d.secret, d.timeout_seconds, options, variable(d.name, "URL")))
     if d.handler:
         targets.append(HandlerTarget(d.handler, variable(d.name, "HANDLER")))

@@ -30,9 +30,9 @@ import urllib3
 from urllib3.exceptions import HTTPError, ProtocolError, ProxyError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
+from receiver.destinations import Destination
 from receiver.errors import IntergiroReceiverError
 from receiver.handler_errors import DeliveryError
-from receiver.settings import Settings
 
 # A longer answer head is refused; of a longer body this much is read, then the connection is closed.
 MAX_ANSWER_BYTES = 65536
@@ -80,14 +80,10 @@ class ConnectionOptions:
     client_key: str = ""
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ConnectionOptions:
-        return cls(
-            settings.http_proxy,
-            settings.https_proxy,
-            settings.no_proxy,
-            settings.merchant_tls_client_cert,
-            settings.merchant_tls_client_key,
-        )
+    def of(cls, destination: Destination) -> ConnectionOptions:
+        """The destination's (its own variables, or the global proxies and MERCHANT_TLS_CLIENT_*)."""
+        d = destination
+        return cls(d.http_proxy, d.https_proxy, d.no_proxy, d.tls_client_cert, d.tls_client_key)
 
     def proxy_for(self, scheme: str, host: str, port: int) -> str:
         """The proxy URL for a request to scheme://host:port, or "" to connect directly."""
