@@ -379,9 +379,9 @@ def create_app(settings: Settings) -> web.Application:
     """The receiver's aiohttp application, with its Redis client and HTTP session opened on startup."""
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
-    keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+    keys = RedisKeys.of(settings)
     app[METRICS] = ReceiverMetrics(keys, destination_keys(keys, [d.name for d in settings.destinations]))
-    app[KEYS] = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+    app[KEYS] = keys
     app[TRUSTED_KEYS] = settings.trusted_keys
     app[REFUSALS_LOGGED] = OncePer(REFUSAL_LOG_SECONDS)
     app[ORDER_LIMITS] = settings.order_limits

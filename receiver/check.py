@@ -20,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from receiver.connections import async_redis, deadline
 from receiver.destinations import MERCHANT, Destination
 from receiver.intergiro_api import new_session, verify_url
+from receiver.order import is_error_object
 from receiver.settings import Settings
 
 REDIS_CHECK_SECONDS = 3.0
@@ -117,15 +118,12 @@ async def check_redis(settings: Settings, findings: Findings) -> None:
         await client.aclose()
 
 
-def is_error_object(text: bytes) -> bool:
-    """An Intergiro Error object (`{status, type, ...}`): the API judged the request."""
+def is_error_answer(text: bytes) -> bool:
+    """An answer that is an Intergiro Error object (`{status, type, ...}`): the API judged the request."""
     try:
-        body = orjson.loads(text)
+        return is_error_object(orjson.loads(text))
     except orjson.JSONDecodeError:
         return False
-    return (
-        isinstance(body, dict) and isinstance(body.get("status"), int) and isinstance(body.get("type"), str)
-    )
 
 
 async def check_verify_endpoint(settings: Settings, findings: Findings) -> None:
@@ -161,7 +159,7 @@ async def check_verify_endpoint(settings: Settings, findings: Findings) -> None:
         )
     elif status >= 500:
         findings.problems.append(f"INTERGIRO_API_URL: the verify endpoint answered {status}")
-    elif 400 <= status < 500 and not is_error_object(body):
+    elif 400 <= status < 500 and not is_error_answer(body):
         findings.problems.append(
             f"INTERGIRO_API_URL: {url} answered {status} without Intergiro's error object: "
             "not Intergiro's verify endpoint, so the key is not known to work"

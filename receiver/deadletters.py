@@ -177,7 +177,7 @@ class DeadLetters:
     def _keys(self, entry: dict[str, Any]) -> RedisKeys:
         """The keys of the destination the entry's delivery was for."""
         name = entry.get("destination", MERCHANT)
-        return self.keys if name == MERCHANT else self.keys.for_destination(name)
+        return self.keys.for_destination(name)
 
     def get(self, update_id: str) -> dict[str, Any] | None:
         raw = self.redis.hget(self.keys.dead_letters, update_id)
@@ -299,7 +299,7 @@ class DeadLetters:
 def run_dlq_command(settings: Settings, args: argparse.Namespace) -> int:
     """`intergiro-receiver dlq list|show|requeue|purge`: 0 when done, 1 when an id is not there."""
     redis = sync_redis(settings, timeout=10)
-    keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+    keys = RedisKeys.of(settings)
     dlq = DeadLetters(redis, keys, settings.history_retention_seconds)
     configured = {d.name for d in settings.destinations}
     try:

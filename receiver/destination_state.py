@@ -308,9 +308,7 @@ def describe(redis: Redis, each: Sequence[RedisKeys], now: float | None = None) 
 
 def all_keys(settings: Settings) -> list[RedisKeys]:
     """The keys of every configured destination."""
-    return destination_keys(
-        RedisKeys(settings.redis_key_prefix, settings.queue_name), [d.name for d in settings.destinations]
-    )
+    return destination_keys(RedisKeys.of(settings), [d.name for d in settings.destinations])
 
 
 def _note(row: dict[str, Any]) -> str:

@@ -65,9 +65,7 @@ class Intake:
         passes (one delivery per destination, each in that destination's chain of the order)."""
         self.redis = redis
         self.destinations = tuple(destinations)
-        self._chain_keys = [
-            keys if d.name == MERCHANT else keys.for_destination(d.name) for d in destinations
-        ]
+        self._chain_keys = [keys.for_destination(d.name) for d in destinations]
         self.timeout_seconds = timeout_seconds
         self.min_replicas = min_replicas
         self.keys = keys

@@ -159,7 +159,7 @@ class Reconciler:
 
     def __init__(self, redis: Redis, settings: Settings, api: OrderApi, *, dry_run: bool = False) -> None:
         self.redis = redis
-        self.keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+        self.keys = RedisKeys.of(settings)
         self.intake = Intake(
             redis,
             self.keys,
@@ -337,7 +337,7 @@ class PeriodicReconcile:
     ) -> None:
         self.redis = redis
         self.settings = settings
-        self.keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+        self.keys = RedisKeys.of(settings)
         self.api = api
         self.interval = settings.reconcile_interval_seconds
         self.lookback = lookback_seconds or settings.reconcile_lookback_seconds
@@ -447,7 +447,7 @@ async def reconcile_command(
                 try:
                     await count(
                         redis,
-                        RedisKeys(settings.redis_key_prefix, settings.queue_name),
+                        RedisKeys.of(settings),
                         "intergiro_reconcile_runs_total",
                         outcome=summary.outcome,
                     )

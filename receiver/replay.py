@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from receiver.chains import OrderChains
 from receiver.clock import utc_now
 from receiver.connections import sync_redis
-from receiver.destinations import MERCHANT, Destination
+from receiver.destinations import Destination
 from receiver.errors import BadCallback, report
 from receiver.history import replay_note
 from receiver.intergiro_api import ApiFailed, ApiRefused, OrderApi, new_session, order_id_of
@@ -103,8 +103,8 @@ class Replayer:
     """Lists a window's orders and queues their updates again for one destination."""
 
     def __init__(self, settings: Settings, destination: Destination, redis: Any, dry_run: bool) -> None:
-        keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
-        self.keys = keys if destination.name == MERCHANT else keys.for_destination(destination.name)
+        keys = RedisKeys.of(settings)
+        self.keys = keys.for_destination(destination.name)
         self.destination = destination
         self.redis = redis
         self.chains = OrderChains(redis, self.keys, settings.history_retention_seconds)

@@ -299,7 +299,7 @@ async def test_metrics_of_other_processes_are_served_by_the_receiver(
     from receiver.metrics import count, observe
     from receiver.rediskeys import RedisKeys
 
-    keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+    keys = RedisKeys.of(settings)
     count(sync_redis, keys, "intergiro_deliveries_total", outcome="delivered")
     count(sync_redis, keys, "intergiro_deliveries_total", 2, outcome="delivered")
     pipe = sync_redis.pipeline()

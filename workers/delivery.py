@@ -266,9 +266,7 @@ class DeliveryContext:
         """The context of one destination's worker (`merchant`'s when not given)."""
         destination = destination or settings.merchant
         redis = sync_redis(settings, timeout=10)
-        keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
-        if destination.name != MERCHANT:
-            keys = keys.for_destination(destination.name)
+        keys = RedisKeys.of(settings).for_destination(destination.name)
         chains = OrderChains(redis, keys, settings.history_retention_seconds)
         logger = log.bind() if destination.name == MERCHANT else log.bind(destination=destination.name)
         return cls(

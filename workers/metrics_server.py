@@ -38,7 +38,7 @@ class WorkerProbe:
     """What the endpoint reads: the deployment's figures (under the lease) and this group's heartbeats."""
 
     def __init__(self, settings: Settings, processes: int) -> None:
-        self.keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+        self.keys = RedisKeys.of(settings)
         self.redis = sync_redis(settings, timeout=settings.redis_timeout_seconds)
         self.deployment = DeploymentMetrics(
             self.keys, destination_keys(self.keys, [d.name for d in settings.destinations])

@@ -135,12 +135,12 @@ def retire_removed_destinations(settings: Settings) -> dict[str, int]:
     Returns how many were dead-lettered per removed destination."""
     redis = sync_redis(settings, timeout=10)
     try:
-        keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+        keys = RedisKeys.of(settings)
         configured = [d.name for d in settings.destinations]
         known = {raw.decode() for raw in redis.smembers(keys.destinations)}  # type: ignore[union-attr]
         dropped = {}
         for name in sorted(known - set(configured)):
-            own = keys if name == keys.destination else keys.for_destination(name)
+            own = keys.for_destination(name)
             dropped[name] = OrderChains(redis, own, settings.history_retention_seconds).drop_all(REMOVED)
             redis.srem(keys.destinations, name)
             log.warning(

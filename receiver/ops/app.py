@@ -723,7 +723,7 @@ def create_ops_app(
     `lockout_seconds`: instead of SIGN_IN_LOCKOUT_SECONDS)."""
     app = web.Application(middlewares=[signed_in], client_max_size=1024 * 1024)
     app[SETTINGS] = settings
-    app[KEYS] = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+    app[KEYS] = RedisKeys.of(settings)
     app[DESTINATION_KEYS] = destination_keys(app[KEYS], [d.name for d in settings.destinations])
     app[AUTH] = (
         Authenticator(settings.ops_token)

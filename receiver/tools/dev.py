@@ -310,7 +310,7 @@ async def wait_for_console(plan: Plan, children: Children) -> str:
     settings = Settings.from_env(plan.env)
     redis = sync_redis(settings)
     try:
-        keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+        keys = RedisKeys.of(settings)
         return await asyncio.to_thread(make_sign_in_link, redis, keys, plan.ops_url)
     finally:
         redis.close()
