@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import re
 import secrets
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from receiver.order import build_updates, event_key, parse_order
 from receiver.rediskeys import RedisKeys
 from receiver.rqstore import job_data
 from receiver.settings import Settings
+from receiver.supervisor import stop_signal
 from receiver.verify import Unrepresentable, repair_unwritable
 
 MAX_WINDOW_DAYS = 400
@@ -466,10 +466,7 @@ async def reconcile_command(
 
 
 async def _run_periodic(periodic: PeriodicReconcile) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = stop_signal()
     log.info("reconcile every", interval=periodic.interval, lookback=periodic.lookback)
     return await periodic.run_forever(stop)
 

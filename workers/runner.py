@@ -8,13 +8,10 @@ those named with `--destination`).
 
 from __future__ import annotations
 
+import functools
 import logging
-import multiprocessing
 import os
-import signal
-import threading
 from collections.abc import Callable
-from types import FrameType
 
 from redis.exceptions import RedisError
 from rq import Queue
@@ -27,9 +24,9 @@ from receiver.destinations import PROCESSES_PER_DESTINATION, REMOVED, Destinatio
 from receiver.errors import CommandError, report
 from receiver.inflight import InFlightLeases
 from receiver.logs import configure_logging, log
-from receiver.parent import stop_with_parent
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
+from receiver.supervisor import stopped_within, supervise
 from workers.delivery import DeliveryContext, TargetNotConfigured, build_targets, use_context
 from workers.gate import DeliveryGate
 from workers.maintenance import Maintenance
@@ -100,19 +97,7 @@ def pause_before_restart(seconds: float) -> bool:
     the middle of a delivery, a heartbeat) ends it, and the process would exit with updates still queued.
     So the loop is started again, as a new RQ worker, after a pause; False when SIGTERM/SIGINT came."""
     log.warning("worker loop ended on a Redis error; starting it again", retry_in=seconds)
-    stopped = threading.Event()
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        stopped.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    return not stopped.wait(seconds)
-
-
-def _child(settings: Settings, burst: bool, destination: Destination, parent: int) -> None:
-    stop_with_parent(parent)
-    raise SystemExit(work(settings, burst, destination))
+    return not stopped_within(seconds)
 
 
 def served_destinations(settings: Settings, names: list[str] | None) -> list[Destination]:
@@ -182,22 +167,5 @@ def run_workers(
     if processes == 1 and len(served) == 1:
         return work(settings, burst, served[0])
     logging.getLogger("rq").setLevel(logging.WARNING)
-    fork = multiprocessing.get_context("fork")
-    children = [
-        fork.Process(target=_child, args=(settings, burst, d, os.getpid()), name=f"worker-{d.name}-{n}")
-        for d in served
-        for n in range(processes)
-    ]
-    for child in children:
-        child.start()
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        for child in children:
-            if child.pid is not None and child.is_alive():
-                os.kill(child.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for child in children:
-        child.join()
-    return 1 if any(child.exitcode for child in children) else 0
+    children = [functools.partial(work, settings, burst, d) for d in served for _ in range(processes)]
+    return supervise(children, "worker", together=False)

@@ -25,7 +25,6 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from receiver import __version__
-from receiver.app import stop_signal
 from receiver.chains import OrderChains
 from receiver.connections import sync_redis
 from receiver.deadletters import DeadLetterFilter, DeadLetters, DestinationNotConfigured, http_status
@@ -38,6 +37,7 @@ from receiver.ops.auth import COOKIE, Authenticator, Session, set_session_cookie
 from receiver.reconcile import parse_duration
 from receiver.rediskeys import RedisKeys, destination_keys
 from receiver.settings import Settings
+from receiver.supervisor import stop_signal
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", Redis)
