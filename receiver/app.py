@@ -39,7 +39,8 @@ from receiver.intake import Intake
 from receiver.intergiro_api import IntergiroApi
 from receiver.keys import TrustedKey
 from receiver.logs import OncePer, log
-from receiver.metrics import DEPLOYMENT_SCRIPT, ReceiverMetrics, multiprocess_dir
+from receiver.metrics.exporter import DEPLOYMENT_SCRIPT
+from receiver.metrics.receiver_registry import ReceiverMetrics, multiprocess_dir
 from receiver.order import OrderLimits, build_updates, event_key, is_error_object, parse_order
 from receiver.rediskeys import RedisKeys, destination_keys
 from receiver.settings import Settings

@@ -29,7 +29,7 @@ from redis.client import Pipeline
 from receiver.clock import utc_now
 from receiver.destinations import MERCHANT, REMOVED
 from receiver.logs import log
-from receiver.metrics import counter_increment
+from receiver.metrics.shared import counter_increment
 from receiver.rediskeys import RedisKeys
 from receiver.rqstore import (
     JOB_DATA_HEAD,

@@ -33,7 +33,7 @@ from receiver.history import reconcile_note
 from receiver.intake import Intake
 from receiver.intergiro_api import ApiFailed, ApiRefused, OrderApi, RetryPolicy, new_session, order_id_of
 from receiver.logs import log
-from receiver.metrics import count, set_gauge
+from receiver.metrics.shared import count, set_gauge
 from receiver.order import build_updates, event_key, parse_order
 from receiver.rediskeys import RedisKeys
 from receiver.rqstore import job_data

@@ -30,7 +30,7 @@ from receiver.errors import BadCallback, report
 from receiver.history import replay_note
 from receiver.intergiro_api import ApiFailed, ApiRefused, OrderApi, new_session, order_id_of
 from receiver.logs import log
-from receiver.metrics import count
+from receiver.metrics.shared import count
 from receiver.reconcile import Window, listed_updates, parse_duration
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings

@@ -3,7 +3,7 @@
 This is the only module that reads the product's settings from `os.environ`; everything else gets a
 `Settings` passed down. One variable is not ours: prometheus_client's PROMETHEUS_MULTIPROC_DIR, which
 receiver/cli.py sets for `serve --processes` before prometheus_client is imported (it reads it then)
-and receiver.metrics looks up to find the same folder.
+and receiver.metrics.receiver_registry looks up to find the same folder.
 """
 
 from __future__ import annotations

@@ -296,7 +296,7 @@ async def test_health_readiness_and_metrics_answer(receiver: Any, rsa_key: Any) 
 async def test_metrics_of_other_processes_are_served_by_the_receiver(
     receiver: Any, sync_redis: Any, settings: Any
 ) -> None:
-    from receiver.metrics import count, observe
+    from receiver.metrics.shared import count, observe
     from receiver.rediskeys import RedisKeys
 
     keys = RedisKeys.of(settings)

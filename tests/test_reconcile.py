@@ -23,7 +23,7 @@ from receiver.cli import build_parser
 from receiver.connections import async_redis
 from receiver.intergiro_api import MAX_ORDER_PAGE_BYTES, OrderApi, RetryPolicy
 from receiver.logs import configure_logging
-from receiver.metrics import SHARED_METRICS
+from receiver.metrics.shared import SHARED_METRICS
 from receiver.order import update_id
 from receiver.reconcile import BUSY, COMPLETED, NOT_DUE, PeriodicReconcile, reconcile_command
 from receiver.rediskeys import RedisKeys

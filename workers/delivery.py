@@ -32,7 +32,7 @@ from receiver.errors import IntergiroReceiverError
 from receiver.handler_errors import DeliveryError, MerchantAnswer, PermanentDeliveryError
 from receiver.history import attempt_entry
 from receiver.logs import LoggedOutcome, log
-from receiver.metrics import count, counter_increment, observation_increments
+from receiver.metrics.shared import count, counter_increment, observation_increments
 from receiver.rediskeys import RedisKeys
 from receiver.retries import retry_wait
 from receiver.retry_after import parse_retry_after

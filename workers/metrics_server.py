@@ -27,7 +27,8 @@ from redis.exceptions import RedisError
 
 from receiver.connections import sync_redis
 from receiver.logs import log
-from receiver.metrics import DEPLOYMENT_SCRIPT, DeploymentMetrics, process_collectors
+from receiver.metrics.exporter import DEPLOYMENT_SCRIPT, DeploymentMetrics
+from receiver.metrics.process_group import process_collectors
 from receiver.rediskeys import RedisKeys, destination_keys
 from receiver.settings import Settings
 
