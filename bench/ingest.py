@@ -2,9 +2,11 @@
 
 Starts its own Redis on a free port, configured from deploy/redis.conf (`appendfsync always`, as
 production runs it; `--redis everysec` or `--redis none` for no persistence: bench/production_redis.py),
-and three servers, one process each:
+and these servers, one process each:
   (a) ceiling   a bare aiohttp app that reads the body and answers 200 (bench/bare.py)
   (b) baseline  the straightforward receiver: PyJWT + SET NX + RQ enqueue in a thread pool (bench/baseline.py)
+  (l) lean      a lab floor, not the product: RS256 verify + one Lua call per callback (bench/lean.py)
+  (s) source    with `--source DIR`: the receiver of another checkout (e.g. main), for a before/after
   (c) receiver  `intergiro-receiver serve`, production settings (LOG_LEVEL=INFO, JSON logs, local verify)
 then loads each in turn, round after round, with the same load (wrk, or the built-in asyncio client),
 each token (RS256, about 2 KB, two events, a distinct order) sent once per run on a freshly emptied Redis.
@@ -32,12 +34,16 @@ from tests.processes import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENTS = ((0, "order"), (1, "charge"))  # (sequence, type) of the two events in every bench token
-SYSTEMS = ("ceiling", "baseline", "receiver")
+SYSTEMS = ("ceiling", "baseline", "lean", "source", "receiver")
 LABELS = {
     "ceiling": "(a) bare aiohttp",
     "baseline": "(b) straightforward",
+    "lean": "(l) lean path (lab)",
+    "source": "(s) receiver of --source",
     "receiver": "(c) intergiro-receiver",
 }
+# The receiver's share of the lean path's callbacks/s to reach (issue 27).
+LEAN_SHARE_TARGET = 0.7
 
 
 @dataclass
@@ -72,7 +78,10 @@ def tree_cpu_seconds(pid: int) -> float:
     return cpu_seconds(pid) + sum(cpu_seconds(int(child)) for child in children)
 
 
-def start_servers(redis_url: str, workdir: Path, log_level: str, processes: int = 1) -> dict[str, Server]:
+def start_servers(
+    redis_url: str, workdir: Path, log_level: str, processes: int = 1, source: Path | None = None,
+    systems: tuple[str, ...] = SYSTEMS,
+) -> dict[str, Server]:  # fmt: skip
     key_file = workdir / "bench-public.pem"
     key_file.write_text(public_pem())
     python = sys.executable
@@ -80,8 +89,10 @@ def start_servers(redis_url: str, workdir: Path, log_level: str, processes: int 
     commands = {
         "ceiling": ([python, "-m", "bench.bare", str(free_port())], ROOT, base_env),
         "baseline": ([python, "-m", "bench.baseline", "0", redis_url, str(key_file)], ROOT, base_env),
+        "lean": ([python, "-m", "bench.lean", "0", redis_url, str(key_file)], ROOT, base_env),
         "receiver": (
-            [str(Path(python).parent / "intergiro-receiver"), "serve", "--processes", str(processes)],
+            # `python -m receiver`: with PYTHONPATH set (--source), the receiver package found first on it
+            [python, "-m", "receiver", "serve", "--processes", str(processes)],
             workdir,  # no .env from the repository
             {
                 **base_env,
@@ -96,13 +107,18 @@ def start_servers(redis_url: str, workdir: Path, log_level: str, processes: int 
             },
         ),
     }
+    if source is not None:
+        command, cwd, env = commands["receiver"]
+        commands["source"] = (command, cwd, {**env, "PYTHONPATH": str(source.resolve())})
     servers = {}
     for name, (command, cwd, env) in commands.items():
+        if name not in systems:
+            continue
         port = int(command[3]) if name == "ceiling" else free_port()
-        if name == "baseline":
+        if name in ("baseline", "lean"):
             command[3] = str(port)
-        if name == "receiver":
-            env["RECEIVER_PORT"] = str(port)
+        if name in ("receiver", "source"):
+            env = {**env, "RECEIVER_PORT": str(port)}
         log = (workdir / f"{name}.log").open("wb")
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=log)
         servers[name] = Server(name, port, process)
@@ -172,19 +188,30 @@ def print_table(servers: dict[str, Server]) -> None:
     print()
     cpu = {n: median(s.cpu_per_request_us) for n, s in servers.items()}
     redis_cpu = {n: median(s.redis_cpu_per_request_us) for n, s in servers.items()}
-    print(f"{'system':<24} {'callbacks/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'vs (a)':>7} {'vs (b)':>7}"
-          f" {'p99 vs (a)':>10} {'CPU/callback: server':>21} {'Redis':>7}")  # fmt: skip
-    for name in SYSTEMS:
-        vs_a = rate[name] / rate["ceiling"] if rate["ceiling"] else 0
-        vs_b = rate[name] / rate["baseline"] if rate["baseline"] else 0
-        p99_a = p99[name] / p99["ceiling"] if p99["ceiling"] else 0
-        print(f"{LABELS[name]:<24} {rate[name]:>11,.0f} {p50[name]:>8.2f} {p99[name]:>8.2f} {vs_a:>6.0%}"
-              f" {vs_b:>6.1f}x {p99_a:>9.1f}x {cpu[name]:>18.0f} us {redis_cpu[name]:>4.0f} us")  # fmt: skip
-    ok_a = rate["receiver"] >= 0.25 * rate["ceiling"]
-    ok_b = rate["receiver"] >= 5 * rate["baseline"]
-    ok_p99 = p99["receiver"] <= 4 * p99["ceiling"]
-    print(f"\ntargets: >= 25% of (a): {'met' if ok_a else 'NOT met'}; >= 5x (b): {'met' if ok_b else 'NOT met'};"
-          f" p99 <= 4x (a)'s: {'met' if ok_p99 else 'NOT met'}")  # fmt: skip
+
+    def share(name: str, of: str) -> float:
+        return rate[name] / rate[of] if rate.get(of) else 0.0
+
+    print(f"{'system':<26} {'callbacks/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'vs (a)':>7} {'vs (b)':>7}"
+          f" {'vs (l)':>7} {'p99 vs (a)':>10} {'CPU/callback: server':>21} {'Redis':>7}")  # fmt: skip
+    for name in (n for n in SYSTEMS if n in servers):
+        p99_a = p99[name] / p99["ceiling"] if p99.get("ceiling") else 0
+        print(f"{LABELS[name]:<26} {rate[name]:>11,.0f} {p50[name]:>8.2f} {p99[name]:>8.2f}"
+              f" {share(name, 'ceiling'):>6.0%} {share(name, 'baseline'):>6.1f}x {share(name, 'lean'):>6.2f}"
+              f" {p99_a:>9.1f}x {cpu[name]:>18.0f} us {redis_cpu[name]:>4.0f} us")  # fmt: skip
+    if "receiver" not in servers:
+        return
+    targets = []
+    if "ceiling" in servers:
+        targets.append(f">= 25% of (a): {'met' if share('receiver', 'ceiling') >= 0.25 else 'NOT met'}")
+        ok_p99 = p99["receiver"] <= 4 * p99["ceiling"]
+        targets.append(f"p99 <= 4x (a)'s: {'met' if ok_p99 else 'NOT met'}")
+    if "baseline" in servers:
+        targets.append(f">= 5x (b): {'met' if share('receiver', 'baseline') >= 5 else 'NOT met'}")
+    if "lean" in servers:
+        ok_lean = share("receiver", "lean") >= LEAN_SHARE_TARGET
+        targets.append(f">= {LEAN_SHARE_TARGET:g} of (l): {'met' if ok_lean else 'NOT met'}")
+    print("\ntargets: " + "; ".join(targets))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,7 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--processes", type=int, default=1, help="the receiver's `serve --processes N` (default 1)"
     )
+    parser.add_argument("--source", type=Path,
+                        help="also run the receiver of this checkout, as (s): e.g. `git worktree add /tmp/before main`")  # fmt: skip
+    parser.add_argument("--systems", default=",".join(n for n in SYSTEMS if n != "source"),
+                        help=f"which of {','.join(SYSTEMS)} to run (default all; source with --source)")  # fmt: skip
     args = parser.parse_args(argv)
+    systems = tuple(n for n in SYSTEMS if n in args.systems.split(",") or (n == "source" and args.source))
+    if "source" in systems and not args.source:
+        parser.error("the system `source` needs --source DIR")
     if args.loader == "auto":
         args.loader = "wrk" if wrk_available() else "asyncio"
     print(f"signing {args.requests} tokens (cached in {CACHE}) ...", flush=True)
@@ -210,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens_file = CACHE / "tokens.txt"
     print(f"token size {len(tokens[0])} bytes; load: {args.loader}, {args.connections} connections,"
           f" {args.seconds:g} s per run, {args.rounds} rounds; receiver LOG_LEVEL={args.log_level},"
-          f" --processes {args.processes}", flush=True)  # fmt: skip
+          f" --processes {args.processes}; source: {args.source or '-'}", flush=True)  # fmt: skip
     redis_server = ProductionRedis(args.redis)
     redis_server.start()
     print(redis_server.describe(), flush=True)
@@ -219,9 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     try:
         client = redis.Redis.from_url(redis_server.url)
-        servers = start_servers(redis_server.url, workdir, args.log_level, args.processes)
+        servers = start_servers(
+            redis_server.url, workdir, args.log_level, args.processes, args.source, systems
+        )
         for round_number in range(1, args.rounds + 1):
-            for name in SYSTEMS:
+            for name in systems:
                 server = servers[name]
                 assert redis_server.process is not None
                 result, verdict = run_once(
@@ -234,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                     if result.exhausted and name != "ceiling"
                     else ""
                 )
-                print(f"round {round_number} {LABELS[name]:<24} {result.accepted_per_second:>9,.0f}/s"
+                print(f"round {round_number} {LABELS[name]:<26} {result.accepted_per_second:>9,.0f}/s"
                       f"  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms"
                       f"  CPU/callback {server.cpu_per_request_us[-1]:4.0f} us + Redis {server.redis_cpu_per_request_us[-1]:3.0f} us"
                       f"  {verdict}{note}".rstrip(), flush=True)  # fmt: skip

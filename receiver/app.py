@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from receiver import __version__
 from receiver.clock import utc_now
 from receiver.connections import async_redis, deadline, write_refusal
+from receiver.error_notes import error_note, keep_error_note
 from receiver.errors import (
     BadCallback,
     BodyTimeout,
@@ -41,7 +42,7 @@ from receiver.keys import TrustedKey
 from receiver.logs import OncePer, log
 from receiver.metrics.exporter import DEPLOYMENT_SCRIPT
 from receiver.metrics.receiver_registry import ReceiverMetrics, multiprocess_dir
-from receiver.order import OrderLimits, build_updates, event_key, is_error_object, parse_order
+from receiver.order import OrderLimits, is_error_object, parse_order
 from receiver.rediskeys import RedisKeys, destination_keys
 from receiver.settings import Settings
 from receiver.supervisor import stop_signal, supervise
@@ -49,23 +50,8 @@ from receiver.verify import NoKeyVerifies, Unrepresentable, Verified, strict_jso
 
 CALLBACK_PATH = "/callbacks/intergiro"
 ACCEPTED_TYPES = ("application/jwt", "application/json")
-# Intergiro Error objects arrive unsigned: what is kept of them is bounded in count, size and time
-# (a note is at most a few KiB: five short fields and three of its `content`), so no flood of them can
-# fill Redis and push it to refuse signed callbacks.
-ERROR_NOTES_KEPT = 200
-ERROR_NOTE_TEXT_CHARS = 200
-ERROR_NOTES_TTL_SECONDS = 7 * 86400
 LINGER_SECONDS = 1.0
 CALLBACK_MINUTES_FLUSH_SECONDS = 5.0
-# A callback with this many events or more is checked against the order's seen events before its
-# updates are built: a replay of a long event list then costs one read, not the job data of every event.
-# (A first callback carries one event, which is all but always new: that read would be a round trip
-# in vain.)
-PRECHECK_MIN_EVENTS = 2
-# Fields of an Intergiro Error object worth keeping: its `content` may carry a 3-D Secure `pareq`,
-# which embeds the card number, so only these are ever logged or stored.
-ERROR_FIELDS = ("status", "type", "error", "description", "id")
-ERROR_CONTENT_FIELDS = ("property", "type", "description")
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", Redis)
@@ -168,26 +154,6 @@ async def verify_callback(app: web.Application, body: bytes, content_type: str) 
         metrics.observe_verification("remote", time.perf_counter() - started)
 
 
-def error_note(error: dict[str, Any], received_at: str) -> dict[str, Any]:
-    """What is kept of an Error object: the allowlisted fields only, each text cut short."""
-    raw_content = error.get("content")
-    content: dict[str, Any] = raw_content if isinstance(raw_content, dict) else {}
-    note: dict[str, Any] = {}
-    for name in ERROR_FIELDS:
-        value = error.get(name)
-        if isinstance(value, str):
-            note[name] = clip(value, ERROR_NOTE_TEXT_CHARS)
-        elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1000:
-            note[name] = value
-    note["content"] = {
-        k: clip(content[k], ERROR_NOTE_TEXT_CHARS)
-        for k in ERROR_CONTENT_FIELDS
-        if isinstance(content.get(k), str)
-    }
-    note["received_at"] = received_at
-    return note
-
-
 def redis_failed(app: web.Application, exc: RedisError) -> Unavailable:
     """The 503 for a callback Redis did not store: not reachable, or reachable and refusing the write
     (then counted, and logged as an error at most once per REFUSAL_LOG_SECONDS)."""
@@ -204,24 +170,18 @@ def redis_failed(app: web.Application, exc: RedisError) -> Unavailable:
 async def note_error_object(
     app: web.Application, error: dict[str, Any], received_at: str, request: str
 ) -> None:
-    """Keep an Intergiro Error object (safe fields, cut short) in a bounded, expiring list for ops;
+    """Keep an Intergiro Error object for ops (receiver.error_notes: safe fields, cut short, bounded);
     `request`: the callback's request id."""
     note = error_note(error, received_at)
-    key = app[KEYS].error_notes
     try:
-        async with (
-            deadline(app[REDIS], app[SETTINGS].redis_timeout_seconds),
-            app[REDIS].pipeline(transaction=True) as pipe,
-        ):
-            pipe.lpush(key, orjson.dumps(note))
-            pipe.ltrim(key, 0, ERROR_NOTES_KEPT - 1)
-            pipe.expire(key, ERROR_NOTES_TTL_SECONDS)
-            length, _, _ = await pipe.execute()
+        dropped = await keep_error_note(
+            app[REDIS], app[KEYS].error_notes, note, app[SETTINGS].redis_timeout_seconds
+        )
     except RedisError as exc:
         raise redis_failed(app, exc) from None
     app[METRICS].error_objects.inc()
-    if length > ERROR_NOTES_KEPT:
-        app[METRICS].error_notes_dropped.inc(length - ERROR_NOTES_KEPT)
+    if dropped:
+        app[METRICS].error_notes_dropped.inc(dropped)
     log.warning(
         "intergiro error object received",
         error_status=note.get("status"),
@@ -230,53 +190,51 @@ async def note_error_object(
     )
 
 
-async def receive_callback(request: web.Request) -> web.Response:
-    """POST /callbacks/intergiro: verify, normalize, dedup + enqueue; 200 only once it is in Redis."""
-    app = request.app
-    settings = app[SETTINGS]
-    request[REQUEST_ID] = request_id(request.headers)
+async def read_callback(request: web.Request) -> tuple[str, bytes]:
+    """The callback's content type (one of ACCEPTED_TYPES) and its body, stripped."""
     content_type = request.content_type.lower()
     if content_type not in ACCEPTED_TYPES:
         raise UnsupportedMediaType("send application/jwt (or application/json)")
-    body = (await read_body(request, settings.max_body_bytes, settings.receiver_body_timeout_seconds)).strip()
-    received_at = utc_now()
-    if content_type == "application/json":
-        try:
-            parsed = strict_json(body)
-        except Unrepresentable as exc:
-            raise BadCallback(f"body: {exc}") from None
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise BadCallback("body is not JSON") from None
-        if is_error_object(parsed):
-            await note_error_object(app, parsed, received_at, request[REQUEST_ID])
-            app[METRICS].count_callback("error_noted")
-            return json_response({"status": "error-noted"})
-    verified = await verify_callback(app, body, content_type)
-    order = parse_order(verified.order, app[ORDER_LIMITS])
-    request[ORDER_ID] = order["id"]
-    note = callback_note(received_at, verified.verified_by, request[REQUEST_ID], order.get("number"))
-    events = order.get("event") or ()
-    new: set[str] | None = None  # event keys not seen yet; None: not looked up
-    if len(events) >= PRECHECK_MIN_EVENTS:
-        try:
-            new = await app[INTAKE].new_events(
-                order["id"], [event_key(i, e["type"]) for i, e in enumerate(events)]
-            )
-        except RedisError:
-            raise Unavailable("redis not reachable; nothing was stored") from None
-    queued: list[str] = []
-    if new is None or new:
-        updates = build_updates(
-            order, received_at=received_at, verified_by=verified.verified_by, repaired=verified.repaired
+    settings = request.app[SETTINGS]
+    body = await read_body(request, settings.max_body_bytes, settings.receiver_body_timeout_seconds)
+    return content_type, body.strip()
+
+
+def error_object(content_type: str, body: bytes) -> dict[str, Any] | None:
+    """The Intergiro Error object the body is, or None (a token, or a JSON order)."""
+    if content_type != "application/json":
+        return None
+    try:
+        parsed = strict_json(body)
+    except Unrepresentable as exc:
+        raise BadCallback(f"body: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise BadCallback("body is not JSON") from None
+    return parsed if is_error_object(parsed) else None
+
+
+async def store_order(
+    app: web.Application, order: dict[str, Any], verified: Verified, received_at: str, request: str, size: int
+) -> list[str]:
+    """Decide the order's duplicates and queue its new updates (receiver.intake); the ids queued."""
+    note = callback_note(received_at, verified.verified_by, request, order.get("number"))
+    try:
+        return await app[INTAKE].intake_order(
+            order,
+            received_at=received_at,
+            verified_by=verified.verified_by,
+            repaired=verified.repaired,
+            history=note,
+            size=size,
         )
-        if new is not None:
-            updates = [u for u in updates if event_key(u["event"]["sequence"], u["event"]["type"]) in new]
-        try:
-            queued = await app[INTAKE].store(updates, received_at, note)
-        except RedisError as exc:
-            raise redis_failed(app, exc) from None
-    else:
-        await app[INTAKE].remember(order["id"], note, "duplicate")
+    except RedisError as exc:
+        raise redis_failed(app, exc) from None
+
+
+def answer_callback(
+    app: web.Application, order: dict[str, Any], verified: Verified, queued: list[str], request: str
+) -> web.Response:
+    """Count and log the callback's outcome and answer it: accepted (with the ids queued) or duplicate."""
     outcome = "accepted" if queued else "duplicate"
     app[METRICS].count_callback(outcome)
     app[METRICS].updates_queued.inc(len(queued))
@@ -286,18 +244,38 @@ async def receive_callback(request: web.Request) -> web.Response:
         outcome=outcome,
         queued=queued,
         verified_by=verified.verified_by,
-        request_id=request[REQUEST_ID],
+        request_id=request,
     )
     if not queued:
         return json_response({"status": "duplicate", "order": order["id"]})
+    events = len(order.get("event") or ())
     return json_response(
         {
             "status": "accepted",
             "order": order["id"],
             "queued": queued,
-            "duplicates": max(len(events), 1) - len(queued),
+            "duplicates": max(events, 1) - len(queued),
         }
     )
+
+
+async def receive_callback(request: web.Request) -> web.Response:
+    """POST /callbacks/intergiro: read, verify, decide duplicates and store, answer; 200 only once it is
+    in Redis. Every refusal is raised as a CallbackRejected, answered by `answer_rejections`."""
+    app = request.app
+    request[REQUEST_ID] = request_id(request.headers)
+    content_type, body = await read_callback(request)
+    received_at = utc_now()
+    error = error_object(content_type, body)
+    if error is not None:
+        await note_error_object(app, error, received_at, request[REQUEST_ID])
+        app[METRICS].count_callback("error_noted")
+        return json_response({"status": "error-noted"})
+    verified = await verify_callback(app, body, content_type)
+    order = parse_order(verified.order, app[ORDER_LIMITS])
+    request[ORDER_ID] = order["id"]
+    queued = await store_order(app, order, verified, received_at, request[REQUEST_ID], len(body))
+    return answer_callback(app, order, verified, queued, request[REQUEST_ID])
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -25,6 +25,7 @@ builtin base where callers catch that (ValueError, RedisError). The tree, drawn 
      |    +-- ApiRefused ........... receiver.intergiro_api: 401/403
      |    +-- AnswerTooLarge ....... receiver.intergiro_api: an answer beyond its bound
      +-- DestinationNotConfigured .. receiver.deadletters: a requeue refused (409 in the ops API)
+     +-- Stopped ................... receiver.replay: a replay asked to stop before the end of its window
      +-- LoggedOutcome ............. receiver.logs: an outcome we log; a library's record of it is left out
      |    +-- DeadLettered ......... workers.delivery: the update is in the dead-letter queue
      +-- DeliveryError ............. receiver.handler_errors: a failed attempt, retried (public)

@@ -3,12 +3,15 @@
 A Lua script runs alone on the Redis server, so a marker is never written without its job (or a job
 without its marker), and fifty concurrent deliveries of one token queue each event exactly once.
 The answer is sent only after the script returned, so a 200 always means "in Redis".
+
+The replay guard (`Intake.intake_order`) sits in front of it for heavy callbacks only: their events are
+looked up first, so a replay of a long event list costs one read instead of all its job data again.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hiredis import pack_command
@@ -22,7 +25,7 @@ from receiver.destinations import MERCHANT, Destination
 from receiver.errors import IntergiroReceiverError
 from receiver.history import HistoryNote, indexable_number
 from receiver.logs import log
-from receiver.order import event_key
+from receiver.order import build_updates, event_key
 from receiver.rediskeys import RedisKeys
 from receiver.rqstore import update_json
 
@@ -34,8 +37,21 @@ from receiver.rqstore import update_json
 # twenty constant arguments per callback was most of redis-py's cost.
 
 
-Batch = list[tuple[list[Any], "asyncio.Future[list[Any]]"]]
+Batch = list[tuple[tuple[Any, ...], "asyncio.Future[Any]"]]
 REPLICA_WAIT_MS = 1000
+# The replay guard: a callback whose job data would be at least this large (estimated as its events
+# times its body's bytes: every update carries the order, and the body carries every event) has its
+# events looked up before its updates are built, so a replay of it costs one read, not the building,
+# packing and sending of all that job data again. Below it, building the job data costs less than the
+# extra round trip (the intake script refuses a duplicate anyway, in the same step that stores), so a
+# usual callback (one or two events, a few KiB) goes straight to the script; bench/ingest and
+# bench/hostile_input.py measure both sides.
+REPLAY_GUARD_MIN_JOB_BYTES = 64 * 1024
+
+
+def needs_replay_guard(events: int, size: int) -> bool:
+    """Whether a callback of `events` events and a body of `size` bytes is worth the replay guard."""
+    return events > 1 and events * size >= REPLAY_GUARD_MIN_JOB_BYTES
 
 
 class NotReplicated(IntergiroReceiverError, RedisError):
@@ -47,8 +63,9 @@ class Intake:
     """Stores new updates of one order atomically; shared by the HTTP receiver and reconcile.
 
     Calls made while the event loop is busy with other callbacks are sent together, as one pipeline
-    of script calls (one round trip, one write); each call stays its own atomic script run and its
-    caller still waits for its own answer, so a 200 still means "in Redis".
+    of script calls (one round trip, one write), the replay guard's reads among them; each call stays
+    its own atomic script run and its caller still waits for its own answer, so a 200 still means
+    "in Redis".
     """
 
     def __init__(
@@ -110,22 +127,52 @@ class Intake:
                 update["status"],
                 "".join("1" if d.matches(update) else "0" for d in self.destinations),
             ]
-        answer: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._pending.append(([self._script.sha, len(keys), *keys, *args], answer))
+        queued = await self._call(("EVALSHA", self._script.sha, len(keys), *keys, *args))
+        return [q.decode() if isinstance(q, bytes) else str(q) for q in queued]
+
+    def _call(self, command: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Send `command` with the next batch; its answer (or its error) is the future's."""
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((command, answer))
         if len(self._pending) == 1:
             asyncio.get_running_loop().create_task(self._send(), name="intake-batch")
-        queued = await answer
-        return [q.decode() if isinstance(q, bytes) else str(q) for q in queued]
+        return answer
+
+    async def intake_order(
+        self,
+        order: Mapping[str, Any],
+        *,
+        received_at: str,
+        verified_by: str,
+        repaired: Sequence[str] = (),
+        history: HistoryNote | None = None,
+        size: int = 0,
+    ) -> list[str]:
+        """Decide which events of a parsed, trusted order are new and queue their updates; returns the
+        ids queued now (none: a duplicate). `size`: the bytes the order arrived in, which with its event
+        count tells whether the replay guard is worth its round trip (`needs_replay_guard`)."""
+        events = order.get("event") or ()
+        new: set[str] | None = None  # event keys not seen yet; None: not looked up
+        if needs_replay_guard(len(events), size):
+            new = await self.new_events(order["id"], [event_key(i, e["type"]) for i, e in enumerate(events)])
+            if not new:
+                if history is not None:
+                    await self.remember(order["id"], history, "duplicate")
+                return []
+        updates = build_updates(order, received_at=received_at, verified_by=verified_by, repaired=repaired)
+        if new is not None:
+            updates = [u for u in updates if event_key(u["event"]["sequence"], u["event"]["type"]) in new]
+        return await self.store(updates, received_at, history)
 
     async def new_events(self, order_id: str, event_keys: Sequence[str]) -> set[str]:
         """The event keys of `order_id` not seen yet: read before any job data is built, so a replay
-        costs one round trip. Only a shortcut: `store` decides again, atomically. Renews the seen
-        events' expiry as storing would (they are remembered DEDUP_TTL_SECONDS after the last callback)."""
+        costs one round trip (in the batch of the script calls waiting with it). Only a shortcut:
+        `store` decides again, atomically. Renews the seen events' expiry as storing would (they are
+        remembered DEDUP_TTL_SECONDS after the last callback)."""
         seen = self.keys.seen(order_id)
-        async with deadline(self.redis, self.timeout_seconds), self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(seen, list(event_keys))
-            pipe.expire(seen, self.ttl)
-            flags, _ = await pipe.execute()
+        flags, _ = await asyncio.gather(
+            self._call(("HMGET", seen, *event_keys)), self._call(("EXPIRE", seen, self.ttl))
+        )
         return {key for key, flag in zip(event_keys, flags, strict=True) if flag is None}
 
     async def remember(self, order_id: str, history: HistoryNote, outcome: str) -> None:
@@ -145,10 +192,10 @@ class Intake:
         except RedisError as exc:  # a timeout too: deadline raises redis's TimeoutError
             log.warning("history entry not written", order=order_id, error=type(exc).__name__)
 
-    async def _run(self, calls: list[list[Any]]) -> list[Any]:
-        """One write of script calls on one connection, then their answers in order; with
-        REDIS_MIN_REPLICAS, a WAIT after them on the same connection, so no caller hears "stored"
-        before enough replicas have its writes.
+    async def _run(self, calls: list[tuple[Any, ...]]) -> list[Any]:
+        """One write of commands (script calls, and the replay guard's reads) on one connection, then
+        their answers in order; with REDIS_MIN_REPLICAS, a WAIT after them on the same connection, so no
+        caller hears "stored" before enough replicas have its writes.
 
         This is a pipeline without redis-py's pipeline object: hiredis packs the commands in C and the
         answers are read straight off the connection, which halves the CPU each callback costs here.
@@ -156,7 +203,7 @@ class Intake:
         client without a socket timeout (`timeout_seconds` bounds the batch instead): redis-py would
         otherwise start a task for the write and a timer for every answer.
         """
-        commands = [("EVALSHA", *call) for call in calls]
+        commands = list(calls)
         if self.min_replicas:
             commands.append(("WAIT", self.min_replicas, REPLICA_WAIT_MS))
         pool = self.redis.connection_pool
@@ -195,7 +242,7 @@ class Intake:
         return answers
 
     async def _send(self) -> None:
-        """Run the waiting script calls in one pipeline and hand each caller its own answer."""
+        """Run the waiting commands in one pipeline and hand each caller its own answer."""
         batch, self._pending = self._pending, []
         try:
             answers = await self._run([call for call, _ in batch])

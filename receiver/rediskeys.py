@@ -92,6 +92,12 @@ class RedisKeys:
         return f"{self._own}replay-lock"
 
     @property
+    def replay_last(self) -> str:
+        """JSON of the destination's last (or running) `replay`, by the CLI or the console: what it was
+        asked, by whom, and its summary once it ended (receiver/replay.py)."""
+        return f"{self._own}replay-last"
+
+    @property
     def destination_state(self) -> str:
         """Hash of the destination's state, shared by every process: paused (when, why, by whom) and the
         breaker's (consecutive failures, down since, next probe). receiver/destination_state.py owns it."""

@@ -15,18 +15,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from redis import Redis
 from redis.exceptions import RedisError
+from redis.lock import Lock
 
 from receiver.chains import OrderChains
 from receiver.clock import utc_now
 from receiver.connections import sync_redis
 from receiver.destinations import Destination
-from receiver.errors import BadCallback, report
+from receiver.errors import BadCallback, IntergiroReceiverError, report
 from receiver.history import replay_note
 from receiver.intergiro_api import ApiFailed, ApiRefused, OrderApi, new_session, order_id_of
 from receiver.logs import log
@@ -49,6 +52,7 @@ class ReplaySummary:
     orders_listed: int = 0
     updates_matching: int = 0
     queued: int = 0
+    orders_queued: int = 0  # orders with at least one update queued (or that a dry run would queue)
     skipped_pending: int = 0  # still pending or dead-lettered for the destination: left as they are
     malformed: list[str | None] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -62,6 +66,7 @@ class ReplaySummary:
             "orders_listed": self.orders_listed,
             "updates_matching": self.updates_matching,
             "queued" if not self.dry_run else "would_queue": self.queued,
+            "orders_queued" if not self.dry_run else "orders_would_queue": self.orders_queued,
             "skipped_pending": self.skipped_pending,
             "malformed": self.malformed,
             "errors": self.errors,
@@ -72,22 +77,25 @@ class ReplaySummary:
         return (
             f"replay to {self.destination}, orders created {self.window.start} .. {self.window.end}:"
             f" {self.orders_listed} orders listed, {self.updates_matching} updates for {self.destination},"
-            f" {verb} {self.queued}, {self.skipped_pending} still pending or dead-lettered (left as they are)"
+            f" {verb} {self.queued} of {self.orders_queued} orders, {self.skipped_pending} still pending or dead-lettered (left as they are)"
             + (f", {len(self.malformed)} malformed orders skipped" if self.malformed else "")
         )
 
 
-def window_of(args: argparse.Namespace, settings: Settings, now: float) -> Window:
-    """The window asked for, within REPLAY_MAX_WINDOW_SECONDS; ValueError names what is wrong."""
-    if (args.start is None) != (args.end is None):
+def window_of(
+    since: str | None, start: str | None, end: str | None, settings: Settings, now: float
+) -> Window:
+    """The window asked for (`since` a duration, or `start` and `end` dates), within
+    REPLAY_MAX_WINDOW_SECONDS; ValueError names what is wrong."""
+    if (start is None) != (end is None):
         raise ValueError("--start and --end go together")
-    if args.start is not None:
-        window = Window.between(args.start, args.end)
-    elif args.since:
-        seconds = parse_duration(args.since)
+    if start is not None and end is not None:
+        window = Window.between(start, end)
+    elif since:
+        seconds = parse_duration(since)
         if seconds > settings.replay_max_window_seconds:
             raise ValueError(
-                f"--since {args.since}: longer than REPLAY_MAX_WINDOW_SECONDS ({settings.replay_max_window_seconds} s)"
+                f"--since {since}: longer than REPLAY_MAX_WINDOW_SECONDS ({settings.replay_max_window_seconds} s)"
             )
         window = Window.since(seconds, now)
     else:
@@ -103,8 +111,7 @@ class Replayer:
     """Lists a window's orders and queues their updates again for one destination."""
 
     def __init__(self, settings: Settings, destination: Destination, redis: Any, dry_run: bool) -> None:
-        keys = RedisKeys.of(settings)
-        self.keys = keys.for_destination(destination.name)
+        self.keys = keys_of(settings, destination)
         self.destination = destination
         self.redis = redis
         self.chains = OrderChains(redis, self.keys, settings.history_retention_seconds)
@@ -141,12 +148,20 @@ class Replayer:
                     pipe.hexists(self.keys.dead_letters, job)
                 answers = pipe.execute()
             held = sum(1 for n in range(len(mine)) if answers[2 * n] or answers[2 * n + 1])
-            summary.queued += len(mine) - held
-            summary.skipped_pending += held
-            return
-        queued = self.chains.replay(mine, history=replay_note(utc_now(), self.destination.name))
+            queued = len(mine) - held
+        else:
+            queued = self.chains.replay(mine, history=replay_note(utc_now(), self.destination.name))
         summary.queued += queued
+        summary.orders_queued += 1 if queued else 0
         summary.skipped_pending += len(mine) - queued
+
+
+def keys_of(settings: Settings, destination: Destination) -> RedisKeys:
+    return RedisKeys.of(settings).for_destination(destination.name)
+
+
+class Stopped(IntergiroReceiverError):
+    """The replay was asked to stop (its process is stopping) before the end of its window."""
 
 
 async def list_and_replay(
@@ -155,16 +170,95 @@ async def list_and_replay(
     window: Window,
     only: str | None,
     summary: ReplaySummary,
-    lock: Any,
+    lock: Lock | None,
+    stop: threading.Event | None = None,
 ) -> None:
     async with new_session(settings) as session:
         api = OrderApi(session, settings)
         for day in window.days():
             async for page in api.pages(day):
+                if stop is not None and stop.is_set():  # this page and the rest are not queued
+                    raise Stopped("stopped before the end of the window: its process was stopping")
                 for raw in page:
                     replayer.order(raw, only, summary)
                 if lock is not None:
                     lock.extend(LOCK_SECONDS, replace_ttl=True)
+
+
+def replay_lock(redis: Redis, settings: Settings, destination: Destination) -> Lock:
+    """The destination's replay lock, not yet taken (any thread may release it: the console takes it in
+    a request and releases it when its background run ends)."""
+    lock: Lock = redis.lock(
+        keys_of(settings, destination).replay_lock, timeout=LOCK_SECONDS, blocking=False, thread_local=False
+    )
+    return lock
+
+
+def replay(
+    settings: Settings,
+    destination: Destination,
+    window: Window,
+    only: str | None,
+    redis: Redis,
+    dry_run: bool,
+    by: str,
+    lock: Lock | None = None,
+    stop: threading.Event | None = None,
+) -> ReplaySummary:
+    """One replay to `destination`, or its dry run (which changes nothing); blocking (it runs its own
+    event loop for Intergiro's order list). A real run must hold the destination's `lock` (renewed as it
+    goes) and is recorded, asked and ended, for `last_replay`; `by` says who asked (`cli`, `ops:...`)."""
+    summary = ReplaySummary(destination.name, window, dry_run)
+    replayer = Replayer(settings, destination, redis, dry_run)
+    asked = {"destination": destination.name, "start": window.start.isoformat(), "end": window.end.isoformat(),
+             "order": only, "by": by, "started_at": utc_now()}  # fmt: skip
+    try:
+        if not dry_run:
+            _record(redis, settings, replayer.keys, {**asked, "state": "running"})
+        asyncio.run(list_and_replay(settings, replayer, window, only, summary, lock, stop))
+    except (ApiRefused, ApiFailed, Stopped) as exc:
+        summary.errors.append(str(exc))
+    except RedisError as exc:
+        summary.errors.append(f"REDIS_URL: Redis not reachable ({type(exc).__name__})")
+    if not dry_run:
+        try:
+            if summary.queued:
+                count(
+                    redis,
+                    replayer.keys,
+                    "intergiro_replayed_updates_total",
+                    summary.queued,
+                    **destination.label,
+                )
+            ended = {"state": "failed" if summary.errors else "completed", "ended_at": utc_now()}
+            _record(redis, settings, replayer.keys, {**asked, **summary.as_json(), **ended})
+        except RedisError as exc:
+            summary.errors.append(f"REDIS_URL: Redis not reachable ({type(exc).__name__})")
+    log.info("replay", by=by, **summary.as_json())
+    return summary
+
+
+def _record(redis: Redis, settings: Settings, keys: RedisKeys, document: dict[str, Any]) -> None:
+    # One small key per destination: kept as long as histories are, and for good when they are off (0).
+    redis.set(keys.replay_last, orjson.dumps(document), ex=settings.history_retention_seconds or None)
+
+
+def last_replay(redis: Redis, settings: Settings, destination: Destination) -> dict[str, Any] | None:
+    """The destination's last replay as recorded (`state`: running, completed, failed, or interrupted
+    when it says running but nothing holds the lock: its process ended mid-way); None when none is
+    known."""
+    keys = keys_of(settings, destination)
+    with redis.pipeline(transaction=False) as pipe:
+        pipe.get(keys.replay_last)
+        pipe.exists(keys.replay_lock)
+        raw, locked = pipe.execute()
+    document: dict[str, Any] | None = orjson.loads(raw) if raw is not None else None
+    running = document is not None and document.get("state") == "running"
+    if locked and not running:  # taken a moment ago: the run has not recorded itself yet
+        return {"destination": destination.name, "state": "running"}
+    if running and not locked:
+        return {**(document or {}), "state": "interrupted"}
+    return document
 
 
 def run_replay(settings: Settings, args: argparse.Namespace) -> int:
@@ -178,31 +272,19 @@ def run_replay(settings: Settings, args: argparse.Namespace) -> int:
         report("replay", "INTERGIRO_API_KEY: required to list orders")
         return 2
     try:
-        window = window_of(args, settings, time.time())
+        window = window_of(args.since, args.start, args.end, settings, time.time())
     except ValueError as exc:
         report("replay", str(exc))
         return 2
-    summary = ReplaySummary(destination.name, window, args.dry_run)
     redis = sync_redis(settings, timeout=10)
-    replayer = Replayer(settings, destination, redis, args.dry_run)
     lock = None
     try:
         if not args.dry_run:
-            lock = redis.lock(replayer.keys.replay_lock, timeout=LOCK_SECONDS, blocking=False)
+            lock = replay_lock(redis, settings, destination)
             if not lock.acquire():
                 report("replay", f"a replay to {destination.name} is running already; try again when it ends")
                 return 1
-        try:
-            asyncio.run(list_and_replay(settings, replayer, window, args.order, summary, lock))
-        except (ApiRefused, ApiFailed) as exc:
-            summary.errors.append(str(exc))
-        except RedisError as exc:
-            summary.errors.append(f"REDIS_URL: Redis not reachable ({type(exc).__name__})")
-        if not args.dry_run and summary.queued:
-            count(
-                redis, replayer.keys, "intergiro_replayed_updates_total", summary.queued, **destination.label
-            )
-        log.info("replay", **summary.as_json())
+        summary = replay(settings, destination, window, args.order, redis, args.dry_run, "cli", lock)
     finally:
         if lock is not None and lock.owned():
             lock.release()

@@ -27,10 +27,13 @@ def test_the_ingest_benchmark_runs_and_finds_one_job_per_event(loader: str) -> N
     if loader == "wrk" and shutil.which("wrk") is None:
         pytest.skip("wrk is not installed (apt-get install wrk); the asyncio loader is tested")
     out = run_bench(
-        "bench.ingest", "--rounds", "1", "--seconds", "1", "--requests", "200", "--loader", loader
-    )
-    assert out.count("queue ok") == 2, out
-    assert "(c) intergiro-receiver" in out
+        "bench.ingest", "--rounds", "1", "--seconds", "1", "--requests", "200", "--loader", loader,
+        "--source", str(ROOT),  # the "before" receiver of a before/after: here this very tree
+    )  # fmt: skip
+    assert out.count("queue ok") == 4, out  # baseline, lean path, --source's receiver, receiver
+    for row in ("(l) lean path (lab)", "(s) receiver of --source", "(c) intergiro-receiver"):
+        assert row in out, out
+    assert "of (l): " in out
 
 
 def test_the_memory_benchmark_runs_and_leaves_only_the_markers() -> None:

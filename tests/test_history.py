@@ -113,7 +113,7 @@ async def test_an_event_found_by_reconcile_shows_queued_by_reconcile_and_a_repla
     order_api.state["orders"] = [order]
     assert await reconcile(api_settings, *WINDOW) == 0
     assert (await (await receiver.post(PATH, data=body, headers=JWT)).json())["status"] == "duplicate"
-    replay_of_both = token(order, rsa_key)  # two events, both seen: answered from the pre-check
+    replay_of_both = token(order, rsa_key)  # two events, both seen: refused by the intake script itself
     assert (await (await receiver.post(PATH, data=replay_of_both, headers=JWT)).json())[
         "status"
     ] == "duplicate"
@@ -124,6 +124,34 @@ async def test_an_event_found_by_reconcile_shows_queued_by_reconcile_and_a_repla
     charge = update_of(document, "Order0001-1-charge")
     assert charge["queued_by"] == "reconcile" and charge["state"] == "waiting"  # behind the order update
     assert update_of(document, "Order0001-0-order")["queued_by"] == "callback"
+
+
+def scripts_run(client: Any) -> int:
+    stats = client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval"))
+
+
+async def test_a_replay_is_kept_alike_whether_the_replay_guard_or_the_intake_script_refused_it(
+    receiver: Any, rsa_key: Any, sync_redis: Any
+) -> None:
+    light = card_order("LightReplay00001", ("order", "charge"), number="shop-light")
+    heavy = card_order("HeavyReplay00001", ("order", "charge", *["refund"] * 38), number="shop-heavy",
+                       items=100_000)  # fmt: skip
+    entries = {}
+    for order in (light, heavy):
+        body = token(order, rsa_key)
+        assert (await (await receiver.post(PATH, data=body, headers=JWT)).json())["status"] == "accepted"
+        scripts = scripts_run(sync_redis)
+        answer = await receiver.post(PATH, data=body, headers=JWT)
+        assert (await answer.json()) == {"status": "duplicate", "order": order["id"]}
+        ran = scripts_run(sync_redis) - scripts
+        assert ran == (1 if order is light else 0)  # the heavy replay: one read, no job data built or sent
+        first, replay = (json.loads(e) for e in sync_redis.lrange(RedisKeys().history(order["id"]), 0, -1))
+        assert (first["outcome"], replay["outcome"], replay["queued"]) == ("accepted", "duplicate", [])
+        entries[order is light] = {
+            k: v for k, v in replay.items() if k not in ("at", "order_number", "request_id")
+        }
+    assert entries[True] == entries[False]
 
 
 async def test_after_the_retention_nothing_of_the_history_is_left_and_trace_exits_1_while_dedup_stands(

@@ -443,3 +443,23 @@ async def test_the_overview_says_the_reconcile_window_is_periodic_reconciles_and
     page = await (await ops.get("/", headers=BEARER)).text()
     assert "No periodic reconcile (<code>reconcile --every</code>) has completed a window yet" in page
     assert "runs, one-shot ones included: completed 1" in page
+
+
+async def test_the_overviews_pause_resume_and_retry_all_buttons_show_what_they_did(ops: Any) -> None:
+    """Each button's answer is a notice in the console's own words, on the page it sends the browser to."""
+    csrf = await sign_in(ops)
+    for path, location, text in (
+        ("/destinations/merchant/pause", "/?notice=paused&id=merchant", "merchant: paused"),
+        ("/destinations/merchant/pause", "/?notice=already-paused&id=merchant", "merchant: already paused"),
+        ("/destinations/merchant/resume", "/?notice=resumed&id=merchant", "merchant: resumed"),
+        (
+            "/destinations/merchant/resume",
+            "/?notice=already-delivering&id=merchant",
+            "merchant: already delivering",
+        ),
+        ("/retrying/retry-now", "/retrying?notice=made-due&done=0", "0 retrying update(s) made due now"),
+    ):
+        answer = await ops.post(path, data={"csrf": csrf, "reason": "deploy"}, allow_redirects=False)
+        assert (answer.status, answer.headers["Location"]) == (303, location)
+        shown = await (await ops.get(location)).text()
+        assert f'<p class="notice" role="status">{text}</p>' in shown

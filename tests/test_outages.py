@@ -13,6 +13,7 @@ import redis
 import structlog
 
 from receiver.app import create_app
+from receiver.intake import needs_replay_guard
 from tests.conftest import queued_updates
 from tests.helpers import JWT, card_order, token
 from tests.processes import RedisServer, free_port
@@ -166,9 +167,11 @@ async def test_a_redis_that_hangs_gets_every_callback_503_within_the_deadline_an
             return time.monotonic() - started, answer
 
         def post(n: int) -> Any:
-            # odd: one event, straight to the intake script; even: two, read first (Intake.new_events)
-            events = ("order",) if n % 2 else ("order", "charge")
-            body = token(card_order(f"HangOrder{n}", events=events), rsa_key)
+            # odd: one event, straight to the intake script; even: forty, heavy enough for the replay
+            # guard's read first (Intake.new_events)
+            events = ("order",) if n % 2 else ("order", "charge", *["refund"] * 38)
+            body = token(card_order(f"HangOrder{n}", events=events, items=100_000), rsa_key)
+            assert needs_replay_guard(len(events), len(body)) == (n % 2 == 0)
             return receiver.post("/callbacks/intergiro", data=body, headers=JWT)
 
         for n in range(1, 4):  # one after another: each must take a fresh connection, none may hang

@@ -16,12 +16,14 @@ from typing import Any
 
 import pytest
 
+from receiver.ops.app import create_ops_app
 from receiver.settings import Settings
 from tests.sink import wait_for
 from tests.test_workers import EVENTS, post_order
 
 ROOT = Path(__file__).resolve().parents[1]
 STREAM = "igr-test:updates"
+OPS_TOKEN = "ops-test-token-0123456789abcdefghijklmnop"
 
 
 def feed_env(**more: str) -> dict[str, str]:
@@ -129,3 +131,49 @@ async def test_the_docs_python_consumer_applies_and_acknowledges_every_entry(
     applied = [json.loads(line)["id"] for line in out.read_text().splitlines()]
     assert sorted(applied) == sorted(ids)
     assert sync_redis.xpending(STREAM, "billing")["pending"] == 0  # every entry acknowledged
+
+
+async def test_destination_list_and_the_console_api_show_a_stream_destinations_figures_like_the_others(
+    make_receiver: Any, rsa_key: Any, workers: Any, sync_redis: Any, cli: Any, monkeypatch: Any,
+    aiohttp_client: Any, settings: Settings,
+) -> None:  # fmt: skip
+    env = feed_env()
+    receiver = await feed_receiver(make_receiver, env)
+    for n in range(3):
+        await post_order(receiver, rsa_key, f"Listed{n:05d}", EVENTS)  # three events each
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    ops_settings = settings.with_changes(
+        extra_destinations=Settings.from_env(env, dotenv=False).extra_destinations, ops_token=OPS_TOKEN
+    )
+    ops = await aiohttp_client(create_ops_app(ops_settings, redis=sync_redis))
+
+    async def rows() -> tuple[dict[str, Any], dict[str, Any]]:
+        code, out = cli("destination", "list", "--json")
+        assert code == 0
+        [listed] = json.loads(out)
+        [api] = await (
+            await ops.get("/api/destinations", headers={"Authorization": f"Bearer {OPS_TOKEN}"})
+        ).json()
+        return listed, api
+
+    listed, api = await rows()
+    figures = ("destination", "state", "queued", "waiting", "in_flight", "retrying")
+    assert [listed[f] for f in figures] == [
+        "feed",
+        "up",
+        3,
+        6,
+        0,
+        0,
+    ]  # each order's head queued, two behind it
+    assert listed["oldest_undelivered_seconds"] is not None
+    assert [api[f] for f in figures] == [listed[f] for f in figures]
+    code, out = cli("destination", "list")
+    assert code == 0 and re.search(r"^feed\b.*\bup\b", out, re.M), out
+    workers(**{k.lower(): v for k, v in env.items()})
+    await wait_for(lambda: sync_redis.xlen(STREAM) == 9, what="nine appends")
+    await wait_for(lambda: not sync_redis.hlen("igr:updates"), what="every update finished")
+    listed, api = await rows()
+    assert [listed[f] for f in figures] == [api[f] for f in figures] == ["feed", "up", 0, 0, 0, 0]
+    assert listed["oldest_undelivered_seconds"] is None

@@ -189,6 +189,11 @@ NOTICES = {
     "requeued-matching": "requeued {done} dead letter(s) matching the filter",
     "retrying": "{id}: retrying now",
     "not-retrying": "{id} is not waiting for a retry",
+    "made-due": "{done} retrying update(s) made due now",
+    "paused": "{id}: paused",
+    "resumed": "{id}: resumed",
+    "already-paused": "{id}: already paused",
+    "already-delivering": "{id}: already delivering",
 }
 _NOTICE_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
 _NOTICE_COUNT = re.compile(r"[0-9]{1,7}")
@@ -341,10 +346,8 @@ def _destination_action(action: str, api: bool) -> Callable[[web.Request], Await
         if api:
             rows = await in_thread(request, describe, request.app[REDIS], [destination.keys])
             return json_response({**rows[0], "changed": changed})
-        notice = (
-            f"{name}: {done}" if changed else f"{name}: already {done if action == 'pause' else 'delivering'}"
-        )
-        return see_other("/?" + urlencode({"notice": notice}))
+        code = done if changed else ("already-paused" if action == "pause" else "already-delivering")
+        return see_other(notice_link("/", code, id=name))
 
     return act
 
@@ -698,8 +701,7 @@ async def retry_all_now_form(request: web.Request) -> web.StreamResponse:
     made = await in_thread(
         request, retry_all_now, request.app[REDIS], request.app[DESTINATION_KEYS], f"ops:{request[VIA]}"
     )
-    notice = f"{sum(made.values())} retrying update(s) made due now"
-    return see_other("/retrying?" + urlencode({"notice": notice}))
+    return see_other(notice_link("/retrying", "made-due", done=sum(made.values())))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -769,6 +771,9 @@ def create_ops_app(
     r.add_post("/retrying/retry-now", retry_all_now_form)
     r.add_post("/api/retrying/retry-now", api_retry_all_now)
     r.add_post("/api/retrying/{id}/retry-now", api_retry_now)
+    from receiver.ops import replaying  # its handlers use this module's; imported once this one is
+
+    replaying.setup(app)
     return app
 
 

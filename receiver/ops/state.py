@@ -2,7 +2,7 @@
 the dead-letter queue filtered. Plain functions of a (sync) Redis client; the app runs them in a thread.
 
 Nothing here returns a secret: updates carry no card token (receiver/order.py), Intergiro Error notes
-are the allowlisted fields only (receiver/app.py), and RQ's worker records are read for names and jobs.
+are the allowlisted fields only (receiver/error_notes.py), and RQ's worker records are read for names and jobs.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from redis import Redis
 from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
 from receiver.deadletters import DeadLetterFilter, DeadLetters
 from receiver.destinations import MERCHANT, split_job_id
+from receiver.error_notes import read_error_notes
 from receiver.history import parse_update_id
 from receiver.rediskeys import RedisKeys
 
@@ -147,7 +147,7 @@ def overview(
             "missed_events": int(counters.get("intergiro_reconcile_missed_events_total", 0)),
             "orders_scanned": int(counters.get("intergiro_reconcile_orders_scanned_total", 0)),
         },
-        "intergiro_errors": [orjson.loads(n) for n in notes],
+        "intergiro_errors": read_error_notes(notes),
     }
 
 
