@@ -43,7 +43,7 @@ from receiver.logs import OncePer, log
 from receiver.metrics.exporter import DEPLOYMENT_SCRIPT
 from receiver.metrics.receiver_registry import ReceiverMetrics, multiprocess_dir
 from receiver.order import OrderLimits, is_error_object, parse_order
-from receiver.rediskeys import RedisKeys, destination_keys
+from receiver.rediskeys import RedisKeys, configured_destination_keys
 from receiver.settings import Settings
 from receiver.supervisor import stop_signal, supervise
 from receiver.verify import NoKeyVerifies, Unrepresentable, Verified, strict_json, verify_local
@@ -358,7 +358,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     keys = RedisKeys.of(settings)
-    app[METRICS] = ReceiverMetrics(keys, destination_keys(keys, [d.name for d in settings.destinations]))
+    app[METRICS] = ReceiverMetrics(keys, configured_destination_keys(settings))
     app[KEYS] = keys
     app[TRUSTED_KEYS] = settings.trusted_keys
     app[REFUSALS_LOGGED] = OncePer(REFUSAL_LOG_SECONDS)

@@ -188,6 +188,11 @@ class RedisKeys:
         return rqstore.job_key(job_id)
 
 
+def configured_destination_keys(settings: Settings) -> list[RedisKeys]:
+    """The keys of every destination the settings configure."""
+    return destination_keys(RedisKeys.of(settings), [d.name for d in settings.destinations])
+
+
 def destination_keys(keys: RedisKeys, names: Sequence[str]) -> list[RedisKeys]:
     """The keys of every named destination (`merchant`'s are `keys` themselves); `keys` alone for none."""
     return [keys.for_destination(name) for name in names] or [keys]

@@ -35,7 +35,7 @@ from receiver.logs import log
 from receiver.ops import state
 from receiver.ops.auth import COOKIE, Authenticator, Session, set_session_cookie
 from receiver.reconcile import parse_duration
-from receiver.rediskeys import RedisKeys, destination_keys
+from receiver.rediskeys import RedisKeys, configured_destination_keys
 from receiver.settings import Settings
 from receiver.supervisor import stop_signal
 
@@ -726,7 +726,7 @@ def create_ops_app(
     app = web.Application(middlewares=[signed_in], client_max_size=1024 * 1024)
     app[SETTINGS] = settings
     app[KEYS] = RedisKeys.of(settings)
-    app[DESTINATION_KEYS] = destination_keys(app[KEYS], [d.name for d in settings.destinations])
+    app[DESTINATION_KEYS] = configured_destination_keys(settings)
     app[AUTH] = (
         Authenticator(settings.ops_token)
         if lockout_seconds is None
