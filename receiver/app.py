@@ -8,7 +8,6 @@ import functools
 import gc
 import os
 import shutil
-import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
@@ -41,12 +40,13 @@ from receiver.intake import Intake
 from receiver.intergiro_api import IntergiroApi
 from receiver.keys import TrustedKey
 from receiver.logs import OncePer, log
-from receiver.metrics import DEPLOYMENT_SCRIPT, ReceiverMetrics, multiprocess_dir
+from receiver.metrics.exporter import DEPLOYMENT_SCRIPT
+from receiver.metrics.receiver_registry import ReceiverMetrics, multiprocess_dir
 from receiver.order import OrderLimits, is_error_object, parse_order
-from receiver.parent import stop_with_parent
-from receiver.rediskeys import RedisKeys, destination_keys
+from receiver.rediskeys import RedisKeys, configured_destination_keys
 from receiver.request_ids import request_id
 from receiver.settings import Settings
+from receiver.supervisor import stop_signal, supervise
 from receiver.verify import NoKeyVerifies, Unrepresentable, Verified, strict_json, verify_local
 
 CALLBACK_PATH = "/callbacks/intergiro"
@@ -370,9 +370,9 @@ def create_app(settings: Settings) -> web.Application:
     """The receiver's aiohttp application, with its Redis client and HTTP session opened on startup."""
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
-    keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
-    app[METRICS] = ReceiverMetrics(keys, destination_keys(keys, [d.name for d in settings.destinations]))
-    app[KEYS] = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+    keys = RedisKeys.of(settings)
+    app[METRICS] = ReceiverMetrics(keys, configured_destination_keys(settings))
+    app[KEYS] = keys
     app[TRUSTED_KEYS] = settings.trusted_keys
     app[REFUSALS_LOGGED] = OncePer(REFUSAL_LOG_SECONDS)
     app[ORDER_LIMITS] = settings.order_limits
@@ -506,69 +506,20 @@ def _serve_here(settings: Settings, reuse_port: bool) -> None:
 
 
 def _serve_forked(settings: Settings, count: int) -> int:
-    """Fork `count` receivers (before any event loop or connection exists, so none is shared) and wait:
-    SIGTERM or SIGINT is passed to each, and they finish their requests in flight; one that dies on
-    its own stops the others too (exit 1), so the supervisor restarts the whole set."""
-    children: set[int] = set()
-    parent = os.getpid()
-    for _ in range(count):
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child's coverage is not collected
-            code = 0
-            try:
-                stop_with_parent(parent)
-                _serve_here(settings, reuse_port=True)
-            except BaseException:
-                log.exception("receiver process failed")
-                code = 1
-            finally:
-                os._exit(code)
-        children.add(pid)
-    stopping = False
+    """`count` receivers forked and supervised together (receiver.supervisor): stopped together by
+    SIGTERM or SIGINT, finishing their requests in flight; one that dies on its own stops the others
+    too (exit 1), so the supervisor above restarts the whole set."""
 
-    def stop_all(signal_number: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGTERM)
+    def receiver() -> int:
+        _serve_here(settings, reuse_port=True)
+        return 0
 
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signal_number, stop_all)
-    failed = False
     try:
-        failed = _wait_for(children, stop_all, lambda: stopping)
+        return supervise([receiver] * count, "receiver", together=True)
     finally:
         shared_folder = multiprocess_dir()
         if shared_folder:  # the processes' metric files: their counts end with them
             shutil.rmtree(shared_folder, ignore_errors=True)
-    return 1 if failed else 0
-
-
-def _wait_for(children: set[int], stop_all: Callable[[int, Any], None], stopping: Callable[[], bool]) -> bool:
-    """Reap the receivers; True when one failed or ended on its own (the others are then stopped)."""
-    failed = False
-    while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        children.discard(pid)
-        if os.waitstatus_to_exitcode(status) != 0 or not stopping():
-            failed = True
-            if not stopping():
-                log.error("receiver process ended on its own; stopping the others", pid=pid)
-                stop_all(signal.SIGTERM, None)
-    return failed
-
-
-def stop_signal() -> asyncio.Event:
-    """An event set by SIGTERM or SIGINT (the loop's handlers): what a server process waits for."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signal_number, stop.set)
-    return stop
 
 
 async def _serve(settings: Settings, reuse_port: bool = False) -> None:

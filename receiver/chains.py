@@ -37,7 +37,7 @@ from receiver.history import (
     lua_write,
 )
 from receiver.logs import log
-from receiver.metrics import counter_increment
+from receiver.metrics.shared import counter_increment
 from receiver.rediskeys import RedisKeys
 from receiver.rqstore import (
     JOB_DATA_HEAD,
@@ -472,7 +472,7 @@ def intake_script(keys: RedisKeys, history_ttl: int = 0, destinations: Sequence[
     """The intake's dedup and fan-out, for receiver/intake.py (KEYS: the first destination's head and
     waiting list, seen, then each further destination's head and waiting list). `keys` are
     `merchant`'s; each destination's are derived from them."""
-    own = [keys if name == MERCHANT else keys.for_destination(name) for name in destinations]
+    own = [keys.for_destination(name) for name in destinations]
     targets = []
     for k in own:
         fields = ", ".join(lua_string(x) for x in template_args(k.queue_name))

@@ -20,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from receiver.connections import async_redis, deadline
 from receiver.destinations import MERCHANT, Destination
 from receiver.intergiro_api import new_session, verify_url
+from receiver.order import is_error_object
 from receiver.settings import Settings
 
 REDIS_CHECK_SECONDS = 3.0
@@ -117,15 +118,12 @@ async def check_redis(settings: Settings, findings: Findings) -> None:
         await client.aclose()
 
 
-def is_error_object(text: bytes) -> bool:
-    """An Intergiro Error object (`{status, type, ...}`): the API judged the request."""
+def is_error_answer(text: bytes) -> bool:
+    """An answer that is an Intergiro Error object (`{status, type, ...}`): the API judged the request."""
     try:
-        body = orjson.loads(text)
+        return is_error_object(orjson.loads(text))
     except orjson.JSONDecodeError:
         return False
-    return (
-        isinstance(body, dict) and isinstance(body.get("status"), int) and isinstance(body.get("type"), str)
-    )
 
 
 async def check_verify_endpoint(settings: Settings, findings: Findings) -> None:
@@ -161,7 +159,7 @@ async def check_verify_endpoint(settings: Settings, findings: Findings) -> None:
         )
     elif status >= 500:
         findings.problems.append(f"INTERGIRO_API_URL: the verify endpoint answered {status}")
-    elif 400 <= status < 500 and not is_error_object(body):
+    elif 400 <= status < 500 and not is_error_answer(body):
         findings.problems.append(
             f"INTERGIRO_API_URL: {url} answered {status} without Intergiro's error object: "
             "not Intergiro's verify endpoint, so the key is not known to work"
@@ -172,27 +170,25 @@ def check_destination_url(destination: Destination) -> str | None:
     """HEAD a destination's URL (the merchant's, MERCHANT_WEBHOOK_URL, or a DESTINATION_<NAME>_URL) as
     the workers reach it (its proxy, its client certificate): any HTTP answer is reachable; returns the
     problem, naming the variable, or None."""
-    from workers.merchant_http import AnswerError, ConnectionOptions, MerchantConnection
+    from workers.merchant_http import ConnectionOptions, MerchantConnection, PostFailed
 
     name = destination_variable(destination.name, "URL")
     timeout = destination_variable(destination.name, "TIMEOUT_SECONDS")
     d = destination
     try:
-        connection = MerchantConnection(
-            d.url,
-            d.timeout_seconds,
-            ConnectionOptions(d.http_proxy, d.https_proxy, d.no_proxy, d.tls_client_cert, d.tls_client_key),
-        )
+        connection = MerchantConnection(d.url, d.timeout_seconds, ConnectionOptions.of(d))
     except ValueError as exc:
         return f"{name}: {exc}"
     try:
         connection.reach()
-    except AnswerError:
-        return None  # it answered, if not in good HTTP: reachable, the workers will say more
-    except TimeoutError:
-        return f"{name}: {connection.redacted_url} did not answer within {d.timeout_seconds:g} s ({timeout})"
-    except OSError as exc:
-        return f"{name}: cannot reach {connection.redacted_url}: {exc}"
+    except PostFailed as exc:
+        if exc.answered:
+            return None  # it answered, if not in good HTTP: reachable, the workers will say more
+        if exc.timed_out:
+            return (
+                f"{name}: {connection.redacted_url} did not answer within {d.timeout_seconds:g} s ({timeout})"
+            )
+        return f"{name}: cannot reach {connection.redacted_url}: {exc.detail}"
     return None
 
 

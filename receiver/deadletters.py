@@ -29,7 +29,7 @@ from receiver.chains import OrderChains
 from receiver.clock import utc_now
 from receiver.connections import sync_redis
 from receiver.destinations import MERCHANT
-from receiver.errors import report
+from receiver.errors import IntergiroReceiverError, report
 from receiver.history import purge_entry
 from receiver.reconcile import parse_duration
 from receiver.rediskeys import RedisKeys
@@ -228,7 +228,7 @@ class DeadLetterFilter:
         )
 
 
-class DestinationNotConfigured(Exception):
+class DestinationNotConfigured(IntergiroReceiverError):
     """A dead letter for a destination no longer configured: requeued, no worker would deliver it."""
 
     def __init__(self, update_id: str, destination: str) -> None:
@@ -266,8 +266,7 @@ class DeadLetters:
 
     def _keys(self, entry: dict[str, Any]) -> RedisKeys:
         """The keys of the destination the entry's delivery was for."""
-        name = destination_of(entry)
-        return self.keys if name == MERCHANT else self.keys.for_destination(name)
+        return self.keys.for_destination(destination_of(entry))
 
     def get(self, update_id: str) -> dict[str, Any] | None:
         raw = self.redis.hget(self.keys.dead_letters, update_id)
@@ -375,7 +374,7 @@ class DeadLetters:
 def run_dlq_command(settings: Settings, args: argparse.Namespace) -> int:
     """`intergiro-receiver dlq list|show|requeue|purge`: 0 when done, 1 when an id is not there."""
     redis = sync_redis(settings, timeout=10)
-    keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+    keys = RedisKeys.of(settings)
     dlq = DeadLetters(redis, keys, settings.history_retention_seconds)
     configured = {d.name for d in settings.destinations}
     try:

@@ -32,12 +32,11 @@ from receiver.connections import sync_redis
 from receiver.destinations import Breaker
 from receiver.errors import report
 from receiver.logs import log
-from receiver.rediskeys import RedisKeys, destination_keys
+from receiver.rediskeys import RedisKeys, configured_destination_keys
 from receiver.retries import RetrySchedule, format_duration
 from receiver.settings import Settings
 
 UP, DOWN, PAUSED = "up", "down", "paused"
-STATES = (UP, DOWN, PAUSED)
 MAX_REASON_CHARS = 500
 SNAPSHOT_SECONDS = 1.0  # how stale a worker's view may be: a pause holds new jobs within about a second
 
@@ -307,13 +306,6 @@ def describe(redis: Redis, each: Sequence[RedisKeys], now: float | None = None) 
     return rows
 
 
-def all_keys(settings: Settings) -> list[RedisKeys]:
-    """The keys of every configured destination."""
-    return destination_keys(
-        RedisKeys(settings.redis_key_prefix, settings.queue_name), [d.name for d in settings.destinations]
-    )
-
-
 def _note(row: dict[str, Any]) -> str:
     if row["state"] == PAUSED:
         return f"paused by {row['paused_by'] or '?'} at {row['paused_at']}: {row['paused_reason']}"
@@ -331,7 +323,7 @@ def run_destination_command(settings: Settings, args: argparse.Namespace) -> int
     configured."""
     redis = sync_redis(settings, timeout=10)
     try:
-        each = all_keys(settings)
+        each = configured_destination_keys(settings)
         if args.destination_command == "list":
             rows = describe(redis, each)
             if args.json:
@@ -376,7 +368,7 @@ def run_retry_now(settings: Settings, args: argparse.Namespace) -> int:
     configured."""
     redis = sync_redis(settings, timeout=10)
     try:
-        each = all_keys(settings)
+        each = configured_destination_keys(settings)
         if args.destination:
             chosen = [k for k in each if k.destination == args.destination]
             if not chosen:

@@ -113,8 +113,3 @@ def split_job_id(delivery_id: str) -> tuple[str, str]:
 def queue_name(base: str, destination: str) -> str:
     """The destination's RQ queue: QUEUE_NAME for `merchant`, `<QUEUE_NAME>.<name>` for the others."""
     return base if destination == MERCHANT else f"{base}.{destination}"
-
-
-def matching(destinations: tuple[Destination, ...], update: Mapping[str, Any]) -> list[int]:
-    """Indexes of the destinations whose filters the update passes."""
-    return [n for n, d in enumerate(destinations) if d.matches(update)]

@@ -1,32 +1,38 @@
-"""The package's own exceptions, and the one format a command's error is printed in.
+"""The package's exception root, its errors of configuration, commands and callbacks, and the one
+format a command's error is printed in.
 
-Every exception class of the product, where it is defined, and what it becomes:
+Every exception class of receiver/ and workers/ derives from `IntergiroReceiverError`, keeping a
+builtin base where callers catch that (ValueError, RedisError). The tree, drawn once
+(tests/test_errors.py holds it against the real classes):
 
-    Exception
-     +-- ConfigError ............. receiver.errors: settings that cannot work; one line per variable, exit 1
-     +-- CommandError ............ receiver.errors: a command that cannot do what it was asked; exit code
-     |    +-- DevError ........... receiver.tools.dev: `dev` cannot start
-     +-- CallbackRejected ........ receiver.errors: a callback not stored; exactly one HTTP answer
-     |    +-- BadCallback (400) .. receiver.errors
-     |    +-- NotTrusted (401) ... receiver.errors
-     |    |    +-- NoKeyVerifies . receiver.verify: no local key verifies (may fall back to remote)
-     |    +-- BodyTooLarge (413), BodyTimeout (408), UnsupportedMediaType (415) .. receiver.errors
-     |    +-- Unavailable (503) .. receiver.errors: Redis or Intergiro's API; the sender retries
-     +-- ApiFailed ............... receiver.intergiro_api: a call to Intergiro's API failed
-     |    +-- ApiRefused, AnswerTooLarge
-     +-- DeliveryError ........... workers.delivery: a failed attempt (retried)
-     |    +-- PermanentDeliveryError: dead-lettered at once
-     +-- LoggedOutcome ........... receiver.logs: an outcome we log; a library's record of it is left out
-     |    +-- DeadLettered ....... workers.delivery
-     +-- TargetNotConfigured ..... workers.delivery
-     +-- AnswerError ............. workers.merchant_http: a merchant answer that cannot be read
-     +-- DestinationNotConfigured  receiver.deadletters: a requeue refused (409 in the ops API)
-    ValueError
-     +-- DuplicateKey, Unrepresentable .. receiver.verify: JSON the product refuses to read (a trusted
-     |                                    order's lone surrogates and huge numbers are repaired instead)
-     +-- StatusError ............. receiver.status: amounts Intergiro's model cannot compute
-    redis.exceptions.RedisError
-     +-- NotReplicated ........... receiver.intake: stored, but not yet on REDIS_MIN_REPLICAS replicas
+    IntergiroReceiverError
+     +-- ConfigError ............... receiver.errors: settings that cannot work; one line per variable, exit 1
+     +-- CommandError .............. receiver.errors: a command that cannot do what it was asked; exit code
+     |    +-- DevError ............. receiver.tools.dev: `dev` cannot start
+     +-- CallbackRejected .......... receiver.errors: a callback not stored; exactly one HTTP answer
+     |    +-- BadCallback .......... receiver.errors: 400
+     |    +-- NotTrusted ........... receiver.errors: 401
+     |    |    +-- NoKeyVerifies ... receiver.verify: no local key verifies (may fall back to remote)
+     |    +-- BodyTooLarge ......... receiver.errors: 413
+     |    +-- BodyTimeout .......... receiver.errors: 408
+     |    +-- UnsupportedMediaType . receiver.errors: 415
+     |    +-- Unavailable .......... receiver.errors: 503, Redis or Intergiro's API; the sender retries
+     +-- DuplicateKey .............. receiver.verify: JSON naming a key twice (also a ValueError)
+     +-- Unrepresentable ........... receiver.verify: JSON no update could carry (also a ValueError)
+     +-- StatusError ............... receiver.status: amounts Intergiro's model cannot compute (also a ValueError)
+     +-- NotReplicated ............. receiver.intake: stored, not yet on REDIS_MIN_REPLICAS (also a RedisError)
+     +-- ApiFailed ................. receiver.intergiro_api: a call to Intergiro's API failed
+     |    +-- ApiRefused ........... receiver.intergiro_api: 401/403
+     |    +-- AnswerTooLarge ....... receiver.intergiro_api: an answer beyond its bound
+     +-- DestinationNotConfigured .. receiver.deadletters: a requeue refused (409 in the ops API)
+     +-- Stopped ................... receiver.replay: a replay asked to stop before the end of its window
+     +-- LoggedOutcome ............. receiver.logs: an outcome we log; a library's record of it is left out
+     |    +-- DeadLettered ......... workers.delivery: the update is in the dead-letter queue
+     +-- DeliveryError ............. receiver.handler_errors: a failed attempt, retried (public)
+     |    +-- PermanentDeliveryError receiver.handler_errors: dead-lettered at once (public)
+     |    +-- PostFailed ........... workers.merchant_http: no readable answer to the POST
+     +-- TargetNotConfigured ....... workers.delivery: no URL or handler, or a handler that cannot be imported
+     +-- AnswerError ............... workers.merchant_http: an unreadable answer, inside; it leaves as PostFailed
 
 Errors of a command are printed on stderr as `intergiro-receiver COMMAND: MESSAGE`, one line each
 (`report`); `receiver.cli.main` prints a CommandError or a ConfigError that way and exits with its
@@ -41,12 +47,17 @@ from __future__ import annotations
 MAX_QUOTED_CHARS = 200
 
 
+class IntergiroReceiverError(Exception):
+    """The root of every exception this product raises: `except IntergiroReceiverError` catches ours
+    and only ours."""
+
+
 def clip(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
     """`text` cut to `limit` characters, marked when it was cut."""
     return text if len(text) <= limit else f"{text[:limit]}...({len(text) - limit} more)"
 
 
-class ConfigError(Exception):
+class ConfigError(IntergiroReceiverError):
     """Settings that cannot work: one line per problem, each naming its variable."""
 
     def __init__(self, problems: list[str]) -> None:
@@ -54,7 +65,7 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-class CommandError(Exception):
+class CommandError(IntergiroReceiverError):
     """A command that cannot do what it was asked: each line is printed as `intergiro-receiver COMMAND:
     LINE` on stderr, and the command exits with `exit_code` (1: a problem; 2: a bad command line)."""
 
@@ -72,7 +83,7 @@ def report(command: str, *lines: str) -> None:
         print(f"intergiro-receiver {command}: {line}", file=sys.stderr)
 
 
-class CallbackRejected(Exception):
+class CallbackRejected(IntergiroReceiverError):
     """A callback that is not stored; `status` is the HTTP answer, `reason` is safe to show the sender."""
 
     status = 400

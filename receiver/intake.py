@@ -22,6 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from receiver.chains import chain_args, chain_keys, intake_script
 from receiver.connections import deadline
 from receiver.destinations import MERCHANT, Destination
+from receiver.errors import IntergiroReceiverError
 from receiver.history import DUPLICATE, HistoryNote, indexable_number
 from receiver.logs import log
 from receiver.order import build_updates, event_key
@@ -53,7 +54,7 @@ def needs_replay_guard(events: int, size: int) -> bool:
     return events > 1 and events * size >= REPLAY_GUARD_MIN_JOB_BYTES
 
 
-class NotReplicated(RedisError):
+class NotReplicated(IntergiroReceiverError, RedisError):
     """The callback is on the primary but not yet on enough replicas: a failover could lose it, so the
     sender is told to retry (its retry is a duplicate that waits for the replicas again)."""
 
@@ -81,9 +82,7 @@ class Intake:
         passes (one delivery per destination, each in that destination's chain of the order)."""
         self.redis = redis
         self.destinations = tuple(destinations)
-        self._chain_keys = [
-            keys if d.name == MERCHANT else keys.for_destination(d.name) for d in destinations
-        ]
+        self._chain_keys = [keys.for_destination(d.name) for d in destinations]
         self.timeout_seconds = timeout_seconds
         self.min_replicas = min_replicas
         self.keys = keys

@@ -24,7 +24,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 import orjson
 
-from receiver.errors import BadCallback, NotTrusted, Unavailable, clip
+from receiver.errors import BadCallback, IntergiroReceiverError, NotTrusted, Unavailable, clip
 from receiver.logs import log
 from receiver.retry_after import parse_retry_after
 from receiver.settings import Settings
@@ -63,7 +63,7 @@ _ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _LONG_INTEGER = re.compile(rb"(?<![.\deE+-])-?\d{20,}(?![.\deE])")
 
 
-class ApiFailed(Exception):
+class ApiFailed(IntergiroReceiverError):
     """A call to Intergiro's API gave no usable answer (after retries); safe to try again later."""
 
 

@@ -24,6 +24,7 @@ import orjson
 import structlog
 
 from receiver.clock import utc_now
+from receiver.errors import IntergiroReceiverError
 
 _HANDLER_MARK = "_intergiro_receiver"
 # Linux's PIPE_BUF: a write to a pipe of at most this many bytes is never split or interleaved.
@@ -31,7 +32,7 @@ MAX_LINE_BYTES = 4096
 _CUT_MARK = "[...]"
 
 
-class LoggedOutcome(Exception):
+class LoggedOutcome(IntergiroReceiverError):
     """An exception that stands for an outcome we log ourselves (a dead letter): a library's record
     made while it is handled (RQ's ERROR line with its traceback) is left out."""
 

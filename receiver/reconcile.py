@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import re
 import secrets
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import LockNotOwnedError, RedisError
 
 from receiver.clock import utc_now
 from receiver.connections import async_redis
@@ -34,11 +33,12 @@ from receiver.history import reconcile_note
 from receiver.intake import Intake
 from receiver.intergiro_api import ApiFailed, ApiRefused, OrderApi, RetryPolicy, new_session, order_id_of
 from receiver.logs import log
-from receiver.metrics import count, set_gauge
+from receiver.metrics.shared import count, set_gauge
 from receiver.order import build_updates, event_key, parse_order
 from receiver.rediskeys import RedisKeys
 from receiver.rqstore import job_data
 from receiver.settings import Settings
+from receiver.supervisor import stop_signal
 from receiver.verify import Unrepresentable, repair_unwritable
 
 MAX_WINDOW_DAYS = 400
@@ -159,7 +159,7 @@ class Reconciler:
 
     def __init__(self, redis: Redis, settings: Settings, api: OrderApi, *, dry_run: bool = False) -> None:
         self.redis = redis
-        self.keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+        self.keys = RedisKeys.of(settings)
         self.intake = Intake(
             redis,
             self.keys,
@@ -252,14 +252,6 @@ class Reconciler:
 # The lock is one key holding a random token; only its holder may renew or release it, and only while
 # it still holds it: GET and PEXPIRE/DEL must be one step, or a lock that expired and was taken by
 # another process in between would be renewed or deleted from under that process.
-RENEW_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-RELEASE_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 # The watermark moves only under the lock and only forward: checking the token and writing the
 # watermark in one step keeps a process that lost the lock from moving it.
 WATERMARK_SCRIPT = """
@@ -271,37 +263,39 @@ return 1
 
 
 class ReconcileLock:
-    """SET NX PX with a random token, renewed every third of its expiry while held."""
+    """One reconcile at a time across the deployment: redis-py's Lock (SET NX PX with a random token),
+    its expiry renewed every third of it while held, so it lapses when its holder dies."""
 
     def __init__(self, redis: Redis, keys: RedisKeys, ttl_ms: int = LOCK_TTL_MS) -> None:
         self.redis = redis
         self.keys = keys
         self.ttl_ms = ttl_ms
-        self.token = secrets.token_hex(16)
+        self.token = secrets.token_hex(16)  # ours, so that the watermark script can check it
         self.lost = False
+        self._lock = redis.lock(
+            keys.reconcile_lock, timeout=ttl_ms / 1000, blocking=False, thread_local=False
+        )
         self._renewer: asyncio.Task[None] | None = None
-        self._renew = redis.register_script(RENEW_SCRIPT)
-        self._release = redis.register_script(RELEASE_SCRIPT)
         self._watermark = redis.register_script(WATERMARK_SCRIPT)
 
     async def acquire(self) -> bool:
-        taken = await self.redis.set(self.keys.reconcile_lock, self.token, nx=True, px=self.ttl_ms)
+        taken = bool(await self._lock.acquire(token=self.token))
         if taken:
             self.lost = False
             self._renewer = asyncio.create_task(self._renew_while_held())
-        return bool(taken)
+        return taken
 
     async def _renew_while_held(self) -> None:
         while True:
             await asyncio.sleep(self.ttl_ms / 3000)
             try:
-                renewed = await self._renew(keys=[self.keys.reconcile_lock], args=[self.token, self.ttl_ms])
-            except RedisError:
-                continue  # try again; the lock stays ours until it expires
-            if not renewed:
+                await self._lock.reacquire()  # its expiry back to ttl_ms, if it is still ours
+            except LockNotOwnedError:
                 self.lost = True
                 log.warning("reconcile lock lost")
                 return
+            except RedisError:
+                continue  # try again; the lock stays ours until it expires
 
     async def advance_watermark(self, timestamp: float) -> bool:
         moved = await self._watermark(
@@ -314,9 +308,9 @@ class ReconcileLock:
             self._renewer.cancel()
             self._renewer = None
         try:
-            await self._release(keys=[self.keys.reconcile_lock], args=[self.token])
+            await self._lock.release()
         except RedisError:
-            pass  # it expires by itself
+            pass  # lapsed already (LockNotOwnedError), or Redis is away: it expires by itself
 
 
 class PeriodicReconcile:
@@ -343,7 +337,7 @@ class PeriodicReconcile:
     ) -> None:
         self.redis = redis
         self.settings = settings
-        self.keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+        self.keys = RedisKeys.of(settings)
         self.api = api
         self.interval = settings.reconcile_interval_seconds
         self.lookback = lookback_seconds or settings.reconcile_lookback_seconds
@@ -453,7 +447,7 @@ async def reconcile_command(
                 try:
                     await count(
                         redis,
-                        RedisKeys(settings.redis_key_prefix, settings.queue_name),
+                        RedisKeys.of(settings),
                         "intergiro_reconcile_runs_total",
                         outcome=summary.outcome,
                     )
@@ -472,10 +466,7 @@ async def reconcile_command(
 
 
 async def _run_periodic(periodic: PeriodicReconcile) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = stop_signal()
     log.info("reconcile every", interval=periodic.interval, lookback=periodic.lookback)
     return await periodic.run_forever(stop)
 

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from receiver import rqstore
 from receiver.destinations import MERCHANT, job_id, queue_name
+
+if TYPE_CHECKING:
+    from receiver.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -21,9 +25,17 @@ class RedisKeys:
     queue_name: str = "order-updates"
     destination: str = MERCHANT
 
+    @classmethod
+    def of(cls, settings: Settings) -> RedisKeys:
+        """`merchant`'s keys under the settings' REDIS_KEY_PREFIX and QUEUE_NAME."""
+        return cls(settings.redis_key_prefix, settings.queue_name)
+
     def for_destination(self, name: str) -> RedisKeys:
-        """The keys of destination `name` (from `merchant`'s, whose queue is QUEUE_NAME)."""
+        """The keys of destination `name` (from `merchant`'s, whose queue is QUEUE_NAME): these keys
+        themselves for `merchant`."""
         assert self.destination == MERCHANT, "made from merchant's keys only"
+        if name == MERCHANT:
+            return self
         return replace(self, destination=name, queue_name=queue_name(self.queue_name, name))
 
     @property
@@ -176,6 +188,11 @@ class RedisKeys:
         return rqstore.job_key(job_id)
 
 
+def configured_destination_keys(settings: Settings) -> list[RedisKeys]:
+    """The keys of every destination the settings configure."""
+    return destination_keys(RedisKeys.of(settings), [d.name for d in settings.destinations])
+
+
 def destination_keys(keys: RedisKeys, names: Sequence[str]) -> list[RedisKeys]:
     """The keys of every named destination (`merchant`'s are `keys` themselves); `keys` alone for none."""
-    return [keys if name == keys.destination else keys.for_destination(name) for name in names] or [keys]
+    return [keys.for_destination(name) for name in names] or [keys]

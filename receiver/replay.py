@@ -28,12 +28,12 @@ from redis.lock import Lock
 from receiver.chains import OrderChains
 from receiver.clock import utc_now
 from receiver.connections import sync_redis
-from receiver.destinations import MERCHANT, Destination
-from receiver.errors import BadCallback, report
+from receiver.destinations import Destination
+from receiver.errors import BadCallback, IntergiroReceiverError, report
 from receiver.history import replay_note
 from receiver.intergiro_api import ApiFailed, ApiRefused, OrderApi, new_session, order_id_of
 from receiver.logs import log
-from receiver.metrics import count
+from receiver.metrics.shared import count
 from receiver.reconcile import Window, listed_updates, parse_duration
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
@@ -149,11 +149,10 @@ class Replayer:
 
 
 def keys_of(settings: Settings, destination: Destination) -> RedisKeys:
-    keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
-    return keys if destination.name == MERCHANT else keys.for_destination(destination.name)
+    return RedisKeys.of(settings).for_destination(destination.name)
 
 
-class Stopped(Exception):
+class Stopped(IntergiroReceiverError):
     """The replay was asked to stop (its process is stopping) before the end of its window."""
 
 

@@ -1,6 +1,9 @@
 """Every setting of the product, read once from the environment (and `.env`) and validated together.
 
-This is the only module that reads `os.environ`; everything else gets a `Settings` passed down.
+This is the only module that reads the product's settings from `os.environ`; everything else gets a
+`Settings` passed down. One variable is not ours: prometheus_client's PROMETHEUS_MULTIPROC_DIR, which
+receiver/cli.py sets for `serve --processes` before prometheus_client is imported (it reads it then)
+and receiver.metrics.receiver_registry looks up to find the same folder.
 """
 
 from __future__ import annotations
@@ -210,117 +213,180 @@ class _Reader:
         return self.get(name, default, parse)
 
     def settings(self) -> Settings:
+        """Every setting read (the groups in the order their problems are listed), then the checks
+        across settings."""
         d = Settings()
         s = Settings(
-            redis_url=self.get("REDIS_URL", d.redis_url, _redis_url),
-            redis_key_prefix=self.get("REDIS_KEY_PREFIX", d.redis_key_prefix, _key_prefix),
-            redis_sentinels=self.get("REDIS_SENTINELS", d.redis_sentinels, _sentinels),
-            redis_sentinel_master=self.get("REDIS_SENTINEL_MASTER", d.redis_sentinel_master, _queue_name),
-            redis_min_replicas=self.get("REDIS_MIN_REPLICAS", d.redis_min_replicas, _int_between(0, 16)),
-            redis_timeout_seconds=self.get(
+            **self._redis(d),
+            **self._receiver(d),
+            **self._intergiro(d),
+            **self._delivery(d),
+            **self._limits(d),
+            **self._operations(d),
+            **self._ops_console(d),
+            **self._logs(d),
+        )
+        self.check_required_together(s)
+        s = replace(s, extra_destinations=self.destinations(s))
+        if self.problems:
+            raise ConfigError(self.problems)
+        return s
+
+    def _redis(self, d: Settings) -> dict[str, Any]:
+        """Where Redis is and how it is reached."""
+        return {
+            "redis_url": self.get("REDIS_URL", d.redis_url, _redis_url),
+            "redis_key_prefix": self.get("REDIS_KEY_PREFIX", d.redis_key_prefix, _key_prefix),
+            "redis_sentinels": self.get("REDIS_SENTINELS", d.redis_sentinels, _sentinels),
+            "redis_sentinel_master": self.get("REDIS_SENTINEL_MASTER", d.redis_sentinel_master, _queue_name),
+            "redis_min_replicas": self.get("REDIS_MIN_REPLICAS", d.redis_min_replicas, _int_between(0, 16)),
+            "redis_timeout_seconds": self.get(
                 "REDIS_TIMEOUT_SECONDS", d.redis_timeout_seconds, _float_between(0.1, 60.0)
             ),
-            receiver_host=self.get("RECEIVER_HOST", d.receiver_host, str),
-            receiver_port=self.get("RECEIVER_PORT", d.receiver_port, _int_between(0, 65535)),
-            receiver_idle_timeout_seconds=self.get(
+        }
+
+    def _receiver(self, d: Settings) -> dict[str, Any]:
+        """Where the receiver listens, and how long it waits for a client."""
+        return {
+            "receiver_host": self.get("RECEIVER_HOST", d.receiver_host, str),
+            "receiver_port": self.get("RECEIVER_PORT", d.receiver_port, _int_between(0, 65535)),
+            "receiver_idle_timeout_seconds": self.get(
                 "RECEIVER_IDLE_TIMEOUT_SECONDS", d.receiver_idle_timeout_seconds, _positive_float
             ),
-            receiver_body_timeout_seconds=self.get(
+            "receiver_body_timeout_seconds": self.get(
                 "RECEIVER_BODY_TIMEOUT_SECONDS", d.receiver_body_timeout_seconds, _positive_float
             ),
-            intergiro_environment=self.get(
+        }
+
+    def _intergiro(self, d: Settings) -> dict[str, Any]:
+        """Intergiro: its environment and keys, how callbacks are verified, its API; how long a callback
+        is remembered as seen."""
+        return {
+            "intergiro_environment": self.get(
                 "INTERGIRO_ENVIRONMENT", d.intergiro_environment, _choice(INTERGIRO_ENVIRONMENTS)
             ),
-            intergiro_public_keys=self.get("INTERGIRO_PUBLIC_KEYS", d.intergiro_public_keys, _keys),
-            intergiro_verify=self.get("INTERGIRO_VERIFY", d.intergiro_verify, _choice(VERIFY_MODES)),
-            intergiro_api_url=self.get("INTERGIRO_API_URL", d.intergiro_api_url, _http_url),
-            intergiro_api_key=self.get("INTERGIRO_API_KEY", d.intergiro_api_key, str),
-            intergiro_api_timeout_seconds=self.get(
+            "intergiro_public_keys": self.get("INTERGIRO_PUBLIC_KEYS", d.intergiro_public_keys, _keys),
+            "intergiro_verify": self.get("INTERGIRO_VERIFY", d.intergiro_verify, _choice(VERIFY_MODES)),
+            "intergiro_api_url": self.get("INTERGIRO_API_URL", d.intergiro_api_url, _http_url),
+            "intergiro_api_key": self.get("INTERGIRO_API_KEY", d.intergiro_api_key, str),
+            "intergiro_api_timeout_seconds": self.get(
                 "INTERGIRO_API_TIMEOUT_SECONDS", d.intergiro_api_timeout_seconds, _positive_float
             ),
-            intergiro_api_concurrency=self.get(
+            "intergiro_api_concurrency": self.get(
                 "INTERGIRO_API_CONCURRENCY", d.intergiro_api_concurrency, _int_between(1, 1000)
             ),
-            dedup_ttl_seconds=self.get(
+            "dedup_ttl_seconds": self.get(
                 "DEDUP_TTL_SECONDS", d.dedup_ttl_seconds, _int_between(1, 10 * 365 * 86400)
             ),
-            queue_name=self.get("QUEUE_NAME", d.queue_name, _queue_name),
-            merchant_webhook_url=self.get("MERCHANT_WEBHOOK_URL", d.merchant_webhook_url, _http_url),
-            merchant_webhook_secret=self.get(
+        }
+
+    def _delivery(self, d: Settings) -> dict[str, Any]:
+        """The queue and `merchant`'s delivery: its target, retries, breaker, concurrency, client
+        certificate and proxies (the defaults of every destination)."""
+        return {
+            "queue_name": self.get("QUEUE_NAME", d.queue_name, _queue_name),
+            "merchant_webhook_url": self.get("MERCHANT_WEBHOOK_URL", d.merchant_webhook_url, _http_url),
+            "merchant_webhook_secret": self.get(
                 "MERCHANT_WEBHOOK_SECRET", d.merchant_webhook_secret, _webhook_secret
             ),
-            merchant_handler=self.get("MERCHANT_HANDLER", d.merchant_handler, _handler_path),
-            delivery_max_attempts=self.get(
+            "merchant_handler": self.get("MERCHANT_HANDLER", d.merchant_handler, _handler_path),
+            "delivery_max_attempts": self.get(
                 "DELIVERY_MAX_ATTEMPTS", d.delivery_max_attempts, _int_between(1, 100)
             ),
-            delivery_retry_schedule=self.get(
+            "delivery_retry_schedule": self.get(
                 "DELIVERY_RETRY_SCHEDULE", d.delivery_retry_schedule, parse_schedule
             ),
-            delivery_backoff_seconds=self.get(
+            "delivery_backoff_seconds": self.get(
                 "DELIVERY_BACKOFF_SECONDS", d.delivery_backoff_seconds, _nonnegative_float
             ),
-            delivery_timeout_seconds=self.get(
+            "delivery_timeout_seconds": self.get(
                 "DELIVERY_TIMEOUT_SECONDS", d.delivery_timeout_seconds, _positive_float
             ),
-            breaker_failures=self.get("BREAKER_FAILURES", d.breaker_failures, _int_between(0, 100_000)),
-            breaker_probe_seconds=self.get(
+            "breaker_failures": self.get("BREAKER_FAILURES", d.breaker_failures, _int_between(0, 100_000)),
+            "breaker_probe_seconds": self.get(
                 "BREAKER_PROBE_SECONDS", d.breaker_probe_seconds, _float_between(0.1, 3600.0)
             ),
-            breaker_max_probe_seconds=self.get(
+            "breaker_max_probe_seconds": self.get(
                 "BREAKER_MAX_PROBE_SECONDS", d.breaker_max_probe_seconds, _float_between(0.1, 3600.0)
             ),
-            delivery_concurrency=self.get(
+            "delivery_concurrency": self.get(
                 "DELIVERY_CONCURRENCY", d.delivery_concurrency, _int_between(1, MAX_CONCURRENCY)
             ),
-            merchant_max_in_flight=self.get(
+            "merchant_max_in_flight": self.get(
                 "MERCHANT_MAX_IN_FLIGHT", d.merchant_max_in_flight, _int_between(1, 100_000)
             ),
-            merchant_tls_client_cert=self.get(
+            "merchant_tls_client_cert": self.get(
                 "MERCHANT_TLS_CLIENT_CERT", d.merchant_tls_client_cert, _pem_file("CERTIFICATE")
             ),
-            merchant_tls_client_key=self.get(
+            "merchant_tls_client_key": self.get(
                 "MERCHANT_TLS_CLIENT_KEY", d.merchant_tls_client_key, _pem_file("PRIVATE KEY")
             ),
-            http_proxy=self.get_either("HTTP_PROXY", d.http_proxy, _proxy_url),
-            https_proxy=self.get_either("HTTPS_PROXY", d.https_proxy, _proxy_url),
-            no_proxy=self.get_either("NO_PROXY", d.no_proxy, str),
-            max_body_bytes=self.get("MAX_BODY_BYTES", d.max_body_bytes, _int_between(1024, 64 * 1024 * 1024)),
-            max_callback_events=self.get(
+            "http_proxy": self.get_either("HTTP_PROXY", d.http_proxy, _proxy_url),
+            "https_proxy": self.get_either("HTTPS_PROXY", d.https_proxy, _proxy_url),
+            "no_proxy": self.get_either("NO_PROXY", d.no_proxy, str),
+        }
+
+    def _limits(self, d: Settings) -> dict[str, Any]:
+        """The bounds on what a client may send and on open connections."""
+        return {
+            "max_body_bytes": self.get(
+                "MAX_BODY_BYTES", d.max_body_bytes, _int_between(1024, 64 * 1024 * 1024)
+            ),
+            "max_callback_events": self.get(
                 "MAX_CALLBACK_EVENTS", d.max_callback_events, _int_between(1, MAX_EVENTS)
             ),
-            max_meta_bytes=self.get("MAX_META_BYTES", d.max_meta_bytes, _int_between(2, 16 * 1024 * 1024)),
-            max_customer_bytes=self.get(
+            "max_meta_bytes": self.get("MAX_META_BYTES", d.max_meta_bytes, _int_between(2, 16 * 1024 * 1024)),
+            "max_customer_bytes": self.get(
                 "MAX_CUSTOMER_BYTES", d.max_customer_bytes, _int_between(2, 16 * 1024 * 1024)
             ),
-            receiver_max_connections=self.get(
+            "receiver_max_connections": self.get(
                 "RECEIVER_MAX_CONNECTIONS", d.receiver_max_connections, _int_between(1, 100_000)
             ),
-            history_retention_seconds=self.get(
+        }
+
+    def _operations(self, d: Settings) -> dict[str, Any]:
+        """How long histories are kept, the workers' metrics port, reconcile and replay."""
+        return {
+            "history_retention_seconds": self.get(
                 "HISTORY_RETENTION_SECONDS", d.history_retention_seconds, _int_between(0, 400 * 86400)
             ),
-            worker_metrics_port=self.get(
+            "worker_metrics_port": self.get(
                 "WORKER_METRICS_PORT", d.worker_metrics_port, _int_between(0, 65535)
             ),
-            reconcile_interval_seconds=self.get(
+            "reconcile_interval_seconds": self.get(
                 "RECONCILE_INTERVAL_SECONDS", d.reconcile_interval_seconds, _int_between(0, 86400 * 7)
             ),
-            reconcile_lookback_seconds=self.get(
+            "reconcile_lookback_seconds": self.get(
                 "RECONCILE_LOOKBACK_SECONDS", d.reconcile_lookback_seconds, _int_between(60, 86400 * 400)
             ),
-            replay_max_window_seconds=self.get(
+            "replay_max_window_seconds": self.get(
                 "REPLAY_MAX_WINDOW_SECONDS", d.replay_max_window_seconds, _int_between(3600, 86400 * 400)
             ),
-            ops_host=self.get("OPS_HOST", d.ops_host, str),
-            ops_port=self.get("OPS_PORT", d.ops_port, _int_between(1, 65535)),
-            ops_token=self.get("OPS_TOKEN", d.ops_token, _ops_token),
-            ops_trust_forwarded_proto=self.get(
+        }
+
+    def _ops_console(self, d: Settings) -> dict[str, Any]:
+        """The ops console."""
+        return {
+            "ops_host": self.get("OPS_HOST", d.ops_host, str),
+            "ops_port": self.get("OPS_PORT", d.ops_port, _int_between(1, 65535)),
+            "ops_token": self.get("OPS_TOKEN", d.ops_token, _ops_token),
+            "ops_trust_forwarded_proto": self.get(
                 "OPS_TRUST_FORWARDED_PROTO", d.ops_trust_forwarded_proto, _yes_or_no
             ),
-            log_format=self.get("LOG_FORMAT", d.log_format, _choice(LOG_FORMATS)),
-            log_level=self.get("LOG_LEVEL", d.log_level, _log_level),
-            otel_endpoint=self.get("OTEL_EXPORTER_OTLP_ENDPOINT", d.otel_endpoint, _otlp_endpoint),
-            otel_environment=tuple(sorted((k, v) for k, v in self.env.items() if k.startswith("OTEL_"))),
-        )
+        }
+
+    def _logs(self, d: Settings) -> dict[str, Any]:
+        """The log lines' format and level; traces (OpenTelemetry's OTEL_* variables, handed to its SDK)."""
+        return {
+            "log_format": self.get("LOG_FORMAT", d.log_format, _choice(LOG_FORMATS)),
+            "log_level": self.get("LOG_LEVEL", d.log_level, _log_level),
+            "otel_endpoint": self.get("OTEL_EXPORTER_OTLP_ENDPOINT", d.otel_endpoint, _otlp_endpoint),
+            "otel_environment": tuple(sorted((k, v) for k, v in self.env.items() if k.startswith("OTEL_"))),
+        }
+
+    def check_required_together(self, s: Settings) -> None:
+        """Settings that need another: the API key for remote verification, the webhook's secret, both
+        halves of the client certificate."""
         if s.remote_verification and not s.intergiro_api_key and not self.refused("INTERGIRO_API_KEY"):
             self.problems.append(f"INTERGIRO_API_KEY: required when INTERGIRO_VERIFY={s.intergiro_verify}")
         if (
@@ -332,10 +398,6 @@ class _Reader:
         self.check_client_certificate(
             "MERCHANT_TLS_CLIENT_", s.merchant_tls_client_cert, s.merchant_tls_client_key
         )
-        s = replace(s, extra_destinations=self.destinations(s))
-        if self.problems:
-            raise ConfigError(self.problems)
-        return s
 
     def destinations(self, s: Settings) -> tuple[Destination, ...]:
         """DESTINATIONS, each from its DESTINATION_<NAME>_* variables (delivery settings default to the

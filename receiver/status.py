@@ -27,6 +27,8 @@ from decimal import (
 )
 from typing import Any, Protocol, TypeGuard, TypeVar
 
+from receiver.errors import IntergiroReceiverError
+
 STATUS_ORDER: tuple[str, ...] = (
     "created",
     "deferred",
@@ -80,7 +82,7 @@ _ZERO = Decimal(0)
 _QUANTA = {places: Decimal(1).scaleb(-places) for places in (0, 2, 3)}  # what minor_units gives
 
 
-class StatusError(ValueError):
+class StatusError(IntergiroReceiverError, ValueError):
     """The order's statuses cannot be computed: malformed amounts or quantities, or too much work."""
 
 

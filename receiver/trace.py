@@ -55,7 +55,7 @@ def run_trace(settings: Settings, key: str, *, as_json: bool = False) -> int:
     """`intergiro-receiver trace KEY [--json]`: 0 when something is known, 1 when nothing is."""
     redis = sync_redis(settings, timeout=10)
     try:
-        documents = trace(redis, RedisKeys(settings.redis_key_prefix, settings.queue_name), key)
+        documents = trace(redis, RedisKeys.of(settings), key)
     finally:
         redis.close()
     if not documents:

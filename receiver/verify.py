@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from receiver.errors import BadCallback, NotTrusted
+from receiver.errors import BadCallback, IntergiroReceiverError, NotTrusted
 from receiver.keys import TrustedKey
 
 ALLOWED_ALGORITHMS = frozenset({"RS256", "ES256"})
@@ -56,7 +56,7 @@ class Verified:
     repaired: tuple[str, ...] = ()
 
 
-class DuplicateKey(ValueError):
+class DuplicateKey(IntergiroReceiverError, ValueError):
     """JSON that names one key twice: two parsers could read two different values."""
 
 
@@ -122,7 +122,7 @@ def check_writable(value: Any) -> None:
         raise Unrepresentable(_unrepresentable_place(value)) from None
 
 
-class Unrepresentable(ValueError):
+class Unrepresentable(IntergiroReceiverError, ValueError):
     """JSON that parses but that no update could carry, naming where: a lone surrogate (what JavaScript
     writes for a string cut inside an emoji), an integer beyond 64 bits, a number that is not finite
     (`NaN`, `Infinity`, `1e400`), or nesting deeper than any update is written."""

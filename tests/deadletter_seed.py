@@ -27,7 +27,7 @@ def seed_dead_letters(
 ) -> list[str]:  # fmt: skip
     """`count` dead letters of as many orders (`<prefix><n>`, each one update) for `destination`, their
     last attempt answered `http_status` (None: no answer) with `error`; returns their entries' ids."""
-    keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+    keys = RedisKeys.of(settings)
     if destination != MERCHANT:
         keys = keys.for_destination(destination)
     target = settings.destination(destination) or Destination(destination)

@@ -7,7 +7,7 @@ from typing import Any
 
 import redis
 
-from workers.delivery import PermanentDeliveryError
+from receiver.handler_errors import PermanentDeliveryError
 
 CALLS = "test:handler:calls"
 DELIVERED = "test:handler:delivered"

@@ -296,10 +296,10 @@ async def test_health_readiness_and_metrics_answer(receiver: Any, rsa_key: Any) 
 async def test_metrics_of_other_processes_are_served_by_the_receiver(
     receiver: Any, sync_redis: Any, settings: Any
 ) -> None:
-    from receiver.metrics import count, observe
+    from receiver.metrics.shared import count, observe
     from receiver.rediskeys import RedisKeys
 
-    keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+    keys = RedisKeys.of(settings)
     count(sync_redis, keys, "intergiro_deliveries_total", outcome="delivered")
     count(sync_redis, keys, "intergiro_deliveries_total", 2, outcome="delivered")
     pipe = sync_redis.pipeline()

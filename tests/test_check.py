@@ -204,11 +204,19 @@ async def test_a_malformed_webhook_secret_is_one_line(redis_url: str, tmp_path: 
     ]
 
 
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        ("<html>Bad Request</html>", "text/html"),
+        # what the receiver would not take for an Error object either: a status that is a bool
+        ('{"status": true, "type": "malformed content"}', "application/json"),
+    ],
+)
 async def test_a_bare_400_from_the_verify_url_is_not_the_key_accepted(
-    redis_url: str, tmp_path: Path, fake_intergiro: Any
+    redis_url: str, tmp_path: Path, fake_intergiro: Any, body: str, content_type: str
 ) -> None:
     async def not_intergiro(request: web.Request) -> web.Response:
-        return web.Response(status=400, text="<html>Bad Request</html>", content_type="text/html")
+        return web.Response(status=400, text=body, content_type=content_type)
 
     fake_intergiro.state["verify_answer"] = not_intergiro
     remote = {"INTERGIRO_VERIFY": "remote", "INTERGIRO_API_URL": str(fake_intergiro.make_url("/"))}

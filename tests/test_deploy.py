@@ -13,7 +13,9 @@ import pytest
 import yaml
 
 from receiver.cli import build_parser
-from receiver.metrics import DEPLOYMENT_GAUGES, DESTINATION_GAUGES, SHARED_METRICS, ReceiverMetrics
+from receiver.metrics.exporter import DEPLOYMENT_GAUGES, DESTINATION_GAUGES
+from receiver.metrics.receiver_registry import ReceiverMetrics
+from receiver.metrics.shared import SHARED_METRICS
 from receiver.settings import SETTING_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]

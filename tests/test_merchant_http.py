@@ -201,7 +201,9 @@ async def test_a_proxy_that_is_not_listening_is_a_retryable_failure_naming_the_p
      ("MERCHANT.test", "merchant.TEST", 80, True), ("127.0.0.1", "127.0.0.1", 80, True),
      ("10.0.0.0/8", "10.1.2.3", 80, True), ("10.0.0.0/8", "11.1.2.3", 80, False),
      ("::1", "[::1]", 80, True), ("[::1]:8080", "::1", 8080, True), ("fd00::/8", "fd12::1", 80, True),
-     ("localhost, 127.0.0.1", "merchant.test", 80, False), ("", "merchant.test", 80, False)],
+     ("localhost, 127.0.0.1", "merchant.test", 80, False), ("", "merchant.test", 80, False),
+     ("localhost, *", "merchant.test", 80, True), ("merchant.test", "10.1.2.3", 80, False),
+     ("10.0.0.0/8", "10.merchant.test", 80, False), ("127.0.0.1:8080", "127.0.0.1", 80, False)],
 )  # fmt: skip
 def test_no_proxy_matches_hosts_domains_addresses_blocks_and_ports(
     no_proxy: str, host: str, port: int, bypassed: bool

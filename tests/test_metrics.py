@@ -16,7 +16,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from receiver.metrics import exporter_lease_key
+from receiver.metrics.exporter import exporter_lease_key
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
 from tests.conftest import pem_public
@@ -156,3 +156,36 @@ def test_the_worker_probe_fails_when_no_rq_heartbeat_of_its_processes_is_alive(
     assert probe.health()[0] == 200
     sync_redis.delete("rq:worker:mine")  # RQ lets the key expire when the heartbeats stop
     assert probe.health()[0] == 503
+
+
+def test_shared_metrics_serve_merchants_series_without_a_destination_label_beside_the_others_in_one_family(
+    sync_redis: redis.Redis,
+) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from receiver.metrics.exporter import DEPLOYMENT_SCRIPT, DeploymentMetrics
+    from receiver.metrics.shared import count, observe
+
+    keys = RedisKeys()
+    count(sync_redis, keys, "intergiro_deliveries_total", 2, outcome="delivered")
+    count(sync_redis, keys, "intergiro_deliveries_total", 3, outcome="delivered", destination="erp")
+    with sync_redis.pipeline() as pipe:
+        observe(pipe, keys, "intergiro_delivery_seconds", 0.02)
+        observe(pipe, keys, "intergiro_delivery_seconds", 0.2, destination="erp")
+        pipe.execute()
+    deployment = DeploymentMetrics(keys, [keys, keys.for_destination("erp")])
+    lease_keys, args = deployment.keys_and_args()
+    deployment.update(sync_redis.eval(DEPLOYMENT_SCRIPT, len(lease_keys), *lease_keys, *args))
+    registry = CollectorRegistry()
+    registry.register(deployment)
+    lines = generate_latest(registry).decode().splitlines()
+    assert lines.count("# TYPE intergiro_deliveries_total counter") == 1
+    assert 'intergiro_deliveries_total{outcome="delivered"} 2.0' in lines
+    assert 'intergiro_deliveries_total{destination="erp",outcome="delivered"} 3.0' in lines
+    assert lines.count("# TYPE intergiro_delivery_seconds histogram") == 1
+    assert 'intergiro_delivery_seconds_bucket{le="0.025"} 1.0' in lines
+    assert 'intergiro_delivery_seconds_bucket{destination="erp",le="0.25"} 1.0' in lines
+    assert 'intergiro_delivery_seconds_count{destination="erp"} 1.0' in lines
+    assert "# TYPE intergiro_reconcile_runs_total counter" in lines  # not counted yet: described all the same
+    families = {f.name: f for f in text_string_to_metric_families("\n".join(lines) + "\n")}
+    assert len(families["intergiro_deliveries"].samples) == 2

@@ -256,6 +256,73 @@ async def test_a_post_without_the_csrf_token_is_refused_403_and_changes_nothing(
     assert missing.status == 404
 
 
+async def test_a_session_cookie_opens_nothing_once_altered_signed_with_another_token_or_8_hours_old(
+    ops: Any, settings: Settings, sync_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from receiver.ops.auth import SESSION_SECONDS, Authenticator
+
+    csrf = await sign_in(ops)
+    [cookie] = [c.value for c in ops.session.cookie_jar if c.key == COOKIE]
+    ops.session.cookie_jar.clear()
+
+    async def opens(value: str) -> bool:
+        answer = await ops.get("/api/dlq", headers={"Cookie": f"{COOKIE}={value}"})
+        assert answer.status in (200, 401)
+        return answer.status == 200
+
+    assert await opens(cookie)
+    flipped = cookie[:-1] + ("A" if cookie[-1] != "A" else "B")
+    assert not await opens(flipped)
+    other, _ = Authenticator("another-token-0123456789abcdefghijklmnop").new_session()
+    assert not await opens(other)  # changing OPS_TOKEN signs everyone out
+    # The CSRF token is the session's own and no other signature passes for it.
+    purge = "/api/dlq/SomeOrder-0-order/purge"
+    for wrong in (other, cookie, csrf[:-1]):
+        answer = await ops.post(purge, headers={"Cookie": f"{COOKIE}={cookie}", "X-CSRF-Token": wrong})
+        assert answer.status == 403
+    answer = await ops.post(purge, headers={"Cookie": f"{COOKIE}={cookie}", "X-CSRF-Token": csrf})
+    assert answer.status == 404  # past the guard: no such dead letter
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + SESSION_SECONDS - 5)
+    assert await opens(cookie)
+    monkeypatch.setattr(time, "time", lambda: now + SESSION_SECONDS + 5)
+    assert not await opens(cookie)
+
+
+async def test_the_console_assets_are_served_without_sign_in_with_their_types_and_nothing_else_is(
+    ops: Any,
+) -> None:
+    from receiver.ops.app import STATIC_FOLDER
+
+    for name, kind in (("ops.css", "text/css"), ("ops.js", "javascript")):
+        answer = await ops.get(f"/static/{name}")
+        assert answer.status == 200 and kind in answer.headers["Content-Type"]
+        assert await answer.read() == (STATIC_FOLDER / name).read_bytes()
+        assert answer.headers["X-Content-Type-Options"] == "nosniff"
+        assert answer.headers["Cache-Control"] == "no-store"
+    for path in (
+        "/static/",
+        "/static/missing.css",
+        "/static/../app.py",
+        "/static/%2e%2e/app.py",
+        "/static/..%2fapp.py",
+    ):
+        answer = await ops.get(path, allow_redirects=False)
+        assert answer.status in (303, 403, 404), path  # 303: to sign-in, for a path the client cleaned
+        assert b"import" not in await answer.read(), path
+    for raw in (
+        b"/static/../app.py",
+        b"/static/%2e%2e/app.py",
+        b"/static/..%2fapp.py",
+        b"/static/./../auth.py",
+    ):
+        reader, writer = await asyncio.open_connection(ops.host, ops.port)
+        writer.write(b"GET " + raw + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+        assert answer.split(b" ")[1] in (b"303", b"403", b"404") and b"import" not in answer, raw
+
+
 async def test_a_one_time_sign_in_link_works_once(ops: Any, sync_redis: Any) -> None:
     link = make_sign_in_link(sync_redis, RedisKeys(), "")
     first = await ops.get(link, allow_redirects=False)

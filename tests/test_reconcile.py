@@ -23,7 +23,7 @@ from receiver.cli import build_parser
 from receiver.connections import async_redis
 from receiver.intergiro_api import MAX_ORDER_PAGE_BYTES, OrderApi, RetryPolicy
 from receiver.logs import configure_logging
-from receiver.metrics import SHARED_METRICS
+from receiver.metrics.shared import SHARED_METRICS
 from receiver.order import update_id
 from receiver.reconcile import BUSY, COMPLETED, NOT_DUE, PeriodicReconcile, reconcile_command
 from receiver.rediskeys import RedisKeys
@@ -189,6 +189,61 @@ async def test_two_periodic_reconcilers_started_at_once_queue_each_missed_event_
     assert runs[b"intergiro_reconcile_runs_total|outcome=completed"] == b"1"
     assert not sync_redis.exists(RedisKeys().reconcile_lock)
     assert float(sync_redis.get(RedisKeys().reconcile_watermark)) > datetime.now(UTC).timestamp() - 60
+
+
+DIES_HOLDING_THE_LOCK = """
+import asyncio, os, sys
+from receiver.connections import async_redis
+from receiver.reconcile import ReconcileLock
+from receiver.rediskeys import RedisKeys
+from receiver.settings import Settings
+
+async def main():
+    lock = ReconcileLock(async_redis(Settings.from_env({"REDIS_URL": sys.argv[1]}, dotenv=False)), RedisKeys(), 1500)
+    assert await lock.acquire()
+    os._exit(0)  # dies holding it: nothing releases it
+
+asyncio.run(main())
+"""
+
+
+async def test_one_process_holds_the_reconcile_lock_renewed_while_it_runs_and_lapsing_when_it_dies(
+    settings: Settings, sync_redis: Any
+) -> None:
+    from receiver.reconcile import ReconcileLock
+
+    redis = async_redis(settings)
+    keys = RedisKeys()
+    try:
+        first, second = ReconcileLock(redis, keys, ttl_ms=300), ReconcileLock(redis, keys, ttl_ms=300)
+        assert await first.acquire() and not await second.acquire()
+        await asyncio.sleep(1.0)  # more than three lifetimes: renewed all along
+        assert not await second.acquire() and not first.lost
+        assert await first.advance_watermark(100.0) and not await second.advance_watermark(200.0)
+        assert sync_redis.get(keys.reconcile_watermark) == b"100.0"
+        await first.release()
+        assert not sync_redis.exists(keys.reconcile_lock)
+        assert await second.acquire()
+        sync_redis.delete(keys.reconcile_lock)  # taken from under it (an operator, a failover)
+        await asyncio.sleep(0.3)
+        assert second.lost and not await second.advance_watermark(300.0)
+        await second.release()
+
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            DIES_HOLDING_THE_LOCK,
+            settings.redis_url,
+            cwd=str(Path(__file__).parents[1]),
+        )
+        assert await child.wait() == 0
+        third = ReconcileLock(redis, keys, ttl_ms=300)
+        assert not await third.acquire()  # still the dead process's
+        await asyncio.sleep(1.6)
+        assert await third.acquire()  # lapsed with its expiry
+        await third.release()
+    finally:
+        await redis.aclose()
 
 
 async def test_an_api_answering_503_twice_then_200_is_waited_for_as_retry_after_says(

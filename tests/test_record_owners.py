@@ -75,7 +75,8 @@ SAME_WORD_ELSEWHERE: dict[str, dict[str, str]] = {
         "workers/maintenance.py": "an RQ job's status",
     },
     "outcome": {
-        "receiver/metrics.py": "a metric's label",
+        "receiver/metrics/shared.py": "a metric's label",
+        "receiver/metrics/receiver_registry.py": "a metric's label",
         "receiver/reconcile.py": "a metric's label",
     },
     "target": {

@@ -45,7 +45,7 @@ async def stored_update(redis_url: str, settings: Any) -> dict[str, Any]:
     update = build_updates(parse_order(card_order("ContractOrder001")), received_at="2026-01-01T09:00:00.000Z",
                            verified_by="local:test")[0]  # fmt: skip
     client = AsyncRedis.from_url(redis_url)
-    intake = Intake(client, RedisKeys(settings.redis_key_prefix, settings.queue_name), 3600)
+    intake = Intake(client, RedisKeys.of(settings), 3600)
     assert await intake.store([update]) == [update["id"]]
     await client.aclose()
     return update

@@ -31,44 +31,23 @@ from receiver.deadletters import entry as dead_letter_entry
 from receiver.deadletters import read_dead_lettered
 from receiver.destination_state import DestinationState
 from receiver.destinations import MERCHANT, Destination, queue_name
+from receiver.errors import IntergiroReceiverError
+from receiver.handler_errors import DeliveryError, MerchantAnswer, PermanentDeliveryError
 from receiver.history import DEAD_LETTERED, DELIVERED, RETRY, attempt_entry
 from receiver.logs import LoggedOutcome, log
-from receiver.metrics import count, counter_increment, observation_increments
+from receiver.metrics.shared import count, counter_increment, observation_increments
 from receiver.rediskeys import RedisKeys
 from receiver.retries import RetrySchedule, retry_wait
 from receiver.retry_after import parse_retry_after
 from receiver.rqstore import RETRY_BUDGET
 from receiver.settings import Settings
-from workers.merchant_http import Answer, AnswerError, ConnectionOptions, MerchantConnection
+from workers.merchant_http import Answer, ConnectionOptions, MerchantConnection
 from workers.streams import StreamTarget
 
+# PermanentDeliveryError (imported above) stays importable from here for the handlers written before
+# receiver.handler_errors was their module (tests/test_errors.py).
+
 USER_AGENT = "intergiro-receiver"
-
-
-class DeliveryError(Exception):
-    """A failed delivery attempt; `retryable` says whether another attempt may succeed."""
-
-    retryable = True
-
-    def __init__(
-        self,
-        message: str,
-        retry_after: float | None = None,
-        http_status: int | None = None,
-        answer: Answer | None = None,
-        unreachable: bool = False,
-    ) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.http_status = http_status
-        self.answer = answer  # the merchant's, when it answered
-        self.unreachable = unreachable  # says the destination is down (its breaker counts it)
-
-
-class PermanentDeliveryError(DeliveryError):
-    """Raise from a MERCHANT_HANDLER to dead-letter the update at once instead of retrying it."""
-
-    retryable = False
 
 
 class DeadLettered(LoggedOutcome):
@@ -78,7 +57,7 @@ class DeadLettered(LoggedOutcome):
     by `dead_letter`: RQ's own line with its traceback is left out (receiver.logs)."""
 
 
-class TargetNotConfigured(Exception):
+class TargetNotConfigured(IntergiroReceiverError):
     """Neither MERCHANT_WEBHOOK_URL nor MERCHANT_HANDLER is set (nor a destination's URL or handler),
     or the handler cannot be imported."""
 
@@ -138,12 +117,9 @@ class WebhookTarget:
         }
         if replay:
             headers["webhook-replay"] = "1"
-        try:
-            with tracing.current().http_post(headers, self.connection.host, self.connection.port) as span:
-                answer = self.connection.post(body, headers)
-                span.set_attribute(tracing.HTTP_STATUS, answer.status)
-        except (OSError, AnswerError) as exc:  # refused, timed out, reset, TLS, unreadable answer
-            raise DeliveryError(f"POST failed: {type(exc).__name__}: {exc}", unreachable=True) from None
+        with tracing.current().http_post(headers, self.connection.host, self.connection.port) as span:
+            answer = self.connection.post(body, headers)  # raises PostFailed: no answer it could read
+            span.set_attribute(tracing.HTTP_STATUS, answer.status)
         status = answer.status
         if 200 <= status < 300:
             return answer
@@ -191,9 +167,7 @@ def build_targets(config: Settings | Destination) -> list[Target]:
         return [StreamTarget(d.stream, d.stream_maxlen)]
     targets: list[Target] = []
     if d.url:
-        options = ConnectionOptions(
-            d.http_proxy, d.https_proxy, d.no_proxy, d.tls_client_cert, d.tls_client_key
-        )
+        options = ConnectionOptions.of(d)
         targets.append(WebhookTarget(d.url, d.secret, d.timeout_seconds, options, variable(d.name, "URL")))
     if d.handler:
         targets.append(HandlerTarget(d.handler, variable(d.name, "HANDLER")))
@@ -298,9 +272,7 @@ class DeliveryContext:
         """The context of one destination's worker (`merchant`'s when not given)."""
         destination = destination or settings.merchant
         redis = sync_redis(settings, timeout=10)
-        keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
-        if destination.name != MERCHANT:
-            keys = keys.for_destination(destination.name)
+        keys = RedisKeys.of(settings).for_destination(destination.name)
         chains = OrderChains(redis, keys, settings.history_retention_seconds)
         retries = RetrySchedule(redis, keys, settings.history_retention_seconds)
         logger = log.bind() if destination.name == MERCHANT else log.bind(destination=destination.name)
@@ -440,7 +412,7 @@ class Tried:
     at: str
     elapsed: float
     failure: DeliveryError | None
-    answer: Answer | None
+    answer: MerchantAnswer | None
     targets: str  # as the history and the log name them: `webhook+handler`, `erp:webhook`
 
     @property
@@ -485,7 +457,7 @@ def try_targets(ctx: DeliveryContext, update: dict[str, Any], start: AttemptStar
     pending = [t for t in ctx.targets if f"done:{t.name}" not in done]  # others took it in an earlier attempt
     at, started = utc_now(), time.perf_counter()
     failure: DeliveryError | None = None
-    answer: Answer | None = None  # the last one a webhook target got
+    answer: MerchantAnswer | None = None  # the last one a webhook target got
     tried: list[str] = []
     for n, target in enumerate(pending):
         tried.append(target.name)

@@ -8,9 +8,9 @@ is one package with no dependencies of its own, and costs less CPU per POST than
 (docs/performance.md).
 
 What urllib3 leaves to us: the proxy variables are read by `receiver.settings` (so `.env` counts
-too) and NO_PROXY is matched here; credentials written in the URL become Basic auth and are kept out
-of every message; the pool is made per process, on first use, so a forked worker never shares its
-parent's socket.
+too) and NO_PROXY is matched here (the standard library's rules, with addresses and CIDR blocks
+added); credentials written in the URL become Basic auth and are kept out of every message; the pool
+is made per process, on first use, so a forked worker never shares its parent's socket.
 """
 
 from __future__ import annotations
@@ -24,12 +24,15 @@ from dataclasses import dataclass
 from http.client import HTTPException, RemoteDisconnected
 from typing import Any
 from urllib.parse import unquote, urlsplit
+from urllib.request import proxy_bypass_environment  # type: ignore[attr-defined]  # not in typeshed
 
 import urllib3
 from urllib3.exceptions import HTTPError, ProtocolError, ProxyError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
-from receiver.settings import Settings
+from receiver.destinations import Destination
+from receiver.errors import IntergiroReceiverError
+from receiver.handler_errors import DeliveryError
 
 # A longer answer head is refused; of a longer body this much is read, then the connection is closed.
 MAX_ANSWER_BYTES = 65536
@@ -49,8 +52,20 @@ class Answer:
     body_start: bytes = b""
 
 
-class AnswerError(Exception):
+class AnswerError(IntergiroReceiverError):
     """The merchant's answer could not be read: malformed, or cut short before its status line ended."""
+
+
+class PostFailed(DeliveryError):
+    """No answer to the POST (or HEAD) that could be read: refused, timed out, reset, TLS, a proxy, or an
+    unreadable answer. urllib3's errors and http.client's become this one, here and nowhere else: a
+    retryable attempt that says the merchant is unreachable."""
+
+    def __init__(self, cause: OSError | AnswerError) -> None:
+        super().__init__(f"POST failed: {type(cause).__name__}: {cause}", unreachable=True)
+        self.detail = str(cause)
+        self.answered = isinstance(cause, AnswerError)  # something answered, if not in readable HTTP
+        self.timed_out = isinstance(cause, TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -65,14 +80,10 @@ class ConnectionOptions:
     client_key: str = ""
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ConnectionOptions:
-        return cls(
-            settings.http_proxy,
-            settings.https_proxy,
-            settings.no_proxy,
-            settings.merchant_tls_client_cert,
-            settings.merchant_tls_client_key,
-        )
+    def of(cls, destination: Destination) -> ConnectionOptions:
+        """The destination's (its own variables, or the global proxies and MERCHANT_TLS_CLIENT_*)."""
+        d = destination
+        return cls(d.http_proxy, d.https_proxy, d.no_proxy, d.tls_client_cert, d.tls_client_key)
 
     def proxy_for(self, scheme: str, host: str, port: int) -> str:
         """The proxy URL for a request to scheme://host:port, or "" to connect directly."""
@@ -84,37 +95,42 @@ class ConnectionOptions:
 
 def bypasses_proxy(no_proxy: str, host: str, port: int) -> bool:
     """Whether NO_PROXY (comma-separated: `*`, host names matching themselves and their subdomains,
-    with or without a leading dot, IP addresses, CIDR blocks, each optionally with `:port`) names
-    `host`."""
+    with or without a leading dot or `*.`, IP addresses, CIDR blocks, each optionally with `:port`)
+    names `host`. Host names follow the standard library's rules (`proxy_bypass_environment`, as
+    urllib and requests apply them); what those lack is added here: `*` among other entries, `*.`,
+    and addresses matched as addresses (IPv6 in brackets when a port follows, CIDR blocks)."""
     host = host.strip("[]").lower()
     try:
         address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
     except ValueError:
         address = None
+    names = []
     for entry in (e.strip().lower() for e in no_proxy.split(",")):
-        if not entry:
-            continue
         if entry == "*":
             return True
-        name, entry_port = entry, ""
-        if entry.startswith("["):  # [::1]:8080
-            name, _, rest = entry[1:].partition("]")
-            entry_port = rest.removeprefix(":")
-        elif entry.count(":") == 1:  # host:port (an IPv6 address without brackets has several)
-            name, entry_port = entry.split(":")
-        if entry_port and entry_port != str(port):
+        if not entry:
             continue
-        if address is not None:
-            try:
-                if address in ipaddress.ip_network(name, strict=False):
-                    return True
-            except ValueError:
-                pass
-            continue
-        name = name.lstrip(".").removeprefix("*.")
-        if host == name or host.endswith("." + name):
+        if address is None:
+            names.append(entry.removeprefix("*."))
+        elif _names_address(entry, address, port):
             return True
-    return False
+    return address is None and proxy_bypass_environment(f"{host}:{port}", {"no": ",".join(names)})
+
+
+def _names_address(entry: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> bool:
+    """Whether a NO_PROXY entry (an address or a CIDR block, optionally with `:port`) holds `address`."""
+    name, entry_port = entry, ""
+    if entry.startswith("["):  # [::1]:8080
+        name, _, rest = entry[1:].partition("]")
+        entry_port = rest.removeprefix(":")
+    elif entry.count(":") == 1:  # 10.0.0.1:8080 (an IPv6 address without brackets has several colons)
+        name, entry_port = entry.split(":")
+    if entry_port and entry_port != str(port):
+        return False
+    try:
+        return address in ipaddress.ip_network(name, strict=False)
+    except ValueError:  # a host name: not an address's
+        return False
 
 
 def redact_url(url: str) -> str:
@@ -177,8 +193,8 @@ class MerchantConnection:
         self._local = _ThreadConnection()
 
     def post(self, body: bytes, headers: Mapping[str, str]) -> Answer:
-        """POST `body`; returns the merchant's answer. Raises OSError (refused, timed out,
-        reset, TLS, proxy) or AnswerError, after closing the connection. A kept-alive connection the
+        """POST `body`; returns the merchant's answer. Raises PostFailed (refused, timed out, reset,
+        TLS, proxy, an unreadable answer), after closing the connection. A kept-alive connection the
         merchant closed as the POST left fails before any answer: the POST is sent again, once, on a
         new connection."""
         all_headers = {**self.auth_headers, **headers} if self.auth_headers else dict(headers)
@@ -193,25 +209,25 @@ class MerchantConnection:
                 return self._exchange(body, all_headers)
         except RemoteDisconnected:
             self.close()
-            raise AnswerError("connection closed before any answer") from None
+            raise PostFailed(AnswerError("connection closed before any answer")) from None
         except (OSError, AnswerError) as exc:
             self.close()
-            raise self._redacted(exc) from None
+            raise PostFailed(self._redacted(exc)) from None
         except BaseException:
             self.close()
             raise
 
     def reach(self) -> int:
-        """`HEAD` the URL (for `check`): the status of any answer; raises OSError (refused, timed out,
-        TLS, proxy) or AnswerError as `post` does. Nothing is posted."""
+        """`HEAD` the URL (for `check`): the status of any answer; raises PostFailed as `post` does.
+        Nothing is posted."""
         try:
             answer = self._manager().urlopen(
                 "HEAD", self.url, headers=dict(self.auth_headers), redirect=False, preload_content=False
             )
         except HTTPError as exc:
-            raise self._redacted(_unwrapped(exc)) from None
+            raise PostFailed(self._redacted(_unwrapped(exc))) from None
         except HTTPException as exc:
-            raise AnswerError(f"unreadable answer: {type(exc).__name__}: {exc}") from None
+            raise PostFailed(AnswerError(f"unreadable answer: {type(exc).__name__}: {exc}")) from None
         finally:
             self.close()
         return int(answer.status)

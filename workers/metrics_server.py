@@ -27,8 +27,9 @@ from redis.exceptions import RedisError
 
 from receiver.connections import sync_redis
 from receiver.logs import log
-from receiver.metrics import DEPLOYMENT_SCRIPT, DeploymentMetrics, process_collectors
-from receiver.rediskeys import RedisKeys, destination_keys
+from receiver.metrics.exporter import DEPLOYMENT_SCRIPT, DeploymentMetrics
+from receiver.metrics.process_group import process_collectors
+from receiver.rediskeys import RedisKeys, configured_destination_keys
 from receiver.settings import Settings
 
 START_GRACE_SECONDS = 90.0  # RQ registers a worker within seconds of its start; leave room for a slow one
@@ -38,11 +39,9 @@ class WorkerProbe:
     """What the endpoint reads: the deployment's figures (under the lease) and this group's heartbeats."""
 
     def __init__(self, settings: Settings, processes: int) -> None:
-        self.keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+        self.keys = RedisKeys.of(settings)
         self.redis = sync_redis(settings, timeout=settings.redis_timeout_seconds)
-        self.deployment = DeploymentMetrics(
-            self.keys, destination_keys(self.keys, [d.name for d in settings.destinations])
-        )
+        self.deployment = DeploymentMetrics(self.keys, configured_destination_keys(settings))
         self.script = self.redis.register_script(DEPLOYMENT_SCRIPT)
         self.registry = CollectorRegistry()
         process_collectors(self.registry, group_root=os.getpid() if processes > 1 else None)

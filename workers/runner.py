@@ -8,13 +8,10 @@ those named with `--destination`).
 
 from __future__ import annotations
 
+import functools
 import logging
-import multiprocessing
 import os
-import signal
-import threading
 from collections.abc import Callable
-from types import FrameType
 
 from redis.exceptions import RedisError
 from rq import Queue
@@ -28,9 +25,9 @@ from receiver.errors import CommandError, report
 from receiver.history import DESTINATION_REMOVED_REASON
 from receiver.inflight import InFlightLeases
 from receiver.logs import configure_logging, log
-from receiver.parent import stop_with_parent
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
+from receiver.supervisor import stopped_within, supervise
 from workers.delivery import DeliveryContext, TargetNotConfigured, build_targets, use_context
 from workers.gate import DeliveryGate
 from workers.maintenance import Maintenance
@@ -104,19 +101,7 @@ def pause_before_restart(seconds: float) -> bool:
     the middle of a delivery, a heartbeat) ends it, and the process would exit with updates still queued.
     So the loop is started again, as a new RQ worker, after a pause; False when SIGTERM/SIGINT came."""
     log.warning("worker loop ended on a Redis error; starting it again", retry_in=seconds)
-    stopped = threading.Event()
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        stopped.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    return not stopped.wait(seconds)
-
-
-def _child(settings: Settings, burst: bool, destination: Destination, parent: int) -> None:
-    stop_with_parent(parent)
-    raise SystemExit(work(settings, burst, destination))
+    return not stopped_within(seconds)
 
 
 def served_destinations(settings: Settings, names: list[str] | None) -> list[Destination]:
@@ -139,12 +124,12 @@ def retire_removed_destinations(settings: Settings) -> dict[str, int]:
     Returns how many were dead-lettered per removed destination."""
     redis = sync_redis(settings, timeout=10)
     try:
-        keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+        keys = RedisKeys.of(settings)
         configured = [d.name for d in settings.destinations]
         known = {raw.decode() for raw in redis.smembers(keys.destinations)}  # type: ignore[union-attr]
         dropped = {}
         for name in sorted(known - set(configured)):
-            own = keys if name == keys.destination else keys.for_destination(name)
+            own = keys.for_destination(name)
             dropped[name] = OrderChains(redis, own, settings.history_retention_seconds).drop_all(
                 DESTINATION_REMOVED_REASON
             )
@@ -188,22 +173,5 @@ def run_workers(
     if processes == 1 and len(served) == 1:
         return work(settings, burst, served[0])
     logging.getLogger("rq").setLevel(logging.WARNING)
-    fork = multiprocessing.get_context("fork")
-    children = [
-        fork.Process(target=_child, args=(settings, burst, d, os.getpid()), name=f"worker-{d.name}-{n}")
-        for d in served
-        for n in range(processes)
-    ]
-    for child in children:
-        child.start()
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        for child in children:
-            if child.pid is not None and child.is_alive():
-                os.kill(child.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for child in children:
-        child.join()
-    return 1 if any(child.exitcode for child in children) else 0
+    children = [functools.partial(work, settings, burst, d) for d in served for _ in range(processes)]
+    return supervise(children, "worker", together=False)

@@ -14,7 +14,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from importlib import resources
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
@@ -25,7 +25,6 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from receiver import __version__
-from receiver.app import stop_signal
 from receiver.connections import sync_redis
 from receiver.deadletters import SORTS as DEAD_LETTER_SORTS
 from receiver.deadletters import DeadLetterFilter, DeadLetters, DestinationNotConfigured, http_status
@@ -36,9 +35,10 @@ from receiver.logs import log
 from receiver.ops import state
 from receiver.ops.auth import COOKIE, Authenticator, Session, set_session_cookie
 from receiver.reconcile import parse_duration
-from receiver.rediskeys import RedisKeys, destination_keys
+from receiver.rediskeys import RedisKeys, configured_destination_keys
 from receiver.retries import RetrySchedule
 from receiver.settings import Settings
+from receiver.supervisor import stop_signal
 from receiver.trace import trace
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -63,6 +63,7 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 PUBLIC = ("/login", "/static/", "/healthz")
+STATIC_FOLDER = Path(__file__).with_name("static")  # package data: ops.css, ops.js
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -722,17 +723,6 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
-async def static(request: web.Request) -> web.Response:
-    name = request.match_info["name"]
-    if name not in STATIC_TYPES:
-        raise web.HTTPNotFound()
-    body = resources.files("receiver.ops").joinpath("static", name).read_bytes()
-    return web.Response(body=body, content_type=STATIC_TYPES[name], headers={"Cache-Control": "max-age=3600"})
-
-
-STATIC_TYPES = {"ops.css": "text/css", "ops.js": "text/javascript"}
-
-
 @functools.cache
 def templates() -> jinja2.Environment:
     env = jinja2.Environment(
@@ -750,8 +740,8 @@ def create_ops_app(
     `lockout_seconds`: instead of SIGN_IN_LOCKOUT_SECONDS)."""
     app = web.Application(middlewares=[signed_in], client_max_size=1024 * 1024)
     app[SETTINGS] = settings
-    app[KEYS] = RedisKeys(settings.redis_key_prefix, settings.queue_name)
-    app[DESTINATION_KEYS] = destination_keys(app[KEYS], [d.name for d in settings.destinations])
+    app[KEYS] = RedisKeys.of(settings)
+    app[DESTINATION_KEYS] = configured_destination_keys(settings)
     app[AUTH] = (
         Authenticator(settings.ops_token)
         if lockout_seconds is None
@@ -770,7 +760,8 @@ def create_ops_app(
     r.add_post("/login", login)
     r.add_get("/login/link/{nonce}", login_link)
     r.add_post("/logout", logout)
-    r.add_get("/static/{name}", static)
+    # The console's style sheet and script, served by aiohttp (no index, no symlinks out of the folder).
+    r.add_static("/static/", STATIC_FOLDER, show_index=False, follow_symlinks=False)
     r.add_get("/healthz", healthz)
     r.add_get("/", overview_page)
     r.add_get("/dlq", dlq_page)

@@ -1,11 +1,12 @@
 """Sign-in to the ops console: the bearer token for scripts, a session cookie for people, CSRF tokens.
 
-The cookie is `<expires>.<nonce>.<signature>`, signed with a key derived from OPS_TOKEN, so changing the
-token signs everyone out; a session is stored nowhere, but one ended by signing out is remembered in
-Redis until it would have expired (`RedisKeys.ops_session_ended`). A form's CSRF
-token is the session's nonce signed for that purpose: a page from another site can neither read it nor
-make a POST carry it. Every comparison of a secret is constant-time (hmac.compare_digest). A wrong token
-stops every token check of the process for SIGN_IN_LOCKOUT_SECONDS (429 meanwhile); sessions go on.
+The cookie is a random nonce signed with the time it was made, by itsdangerous (HMAC-SHA256, its
+signatures checked in constant time, expired after SESSION_SECONDS), with a key derived from OPS_TOKEN,
+so changing the token signs everyone out; a session is stored nowhere, but one ended by signing out is
+remembered in Redis until it would have expired (`RedisKeys.ops_session_ended`). A form's CSRF token is
+the session's nonce signed for that purpose (another salt): a page from another site can neither read
+it nor make a POST carry it. Every comparison of a secret is constant-time. A wrong token stops every
+token check of the process for SIGN_IN_LOCKOUT_SECONDS (429 meanwhile); sessions go on.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from itsdangerous import BadData, Signer, URLSafeTimedSerializer
 
 from receiver.logs import log
 
@@ -52,7 +54,18 @@ class Authenticator:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._token = token.encode()
-        self._key = hmac.new(self._token, b"intergiro-receiver ops session", hashlib.sha256).digest()
+        # Each signer's key is HMAC-SHA256(OPS_TOKEN, its salt): a session cannot pass as a CSRF token.
+        self._sessions = URLSafeTimedSerializer(
+            self._token,
+            salt="intergiro-receiver ops session",
+            signer_kwargs={"key_derivation": "hmac", "digest_method": hashlib.sha256},
+        )
+        self._csrf = Signer(
+            self._token,
+            salt="intergiro-receiver ops csrf",
+            key_derivation="hmac",
+            digest_method=hashlib.sha256,
+        )
         self.lockout_seconds = lockout_seconds
         self._clock = clock
         self._locked_until = 0.0
@@ -68,36 +81,35 @@ class Authenticator:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         return scheme.lower() == "bearer" and self.token_matches(given.strip())
 
-    def _sign(self, purpose: str, text: str) -> str:
-        return hmac.new(self._key, f"{purpose}:{text}".encode(), hashlib.sha256).hexdigest()
-
     def new_session(self) -> tuple[str, Session]:
         """A new session and its cookie value."""
-        session = Session(secrets.token_urlsafe(18), int(time.time()) + SESSION_SECONDS)
-        text = f"{session.expires}.{session.nonce}"
-        return f"{text}.{self._sign('session', text)}", session
+        value = self._sessions.dumps(secrets.token_urlsafe(18))
+        session = self._read(value)
+        assert session is not None  # just signed
+        return value, session
 
     def session(self, request: web.Request) -> Session | None:
         """The request's session, when its cookie is ours, intact and not expired (whether it was
         ended by signing out is the caller's to ask: that is stored in Redis)."""
-        value = request.cookies.get(COOKIE, "")
+        return self._read(request.cookies.get(COOKIE, ""))
+
+    def _read(self, value: str) -> Session | None:
         if not value.isascii():  # ours are; bytes that are no UTF-8 are not a session
             return None
-        expires, _, rest = value.partition(".")
-        nonce, _, signature = rest.partition(".")
-        if not (expires.isdigit() and nonce and signature):
+        try:
+            nonce, signed_at = self._sessions.loads(value, max_age=SESSION_SECONDS, return_timestamp=True)
+        except BadData:  # not signed by us, altered, or expired
             return None
-        if not hmac.compare_digest(signature, self._sign("session", f"{expires}.{nonce}")):
+        if not isinstance(nonce, str) or not nonce:
             return None
-        if int(expires) < time.time():
-            return None
-        return Session(nonce, int(expires))
+        return Session(nonce, int(signed_at.timestamp()) + SESSION_SECONDS)
 
     def csrf_token(self, session: Session) -> str:
-        return self._sign("csrf", session.nonce)
+        return self._csrf.get_signature(session.nonce).decode()
 
     def csrf_matches(self, session: Session, given: str) -> bool:
-        return hmac.compare_digest(_secret_bytes(given), self.csrf_token(session).encode())
+        # The signature's characters are ASCII: other text (bytes that are no UTF-8) is not one.
+        return given.isascii() and self._csrf.verify_signature(session.nonce, given)
 
     def refuse(self, request: web.Request, what: str) -> None:
         """A failed sign-in: logged (never what was sent), and no token is checked for

@@ -35,6 +35,7 @@ from redis.exceptions import RedisError
 from receiver.app import CALLBACK_PATH
 from receiver.errors import CommandError
 from receiver.settings import Settings, read_environment
+from receiver.supervisor import stop_signal
 from receiver.tools.devkeys import (
     DEV_DIR,
     OPS_TOKEN_FILE,
@@ -310,7 +311,7 @@ async def wait_for_console(plan: Plan, children: Children) -> str:
     settings = Settings.from_env(plan.env)
     redis = sync_redis(settings)
     try:
-        keys = RedisKeys(settings.redis_key_prefix, settings.queue_name)
+        keys = RedisKeys.of(settings)
         return await asyncio.to_thread(make_sign_in_link, redis, keys, plan.ops_url)
     finally:
         redis.close()
@@ -396,10 +397,7 @@ def refuse_a_second_redis() -> None:
 
 async def run(plan: Plan) -> int:
     """Start everything, then wait for Ctrl-C/SIGTERM or a child that stops; stop everything."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: its terminal closed
-        loop.add_signal_handler(signum, stop.set)
+    stop = stop_signal(signal.SIGHUP)  # SIGHUP: its terminal closed
     children = Children()
     sinks: list[web.AppRunner] = []
     code = 0
