@@ -180,7 +180,11 @@ async def test_the_breaker_holds_an_outage_to_one_probe_at_a_time_and_resumes_in
     assert row["consecutive_failures"] >= 3 and "503" in row["last_error"] and row["down_since"]
     text = cli("destination", "list")[1]
     assert "merchant" in text and "down since" in text and "HTTP 503" in text
-    await asyncio.sleep(1)  # the attempts in flight when it was marked down end
+    # the attempts in flight when it was marked down end (on a loaded machine, one that passed the gate
+    # just before may reach the sink a moment later: twice nothing open, a second apart)
+    for _ in range(2):
+        await wait_for(lambda: sink.open_now == 0, what="the attempts made before the breaker opened")
+        await asyncio.sleep(1)
     before, sink.most_open = len(sink.received), 0
     during = [f"DuringDown{n:06d}" for n in range(10)]
     for order_id in during:
@@ -193,7 +197,8 @@ async def test_the_breaker_holds_an_outage_to_one_probe_at_a_time_and_resumes_in
         for order_id in during
         for n, kind in enumerate(EVENTS[:2])
     ]
-    assert sum(attempted) == probes and max(attempted) <= 1  # only the probes spent attempts
+    # only the probes spent attempts (the next may have been counted and not reached the sink yet)
+    assert probes <= sum(attempted) <= probes + 1 and max(attempted) <= 1
     assert listed(cli)["merchant"]["state"] == "down"
     down = False
     received_before_up = len(sink.received)

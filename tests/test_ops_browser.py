@@ -17,11 +17,11 @@ from typing import Any, TypeVar
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.ui import WebDriverWait
 
 from receiver.app import KEYS, METRICS, REDIS
@@ -81,6 +81,21 @@ async def step(work: Callable[[], T]) -> T:
     return await asyncio.to_thread(work)
 
 
+def left(page: Any) -> bool:
+    """Whether the browser left the document `page` is the root of. Selenium's `staleness_of` knows only
+    the "stale element" answer; Chromium sometimes answers a node of a document being replaced with
+    "Node with given id does not belong to the document" instead, which says the same."""
+    try:
+        page.is_enabled()
+    except StaleElementReferenceException:
+        return True
+    except WebDriverException as exc:
+        if "does not belong to the document" in str(exc):
+            return True
+        raise
+    return False
+
+
 def follow(driver: WebDriver, element: Any) -> None:
     """Click (or press Enter in) `element` and wait until the page it leads to has loaded."""
     page = driver.find_element(By.TAG_NAME, "html")
@@ -88,7 +103,7 @@ def follow(driver: WebDriver, element: Any) -> None:
         element.send_keys(Keys.ENTER)
     else:
         element.click()
-    WebDriverWait(driver, 30).until(staleness_of(page))
+    WebDriverWait(driver, 30).until(lambda _: left(page))
     WebDriverWait(driver, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
 

@@ -181,16 +181,23 @@ async def _form_page(
     )  # fmt: skip
 
 
+async def _asked(request: web.Request, destination: Destination, form: Any) -> Asked | web.Response:
+    """The window the form asks for, or the form again saying why there is none."""
+    if not request.app[SETTINGS].intergiro_api_key:
+        return await _form_page(request, destination, form, NO_API_KEY, status=409)
+    try:
+        return Asked.of(form, request.app)
+    except ValueError as exc:
+        return await _form_page(request, destination, form, str(exc), status=400)
+
+
 async def replay_confirm(request: web.Request) -> web.Response:
     """POST (the form): the dry run's counts, and the button that replays exactly that window."""
     destination = _destination(request)
     form = await read_form(request)
-    if not request.app[SETTINGS].intergiro_api_key:
-        return await _form_page(request, destination, form, NO_API_KEY, status=409)
-    try:
-        asked = Asked.of(form, request.app)
-    except ValueError as exc:
-        return await _form_page(request, destination, form, str(exc), status=400)
+    asked = await _asked(request, destination, form)
+    if isinstance(asked, web.Response):
+        return asked
     summary = await _dry_run(request, destination, asked)
     return page(request, "replay_confirm.html", dest=destination.name, asked=asked.described(), s=summary)
 
@@ -201,12 +208,9 @@ async def replay_form(request: web.Request) -> web.Response:
     form = await read_form(request)
     if form.get("confirm") != "yes":
         raise web.HTTPBadRequest(text="400: confirm the replay first; nothing was queued")
-    if not request.app[SETTINGS].intergiro_api_key:
-        return await _form_page(request, destination, form, NO_API_KEY, status=409)
-    try:
-        asked = Asked.of(form, request.app)
-    except ValueError as exc:
-        return await _form_page(request, destination, form, str(exc), status=400)
+    asked = await _asked(request, destination, form)
+    if isinstance(asked, web.Response):
+        return asked
     if not await _start(request, destination, asked):
         return await _form_page(request, destination, form, _running_already(destination.name), status=409)
     raise web.HTTPSeeOther(f"/destinations/{destination.name}/replay")
