@@ -29,8 +29,9 @@ def child(kind):
     def run():
         if kind == "wait":
             async def main():
-                await stop_signal().wait()
-            (folder / f"ready-{os.getpid()}").touch()
+                stop = stop_signal()
+                (folder / f"ready-{os.getpid()}").touch()  # ready once the stop signal is handled
+                await stop.wait()
             asyncio.run(main())
             (folder / f"stopped-{os.getpid()}").touch()
             return 0
