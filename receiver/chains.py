@@ -28,6 +28,7 @@ from redis import Redis
 from redis.client import Pipeline
 
 from receiver.clock import utc_now
+from receiver.deliveries import LUA as DELIVERY_RECORD_LUA
 from receiver.destinations import MERCHANT
 from receiver.history import (
     DELETED_OUTSIDE_REASON,
@@ -91,9 +92,7 @@ local function dead_letter_pending(id, reason, kind)
   local update = redis.call('HGET', pending, id)
   if not update then return end
   local record = delivery_prefix .. id
-  local attempts = tonumber(redis.call('HGET', record, 'attempts') or '0')
-    + tonumber(redis.call('HGET', record, 'earlier_attempts') or '0')
-  dead_letter(id, update, attempts, reason)
+  dead_letter(id, update, attempts_so_far(record), reason)
   redis.call('HDEL', pending, id)
   redis.call('DEL', record)
   redis.call('HINCRBYFLOAT', metrics, {DEAD_LETTERED_FIELD}, 1)
@@ -248,7 +247,7 @@ local earlier = take_dead_letter(id)
 if not earlier then return 0 end
 redis.call('DEL', KEYS[4])
 -- a fresh set of attempts; the earlier ones stay counted, so that its next dead letter says them all
-if earlier > 0 then redis.call('HSET', KEYS[4], 'earlier_attempts', earlier) end
+keep_earlier_attempts(KEYS[4], earlier)
 redis.call('ZREM', KEYS[5], id)
 redis.call('PERSIST', KEYS[3])
 redis.call('HDEL', KEYS[3], 'exc_info')
@@ -273,7 +272,7 @@ for i = 7, #ARGV, 2 do
       and not is_dead_lettered(id) then
     if not dry then
       join(id, ARGV[i + 1])
-      redis.call('HSET', delivery_prefix .. id, 'replay', 1)
+      mark_replay(delivery_prefix .. id)
     end
     queued[#queued + 1] = replayed_item(id)
   end
@@ -310,7 +309,12 @@ def chain_script(keys: RedisKeys, body: str, history_ttl: int = 0) -> str:
     from receiver.deadletters import lua as dead_letter_lua
 
     start = ARGS.replace("{SUFFIX}", lua_string(keys.job_id("")))
-    records = lua_write(keys.history(""), history_ttl) + lua_entries(keys.destination) + dead_letter_lua(keys)
+    records = (
+        lua_write(keys.history(""), history_ttl)
+        + lua_entries(keys.destination)
+        + dead_letter_lua(keys)
+        + DELIVERY_RECORD_LUA
+    )
     return start + records + text + body
 
 

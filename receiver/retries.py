@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis import Redis
 
+from receiver.deliveries import LUA as DELIVERY_RECORD_LUA
 from receiver.rqstore import JOB_PREFIX, QUEUES_KEY, rq_timestamp
 
 if TYPE_CHECKING:  # receiver.rediskeys imports this module (through receiver.destinations)
@@ -117,7 +118,7 @@ def attempts_of(schedule: tuple[float, ...], backoff_seconds: float | None, max_
 # records the attempt's Retry (workers/delivery.py).
 SCHEDULE_RETRY = """
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
-redis.call('HSET', KEYS[2], 'last_error', ARGV[4], 'last_error_at', ARGV[5])
+note_failure(KEYS[2], ARGV[4], ARGV[5])
 for i = 7, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[3], ARGV[i], ARGV[i + 1]) end
 if ARGV[6] ~= '' then remember(ARGV[6]) end
 return 1
@@ -219,7 +220,7 @@ class RetrySchedule:
         self.keys = keys
         order = "local order_id = ARGV[1]\n"  # the history fragment's
         self._schedule = redis.register_script(
-            order + lua_write(keys.history(""), history_ttl) + SCHEDULE_RETRY
+            order + lua_write(keys.history(""), history_ttl) + DELIVERY_RECORD_LUA + SCHEDULE_RETRY
         )
         self._move_due = redis.register_script(MOVE_DUE)
         self._retry_now = redis.register_script(RETRY_NOW)

@@ -25,6 +25,7 @@ SOURCES = sorted(p for top in ("receiver", "workers") for p in (ROOT / top).rglo
 # word names a field of another record or a log line (the file, and what it is there).
 RECORDS: dict[str, tuple[str, ...]] = {
     "receiver/deadletters.py": ("dead_lettered_at", "last_error_at", "last_error", "attempts", "http_status"),
+    "receiver/deliveries.py": ("attempts", "earlier_attempts", "last_error", "last_error_at", "replay", "done:"),
     "receiver/history.py": (
         "kind", "verified_by", "request_id", "order_number", "duration_ms", "retry_after", "content_type",
         "queued", "queued_by", "queued_at", "purged_at", "outcome", "target", "replay",
@@ -32,20 +33,20 @@ RECORDS: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 SAME_WORD_ELSEWHERE: dict[str, dict[str, str]] = {
     "last_error": {
-        "receiver/retries.py": "the delivery record's",
-        "workers/delivery.py": "the delivery record's",
-        "receiver/ops/state.py": "the delivery record's (the retrying page)",
+        "receiver/deadletters.py": "the dead-letter entry's",
+        "receiver/deliveries.py": "the delivery record's",
+        "receiver/ops/state.py": "the retrying page's and API's",
         "receiver/destination_state.py": "the destination state's",
     },
     "last_error_at": {
-        "receiver/retries.py": "the delivery record's",
-        "workers/delivery.py": "the delivery record's",
-        "receiver/ops/state.py": "the delivery record's (the retrying page)",
+        "receiver/deadletters.py": "the dead-letter entry's",
+        "receiver/deliveries.py": "the delivery record's",
+        "receiver/ops/state.py": "the retrying page's and API's",
     },
     "attempts": {
-        "receiver/chains.py": "the delivery record's",
-        "workers/delivery.py": "the delivery record's",
-        "receiver/ops/state.py": "the delivery record's (the retrying page)",
+        "receiver/deadletters.py": "the dead-letter entry's",
+        "receiver/deliveries.py": "the delivery record's",
+        "receiver/ops/state.py": "the retrying page's and API's (and its sort)",
         "receiver/ops/app.py": "`trace`'s document (receiver/history.py `story`)",
         "receiver/history.py": "`trace`'s document",
     },
@@ -85,8 +86,9 @@ SAME_WORD_ELSEWHERE: dict[str, dict[str, str]] = {
         "receiver/tracing.py": "the attempt's log line, as span attributes",
     },
     "replay": {
-        "receiver/chains.py": "the delivery record's",
-        "workers/delivery.py": "the delivery record's and the attempt's log line",
+        "receiver/history.py": "the history entry's",
+        "receiver/deliveries.py": "the delivery record's",
+        "workers/delivery.py": "the attempt's log line",
         "receiver/replay.py": "the command's name",
         "receiver/cli.py": "the command's name",
         "receiver/ops/replaying.py": "the console's action and thread names",

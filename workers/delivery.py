@@ -29,6 +29,7 @@ from receiver.clock import utc_now
 from receiver.connections import sync_redis
 from receiver.deadletters import entry as dead_letter_entry
 from receiver.deadletters import read_dead_lettered
+from receiver.deliveries import DeliveryRecord, count_attempt, done_field
 from receiver.destination_state import DestinationState
 from receiver.destinations import MERCHANT, Destination, queue_name
 from receiver.errors import IntergiroReceiverError
@@ -187,14 +188,14 @@ class AttemptStart:
     update_id: str
     is_head: bool
     attempt: int
-    record: dict[bytes, bytes]
+    record: DeliveryRecord
     dead_lettered: bool = False
 
 
 def count_attempt_commands(pipe: Any, keys: RedisKeys, job: str) -> None:
     """Queue the commands that count an attempt of delivery `job` on a transaction: its number goes up
     by one, and it leaves the retry schedule (RQ's own scheduler may have queued it)."""
-    pipe.hincrby(keys.delivery(job), "attempts", 1)
+    count_attempt(pipe, keys.delivery(job))
     pipe.zrem(keys.retry_schedule, job)
 
 
@@ -212,10 +213,10 @@ def start_attempt_commands(pipe: Any, keys: RedisKeys, update: dict[str, Any], c
 
 def attempt_start(update: dict[str, Any], answers: list[Any], job: str | None = None) -> AttemptStart:
     """`job`: the delivery's job id (the update id, `merchant`'s)."""
-    head, record, dead_lettered = answers[-3:]
+    head, fields, dead_lettered = answers[-3:]
     job = job or update["id"]
-    attempt = int(record.get(b"attempts", 0))
-    return AttemptStart(job, head == job.encode(), attempt, record, bool(dead_lettered))
+    record = DeliveryRecord.parse(fields)
+    return AttemptStart(job, head == job.encode(), record.attempts, record, bool(dead_lettered))
 
 
 @dataclass(frozen=True)
@@ -348,12 +349,12 @@ def deliver(
     if not start.is_head:
         finished_before(ctx, start)
         return None
-    fields = start.record
-    earlier = int(fields.get(b"earlier_attempts", 0))  # before it was requeued: its entry counts them
+    record = start.record
+    earlier = record.earlier_attempts  # before it was requeued: its entry counts them
     if start.attempt > ctx.destination.max_attempts:
         # Only after attempts that never reported back (their worker died): give up like any last attempt.
-        last_error = fields.get(b"last_error", b"worker stopped during the attempt").decode()
-        error_at = fields.get(b"last_error_at", b"").decode() or utc_now()
+        last_error = record.last_error or "worker stopped during the attempt"
+        error_at = record.last_error_at or utc_now()
         dead_letter(ctx, update, earlier + start.attempt - 1, last_error, error_at)
         raise DeadLettered(last_error)
     tried = try_targets(ctx, update, start)
@@ -451,10 +452,9 @@ def try_targets(ctx: DeliveryContext, update: dict[str, Any], start: AttemptStar
     """POST (or hand) the update to each of the destination's targets that has not taken it in an
     earlier attempt, in order, until one fails; a target that took it is marked done on the delivery
     record, so that a retry does not repeat it."""
-    fields = start.record
-    done = {k.decode() for k in fields if k.startswith(b"done:")}
-    replay = b"replay" in fields  # queued again by `intergiro-receiver replay`
-    pending = [t for t in ctx.targets if f"done:{t.name}" not in done]  # others took it in an earlier attempt
+    done = start.record.done
+    replay = start.record.replay  # queued again by `intergiro-receiver replay`
+    pending = [t for t in ctx.targets if t.name not in done]  # others took it in an earlier attempt
     at, started = utc_now(), time.perf_counter()
     failure: DeliveryError | None = None
     answer: MerchantAnswer | None = None  # the last one a webhook target got
@@ -471,7 +471,7 @@ def try_targets(ctx: DeliveryContext, update: dict[str, Any], start: AttemptStar
             failure = DeliveryError(f"{target.name}: {type(exc).__name__}: {exc}", unreachable=True)
             break
         if n < len(pending) - 1:  # a later target may fail: its retry must not repeat this one
-            ctx.redis.hset(ctx.keys.delivery(start.update_id), f"done:{target.name}", 1)
+            ctx.redis.hset(ctx.keys.delivery(start.update_id), done_field(target.name), 1)
     elapsed = time.perf_counter() - started
     names = "+".join(tried)
     if ctx.destination.name != MERCHANT:  # the history and the log tell the destinations' attempts apart

@@ -18,6 +18,7 @@ from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
 from receiver.deadletters import SORTS, DeadLetterFilter, DeadLetters
+from receiver.deliveries import DeliveryRecord, read_attempts
 from receiver.destinations import MERCHANT, split_job_id
 from receiver.error_notes import read_error_notes
 from receiver.order import parse_update_id
@@ -186,7 +187,7 @@ def retrying_page(
     if sort == "attempts":
         with redis.pipeline(transaction=False) as pipe:
             for dest, job, _ in scheduled:
-                pipe.hget(dest.delivery(job), "attempts")
+                read_attempts(pipe, dest.delivery(job))
             for (dest, job, _), n in zip(scheduled, pipe.execute(), strict=True):
                 attempts[dest.destination, job] = int(n or 0)
 
@@ -224,16 +225,16 @@ def _retrying_update(
     keys: RedisKeys, update_id: str, due: float, record: dict[Any, Any], now: float
 ) -> dict[str, Any]:
     """A retrying update as the console and the API show it."""
-    fields = {_text(k): _text(v) for k, v in record.items()}
+    delivery = DeliveryRecord.parse(record)
     parsed = parse_update_id(split_job_id(update_id)[0])
     return {
         "id": update_id,
         "order_id": parsed[0] if parsed else None,
         "due_at": iso(due),
         "due_in_seconds": round(max(due - now, 0.0), 1),
-        "attempts": int(fields.get("attempts", 0) or 0),
-        "last_error": fields.get("last_error"),
-        "last_error_at": fields.get("last_error_at"),
+        "attempts": delivery.attempts,
+        "last_error": delivery.last_error,
+        "last_error_at": delivery.last_error_at,
         **({} if keys.destination == MERCHANT else {"destination": keys.destination}),
     }
 
