@@ -30,7 +30,7 @@ from receiver.clock import utc_now
 from receiver.connections import sync_redis
 from receiver.destinations import MERCHANT
 from receiver.errors import IntergiroReceiverError, report
-from receiver.history import purge_entry
+from receiver.history import purge_entry, remember_on
 from receiver.reconcile import parse_duration
 from receiver.rediskeys import RedisKeys
 from receiver.rqstore import lua_string, update_json
@@ -365,10 +365,8 @@ class DeadLetters:
 
     def _remember_purge(self, pipe: Pipeline, entry: dict[str, Any]) -> None:
         """Queue the order's history entry that tells of the purge on `pipe`."""
-        history = self.keys.history(entry["order_id"])
         note = purge_entry(entry["update"]["id"], entry["order_id"], utc_now(), entry.get("destination"))
-        pipe.rpush(history, note)
-        pipe.expire(history, self.history_ttl)
+        remember_on(pipe, self.keys.history(entry["order_id"]), note, self.history_ttl)
 
 
 def run_dlq_command(settings: Settings, args: argparse.Namespace) -> int:

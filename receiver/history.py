@@ -458,6 +458,13 @@ def named_updates(entries: list[dict[str, Any]], order_id: str) -> list[str]:
     return sorted(f"{order_id}-{short}" for short in shorts)
 
 
+def remember_on(pipe: Any, key: str, entry: bytes, history_ttl: int) -> None:
+    """Queue `entry` on the order's history `key` and keep it `history_ttl` seconds after this, on
+    `pipe` (a redis-py pipeline, sync or asyncio): the Python twin of LUA_WRITE's `remember`."""
+    pipe.rpush(key, entry)
+    pipe.expire(key, history_ttl)
+
+
 def read_entries(redis: Redis, keys: RedisKeys, order_id: str) -> list[dict[str, Any]]:
     return [orjson.loads(raw) for raw in redis.lrange(keys.history(order_id), 0, -1)]  # type: ignore[union-attr]
 

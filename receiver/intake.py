@@ -23,7 +23,7 @@ from receiver.chains import chain_args, chain_keys, intake_script
 from receiver.connections import deadline
 from receiver.destinations import MERCHANT, Destination
 from receiver.errors import IntergiroReceiverError
-from receiver.history import DUPLICATE, HistoryNote, indexable_number
+from receiver.history import DUPLICATE, HistoryNote, indexable_number, remember_on
 from receiver.logs import log
 from receiver.order import build_updates, event_key
 from receiver.rediskeys import RedisKeys
@@ -153,8 +153,9 @@ class Intake:
         job_meta: bytes = b"",
     ) -> list[str]:
         """Decide which events of a parsed, trusted order are new and queue their updates; returns the
-        ids queued now (none: a duplicate); `job_meta` as for `store`. `size`: the bytes the order arrived in, which with its event
-        count tells whether the replay guard is worth its round trip (`needs_replay_guard`)."""
+        ids queued now (none: a duplicate). `size`: the bytes the order arrived in, which with its event
+        count tells whether the replay guard is worth its round trip (`needs_replay_guard`); `job_meta`
+        as for `store`."""
         events = order.get("event") or ()
         new: set[str] | None = None  # event keys not seen yet; None: not looked up
         if needs_replay_guard(len(events), size):
@@ -190,8 +191,7 @@ class Intake:
                 deadline(self.redis, self.timeout_seconds),
                 self.redis.pipeline(transaction=True) as pipe,
             ):
-                pipe.rpush(key, history.completed(outcome))
-                pipe.expire(key, self.history_ttl)
+                remember_on(pipe, key, history.completed(outcome), self.history_ttl)
                 await pipe.execute()
         except RedisError as exc:  # a timeout too: deadline raises redis's TimeoutError
             log.warning("history entry not written", order=order_id, error=type(exc).__name__)
