@@ -27,16 +27,22 @@ RENEW_SECONDS = 5.0
 POLL_SECONDS = 0.005
 MAX_POLL_SECONDS = 0.1
 
-# KEYS[1]: the leases. ARGV: the bound, the new lease's token, its lapse (ms).
-# One step: drop lapsed leases, count the live ones, add this one if there is room.
+# KEYS[1]: the leases. ARGV[1]: the bound, ARGV[2]: the leases' lapse (ms), ARGV[3..]: new leases' tokens.
+# One step: drop lapsed leases, count the live ones, add as many of the tokens (in order) as there is
+# room for. Returns how many were added.
 ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
+local room = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
+local added = 0
+for i = 3, #ARGV do
+  if added >= room then break end
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[i])
+  added = added + 1
+end
+if added > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return added
 """
 
 # KEYS[1]: the leases. ARGV[1]: the lapse (ms), ARGV[2..]: the tokens a process holds.
@@ -90,15 +96,32 @@ class InFlightLeases:
                     token = self.spare.pop()
                     self.in_use.add(token)
                     return token
-                self._count += 1
-                token = f"{self.prefix}-{self._count}"
-            if self._acquire(keys=[self.key], args=[self.bound, token, int(LAPSE_SECONDS * 1000)]):
-                with self.lock:
-                    self.in_use.add(token)
-                return token
+            taken = self._acquire_new(1)
+            if taken:
+                return taken[0]
             self.stopping.wait(pause)
             pause = min(pause * 2, MAX_POLL_SECONDS)
         return None
+
+    def take_more(self, count: int) -> list[str]:
+        """Up to `count` leases, without waiting: the spare ones, then as many new ones as the bound
+        leaves room for (one round trip). For a worker that takes several jobs at once."""
+        with self.lock:
+            taken, self.spare = self.spare[:count], self.spare[count:]
+            self.in_use.update(taken)
+        if len(taken) < count:
+            taken += self._acquire_new(count - len(taken))
+        return taken
+
+    def _acquire_new(self, count: int) -> list[str]:
+        """New leases, as many of `count` as the bound leaves room for; held from here on."""
+        with self.lock:
+            tokens = [f"{self.prefix}-{self._count + n + 1}" for n in range(count)]
+            self._count += count
+        added = int(self._acquire(keys=[self.key], args=[self.bound, int(LAPSE_SECONDS * 1000), *tokens]))
+        with self.lock:
+            self.in_use.update(tokens[:added])
+        return tokens[:added]
 
     def give_back(self, token: str | None) -> None:
         """The delivery that held `token` ended: keep the lease for the next one."""

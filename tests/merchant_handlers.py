@@ -42,3 +42,20 @@ def books(update: dict[str, Any]) -> None:
     import orjson
 
     _client().rpush(BOOKS, orjson.dumps(update))
+
+
+ENTERED = "test:handler:entered"
+RELEASE = "test:handler:release"
+
+
+def holds(update: dict[str, Any]) -> None:
+    """Says it has the update (ENTERED), then holds it until the test sets RELEASE (at most 30 s), then
+    takes it: a delivery that stays in flight as long as a test needs to look at it."""
+    import time
+
+    client = _client()
+    client.rpush(ENTERED, update["id"])
+    deadline = time.monotonic() + 30
+    while not client.exists(RELEASE) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client.rpush(DELIVERED, update["id"])

@@ -4,7 +4,12 @@ the per-job values; and a stock RQ SimpleWorker runs such a job."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+import time
 import zlib
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -21,7 +26,8 @@ from receiver.intake import Intake
 from receiver.order import build_updates, parse_order
 from receiver.rediskeys import RedisKeys
 from tests.helpers import card_order
-from tests.merchant_handlers import DELIVERED
+from tests.merchant_handlers import DELIVERED, ENTERED, RELEASE
+from tests.processes import ROOT, worker_env
 
 PER_JOB = {"created_at", "enqueued_at"}  # times; the ids are in the keys and the description
 
@@ -114,3 +120,84 @@ async def test_a_job_the_intake_writes_with_meta_has_the_meta_queue_enqueue_writ
     assert set(ours) == set(rqs)
     assert JSONSerializer.loads(ours["meta"]) == JSONSerializer.loads(rqs["meta"]) == meta
     assert Job.fetch(update["id"], connection=sync_redis, serializer=JSONSerializer).meta == meta
+
+
+# The worker's records (workers/rqrecords.py). Per-run values give way to placeholders: the worker's
+# name, execution ids, times and counts of seconds.
+EXECUTION_ID = re.compile(rb"\b[0-9a-f]{32}\b")
+TIME = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z?")
+PER_RUN_FIELDS = {b"birth", b"last_heartbeat", b"pid", b"hostname", b"ip_address", b"total_working_time",
+                  b"version", b"python_version", b"started_at", b"ended_at", b"created_at",
+                  b"current_job_working_time", b"enqueued_at"}  # fmt: skip
+
+
+def rq_records(client: redis.Redis) -> dict[str, Any]:
+    """RQ's keys (`rq:`) and what each holds (a hash's fields; a set's, sorted set's or list's members;
+    whether it expires), each run's own values replaced by placeholders."""
+    worker_names = [raw.decode().removeprefix("rq:worker:").encode() for raw in client.smembers("rq:workers")]
+
+    def plain(raw: bytes) -> str:
+        for name in worker_names:
+            raw = raw.replace(name, b"<worker>")
+        return TIME.sub(b"<time>", EXECUTION_ID.sub(b"<execution>", raw)).decode()
+
+    records: dict[str, Any] = {}
+    for key in sorted(client.scan_iter(match="rq:*")):
+        kind = client.type(key).decode()
+        if kind == "hash":
+            held: Any = {plain(f): "<per run>" if f in PER_RUN_FIELDS else plain(v)
+                         for f, v in client.hgetall(key).items()}  # fmt: skip
+            held.pop("data", None)  # the job's own (compressed by RQ, not by the intake: see above)
+        elif kind == "zset":
+            held = sorted(plain(m) for m in client.zrange(key, 0, -1))
+        elif kind == "set":
+            held = sorted(plain(m) for m in client.smembers(key))
+        elif kind == "list":
+            held = [plain(m) for m in client.lrange(key, 0, -1)]
+        else:
+            held = plain(client.get(key) or b"")
+        records[plain(key)] = (kind, held, client.ttl(key) > 0)
+    return records
+
+
+def run_holding_worker(
+    command: list[str], env: dict[str, str], client: redis.Redis, log: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run a burst worker `command` on one queued update whose handler holds it (merchant_handlers.holds):
+    RQ's records while the delivery is in flight, and once the worker is gone."""
+    with log.open("ab") as out:
+        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 30
+        while not client.llen(ENTERED):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.02)
+        in_flight = rq_records(client)
+        client.set(RELEASE, 1)
+        assert process.wait(timeout=30) == 0, log.read_text()[-2000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert client.lrange(DELIVERED, 0, -1) == client.lrange(ENTERED, 0, -1)
+    return in_flight, rq_records(client)
+
+
+async def test_the_worker_with_deliveries_in_flight_writes_what_rqs_own_simple_worker_writes(
+    redis_url: str, sync_redis: redis.Redis, settings: Any, tmp_path: Path
+) -> None:
+    # workers/rqrecords.py takes, starts and ends jobs a batch at a time; what RQ holds while a delivery
+    # is in flight and once it succeeded is what RQ's SimpleWorker (`rq worker`) leaves for the same job.
+    env = worker_env(redis_url, merchant_handler="tests.merchant_handlers:holds", delivery_concurrency=4)
+    stock = [str(Path(sys.executable).parent / "rq"), "worker", "--burst", "--url", redis_url,
+             "--worker-class", "rq.worker.SimpleWorker", "--serializer", "rq.serializers.JSONSerializer",
+             settings.queue_name]  # fmt: skip
+    ours = [sys.executable, "-m", "receiver", "worker", "--burst", "--processes", "1"]
+    seen = []
+    for command in (stock, ours):
+        sync_redis.flushdb()  # the suite's own database: each worker starts from the same state
+        await stored_update(redis_url, settings)
+        seen.append(run_holding_worker(command, env, sync_redis, tmp_path / "worker.log"))
+    (rq_in_flight, rq_after), (our_in_flight, our_after) = seen
+    assert any(key.startswith("rq:wip:") for key in our_in_flight)  # the job is in StartedJobRegistry
+    assert our_in_flight == rq_in_flight
+    assert our_after == rq_after

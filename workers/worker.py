@@ -28,9 +28,13 @@ docs/performance.md measures what each gives.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
+import traceback
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from queue import Empty, SimpleQueue
 from types import FrameType
 from typing import Any
 
@@ -39,14 +43,16 @@ from redis.client import Pipeline
 from rq import Queue, SimpleWorker
 from rq.exceptions import StopRequested
 from rq.executions import Execution
-from rq.job import Job
+from rq.job import Job, Retry
 from rq.serializers import JSONSerializer
 from rq.timeouts import BaseDeathPenalty, JobTimeoutException, TimerDeathPenalty, UnixSignalDeathPenalty
+from rq.utils import now
 from rq.worker import WorkerStatus
 
 from receiver.inflight import InFlightLeases
 from receiver.logs import log
 from receiver.settings import Settings
+from workers import rqrecords
 from workers.delivery import count_attempt_commands, current_context
 from workers.gate import PROBE, DeliveryGate
 
@@ -57,6 +63,9 @@ DEQUEUE_WAIT_SECONDS = 5
 GATE_RECHECK_SECONDS = 1
 # How often RQ's periodic heartbeat (no timeout given) is sent while jobs follow one another.
 HEARTBEAT_REFRESH_SECONDS = 1.0
+# The most jobs taken and started in one batch, and the most successes ended in one transaction.
+MAX_BATCH = 32
+MAX_ENDED_BATCH = 64
 
 
 def attempt_timeout_seconds(config: Settings | float) -> int:
@@ -88,6 +97,8 @@ class DeliveryJob(Job):
 
     attempt_counted = False
     probe = False  # the one delivery its down destination lets out (workers/gate.py)
+    lease: str | None = None  # its place among the destination's requests in flight (receiver/inflight.py)
+    execution: Execution | None = None  # started in a batch (DeliveryWorker.take_batch)
 
     def prepare_for_execution(self, worker_name: str, pipeline: Pipeline) -> None:
         super().prepare_for_execution(worker_name, pipeline)
@@ -119,9 +130,11 @@ class DeliveryWorker(SimpleWorker):
     refreshed_at = -math.inf  # time.monotonic() of the last periodic heartbeat sent
     lanes: threading.Condition
     busy_lanes = 0  # deliveries in flight, and the one being taken
-    taken_lease: str | None = None
     taken_probe = False  # the job being taken is its down destination's probe (workers/gate.py)
     pool: ThreadPoolExecutor | None = None
+    taken: deque[tuple[Job, Queue]]  # jobs of the last batch, started, not yet handed to a thread
+    ended: SimpleQueue[tuple[Job, Execution, str | None]]  # successes whose end is not yet recorded
+    ending: threading.Lock  # held by the thread recording them
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.attempt_timeout + 2
@@ -171,28 +184,40 @@ class DeliveryWorker(SimpleWorker):
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
     ) -> tuple[Job, Queue] | None:
-        """RQ's wait for a job, once a thread is free and the destination has a slot. In burst mode an
+        """The next job, started: one of the last batch taken, else a new batch (`take_batch`) once a
+        thread is free and the destination has a slot, else RQ's wait for a job. In burst mode an
         empty queue ends the loop only once no delivery is in flight (a delivery's end may queue its
         order's next update)."""
+        if self.taken:
+            return self.taken.popleft()
         # With a gate, one wait lasts GATE_RECHECK_SECONDS (RQ's own idle bound), then the gate is passed
         # again: a pause holds the next job within about that long, not after the next job came.
         rechecks = self.gate is not None and timeout is not None and max_idle_time is None
         while True:
             self.waiting_for_job = True
             try:
-                self.take_lane()
+                leases = self.take_lanes()
                 try:
+                    if self.pool is not None:
+                        started = self.take_batch(leases)
+                        if started:
+                            self.taken.extend(started[1:])
+                            return started[0]
+                        leases = leases[:1]  # take_batch ended the others' lanes
                     result = super().dequeue_job_and_maintain_ttl(
                         timeout, GATE_RECHECK_SECONDS if rechecks else max_idle_time
                     )
                 except BaseException:
-                    self.end_lane(self.taken_lease)
+                    self.end_lanes(leases)
                     raise
             finally:
                 self.waiting_for_job = False
             if result is not None:
+                job = result[0]
+                job.lease, job.probe = leases[0], self.taken_probe  # type: ignore[attr-defined]
+                self.taken_probe = False
                 return result
-            self.end_lane(self.taken_lease)
+            self.end_lanes(leases)
             if self.taken_probe and self.gate is not None:  # the probe found no job
                 self.taken_probe = False
                 self.gate.probe_unused()
@@ -205,37 +230,74 @@ class DeliveryWorker(SimpleWorker):
             self.drained = True
             return None
 
-    def take_lane(self) -> None:
-        """Wait until fewer than `concurrency` deliveries are in flight (heartbeats going on), reserve
-        that place, then for the destination's gate, then a lease on one of its slots."""
+    def take_lanes(self) -> list[str | None]:
+        """Wait until fewer than `concurrency` deliveries are in flight (heartbeats going on) and reserve
+        the free places (up to MAX_BATCH), then pass the destination's gate (its probe takes one place),
+        then take a lease on one of its slots for each place (waiting for the first; the places no slot
+        is free for are given back). Returns the places' leases (None each without `leases`)."""
         with self.lanes:
             while self.busy_lanes >= self.concurrency:
                 self.lanes.wait(HEARTBEAT_REFRESH_SECONDS)
                 self.heartbeat()
-            self.busy_lanes += 1
-        self.taken_lease = None
+            places = min(self.concurrency - self.busy_lanes, MAX_BATCH) if self.pool is not None else 1
+            self.busy_lanes += places
         if self.gate is not None:
             passed = self.gate.pass_through(lambda: self.stop_requested, self.heartbeat)
             if passed is None:
-                self.end_lane(None)
+                self.end_lanes([None] * places)
                 raise StopRequested()
             self.taken_probe = passed == PROBE
+            if self.taken_probe and places > 1:  # the probe goes alone
+                self.end_lanes([None] * (places - 1))
+                places = 1
         if self.leases is None:
-            return
+            return [None] * places
         try:
-            self.taken_lease = self.leases.take(give_up=lambda: self.stop_requested)
+            first = self.leases.take(give_up=lambda: self.stop_requested)
         except BaseException:
-            self.end_lane(None)
+            self.end_lanes([None] * places)
             raise
-        if self.taken_lease is None:
-            self.end_lane(None)
+        if first is None:
+            self.end_lanes([None] * places)
             raise StopRequested()
+        more: list[str | None] = list(self.leases.take_more(places - 1)) if places > 1 else []
+        if 1 + len(more) < places:
+            self.end_lanes([None] * (places - 1 - len(more)))
+        return [first, *more]
 
-    def end_lane(self, lease: str | None) -> None:
+    def take_batch(self, leases: list[str | None]) -> list[tuple[Job, Queue]]:
+        """Take up to one job per lease off the queue and start them all (workers/rqrecords.py: three
+        round trips for the batch); the places no job was found for are given back but the first."""
+        queue = self.queues[0]
+        jobs: list[Job] = []
+        while not jobs:
+            job_ids = rqrecords.take_job_ids(self.connection, queue, len(leases))
+            if not job_ids:
+                self.end_lanes(leases[1:])
+                return []
+            jobs, gone = rqrecords.fetch_jobs(self.connection, queue, job_ids, self.job_class)
+            if gone and not jobs:  # only jobs deleted after they were queued: drop them and look again
+                with self.connection.pipeline() as pipe:
+                    rqrecords.start_executions(self, queue, [], gone, pipe)
+                    pipe.execute()
+        with self.connection.pipeline() as pipe:
+            executions = rqrecords.start_executions(self, queue, jobs, gone, pipe)
+            pipe.execute()
+        self.end_lanes(leases[len(jobs) :])
+        for job, execution, lease in zip(jobs, executions, leases, strict=False):
+            job.execution, job.lease, job.probe = execution, lease, self.taken_probe  # type: ignore[attr-defined]
+        self.taken_probe = False
+        return [(job, queue) for job in jobs]
+
+    def end_lanes(self, leases: list[str | None]) -> None:
+        """The places of `leases` are free again (their deliveries ended, or they took no job)."""
+        if not leases:
+            return
         if self.leases is not None:
-            self.leases.give_back(lease)
+            for lease in leases:
+                self.leases.give_back(lease)
         with self.lanes:
-            self.busy_lanes -= 1
+            self.busy_lanes -= len(leases)
             self.lanes.notify_all()
 
     def wait_for_deliveries(self) -> bool:
@@ -248,37 +310,102 @@ class DeliveryWorker(SimpleWorker):
         return True
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        """Start the job's execution (RQ's `prepare_execution`) and run it (RQ's `perform_job`) on a pool
-        thread; on this thread when one delivery at a time is asked for."""
-        lease, self.taken_lease = self.taken_lease, None
-        job.probe, self.taken_probe = self.taken_probe, False  # type: ignore[attr-defined]
+        """Run the job (RQ's `execute_job`: its start, `perform_job` and end) on this thread when one
+        delivery at a time is asked for; else on a pool thread, started already when it came in a
+        batch (`take_batch`), started here (RQ's `prepare_execution`) when RQ's wait brought it."""
+        lease: str | None = job.lease  # type: ignore[attr-defined]
         if self.pool is None:
             try:
                 super().execute_job(job, queue)
             finally:
-                self.end_lane(lease)
+                self.end_lanes([lease])
             return
         try:
-            self.pool.submit(self.perform_in_lane, job, queue, lease)
+            execution = getattr(job, "execution", None)
+            if execution is None:
+                with self.connection.pipeline() as pipe:
+                    [execution] = rqrecords.start_executions(self, queue, [job], [], pipe)
+                    pipe.execute()
+            self.pool.submit(self.perform_in_lane, job, queue, execution, lease)
         except BaseException:
-            self.end_lane(lease)
+            self.end_lanes([lease])
             raise
 
-    def perform_in_lane(self, job: Job, queue: Queue, lease: str | None) -> None:
-        """On a pool thread: RQ's start of the job's execution, then RQ's `perform_job` (so the main
-        thread's part of a job is only taking it off the queue: one round trip)."""
+    def perform_in_lane(self, job: Job, queue: Queue, execution: Execution, lease: str | None) -> None:
+        """On a pool thread: run the job under RQ's death penalty, then record its end: a success with
+        the others that ended meanwhile (`end_successes`), a `Retry` or a failure through RQ's own
+        handlers (`handle_job_retry`, `handle_exception` and `handle_job_failure`)."""
+        handed_on = False  # to end_ended, which frees the place
         try:
-            execution = self.prepare_execution(job)
-            self.perform_job(job, queue, execution)
+            job.started_at = now()
+            try:
+                timeout = job.timeout or queue.DEFAULT_TIMEOUT
+                with self.death_penalty_class(timeout, JobTimeoutException, job_id=job.id):
+                    returned = job.perform()
+            except Exception:
+                exc_info = sys.exc_info()
+                self.handle_execution_ended(job, queue, job.failure_callback_timeout)
+                self.handle_exception(job, *exc_info)
+                self.handle_job_failure(
+                    job=job,
+                    exc_string="".join(traceback.format_exception(*exc_info)),
+                    queue=queue,
+                    started_job_registry=queue.started_job_registry,
+                    execution=execution,
+                )
+            else:
+                if isinstance(returned, Retry):
+                    self.handle_execution_ended(job, queue, job.success_callback_timeout)
+                    self.handle_job_retry(job, queue, returned, queue.started_job_registry, execution)
+                elif not rqrecords.ends_here(job, self):
+                    self.handle_execution_ended(job, queue, job.success_callback_timeout)
+                    self.handle_job_success(job, queue, queue.started_job_registry, execution)
+                else:
+                    job.ended_at = now()
+                    self.ended.put((job, execution, lease))
+                    handed_on = True
+                    self.end_ended()
         except Exception:  # RQ records the job's own failures; this is RQ's bookkeeping failing (Redis)
             log.exception("delivery thread could not record a job's end", job=job.id)
         finally:
-            self.end_lane(lease)
+            if not handed_on:
+                self.end_lanes([lease])
+
+    def end_ended(self) -> None:
+        """Record the end of the successful deliveries waiting for it, in one transaction, and free
+        their places. One thread at a time does it, for every delivery that ended meanwhile; a thread
+        that finds another doing it leaves its own to that one (which looks again before it stops)."""
+        while self.ended.qsize():
+            if not self.ending.acquire(blocking=False):
+                return
+            try:
+                batch: list[tuple[Job, Execution, str | None]] = []
+                while len(batch) < MAX_ENDED_BATCH:
+                    try:
+                        batch.append(self.ended.get_nowait())
+                    except Empty:
+                        break
+                if batch:
+                    try:
+                        with self.connection.pipeline() as pipe:
+                            rqrecords.end_successes(
+                                self, [(job, execution) for job, execution, _ in batch], pipe
+                            )
+                            pipe.execute()
+                    except Exception:
+                        ids = [job.id for job, _, _ in batch]
+                        log.exception("delivery thread could not record jobs' end", jobs=ids)
+                    finally:
+                        self.end_lanes([lease for _, _, lease in batch])
+            finally:
+                self.ending.release()
 
     def teardown(self) -> None:
         """Let the deliveries in flight end (each bounded by its death penalty), return the leases,
         then RQ's teardown."""
         if self.pool is not None:
+            while self.taken:  # started in the last batch: in flight for RQ, so they run too
+                self.execute_job(*self.taken.popleft())
             self.pool.shutdown(wait=True)
         if self.leases is not None:
             self.leases.stop()
@@ -314,6 +441,9 @@ def delivery_worker(
     worker.attempt_timeout = attempt_seconds
     worker.concurrency = concurrency
     worker.lanes = threading.Condition()
+    worker.taken = deque()
+    worker.ended = SimpleQueue()
+    worker.ending = threading.Lock()
     worker.leases = leases
     worker.gate = gate
     if concurrency > 1:
