@@ -374,3 +374,16 @@ async def test_a_dead_letter_is_one_warning_line_with_its_attempt_and_no_rq_trac
     assert line["duration_ms"] >= 0
     text = (tmp_path / "worker.log").read_text()
     assert "Traceback" not in text and '"level":"error"' not in text
+
+
+async def test_a_burst_worker_exits_once_its_queue_is_empty_not_a_minute_later(
+    receiver: Any, rsa_key: Any, workers: Any, sync_redis: Any, tmp_path: Path
+) -> None:
+    # RQ's command-channel thread, told to stop only after it was unsubscribed, could wait a minute for
+    # a new subscription before it ended, and the process with it (DeliveryWorker.unsubscribe).
+    for run in range(4):
+        for n in range(5):
+            await post_order(receiver, rsa_key, f"ExitOrder{run}{n:06d}")
+        process = workers("--burst", "--processes", "2", merchant_handler="tests.merchant_handlers:takes")
+        assert process.wait(timeout=20) == 0, (tmp_path / "worker.log").read_text()[-2000:]
+    assert sync_redis.llen(DELIVERED) == 20

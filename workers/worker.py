@@ -415,11 +415,20 @@ class DeliveryWorker(SimpleWorker):
     def dequeue_timeout(self) -> int:
         return DEQUEUE_WAIT_SECONDS
 
+    def unsubscribe(self) -> None:
+        """RQ's unsubscribe from the worker's command channel, its listening thread told to stop first.
+        redis-py's `stop()` now waits for that thread to end, and RQ told it only after unsubscribing:
+        a thread that had read the unsubscribe's reply meanwhile waited for a new subscription for RQ's
+        `sleep_time` (60 s) before it looked at its flag again, so a worker's exit (a burst run's end, a
+        SIGTERM) could take a minute."""
+        if self.pubsub_thread is not None:
+            self.pubsub_thread.stop(timeout=0)  # the flag only; RQ's unsubscribe waits for the thread
+        super().unsubscribe()  # type: ignore[no-untyped-call]
+
     def stop_listening(self) -> None:
         """Stop the command-channel thread RQ's teardown did not reach (it would run on for good)."""
         if self.pubsub_thread is not None:
-            self.pubsub_thread.stop()
-            self.pubsub_thread.join(timeout=1)
+            self.pubsub_thread.stop(timeout=1)
 
     @property
     def ended_on_purpose(self) -> bool:
