@@ -179,6 +179,7 @@ class MerchantConnection:
         except ValueError:
             raise ValueError(f"bad port in {redact_url(url)!r}") from None
         self.url, self.auth_headers = _without_credentials(url)
+        self.path = urllib3.util.parse_url(self.url).request_uri
         self.host, self.port = parts.hostname, port  # what a trace may name of the merchant
         self.redacted_url = redact_url(url)
         self.secrets = [s for s in (parts.password, unquote(parts.password or "")) if s]
@@ -235,6 +236,7 @@ class MerchantConnection:
     def close(self) -> None:
         """Close this thread's connection."""
         self._local.reusable = False
+        self._local.host_pool = None  # closed with the manager's pools
         if self._local.pool is not None:
             self._local.pool.clear()
 
@@ -261,13 +263,29 @@ class MerchantConnection:
             else:
                 local.pool = urllib3.PoolManager(**common)
             local.pid = os.getpid()
+            local.host_pool = None
         return local.pool
+
+    def _host_pool(self) -> urllib3.HTTPConnectionPool:
+        """This thread's pool for the merchant's host (without a proxy): posting to it straight skips
+        the URL parsing and pool lookup the PoolManager does on every request."""
+        local = self._local
+        manager = self._manager()
+        if local.host_pool is None:
+            local.host_pool = manager.connection_from_url(self.url)
+        return local.host_pool
 
     def _exchange(self, body: bytes, headers: dict[str, str]) -> Answer:
         try:
-            answer = self._manager().urlopen(
-                "POST", self.url, body=body, headers=headers, redirect=False, preload_content=False
-            )
+            if self.proxy:  # the ProxyManager adds the proxy's headers, or tunnels
+                answer = self._manager().urlopen(
+                    "POST", self.url, body=body, headers=headers, redirect=False, preload_content=False
+                )
+            else:  # as PoolManager.urlopen does it: the path alone, any host the URL's
+                answer = self._host_pool().urlopen(
+                    "POST", self.path, body=body, headers=headers, redirect=False, assert_same_host=False,
+                    preload_content=False,
+                )  # fmt: skip
         except HTTPError as exc:
             raise _unwrapped(exc) from None
         except HTTPException as exc:  # http.client's own, when urllib3 does not wrap it
@@ -324,6 +342,7 @@ class _ThreadConnection(threading.local):
     was read whole (its connection may be kept alive)."""
 
     pool: urllib3.PoolManager | None = None
+    host_pool: urllib3.HTTPConnectionPool | None = None  # the pool's, for the merchant's host
     pid = 0
     reusable = False
 
