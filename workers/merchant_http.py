@@ -192,6 +192,8 @@ class MerchantConnection:
         self.timeout = urllib3.Timeout(connect=timeout_seconds, read=timeout_seconds)
         # Each thread that posts (a worker keeps several deliveries in flight) has its own connection.
         self._local = _ThreadConnection()
+        self._tls: tuple[int, ssl.SSLContext] | None = None  # (pid, context)
+        self._tls_lock = threading.Lock()
 
     def post(self, body: bytes, headers: Mapping[str, str]) -> Answer:
         """POST `body`; returns the merchant's answer. Raises PostFailed (refused, timed out, reset,
@@ -240,6 +242,14 @@ class MerchantConnection:
         if self._local.pool is not None:
             self._local.pool.clear()
 
+    def _tls_context(self) -> ssl.SSLContext:
+        """The TLS context every thread's pool shares (reading the trust store costs CPU: once per
+        process, not once per delivery thread), made anew in a forked child."""
+        with self._tls_lock:
+            if self._tls is None or self._tls[0] != os.getpid():
+                self._tls = (os.getpid(), tls_context(self.options))
+            return self._tls[1]
+
     def _manager(self) -> urllib3.PoolManager:
         """This thread's pool: made on first use, and made anew in a forked child."""
         local = self._local
@@ -247,7 +257,7 @@ class MerchantConnection:
             common: dict[str, Any] = {
                 "num_pools": 1,
                 "maxsize": 1,
-                "ssl_context": tls_context(self.options),
+                "ssl_context": self._tls_context(),
                 "timeout": self.timeout,
                 "retries": False,
             }
