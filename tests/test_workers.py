@@ -387,3 +387,21 @@ async def test_a_burst_worker_exits_once_its_queue_is_empty_not_a_minute_later(
         process = workers("--burst", "--processes", "2", merchant_handler="tests.merchant_handlers:takes")
         assert process.wait(timeout=20) == 0, (tmp_path / "worker.log").read_text()[-2000:]
     assert sync_redis.llen(DELIVERED) == 20
+
+
+async def test_rq_suspend_holds_the_deliveries_until_rq_resume(
+    receiver: Any, rsa_key: Any, workers: Any, sync_redis: Any, redis_url: str
+) -> None:
+    # RQ's own tool: `rq suspend` holds every worker before its next job (DeliveryWorker looks at most
+    # once a second, not before every job of a batch), `rq resume` lets them go on.
+    rq = str(Path(sys.executable).parent / "rq")
+    workers(merchant_handler="tests.merchant_handlers:takes")
+    await post_order(receiver, rsa_key, "SuspendOrder0001")
+    await wait_for(lambda: sync_redis.llen(DELIVERED) == 1, what="the first delivery")
+    subprocess.run([rq, "suspend", "--url", redis_url], check=True, capture_output=True)
+    await asyncio.sleep(2)  # the worker's next look for a suspension
+    await post_order(receiver, rsa_key, "SuspendOrder0002")
+    await asyncio.sleep(3)
+    assert sync_redis.llen(DELIVERED) == 1, "delivered while RQ's workers were suspended"
+    subprocess.run([rq, "resume", "--url", redis_url], check=True, capture_output=True)
+    await wait_for(lambda: sync_redis.llen(DELIVERED) == 2, what="the delivery after rq resume")

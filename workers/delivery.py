@@ -323,9 +323,10 @@ def deliver_from_job(update: dict[str, Any]) -> Retry | None:
     whether it is its down destination's probe."""
     job = get_current_job()
     counted = getattr(job, "attempt_counted", False) is True
+    start = getattr(job, "attempt", None)  # read as the worker started the job (DeliveryWorker.start_jobs)
     ctx = current_context()
     with tracing.current().attempt(getattr(job, "meta", None), ctx.destination.name, update):
-        return deliver(ctx, update, counted, getattr(job, "probe", False) is True)
+        return deliver(ctx, update, counted, getattr(job, "probe", False) is True, start)
 
 
 def note_breaker(ctx: DeliveryContext, failure: DeliveryError | None, probe: bool) -> None:
@@ -339,13 +340,17 @@ def note_breaker(ctx: DeliveryContext, failure: DeliveryError | None, probe: boo
 
 
 def deliver(
-    ctx: DeliveryContext, update: dict[str, Any], counted: bool = False, probe: bool = False
+    ctx: DeliveryContext,
+    update: dict[str, Any],
+    counted: bool = False,
+    probe: bool = False,
+    start: AttemptStart | None = None,
 ) -> Retry | None:
     """One attempt; records its outcome in Redis. Returns None when the update is done (delivered, or
     finished before), a `Retry` for RQ to hold the job in its ScheduledJobRegistry until the next
     attempt, and raises DeadLettered when the update went to the dead-letter queue. `counted`: the
-    attempt was counted in RQ's preparation of the job."""
-    start = ctx.start_attempt(update, counted)
+    attempt was counted in RQ's preparation of the job; `start`: where it starts, read then."""
+    start = start if start is not None else ctx.start_attempt(update, counted)
     if not start.is_head:
         finished_before(ctx, start)
         return None

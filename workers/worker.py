@@ -51,9 +51,16 @@ from rq.worker import WorkerStatus
 
 from receiver.inflight import InFlightLeases
 from receiver.logs import log
+from receiver.rqstore import DELIVER_UPDATE
 from receiver.settings import Settings
 from workers import rqrecords
-from workers.delivery import count_attempt_commands, current_context
+from workers.delivery import (
+    AttemptStart,
+    attempt_start,
+    count_attempt_commands,
+    current_context,
+    start_attempt_commands,
+)
 from workers.gate import PROBE, DeliveryGate
 
 # How long one BLMOVE waits for a job: under the workers' socket timeout (10 s, DeliveryContext), or each
@@ -99,6 +106,7 @@ class DeliveryJob(Job):
     probe = False  # the one delivery its down destination lets out (workers/gate.py)
     lease: str | None = None  # its place among the destination's requests in flight (receiver/inflight.py)
     execution: Execution | None = None  # started in a batch (DeliveryWorker.take_batch)
+    attempt: AttemptStart | None = None  # where its attempt starts, read as it was started
 
     def prepare_for_execution(self, worker_name: str, pipeline: Pipeline) -> None:
         super().prepare_for_execution(worker_name, pipeline)
@@ -128,6 +136,7 @@ class DeliveryWorker(SimpleWorker):
     waiting_for_job = False  # the main thread waits for a thread, a slot or a job: a stop ends the wait
 
     refreshed_at = -math.inf  # time.monotonic() of the last periodic heartbeat sent
+    suspension_checked_at = -math.inf  # and of the last look for `rq suspend`
     lanes: threading.Condition
     busy_lanes = 0  # deliveries in flight, and the one being taken
     taken_probe = False  # the job being taken is its down destination's probe (workers/gate.py)
@@ -152,6 +161,15 @@ class DeliveryWorker(SimpleWorker):
         with self.connection.pipeline(transaction=False) as own:
             super().heartbeat(timeout, pipeline=own)  # type: ignore[no-untyped-call]
             own.execute()
+
+    def check_for_suspension(self, burst: bool) -> None:
+        """RQ's look for `rq suspend` (it holds the worker until `rq resume`; a burst worker stops), at
+        most once a HEARTBEAT_REFRESH_SECONDS: RQ's loop looks before every job it takes, a round trip
+        of its own each, where a batch hands it several jobs in a row."""
+        if time.monotonic() - self.suspension_checked_at < HEARTBEAT_REFRESH_SECONDS:
+            return
+        super().check_for_suspension(burst)
+        self.suspension_checked_at = time.monotonic()
 
     def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:
         """RQ's set_state, except that a state the worker is already in is not written again (RQ sets
@@ -194,6 +212,7 @@ class DeliveryWorker(SimpleWorker):
         # again: a pause holds the next job within about that long, not after the next job came.
         rechecks = self.gate is not None and timeout is not None and max_idle_time is None
         while True:
+            self.check_for_suspension(burst=timeout is None)  # RQ's loop looks only between jobs
             self.waiting_for_job = True
             try:
                 leases = self.take_lanes()
@@ -277,17 +296,33 @@ class DeliveryWorker(SimpleWorker):
                 return []
             jobs, gone = rqrecords.fetch_jobs(self.connection, queue, job_ids, self.job_class)
             if gone and not jobs:  # only jobs deleted after they were queued: drop them and look again
-                with self.connection.pipeline() as pipe:
-                    rqrecords.start_executions(self, queue, [], gone, pipe)
-                    pipe.execute()
-        with self.connection.pipeline() as pipe:
-            executions = rqrecords.start_executions(self, queue, jobs, gone, pipe)
-            pipe.execute()
+                self.start_jobs(queue, [], gone)
+        self.start_jobs(queue, jobs, gone)
         self.end_lanes(leases[len(jobs) :])
-        for job, execution, lease in zip(jobs, executions, leases, strict=False):
-            job.execution, job.lease, job.probe = execution, lease, self.taken_probe  # type: ignore[attr-defined]
+        for job, lease in zip(jobs, leases, strict=False):
+            job.lease, job.probe = lease, self.taken_probe  # type: ignore[attr-defined]
         self.taken_probe = False
         return [(job, queue) for job in jobs]
+
+    def start_jobs(self, queue: Queue, jobs: list[Job], gone: list[str]) -> None:
+        """Start `jobs` in one transaction (workers/rqrecords.py; `gone`: ids taken whose job no longer
+        exists), reading in it, after the attempt's count, where each delivery's attempt starts (the
+        update still its order's head, its delivery record: workers.delivery.start_attempt_commands),
+        so that the attempt itself need not read it again."""
+        keys = current_context().keys
+        with self.connection.pipeline() as pipe:
+            executions = rqrecords.start_executions(self, queue, jobs, gone, pipe)
+            reads = []  # (job, how many answers the transaction has up to its reads)
+            for job in jobs:
+                if job.func_name == DELIVER_UPDATE and job.args:
+                    start_attempt_commands(pipe, keys, job.args[0], counted=True)
+                    reads.append((job, len(pipe)))
+            answers = pipe.execute()
+        for job, execution in zip(jobs, executions, strict=True):
+            job.execution = execution  # type: ignore[attr-defined]
+        for job, end in reads:
+            update = job.args[0]
+            job.attempt = attempt_start(update, answers[:end], keys.job_id(update["id"]))  # type: ignore[attr-defined]
 
     def end_lanes(self, leases: list[str | None]) -> None:
         """The places of `leases` are free again (their deliveries ended, or they took no job)."""
@@ -321,12 +356,9 @@ class DeliveryWorker(SimpleWorker):
                 self.end_lanes([lease])
             return
         try:
-            execution = getattr(job, "execution", None)
-            if execution is None:
-                with self.connection.pipeline() as pipe:
-                    [execution] = rqrecords.start_executions(self, queue, [job], [], pipe)
-                    pipe.execute()
-            self.pool.submit(self.perform_in_lane, job, queue, execution, lease)
+            if getattr(job, "execution", None) is None:
+                self.start_jobs(queue, [job], [])
+            self.pool.submit(self.perform_in_lane, job, queue, job.execution, lease)  # type: ignore[attr-defined]
         except BaseException:
             self.end_lanes([lease])
             raise
