@@ -3,11 +3,14 @@
 Starts its own Redis on a free port, configured from deploy/redis.conf (`appendfsync always`, as
 production runs it; `--redis everysec` or `--redis none` for no persistence: bench/production_redis.py),
 and a merchant sink (bench/drain_sink.py, its own process, 200 at
-once). Each round, on a freshly emptied Redis, the two systems in turn (delivery first in odd rounds,
-no-op first in even ones):
+once). Each round, on a freshly emptied Redis, the systems in turn (in one order in odd rounds, in the
+reverse order in even ones):
   delivery  N updates (two events each of N/2 orders, stored through the real `Intake.store`, so one
             order's second update waits for its first) delivered by `intergiro-receiver worker --burst
             --processes P` (DeliveryWorker, a SimpleWorker) as signed POSTs to the sink;
+  1 in flight  the same, with DELIVERY_CONCURRENCY=1 (each process one delivery at a time);
+  before    with --source DIR: the same, by the worker of the checkout in DIR (`python -m receiver` with
+            DIR first on PYTHONPATH): worker CPU per delivery before and after a change, same run;
   no-op     N no-op jobs enqueued with `rq` (JSON serializer) on another queue and run by P forked
             SimpleWorkers in burst mode (bench/noop_worker.py);
   fan-out   with --destinations 2: the same N updates queued for two destinations (`merchant` and
@@ -58,6 +61,7 @@ NOOP_QUEUE = "bench-noop"
 ONE_AT_A_TIME = (
     "1 in flight"  # the delivery system with DELIVERY_CONCURRENCY=1: each process as before issue 25
 )
+BEFORE = "before"  # --source: the worker of another checkout
 TARGET = 0.60  # issue 15: the price of an RQ upgrade that needs no code review
 EVENTS = ("0-order", "1-charge")  # the two events of every bench order, in sequence
 
@@ -185,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         "--destinations", type=int, choices=(1, 2), default=1,
         help="2: also a fan-out run per round, every update to two destinations (default 1)",
     )  # fmt: skip
+    parser.add_argument("--source", type=Path,
+                        help="also run the worker of another checkout (e.g. a worktree of an earlier commit),"
+                             " as the system `before`, for a before/after in the same run")  # fmt: skip
     parser.add_argument("--redis", choices=PERSISTENCE, default="always",
                         help="persistence: deploy/redis.conf as is (always, the default), everysec, none")  # fmt: skip
     args = parser.parse_args(argv)
@@ -224,7 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         "DESTINATION_ERP_SECRET": ERP_SECRET,
     }
     one_at_a_time_env = {**worker_env, "DELIVERY_CONCURRENCY": "1"}  # every process as before issue 25
+    # --source: `python -m receiver` of the other checkout, found first on PYTHONPATH
+    before_command = [sys.executable, "-m", "receiver", *worker_command[1:]]
+    before_env = {**worker_env, "PYTHONPATH": str(args.source.resolve())} if args.source else worker_env
+    before_cwd = args.source.resolve() if args.source else workdir
     systems = {"delivery": Runs(), ONE_AT_A_TIME: Runs(), "no-op": Runs()}
+    if args.source:
+        systems[BEFORE] = Runs()
     if fan_out:
         systems["fan-out"] = Runs()
     per_destination: dict[str, list[float]] = {"merchant": [], "erp": []}
@@ -251,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
             )[1],
             "no-op": timed(noop_command, base_env, ROOT, workdir / "noop.log", client, "rq:queue:x")[1],
         }
+        if args.source:
+            startup[BEFORE] = timed(
+                before_command, before_env, before_cwd, workdir / "worker.log", client, "rq:queue:x"
+            )[1]
         if fan_out:
             startup["fan-out"] = timed(
                 worker_command, fan_out_env, workdir, workdir / "worker.log", client, "rq:queue:x"
@@ -260,10 +277,13 @@ def main(argv: list[str] | None = None) -> int:
             # ABBA: the system run first alternates, so a drift of the machine's speed favours neither
             for name, runs in list(systems.items())[:: 1 if round_number % 2 else -1]:
                 client.flushdb()
-                if name in ("delivery", ONE_AT_A_TIME):
+                if name in ("delivery", ONE_AT_A_TIME, BEFORE):
                     asyncio.run(store_updates(server.url, orders))
-                    env = worker_env if name == "delivery" else one_at_a_time_env
-                    command, cwd, queue_key = worker_command, workdir, RedisKeys().rq_queue
+                    env = {"delivery": worker_env, ONE_AT_A_TIME: one_at_a_time_env}.get(name, before_env)
+                    command, cwd = (
+                        (before_command, before_cwd) if name == BEFORE else (worker_command, workdir)
+                    )
+                    queue_key = RedisKeys().rq_queue
                 elif name == "fan-out":
                     asyncio.run(
                         store_updates(server.url, orders, Settings.from_env(fan_out_env, dotenv=False))
@@ -280,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.worker_cpu_us.append(max(0.0, cpu - startup[name]) / jobs * 1e6)
                 runs.redis_cpu_us.append((cpu_seconds(redis_pid) - redis_before) / jobs * 1e6)
                 runs.sink_cpu_us.append((cpu_seconds(sink.pid) - sink_before) / jobs * 1e6)
-                if name in ("delivery", ONE_AT_A_TIME):
+                if name in ("delivery", ONE_AT_A_TIME, BEFORE):
                     with urlopen(f"http://127.0.0.1:{sink_port}/received") as answer:
                         verdict = check_delivery(orjson.loads(answer.read()), orders, client)
                 elif name == "fan-out":
@@ -314,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"  CPU/job: workers {runs.worker_cpu_us[-1]:4.0f} us, Redis {runs.redis_cpu_us[-1]:3.0f} us,"
                       f" sink {runs.sink_cpu_us[-1]:3.0f} us  {verdict}", flush=True)  # fmt: skip
             ratios.append(rates["delivery"] / rates["no-op"])
-        print_table(systems, ratios, args.processes)
+        print_table(systems, ratios, args.processes, args.source)
         if fan_out:
             print_fan_out(systems, per_destination, args.processes)
     finally:
@@ -345,7 +365,7 @@ def print_fan_out(systems: dict[str, Runs], per_destination: dict[str, list[floa
           f" {median(per_destination['erp']):>9,.0f} {median(systems['fan-out'].rates):>9,.0f}")  # fmt: skip
 
 
-def print_table(systems: dict[str, Runs], ratios: list[float], processes: int) -> None:
+def print_table(systems: dict[str, Runs], ratios: list[float], processes: int, source: Path | None) -> None:
     delivery, noop = systems["delivery"], systems["no-op"]
     print(f"\n{'round':<7} {'updates/s':>10} {'no-op jobs/s':>13} {'ratio':>6}")
     for n, (u, j, r) in enumerate(zip(delivery.rates, noop.rates, ratios, strict=True), start=1):
@@ -359,7 +379,15 @@ def print_table(systems: dict[str, Runs], ratios: list[float], processes: int) -
     print(f"CPU per delivery, 1 in flight per process (DELIVERY_CONCURRENCY=1, as before issue 25): workers"
           f" {median(one.worker_cpu_us):.0f} us + Redis {median(one.redis_cpu_us):.0f} us;"
           f" {median(one.rates):,.0f} updates/s")  # fmt: skip
-    print(f"worker class: DeliveryWorker (a SimpleWorker with a thread pool), {processes} process(es) each")
+    if source is not None:
+        before = systems[BEFORE]
+        print(f"CPU per delivery, worker of --source {source} (before), same rounds: workers"
+              f" {median(before.worker_cpu_us):.0f} us + Redis {median(before.redis_cpu_us):.0f} us;"
+              f" {median(before.rates):,.0f} updates/s; this checkout (after): workers"
+              f" {median(delivery.worker_cpu_us):.0f} us + Redis {median(delivery.redis_cpu_us):.0f} us;"
+              f" {median(delivery.rates):,.0f} updates/s")  # fmt: skip
+    print(f"worker class: DeliveryWorker (a SimpleWorker taking, starting and ending its jobs in batches,"
+          f" a thread pool delivering them), {processes} process(es) each")  # fmt: skip
     print(
         f"target: delivery >= {TARGET:.0%} of the no-op rate: {'met' if ratio >= TARGET else 'NOT met'}"
         f" (median of per-round ratios {ratio:.0%})"

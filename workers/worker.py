@@ -1,28 +1,31 @@
-"""DeliveryWorker: RQ's in-process worker, configured through what RQ offers for that.
+"""DeliveryWorker: RQ's in-process worker, keeping up to DELIVERY_CONCURRENCY deliveries in flight.
 
-What it sets: the job's death penalty and heartbeat, both derived from DELIVERY_TIMEOUT_SECONDS (so a
-dead worker's attempt counts as abandoned soon, not after RQ's 300 s job timeout); how long one wait for
-a job lasts; and, for the runner, whether the loop ended on purpose. Everything RQ records about a job
-(its start, success, failure, retry) is RQ's own code: the delivery's own steps are the job's
-(workers/delivery.py) and its returned `Retry` or raised DeadLettered, and the repairs RQ leaves to
-others are workers/maintenance.py's.
+What it sets through what RQ offers: the job's death penalty and heartbeat, both derived from
+DELIVERY_TIMEOUT_SECONDS (so a dead worker's attempt counts as abandoned soon, not after RQ's 300 s job
+timeout); how long one wait for a job lasts; and, for the runner, whether the loop ended on purpose.
 
 Worker class: `SimpleWorker` (jobs run in the worker process; no fork per job). A delivery is a short
 I/O-bound call that needs no isolation from the worker, and a long-lived process keeps its HTTP
-connection to the merchant alive between deliveries. What forking would protect against (a job that
+connections to the merchant alive between deliveries. What forking would protect against (a job that
 crashes or leaks) is covered by crash recovery (workers/maintenance.py).
+
+Several in flight: RQ's loop asks for a job (`dequeue_job_and_maintain_ttl`) and runs it (`execute_job`).
+Here the first takes, once threads are free and the destination has slots, a batch of jobs and starts
+them in one transaction (workers/rqrecords.py: RQ's own steps, and the two RQ has no batch step for),
+handing RQ's loop one started job at a time; the second gives each to a thread of a pool, which runs
+it under RQ's death penalty and records its end: RQ's own handlers for a `Retry` or a failure, and for a
+success one transaction with the others that ended meanwhile. With DELIVERY_CONCURRENCY=1 it is RQ's own
+`execute_job` on the main thread.
 
 Disk flushes: with `appendfsync always` (deploy/redis.conf) Redis flushes the append-only file before it
 answers any round trip that wrote, so a worker's rate is bounded by its writing round trips per job as
-much as by its CPU. RQ's loop refreshes the worker's heartbeat four times per job (three of them as three
-separate commands) and sets its state to idle twice, each a round trip of its own; DeliveryWorker
-sends a heartbeat as one pipeline and refreshes it at most once a second (the key lives `worker_ttl` +
-60 s, and every job's preparation extends it anyway), writes a state only when it changes, and sets
-itself idle in the transaction in which RQ ends the job's execution (as RQ sets it busy in the one that
-starts it). Its jobs (DeliveryJob) count the delivery attempt in the transaction in which RQ records
-the job started. All through RQ's public methods and their `pipeline` arguments (`heartbeat`,
-`set_state`, `cleanup_execution`, `Job.prepare_for_execution`): what RQ records, and when, stays RQ's.
-docs/performance.md measures what each gives.
+much as by its CPU: a batch shares them. RQ's loop refreshes the worker's heartbeat four times per job,
+sets its state to idle twice and looks for `rq suspend` once, each a round trip of its own;
+DeliveryWorker sends a heartbeat as one pipeline and refreshes it at most once a second, looks for a
+suspension at most once a second, writes a state only when it changes, and sets itself idle in the
+transaction that ends the last execution in flight. Its jobs (DeliveryJob) count the delivery attempt
+in the transaction that starts them, which also reads where the attempt starts. docs/performance.md
+measures what each gives; docs/operations.md says which of RQ's records are written by our code, and why.
 """
 
 from __future__ import annotations
