@@ -201,3 +201,20 @@ async def test_the_worker_with_deliveries_in_flight_writes_what_rqs_own_simple_w
     assert any(key.startswith("rq:wip:") for key in our_in_flight)  # the job is in StartedJobRegistry
     assert our_in_flight == rq_in_flight
     assert our_after == rq_after
+
+
+async def test_a_queued_id_whose_job_is_gone_is_passed_over_as_rqs_dequeue_passes_over_it(
+    redis_url: str, sync_redis: redis.Redis, settings: Any, tmp_path: Path
+) -> None:
+    # An id on the queue with no job hash (deleted by hand, say): RQ's dequeue skips it; the batched take
+    # (workers/rqrecords.py JobTaker) too, and leaves nothing of it in RQ's intermediate queue.
+    queue = Queue(settings.queue_name, connection=sync_redis, serializer=JSONSerializer)
+    sync_redis.rpush(queue.key, "no-such-job")
+    update = await stored_update(redis_url, settings)
+    env = worker_env(redis_url, merchant_handler="tests.merchant_handlers:takes", delivery_concurrency=4)
+    done = subprocess.run([sys.executable, "-m", "receiver", "worker", "--burst", "--processes", "1"],
+                          env=env, cwd=ROOT, capture_output=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sync_redis.lrange(DELIVERED, 0, -1) == [update["id"].encode()]
+    assert sync_redis.llen(queue.key) == 0
+    assert sync_redis.llen(f"{queue.key}:intermediate") == 0

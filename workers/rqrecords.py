@@ -2,9 +2,9 @@
 
 RQ's worker takes, starts and ends one job at a time, each step a round trip of its own or more: its
 success reads the job's status and its executions back (Job.delete) before deleting what it just read.
-A worker with many deliveries in flight takes several jobs in one round trip (`take_job_ids`, what
-RQ's non-blocking dequeue does, LMOVE from the queue to RQ's intermediate queue, for each), reads them
-with RQ's `Job.fetch_many`, starts them in one transaction (`start_executions`: RQ's own steps, each on
+A worker with many deliveries in flight takes several jobs in one round trip (`JobTaker`: what RQ's
+non-blocking dequeue does, LMOVE from the queue to RQ's intermediate queue, and its Job.fetch, for each,
+as long as the queue has jobs), starts them in one transaction (`start_executions`: RQ's own steps, each on
 that transaction: `Execution.create`, the job's heartbeat and `prepare_for_execution`, the intermediate
 queue's LREM, the worker busy and its heartbeat), and ends the successful ones in one transaction
 (`end_successes`).
@@ -38,26 +38,47 @@ if TYPE_CHECKING:
     from rq.worker import BaseWorker
 
 
-def take_job_ids(connection: Redis, queue: Queue, count: int) -> list[str]:
-    """Move up to `count` jobs' ids from the head of `queue` to RQ's intermediate queue, in the queue's
-    order, in one round trip (RQ's non-blocking dequeue, LMOVE, `count` times); the ids moved."""
-    intermediate = IntermediateQueue(queue.key, connection).key
-    with connection.pipeline(transaction=False) as pipe:
-        for _ in range(count):
-            pipe.lmove(queue.key, intermediate)
-        moved = pipe.execute()
-    return [as_text(job_id) for job_id in moved if job_id is not None]
+# KEYS[1]: the queue, KEYS[2]: RQ's intermediate queue. ARGV[1]: how many jobs at most, ARGV[2]: the
+# prefix of RQ's job keys. RQ's non-blocking dequeue (LMOVE, head of the queue to the intermediate queue)
+# until the queue is empty or ARGV[1] were taken, each job's hash read with it (RQ's Job.fetch).
+TAKE = """
+local taken = {}
+for _ = 1, tonumber(ARGV[1]) do
+  local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+  if not id then break end
+  taken[#taken + 1] = id
+  taken[#taken + 1] = redis.call('HGETALL', ARGV[2] .. id)
+end
+return taken
+"""
 
 
-def fetch_jobs(
-    connection: Redis, queue: Queue, job_ids: Sequence[str], job_class: type[Job]
-) -> tuple[list[Job], list[str]]:
-    """The jobs of `job_ids` (RQ's `Job.fetch_many`, one round trip), and the ids whose job is gone
-    (deleted after it was queued: RQ's dequeue passes over them, and so does the worker)."""
-    fetched = job_class.fetch_many(job_ids, connection=connection, serializer=queue.serializer)
-    jobs = [job for job in fetched if job is not None]
-    gone = [job_id for job_id, job in zip(job_ids, fetched, strict=True) if job is None]
-    return jobs, gone
+class JobTaker:
+    """Takes jobs off one queue a batch at a time, for a worker with several deliveries in flight."""
+
+    def __init__(self, connection: Redis, queue: Queue, job_class: type[Job]) -> None:
+        self.connection = connection
+        self.queue = queue
+        self.job_class = job_class
+        self.keys = [queue.key, IntermediateQueue(queue.key, connection).key]
+        self.job_prefix = job_class.key_for("")
+        self._take = connection.register_script(TAKE)
+
+    def take(self, count: int) -> tuple[list[Job], list[str]]:
+        """Up to `count` jobs off the head of the queue, in its order, moved to RQ's intermediate queue
+        and read, in one round trip; and the ids taken whose job is gone (deleted after it was queued:
+        RQ's dequeue passes over them, and so does the worker)."""
+        answer = self._take(keys=self.keys, args=[count, self.job_prefix])
+        jobs, gone = [], []
+        for raw_id, flat in zip(answer[::2], answer[1::2], strict=True):
+            job_id = as_text(raw_id)
+            if not flat:
+                gone.append(job_id)
+                continue
+            job = self.job_class(job_id, connection=self.connection, serializer=self.queue.serializer)
+            job.restore(dict(zip(flat[::2], flat[1::2], strict=True)))  # as RQ's Job.fetch_many does
+            jobs.append(job)
+        return jobs, gone
 
 
 def start_executions(

@@ -147,6 +147,7 @@ class DeliveryWorker(SimpleWorker):
     taken: deque[tuple[Job, Queue]]  # jobs of the last batch, started, not yet handed to a thread
     ended: SimpleQueue[tuple[Job, Execution, str | None]]  # successes whose end is not yet recorded
     ending: threading.Lock  # held by the thread recording them
+    taker: rqrecords.JobTaker | None = None
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.attempt_timeout + 2
@@ -288,16 +289,17 @@ class DeliveryWorker(SimpleWorker):
         return [first, *more]
 
     def take_batch(self, leases: list[str | None]) -> list[tuple[Job, Queue]]:
-        """Take up to one job per lease off the queue and start them all (workers/rqrecords.py: three
+        """Take up to one job per lease off the queue and start them all (workers/rqrecords.py: two
         round trips for the batch); the places no job was found for are given back but the first."""
         queue = self.queues[0]
+        if self.taker is None:
+            self.taker = rqrecords.JobTaker(self.connection, queue, self.job_class)
         jobs: list[Job] = []
         while not jobs:
-            job_ids = rqrecords.take_job_ids(self.connection, queue, len(leases))
-            if not job_ids:
+            jobs, gone = self.taker.take(len(leases))
+            if not jobs and not gone:
                 self.end_lanes(leases[1:])
                 return []
-            jobs, gone = rqrecords.fetch_jobs(self.connection, queue, job_ids, self.job_class)
             if gone and not jobs:  # only jobs deleted after they were queued: drop them and look again
                 self.start_jobs(queue, [], gone)
         self.start_jobs(queue, jobs, gone)
