@@ -4,6 +4,7 @@ the per-job values; and a stock RQ SimpleWorker runs such a job."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -212,7 +213,7 @@ async def test_a_queued_id_whose_job_is_gone_is_passed_over_as_rqs_dequeue_passe
     sync_redis.rpush(queue.key, "no-such-job")
     update = await stored_update(redis_url, settings)
     env = worker_env(redis_url, merchant_handler="tests.merchant_handlers:takes", delivery_concurrency=4)
-    done = subprocess.run([sys.executable, "-m", "receiver", "worker", "--burst", "--processes", "1"],
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "receiver", "worker", "--burst", "--processes", "1"],
                           env=env, cwd=ROOT, capture_output=True, timeout=60, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert sync_redis.lrange(DELIVERED, 0, -1) == [update["id"].encode()]

@@ -398,10 +398,14 @@ async def test_rq_suspend_holds_the_deliveries_until_rq_resume(
     workers(merchant_handler="tests.merchant_handlers:takes")
     await post_order(receiver, rsa_key, "SuspendOrder0001")
     await wait_for(lambda: sync_redis.llen(DELIVERED) == 1, what="the first delivery")
-    subprocess.run([rq, "suspend", "--url", redis_url], check=True, capture_output=True)
+    await asyncio.to_thread(
+        subprocess.run, [rq, "suspend", "--url", redis_url], check=True, capture_output=True
+    )
     await asyncio.sleep(2)  # the worker's next look for a suspension
     await post_order(receiver, rsa_key, "SuspendOrder0002")
     await asyncio.sleep(3)
     assert sync_redis.llen(DELIVERED) == 1, "delivered while RQ's workers were suspended"
-    subprocess.run([rq, "resume", "--url", redis_url], check=True, capture_output=True)
+    await asyncio.to_thread(
+        subprocess.run, [rq, "resume", "--url", redis_url], check=True, capture_output=True
+    )
     await wait_for(lambda: sync_redis.llen(DELIVERED) == 2, what="the delivery after rq resume")
