@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the merchant answers this long after a POST arrives (default 0: at once)")  # fmt: skip
     parser.add_argument("--concurrency", type=int, default=None,
                         help="DELIVERY_CONCURRENCY of the workers (default: the worker's own)")  # fmt: skip
+    parser.add_argument("--max-in-flight", type=int, default=None,
+                        help="MERCHANT_MAX_IN_FLIGHT, the bound on requests open at once to the merchant"
+                             " across every worker (default: the product's own)")  # fmt: skip
     parser.add_argument("--limit-ms", type=float, default=100.0, help="the p99 to stay under (default 100)")
     parser.add_argument("--drain-timeout", type=float, default=60.0,
                         help="seconds to wait after sending for the last update (default 60)")  # fmt: skip
@@ -248,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.concurrency is not None:
         app_env["DELIVERY_CONCURRENCY"] = str(args.concurrency)
+    if args.max_in_flight is not None:
+        app_env["MERCHANT_MAX_IN_FLIGHT"] = str(args.max_in_flight)
     command = str(Path(sys.executable).parent / "intergiro-receiver")
     processes: list[subprocess.Popen[bytes]] = []
     results: list[RateResult] = []
@@ -278,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         print(server.describe())
         client.config_set("latency-monitor-threshold", 1)  # record every fsync of 1 ms or more
         print(f"receiver: `intergiro-receiver serve` (1 process); workers: {args.replicas} x `intergiro-receiver worker"
-              f" --processes {args.processes}` (DELIVERY_CONCURRENCY {app_env.get('DELIVERY_CONCURRENCY', 'default')});"
+              f" --processes {args.processes}` (DELIVERY_CONCURRENCY {app_env.get('DELIVERY_CONCURRENCY', 'default')},"
+              f" MERCHANT_MAX_IN_FLIGHT {app_env.get('MERCHANT_MAX_IN_FLIGHT', 'default')});"
               f" merchant: bench/drain_sink.py answering after {args.merchant_ms:g} ms; {args.seconds:g} s per rate,"
               f" open-loop sender, one update per callback", flush=True)  # fmt: skip
         url = f"http://127.0.0.1:{receiver_port}/callbacks/intergiro"
