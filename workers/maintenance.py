@@ -160,8 +160,12 @@ class Maintenance(threading.Thread):
                     continue
                 forget_dead_executions(job)
                 self.failed.requeue(job)
-            except (NoSuchJobError, InvalidJobOperation, IndexError, KeyError, TypeError):
-                continue  # gone meanwhile, or not one of ours
+            except (NoSuchJobError, InvalidJobOperation, IndexError, KeyError, TypeError) as exc:
+                # gone meanwhile, or not one of ours: said, since an attempt not queued again waits
+                log.warning(
+                    "failed job not queued again", update=job_id, reason=f"{type(exc).__name__}: {exc}"
+                )
+                continue
             requeued += 1
             log.warning("attempt of a dead or failed worker queued again", update=job_id)
         return requeued

@@ -176,9 +176,12 @@ async def test_under_receiver_worker_and_redis_kills_every_event_is_applied_once
         await sender.send_all(callbacks, lambda _sent: None)
         await fault_task
         sent_in = time.monotonic() - started
-        await wait_for(
-            lambda: not any(pending_work(client, keys).values()), 150, "every order chain to drain"
-        )
+        try:
+            await wait_for(
+                lambda: not any(pending_work(client, keys).values()), 150, "every order chain to drain"
+            )
+        except AssertionError as exc:  # say what is left, and where the logs are
+            raise AssertionError(f"{exc}: left {pending_work(client, keys)}; logs in {tmp_path}") from None
         drained_in = time.monotonic() - started
         alive = processes.alive()
         dlq = await asyncio.to_thread(
