@@ -101,9 +101,9 @@ def attempt_death_penalty(seconds: int, threaded: bool = False) -> type[BaseDeat
 
 class DeliveryJob(Job):
     """RQ's Job, whose preparation for execution (RQ's `prepare_for_execution`, on the transaction in which
-    RQ records the job started) also counts the delivery attempt, so that the attempt's own start only
-    reads (workers.delivery.DeliveryContext.start_attempt). A plain `rq worker` runs RQ's Job, and the
-    attempt counts itself there."""
+    the job is started) also counts the delivery attempt; DeliveryWorker reads where the attempt starts
+    in that transaction too (`attempt`), so that the attempt itself need not. A plain `rq worker` runs
+    RQ's Job, and the attempt counts and reads for itself there."""
 
     attempt_counted = False
     probe = False  # the one delivery its down destination lets out (workers/gate.py)
@@ -121,12 +121,12 @@ class DeliveryWorker(SimpleWorker):
     """SimpleWorker whose job heartbeat lasts one attempt (its death penalty's bound) and a little, and
     which keeps up to `concurrency` deliveries in flight, each on a thread of a pool.
 
-    Each job runs through RQ's own steps: the main thread takes it off the queue and starts its
-    execution (`prepare_execution`: RQ's StartedJobRegistry and the worker's executions, as for any
-    RQ worker), then a pool thread runs `perform_job` (RQ's preparation, the job, its success, retry or
-    failure and the end of the execution). A job is taken only when a thread is free and, with
-    `leases`, when the destination has a slot (receiver/inflight.py): one waiting is still on the queue;
-    with a `gate`, only while the destination is up (workers/gate.py).
+    The main thread takes a batch of jobs once threads are free and starts them in one transaction
+    (`take_batch`, `start_jobs`: workers/rqrecords.py), then hands them one by one to RQ's loop, whose
+    `execute_job` gives each to a pool thread (`perform_in_lane`: the job under RQ's death penalty, then
+    its end). A job is taken only when a thread is free and, with `leases`, when the destination has a
+    slot (receiver/inflight.py): one waiting is still on the queue; with a `gate`, only while the
+    destination is up (workers/gate.py). With `concurrency` 1 it is RQ's own `execute_job`.
     """
 
     job_class = DeliveryJob
