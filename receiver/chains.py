@@ -206,10 +206,23 @@ return {advance(), unpack(deleted)}
 
 # A head whose job is gone (deleted from outside) is dead-lettered and its order moves on; a missing
 # head with updates waiting is released the same way.
+# A head RQ holds as a scheduled retry that the retry schedule no longer has, and that is not queued
+# either, would never be queued again (RQ's scheduler does not run: the retries' sweep queues retries).
+# Seen once in the chaos run (a retry due within milliseconds, around a Redis restart and a killed
+# worker; RQ writes a retry's `scheduled` status before the rest of its record, and an attempt that
+# starts takes the update out of the schedule). It is made due now, and the retries' sweep queues it.
+RESCHEDULED = "~"
 RELEASE_STALE = """
 local id = redis.call('GET', head)
 if id then
-  if redis.call('EXISTS', job_prefix .. id) == 1 then return {''} end
+  if redis.call('EXISTS', job_prefix .. id) == 1 then
+    if redis.call('HGET', job_prefix .. id, 'status') == 'scheduled'
+        and not redis.call('ZSCORE', retry_schedule, id) and not redis.call('LPOS', queue, id) then
+      redis.call('ZADD', retry_schedule, now, id)
+      return {'~' .. id}  -- RESCHEDULED
+    end
+    return {''}
+  end
   dead_letter_deleted(id)
 elseif redis.call('LLEN', waiting) == 0 then
   redis.call('SREM', active, order_id)
@@ -403,7 +416,8 @@ class OrderChains:
 
     def release_stale_heads(self) -> int:
         """Sweep the orders that have a head; dead-letter heads whose job was deleted from outside and
-        move their orders on. Returns how many orders moved. Each order is its own script run; a batch
+        move their orders on, and make due a head RQ holds as a scheduled retry that the retry schedule
+        lost (RESCHEDULED). Returns how many orders moved. Each order is its own script run; a batch
         of them goes in one pipeline (one round trip)."""
         k = self.keys
         released = 0
@@ -420,7 +434,15 @@ class OrderChains:
                     )
                 answers = pipe.execute()
             for order_id, answer in zip(order_ids, answers, strict=True):
-                if len(answer) > 1 or _text(answer[0]):
+                first = _text(answer[0]) or ""
+                if first.startswith(RESCHEDULED):
+                    log.warning(
+                        "a retry missing from the retry schedule was made due now",
+                        update=first.removeprefix(RESCHEDULED),
+                        order=order_id,
+                    )
+                    continue
+                if len(answer) > 1 or first:
                     released += 1
                 self._moved_on(order_id, answer)
         return released

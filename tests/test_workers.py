@@ -20,7 +20,7 @@ from standardwebhooks.webhooks import Webhook
 from receiver.app import CALLBACK_PATH
 from receiver.chains import OrderChains
 from receiver.rediskeys import RedisKeys
-from receiver.retries import backoff_delay
+from receiver.retries import RetrySchedule, backoff_delay
 from receiver.retry_after import parse_retry_after
 from receiver.rqstore import DELIVER_UPDATE
 from tests.conftest import queued_updates
@@ -409,3 +409,24 @@ async def test_rq_suspend_holds_the_deliveries_until_rq_resume(
         subprocess.run, [rq, "resume", "--url", redis_url], check=True, capture_output=True
     )
     await wait_for(lambda: sync_redis.llen(DELIVERED) == 2, what="the delivery after rq resume")
+
+
+async def test_a_scheduled_retry_the_retry_schedule_lost_is_made_due_and_queued(
+    receiver: Any, rsa_key: Any, sync_redis: Any, settings: Any
+) -> None:
+    # The state the chaos run left once: the head's job `scheduled` in RQ's eyes, in neither the retry
+    # schedule nor the queue, so nothing would queue it again. The workers' sweep makes it due.
+    [update_id] = await post_order(receiver, rsa_key, "LostRetry0000001")
+    keys = RedisKeys()
+    sync_redis.delete(keys.rq_queue)
+    sync_redis.hset(keys.rq_job(update_id), "status", "scheduled")
+    assert OrderChains(sync_redis, keys).release_stale_heads() == 0  # no order moved on
+    assert sync_redis.zscore(keys.retry_schedule, update_id) is not None
+    assert RetrySchedule(sync_redis, keys).move_due()[0] == 1
+    assert sync_redis.lrange(keys.rq_queue, 0, -1) == [update_id.encode()]
+    assert sync_redis.hget(keys.rq_job(update_id), "status") == b"queued"
+    # a scheduled retry still in the schedule, or one on the queue, is left as it is
+    sync_redis.hset(keys.rq_job(update_id), "status", "scheduled")
+    OrderChains(sync_redis, keys).release_stale_heads()
+    assert sync_redis.zscore(keys.retry_schedule, update_id) is None
+    assert sync_redis.lrange(keys.rq_queue, 0, -1) == [update_id.encode()]

@@ -283,7 +283,11 @@ class DeliveryWorker(SimpleWorker):
         if first is None:
             self.end_lanes([None] * places)
             raise StopRequested()
-        more: list[str | None] = list(self.leases.take_more(places - 1)) if places > 1 else []
+        try:
+            more: list[str | None] = list(self.leases.take_more(places - 1)) if places > 1 else []
+        except BaseException:
+            self.end_lanes([first] + [None] * (places - 1))
+            raise
         if 1 + len(more) < places:
             self.end_lanes([None] * (places - 1 - len(more)))
         return [first, *more]
