@@ -219,7 +219,7 @@ if id then
     if redis.call('HGET', job_prefix .. id, 'status') == 'scheduled'
         and not redis.call('ZSCORE', retry_schedule, id) and not redis.call('LPOS', queue, id) then
       redis.call('ZADD', retry_schedule, now, id)
-      return {'~' .. id}  -- RESCHEDULED
+      return {{RESCHEDULED} .. id}
     end
     return {''}
   end
@@ -229,7 +229,7 @@ elseif redis.call('LLEN', waiting) == 0 then
   return {''}
 end
 return {advance(), unpack(deleted)}
-"""
+""".replace("{RESCHEDULED}", lua_string(RESCHEDULED))
 
 # Every unfinished delivery of the order is dead-lettered with ARGV[5] as its reason and taken off the
 # queue and RQ's registries (the destination was removed from the configuration); the chain is gone.

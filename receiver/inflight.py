@@ -91,12 +91,7 @@ class InFlightLeases:
             self._renewer.start()
         pause = POLL_SECONDS
         while not give_up():
-            with self.lock:
-                if self.spare:  # one of ours, freed by a delivery that ended (perhaps while we waited)
-                    token = self.spare.pop()
-                    self.in_use.add(token)
-                    return token
-            taken = self._acquire_new(1)
+            taken = self.take_more(1)  # one of ours freed by a delivery that ended, or a new one
             if taken:
                 return taken[0]
             self.stopping.wait(pause)

@@ -356,7 +356,7 @@ class DeliveryWorker(SimpleWorker):
     def execute_job(self, job: Job, queue: Queue) -> None:
         """Run the job (RQ's `execute_job`: its start, `perform_job` and end) on this thread when one
         delivery at a time is asked for; else on a pool thread, started already when it came in a
-        batch (`take_batch`), started here (RQ's `prepare_execution`) when RQ's wait brought it."""
+        batch (`take_batch`), started here (`start_jobs`, a batch of one) when RQ's wait brought it."""
         lease: str | None = job.lease  # type: ignore[attr-defined]
         if self.pool is None:
             try:
