@@ -8,6 +8,12 @@ returning one per delivery would cost two more disk flushes each), and returns t
 use when its queue is found empty or it stops. A lease lapses LAPSE_SECONDS after it was last renewed,
 so the leases of a process killed with SIGKILL come back by themselves; live processes renew theirs
 every RENEW_SECONDS. Times are Redis' own clock (TIME), one clock for every host.
+
+The leases belong to the process, not to one run of RQ's loop: when a Redis error ends the loop (a
+restart, a failover) the leases it could not return are kept and used by the next loop, renewed if
+Redis still holds them and dropped if it lost them. Leases dropped instead would hold their slots
+until they lapsed, and with every process's leases so stranded the destination got nothing for up to
+LAPSE_SECONDS after a Redis blip of a second.
 """
 
 from __future__ import annotations
@@ -132,8 +138,29 @@ class InFlightLeases:
         (the one its next wait for a job takes again a second later)."""
         with self.lock:
             spare, self.spare = self.spare[keep:], self.spare[:keep]
-        if spare:
+        if not spare:
+            return
+        try:
             self.redis.zrem(self.key, *spare)
+        except RedisError:  # still held: kept, to be used or returned later
+            with self.lock:
+                self.spare += spare
+            raise
+
+    def end_loop(self) -> None:
+        """The worker's loop ended, its deliveries with it: return every lease held. When Redis is out
+        of reach they are kept (spare, renewed) for the next loop rather than left to lapse."""
+        with self.lock:
+            self.spare += list(self.in_use)
+            self.in_use = set()
+        try:
+            self.return_spare()
+        except RedisError as exc:
+            with self.lock:
+                count = len(self.spare)
+            log.warning(
+                "in-flight leases kept for the next loop: Redis out of reach", count=count, error=str(exc)
+            )
 
     def renew(self) -> None:
         """Extend every lease held; forget the ones that lapsed meanwhile (Redis was out of reach)."""

@@ -9,17 +9,20 @@ import os
 import random
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from rq import Queue, Worker
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from receiver.inflight import LAPSE_SECONDS
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
+from tests.processes import RedisServer, start_worker, stop, worker_env
 from tests.sink import SECRET, Sink, log_events, wait_for
 from tests.test_fanout import ERP_SECRET
 from tests.test_workers import EVENTS, post_order, webhook_settings
@@ -206,3 +209,68 @@ async def test_a_delivery_that_overruns_its_timeout_fails_and_holds_up_no_other(
         int(sync_redis.hget(RedisKeys().metrics, "intergiro_delivery_attempts_total|result=retryable") or 0)
         == 1
     )
+
+
+@pytest.fixture
+def restartable_redis() -> Iterator[RedisServer]:
+    """A Redis of the test's own that keeps what it holds across a SIGKILL (append-only, fsync always)."""
+    server = RedisServer(appendonly=True)
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def workers_on(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Starts `intergiro-receiver worker` processes on a given Redis; stops them after the test."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(redis_url: str, **settings: Any) -> subprocess.Popen[bytes]:
+        started.append(start_worker(worker_env(redis_url, **settings), tmp_path / "worker.log"))
+        return started[-1]
+
+    yield start
+    for process in started:
+        stop(process)
+
+
+async def test_after_a_redis_restart_mid_flight_delivery_resumes_without_waiting_for_the_leases_to_lapse(
+    restartable_redis: RedisServer,
+    make_receiver: Any,
+    rsa_key: Any,
+    sink: Sink,
+    workers_on: Any,
+    tmp_path: Path,
+) -> None:
+    """Redis killed while every slot of the destination is held by a delivery in flight: the loop ends
+    on the Redis error, its leases cannot be returned. The process keeps them for its next loop, so
+    deliveries go on once Redis is back, instead of waiting LAPSE_SECONDS for the stranded leases."""
+    receiver = await make_receiver(redis_url=restartable_redis.url)
+    sink.answer = lambda _id, n: (
+        200,
+        {},
+        1.0 if n == 1 else 0.0,
+    )  # the first attempts end while Redis is down
+    before = await post_orders(receiver, rsa_key, "BeforeRestart", 4)
+    settings = webhook_settings(
+        sink, delivery_concurrency=4, merchant_max_in_flight=4, delivery_timeout_seconds=5
+    )
+    workers_on(restartable_redis.url, **settings)
+    await wait_for(lambda: sink.open_now == 4, seconds=30, what="every slot in use")
+    restartable_redis.kill()
+    await asyncio.sleep(2)
+    await asyncio.to_thread(restartable_redis.start)  # the same port and append-only file
+    client = redis.Redis.from_url(restartable_redis.url)
+    assert client.zcard(RedisKeys().in_flight) == 4  # the slots, still held by the worker's leases
+    after = await post_orders(receiver, rsa_key, "AfterRestart", 4)
+    await wait_for(
+        lambda: {r.headers["webhook-id"] for r in sink.received} >= set(after),
+        seconds=LAPSE_SECONDS / 2,
+        what="the updates queued after the restart, well before stranded leases would have lapsed",
+    )
+    assert log_events(tmp_path / "worker.log", "in-flight leases kept for the next loop: Redis out of reach")
+    # those in flight at the kill were answered, but their ends could not be recorded: sent again
+    await wait_for(lambda: not client.hlen(RedisKeys().pending_updates), what="every update recorded")
+    assert all(len(sink.attempts(u)) == 2 for u in before)
+    assert all(len(sink.attempts(u)) == 1 for u in after)
+    client.close()

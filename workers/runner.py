@@ -70,13 +70,12 @@ def work(settings: Settings, burst: bool, destination: Destination | None = None
         tracing=tracing.status(settings),
     )
     pause = 1.0
+    # the process's leases, kept across the loop's restarts (receiver/inflight.py)
+    leases = InFlightLeases(context.redis, context.keys.in_flight, context.destination.max_in_flight)
     try:
         while True:
             worker: DeliveryWorker | None = None
             try:  # RQ reaches Redis already in the constructor, and again in its teardown
-                leases = InFlightLeases(
-                    context.redis, context.keys.in_flight, context.destination.max_in_flight
-                )
                 gate = DeliveryGate(context.state, probe_lease_seconds=timeout)
                 worker = delivery_worker(
                     queue, context.redis, timeout, settings.delivery_concurrency, leases, gate
@@ -90,6 +89,7 @@ def work(settings: Settings, burst: bool, destination: Destination | None = None
                 break
             pause = min(pause * 2, MAX_RESTART_PAUSE_SECONDS)
     finally:
+        leases.stop()
         maintenance.stopping.set()
         tracing.current().shutdown()  # the spans still waiting, sent
         log.info("worker stopped", queue=queue_name)

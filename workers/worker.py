@@ -442,14 +442,14 @@ class DeliveryWorker(SimpleWorker):
                 self.ending.release()
 
     def teardown(self) -> None:
-        """Let the deliveries in flight end (each bounded by its death penalty), return the leases,
-        then RQ's teardown."""
+        """Let the deliveries in flight end (each bounded by its death penalty), return the leases (kept
+        for the next loop when Redis is out of reach), then RQ's teardown."""
         if self.pool is not None:
             while self.taken:  # started in the last batch: in flight for RQ, so they run too
                 self.execute_job(*self.taken.popleft())
             self.pool.shutdown(wait=True)
         if self.leases is not None:
-            self.leases.stop()
+            self.leases.end_loop()
         super().teardown()  # type: ignore[no-untyped-call]
 
     @property
