@@ -89,14 +89,14 @@ def start_executions(
     execution registry, RQ's StartedJobRegistry and the worker's executions; the job's heartbeat,
     status, start and worker; the job out of the intermediate queue), for all of them, then the worker
     busy with its heartbeat. `gone`: ids taken whose job no longer exists, dropped from the intermediate
-    queue. Returns the executions, in the jobs' order."""
+    queue. Returns the executions, in the jobs' order: the caller registers them among the worker's
+    executions (`register_executions`) once the transaction ran."""
     intermediate = IntermediateQueue(queue.key, worker.connection).key
     executions = []
     ttl = 0
     for job in jobs:
         ttl = worker.get_heartbeat_ttl(job)
         execution = Execution.create(job, ttl, pipeline=pipe, worker_name=worker.name)
-        worker.executions[execution.id] = execution
         job.heartbeat(now(), ttl, pipeline=pipe)
         job.prepare_for_execution(worker.name, pipeline=pipe)
         pipe.persist(job.key)
@@ -108,6 +108,13 @@ def start_executions(
         worker.set_state(WorkerStatus.BUSY, pipeline=pipe)
         worker.heartbeat(ttl, pipeline=pipe)  # type: ignore[no-untyped-call]
     return executions
+
+
+def register_executions(worker: BaseWorker, executions: Sequence[Execution]) -> None:
+    """The executions `start_executions` wrote, now among the worker's own (RQ's `worker.executions`,
+    as its `prepare_execution` keeps them), after their transaction ran: one that failed leaves none."""
+    for execution in executions:
+        worker.executions[execution.id] = execution
 
 
 def ends_here(job: Job, worker: BaseWorker) -> bool:

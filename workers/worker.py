@@ -327,6 +327,7 @@ class DeliveryWorker(SimpleWorker):
                     start_attempt_commands(pipe, keys, job.args[0], counted=True)
                     reads.append((job, len(pipe)))
             answers = pipe.execute()
+        rqrecords.register_executions(self, executions)
         for job, execution in zip(jobs, executions, strict=True):
             job.execution = execution  # type: ignore[attr-defined]
         for job, end in reads:
