@@ -100,7 +100,7 @@ async def test_each_orders_updates_arrive_in_sequence_at_two_destinations_with_m
         merchant_webhook_url=merchant.url,
         merchant_webhook_secret=SECRET,
     )
-    orders = [f"Sequenced{n:05d}" for n in range(1000)]
+    orders = [f"Sequenced{n:05d}" for n in range(2500)]  # thousands of orders, 7,500 updates
     for order_id in orders:  # three events each: two wait behind their order's head
         assert len(await post_order(receiver, rsa_key, order_id, EVENTS)) == 3
     # a generous timeout: a loaded machine answering late must not make a retry (a legitimate second POST)
@@ -113,7 +113,7 @@ async def test_each_orders_updates_arrive_in_sequence_at_two_destinations_with_m
     workers("--processes", "2", **settings)
     for sink in (merchant, erp):
         await wait_for(
-            lambda s=sink: len(s.received) >= 3 * len(orders), seconds=240, what="3,000 deliveries"
+            lambda s=sink: len(s.received) >= 3 * len(orders), seconds=240, what="7,500 deliveries"
         )  # type: ignore[misc]
     for sink in (merchant, erp):
         ids = [r.headers["webhook-id"] for r in sink.received]
