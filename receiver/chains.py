@@ -40,6 +40,7 @@ from receiver.history import (
 from receiver.logs import log
 from receiver.metrics.shared import counter_increment
 from receiver.rediskeys import RedisKeys
+from receiver.redistext import text
 from receiver.rqstore import (
     JOB_DATA_HEAD,
     JOB_DATA_TAIL,
@@ -313,11 +314,11 @@ def chain_script(keys: RedisKeys, body: str, history_ttl: int = 0) -> str:
         "RETRY_SCHEDULE": keys.retry_schedule,
         "SCHEDULED": keys.rq_scheduled,
     }
-    text = PRELUDE
+    prelude = PRELUDE
     for name, value in names.items():
-        text = text.replace("{" + name + "}", lua_string(value))
+        prelude = prelude.replace("{" + name + "}", lua_string(value))
     fields = ", ".join(lua_string(x) for x in template_args(keys.queue_name))
-    text = text.replace("{FIELDS}", "{" + fields + "}")
+    prelude = prelude.replace("{FIELDS}", "{" + fields + "}")
     # not at the top: receiver.deadletters' operations (requeue) import this module
     from receiver.deadletters import lua as dead_letter_lua
 
@@ -328,7 +329,7 @@ def chain_script(keys: RedisKeys, body: str, history_ttl: int = 0) -> str:
         + dead_letter_lua(keys)
         + DELIVERY_RECORD_LUA
     )
-    return start + records + text + body
+    return start + records + prelude + body
 
 
 def _dead_lettered_field(destination: str) -> str:
@@ -426,7 +427,7 @@ class OrderChains:
             cursor, batch = self.redis.sscan(k.active_orders, cursor or 0, count=500)
             if not batch:
                 continue
-            order_ids = [_text(raw) or "" for raw in batch]
+            order_ids = [text(raw) for raw in batch]
             with self.redis.pipeline(transaction=False) as pipe:
                 for order_id in order_ids:
                     self._release_stale(
@@ -434,7 +435,7 @@ class OrderChains:
                     )
                 answers = pipe.execute()
             for order_id, answer in zip(order_ids, answers, strict=True):
-                first = _text(answer[0]) or ""
+                first = text(answer[0])
                 if first.startswith(RESCHEDULED):
                     log.warning(
                         "a retry missing from the retry schedule was made due now",
@@ -470,7 +471,7 @@ class OrderChains:
         dropped = 0
         script = self.redis.register_script(chain_script(k, DROP, self.history_ttl))
         while True:
-            batch = [_text(raw) or "" for raw in self.redis.srandmember(k.active_orders, 500) or []]
+            batch = [text(raw) for raw in self.redis.srandmember(k.active_orders, 500) or []]
             if not batch:
                 break
             with self.redis.pipeline(transaction=False) as pipe:
@@ -487,11 +488,11 @@ class OrderChains:
         for raw in answer[1:]:
             log.warning(
                 "update dead-lettered: its RQ job was deleted outside intergiro-receiver",
-                update=_text(raw),
+                update=text(raw),
                 order=order_id,
                 reason=DELETED_OUTSIDE_REASON,
             )
-        return _text(answer[0]) or None
+        return text(answer[0]) or None
 
 
 def intake_script(keys: RedisKeys, history_ttl: int = 0, destinations: Sequence[str] = (MERCHANT,)) -> str:
@@ -508,9 +509,3 @@ def intake_script(keys: RedisKeys, history_ttl: int = 0, destinations: Sequence[
             + lua_string(k.job_id("")) + ", " + lua_string(destination_field(k.destination)) + "}"
         )  # fmt: skip
     return chain_script(own[0], INTAKE.replace("{TARGETS}", "{" + ", ".join(targets) + "}"), history_ttl)
-
-
-def _text(value: Any) -> str | None:
-    if value is None or value is False:
-        return None
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -14,6 +14,8 @@ from typing import Any
 
 from redis.client import Pipeline
 
+from receiver.redistext import text
+
 ATTEMPTS = "attempts"
 EARLIER_ATTEMPTS = "earlier_attempts"
 LAST_ERROR = "last_error"
@@ -69,16 +71,12 @@ class DeliveryRecord:
     @classmethod
     def parse(cls, fields: Mapping[Any, Any]) -> DeliveryRecord:
         """The record as HGETALL answered it (bytes or text)."""
-        text = {_text(k): _text(v) for k, v in fields.items()}
+        read = {text(k): text(v) for k, v in fields.items()}
         return cls(
-            attempts=int(text.get(ATTEMPTS) or 0),
-            earlier_attempts=int(text.get(EARLIER_ATTEMPTS) or 0),
-            last_error=text.get(LAST_ERROR),
-            last_error_at=text.get(LAST_ERROR_AT),
-            replay=REPLAY in text,
-            done=frozenset(k[len(DONE_PREFIX) :] for k in text if k.startswith(DONE_PREFIX)),
+            attempts=int(read.get(ATTEMPTS) or 0),
+            earlier_attempts=int(read.get(EARLIER_ATTEMPTS) or 0),
+            last_error=read.get(LAST_ERROR),
+            last_error_at=read.get(LAST_ERROR_AT),
+            replay=REPLAY in read,
+            done=frozenset(k[len(DONE_PREFIX) :] for k in read if k.startswith(DONE_PREFIX)),
         )
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

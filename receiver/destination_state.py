@@ -33,16 +33,13 @@ from receiver.destinations import Breaker
 from receiver.errors import report
 from receiver.logs import log
 from receiver.rediskeys import RedisKeys, configured_destination_keys
+from receiver.redistext import text
 from receiver.retries import RetrySchedule, format_duration
 from receiver.settings import Settings
 
 UP, DOWN, PAUSED = "up", "down", "paused"
 MAX_REASON_CHARS = 500
 SNAPSHOT_SECONDS = 1.0  # how stale a worker's view may be: a pause holds new jobs within about a second
-
-
-def _text(raw: Any) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 def _iso(timestamp: float | None) -> str | None:
@@ -132,7 +129,7 @@ class StateView:
 
     @classmethod
     def parse(cls, destination: str, fields: dict[Any, Any]) -> StateView:
-        f = {_text(k): _text(v) for k, v in fields.items()}
+        f = {text(k): text(v) for k, v in fields.items()}
         return cls(
             destination,
             paused_at=float(f["paused_at"]) if "paused_at" in f else None,
@@ -260,7 +257,7 @@ def _age(created_at: Any, now: float) -> float | None:
     if not created_at:
         return None
     try:
-        at = datetime.fromisoformat(_text(created_at).replace("Z", "+00:00")).timestamp()
+        at = datetime.fromisoformat(text(created_at).replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
     return max(0.0, now - at)
@@ -293,7 +290,7 @@ def describe(redis: Redis, each: Sequence[RedisKeys], now: float | None = None) 
              "waiting": waiting, "retrying": retrying}
         )  # fmt: skip
         undelivered.append(
-            {_text(i).split(":")[0] for listed in lists for i in listed}
+            {text(i).split(":")[0] for listed in lists for i in listed}
         )  # started: id:execution
     with redis.pipeline(transaction=False) as pipe:  # and one for the oldest of each
         for ids in undelivered:

@@ -27,6 +27,7 @@ from receiver.history import DUPLICATE, HistoryNote, indexable_number, remember_
 from receiver.logs import log
 from receiver.order import build_updates, event_key
 from receiver.rediskeys import RedisKeys
+from receiver.redistext import text
 from receiver.rqstore import update_json
 
 # The script is receiver/chains.py's: the order's chain is joined there (the same fragment requeue
@@ -131,7 +132,7 @@ class Intake:
                 "".join("1" if d.matches(update) else "0" for d in self.destinations),
             ]
         queued = await self._call(("EVALSHA", self._script.sha, len(keys), *keys, *args))
-        return [q.decode() if isinstance(q, bytes) else str(q) for q in queued]
+        return [text(q) for q in queued]
 
     def _call(self, command: tuple[Any, ...]) -> asyncio.Future[Any]:
         """Send `command` with the next batch; its answer (or its error) is the future's."""

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from redis import Redis
 
 from receiver.deliveries import LUA as DELIVERY_RECORD_LUA
+from receiver.redistext import text
 from receiver.rqstore import JOB_PREFIX, QUEUES_KEY, rq_timestamp
 
 if TYPE_CHECKING:  # receiver.rediskeys imports this module (through receiver.destinations)
@@ -251,7 +252,7 @@ class RetrySchedule:
             keys=[k.retry_schedule, k.rq_scheduled, k.rq_queue, QUEUES_KEY],
             args=[repr(time.time()), JOB_PREFIX, rq_timestamp(), limit],
         )
-        first = _text(first)
+        first = text(first)
         return int(moved), float(first) if first else None
 
     def retry_now(self, update_id: str) -> bool:
@@ -276,7 +277,3 @@ class RetrySchedule:
         while self.move_due(batch)[0] == batch:
             pass
         return made
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value or "")

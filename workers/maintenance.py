@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
 
 from redis.exceptions import RedisError
 from rq import Queue
@@ -33,6 +32,7 @@ from receiver.chains import read_head, read_pending
 from receiver.connections import sync_redis
 from receiver.deadletters import read_dead_lettered
 from receiver.logs import log
+from receiver.redistext import text
 from receiver.rqstore import job_key
 from workers.delivery import DeliveryContext
 
@@ -136,7 +136,7 @@ class Maintenance(threading.Thread):
         """Failed jobs that are not dead letters: an attempt that never reported back (its worker died,
         or it raised before recording its outcome) is queued again while its update is its order's
         head; one whose update was delivered meanwhile is removed. Returns how many were queued."""
-        ids = [_text(i) for i in self.redis.zrange(self.failed.key, 0, -1)]
+        ids = [text(i) for i in self.redis.zrange(self.failed.key, 0, -1)]
         if not ids:
             return 0
         with self.redis.pipeline(transaction=False) as pipe:
@@ -181,10 +181,6 @@ def forget_dead_executions(job: Job) -> None:
     registry = job.execution_registry
     connection = registry.connection
     for raw in connection.zrange(registry.key, 0, -1):
-        execution_id = _text(raw)
+        execution_id = text(raw)
         if not connection.exists(Execution(id=execution_id, job_id=job.id, connection=connection).key):
             connection.zrem(registry.key, execution_id)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

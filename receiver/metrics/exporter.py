@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 from receiver import rqstore
 from receiver.metrics.shared import shared_families
 from receiver.rediskeys import RedisKeys
+from receiver.redistext import text
 
 METRICS_LEASE_SECONDS = 60
 # KEYS: the lease, the dead letters, the metrics hash, then per destination: its RQ queue, RQ's worker set
@@ -85,11 +86,9 @@ DEPLOYMENT_GAUGES = {
 
 def _age(created_at: Any, now: float) -> float:
     """Seconds since RQ's `created_at` (0 for none)."""
-    text = created_at.decode() if isinstance(created_at, bytes) else str(created_at or "")
+    at = text(created_at)
     try:
-        return (
-            max(0.0, now - datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()) if text else 0.0
-        )
+        return max(0.0, now - datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()) if at else 0.0
     except ValueError:
         return 0.0
 
@@ -162,13 +161,10 @@ class DeploymentMetrics(Collector):
                     "intergiro_destination_in_flight": float(in_flight),
                     "intergiro_oldest_undelivered_seconds": _age(oldest, now),
                 },
-                state.decode() if isinstance(state, bytes) else str(state),
+                text(state),
             )
         pairs = zip(flat[::2], flat[1::2], strict=True)
-        self.snapshot = {
-            (k.decode() if isinstance(k, bytes) else k): float(v.decode() if isinstance(v, bytes) else v)
-            for k, v in pairs
-        }
+        self.snapshot = {text(k): float(text(v)) for k, v in pairs}
 
     def memory(self, info: Mapping[str, Any]) -> None:
         """Take Redis's `INFO memory` (read only while the lease is held)."""

@@ -23,6 +23,7 @@ from receiver.destinations import MERCHANT, split_job_id
 from receiver.error_notes import read_error_notes
 from receiver.order import parse_update_id
 from receiver.rediskeys import RedisKeys
+from receiver.redistext import text
 
 OVERVIEW_MINUTES = 60
 ERROR_NOTES_SHOWN = 10
@@ -34,10 +35,6 @@ def iso(timestamp: float | None) -> str | None:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _text(raw: Any) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
-
-
 def callbacks_per_minute(redis: Redis, keys: RedisKeys, now: float) -> list[dict[str, Any]]:
     """The last OVERVIEW_MINUTES minutes, oldest first: {minute, outcome: count...}."""
     this_minute = int(now) // 60
@@ -47,7 +44,7 @@ def callbacks_per_minute(redis: Redis, keys: RedisKeys, now: float) -> list[dict
             pipe.hgetall(keys.callback_minute(minute))
         answers = pipe.execute()
     return [
-        {"minute": iso(minute * 60), "counts": {_text(k): int(v) for k, v in answer.items()}}
+        {"minute": iso(minute * 60), "counts": {text(k): int(v) for k, v in answer.items()}}
         for minute, answer in zip(minutes, answers, strict=True)
     ]
 
@@ -119,7 +116,7 @@ def overview(
     depth = sum(f["queue_depth"] for f in per_destination.values())
     waiting = sum(f["waiting"] for f in per_destination.values())
     retrying = sum(f["retrying"] for f in per_destination.values())
-    counters = {_text(k): float(v) for k, v in shared.items()}
+    counters = {text(k): float(v) for k, v in shared.items()}
     runs = {
         field.split("outcome=", 1)[1]: int(value)
         for field, value in counters.items()
@@ -179,7 +176,7 @@ def retrying_page(
             else:
                 pipe.zrevrange(dest.retry_schedule, 0, reach - 1, withscores=True)
         scheduled = [
-            (dest, _text(raw_id), float(due))
+            (dest, text(raw_id), float(due))
             for dest, found in zip(destinations, pipe.execute(), strict=True)
             for raw_id, due in found
         ]
