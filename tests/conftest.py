@@ -71,6 +71,16 @@ def own_redis() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def restartable_redis() -> Iterator[RedisServer]:
+    """A Redis of this test's own, to be killed mid-run and started again on the same port: it keeps what
+    it holds (append-only file, fsync before every reply, as deploy/redis.conf)."""
+    server = RedisServer(appendonly=True)
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
 def sync_redis(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url)
     yield client

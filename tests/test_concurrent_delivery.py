@@ -212,15 +212,6 @@ async def test_a_delivery_that_overruns_its_timeout_fails_and_holds_up_no_other(
 
 
 @pytest.fixture
-def restartable_redis() -> Iterator[RedisServer]:
-    """A Redis of the test's own that keeps what it holds across a SIGKILL (append-only, fsync always)."""
-    server = RedisServer(appendonly=True)
-    server.start()
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture
 def workers_on(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Starts `intergiro-receiver worker` processes on a given Redis; stops them after the test."""
     started: list[subprocess.Popen[bytes]] = []

@@ -12,11 +12,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
@@ -100,15 +98,6 @@ class Processes:
                 stop(process)
 
 
-@pytest.fixture
-def chaos_redis() -> Iterator[RedisServer]:
-    """A Redis of this test's own (it is killed mid-run): append-only file, fsync before every reply."""
-    server = RedisServer(appendonly=True)
-    server.start()
-    yield server
-    server.cleanup()
-
-
 def pending_work(client: redis.Redis, keys: RedisKeys) -> dict[str, int]:
     """What is still to be delivered: queue, retry schedule, order chains, attempts in progress."""
     return {
@@ -123,7 +112,7 @@ def pending_work(client: redis.Redis, keys: RedisKeys) -> dict[str, int]:
 
 
 async def test_under_receiver_worker_and_redis_kills_every_event_is_applied_once_and_in_sequence(
-    aiohttp_server: Any, rsa_key: Any, chaos_redis: RedisServer, tmp_path: Path, capsys: Any
+    aiohttp_server: Any, rsa_key: Any, restartable_redis: RedisServer, tmp_path: Path, capsys: Any
 ) -> None:
     rng = random.Random(6)
     orders = [f"Chaos{n:011d}" for n in range(ORDERS)]
@@ -136,8 +125,8 @@ async def test_under_receiver_worker_and_redis_kills_every_event_is_applied_once
     sink = await aiohttp_server(merchant.app())
     key_file = tmp_path / "intergiro-test.pub.pem"
     key_file.write_text(pem_public(rsa_key))
-    processes = Processes(tmp_path, chaos_redis.url, key_file, str(sink.make_url("")).rstrip("/"))
-    client = redis.Redis.from_url(chaos_redis.url)
+    processes = Processes(tmp_path, restartable_redis.url, key_file, str(sink.make_url("")).rstrip("/"))
+    client = redis.Redis.from_url(restartable_redis.url)
     keys = RedisKeys()
     sender = Sender(processes.url, concurrency=CONCURRENCY)
     faults: list[tuple[str, float, float]] = []  # what, from, until (Unix time)
@@ -152,10 +141,10 @@ async def test_under_receiver_worker_and_redis_kills_every_event_is_applied_once
         faults.append(("receiver SIGKILL", time.time(), time.time()))
         processes.start_receiver()
         await after(0.35)
-        chaos_redis.kill()
+        restartable_redis.kill()
         killed = time.time()
         await asyncio.sleep(0.5)
-        await asyncio.to_thread(chaos_redis.start)  # same port, same append-only file
+        await asyncio.to_thread(restartable_redis.start)  # same port, same append-only file
         faults.append(("Redis SIGKILL", killed, time.time()))
         await after(0.5)
         slow = merchant.slow_next(KILLED_WORKER)
