@@ -370,50 +370,12 @@ def build_updates(
     # An item may carry a discount, but no amount an update reports can be less than nothing.
     if amount < 0:
         raise BadCallback("order amounts are negative")
-    # Most events' buckets hold the very same few Decimals (often the order amount itself): each is
-    # checked and turned into a JSON number once, remembered by identity (hashing a Decimal costs more
-    # than converting it; all of them live until the end of this call).
-    numbers = {id(amount): _money(amount)}
-    statuses = []
-    for _, buckets in history:
-        event_statuses = {}
-        for name, value in buckets.items():
-            number = numbers.get(id(value))
-            if number is None:
-                if value < 0:
-                    raise BadCallback("order amounts are negative")
-                number = numbers[id(value)] = _money(value)
-            event_statuses[name] = number
-        statuses.append(event_statuses)
-    base: dict[str, Any] = {
-        "version": UPDATE_VERSION,
-        "order_id": order["id"],
-        "order_number": order.get("number"),
-        "amount": numbers[id(amount)],
-        "currency": order["currency"],
-        "payment": _PAYMENT.carry(order["payment"], {}),
-        "customer": snake_keys(customer) if isinstance(customer := order.get("customer"), dict) else customer,
-        "meta": order.get("meta"),
-        "category": order.get("category"),
-        "received_at": received_at,
-        "verified_by": verified_by,
-    }
-    if repaired:
-        base["repaired"] = list(repaired)
+    numbers: dict[int, float | int] = {id(amount): _money(amount)}
+    statuses = [_event_statuses(buckets, numbers) for _, buckets in history]
+    base = _update_base(order, numbers[id(amount)], received_at, verified_by, repaired)
     events = order.get("event") or []
     if not events:
-        places = minor_units(order["currency"])
-        created = {"created": _money(amount.quantize(Decimal(1).scaleb(-places)))} if amount else {}
-        event = {"type": CREATED_EVENT, "date": order.get("created") or received_at, "sequence": -1}
-        return [
-            {
-                **base,
-                "id": update_id(order["id"], -1, CREATED_EVENT),
-                "event": event,
-                "status": "created",
-                "statuses": created,
-            }
-        ]
+        return [_created_update(base, order, amount, received_at)]
     return [
         {
             **base,
@@ -426,3 +388,58 @@ def build_updates(
             zip(events, history, statuses, strict=True)
         )
     ]
+
+
+def _event_statuses(
+    buckets: Mapping[str, Decimal], numbers: dict[int, float | int]
+) -> dict[str, float | int]:
+    """One event's status buckets as JSON numbers; BadCallback for a negative one. Most events' buckets
+    hold the very same few Decimals (often the order amount itself): each is checked and turned into a
+    JSON number once, remembered in `numbers` by identity (hashing a Decimal costs more than converting
+    it; all of them live until the end of `build_updates`)."""
+    event_statuses = {}
+    for name, value in buckets.items():
+        number = numbers.get(id(value))
+        if number is None:
+            if value < 0:
+                raise BadCallback("order amounts are negative")
+            number = numbers[id(value)] = _money(value)
+        event_statuses[name] = number
+    return event_statuses
+
+
+def _update_base(
+    order: Mapping[str, Any], amount: float | int, received_at: str, verified_by: str, repaired: Sequence[str]
+) -> dict[str, Any]:
+    """What every update of `order` carries, whatever its event (`amount`: the order's, as a number)."""
+    base: dict[str, Any] = {
+        "version": UPDATE_VERSION,
+        "order_id": order["id"],
+        "order_number": order.get("number"),
+        "amount": amount,
+        "currency": order["currency"],
+        "payment": _PAYMENT.carry(order["payment"], {}),
+        "customer": snake_keys(customer) if isinstance(customer := order.get("customer"), dict) else customer,
+        "meta": order.get("meta"),
+        "category": order.get("category"),
+        "received_at": received_at,
+        "verified_by": verified_by,
+    }
+    if repaired:
+        base["repaired"] = list(repaired)
+    return base
+
+
+def _created_update(
+    base: dict[str, Any], order: Mapping[str, Any], amount: Decimal, received_at: str
+) -> dict[str, Any]:
+    """The one update of an order without events: `created`, its amount in the currency's minor units."""
+    places = minor_units(order["currency"])
+    created = {"created": _money(amount.quantize(Decimal(1).scaleb(-places)))} if amount else {}
+    return {
+        **base,
+        "id": update_id(order["id"], -1, CREATED_EVENT),
+        "event": {"type": CREATED_EVENT, "date": order.get("created") or received_at, "sequence": -1},
+        "status": "created",
+        "statuses": created,
+    }
