@@ -10,8 +10,8 @@ so the leases of a process killed with SIGKILL come back by themselves; live pro
 every RENEW_SECONDS. Times are Redis' own clock (TIME), one clock for every host.
 
 The leases belong to the process, not to one run of RQ's loop: when a Redis error ends the loop (a
-restart, a failover) the leases it could not return are kept and used by the next loop, renewed if
-Redis still holds them and dropped if it lost them. Leases dropped instead would hold their slots
+restart, a failover) the leases it could not return are kept for the next loop, which renews them
+before it uses any: those Redis still holds are used, those it lost (or let lapse) are dropped. Leases dropped instead would hold their slots
 until they lapsed, and with every process's leases so stranded the destination got nothing for up to
 LAPSE_SECONDS after a Redis blip of a second.
 """
@@ -89,6 +89,7 @@ class InFlightLeases:
         self._renew = redis.register_script(RENEW)
         self._count = 0
         self._renewer: threading.Thread | None = None
+        self.unconfirmed = False  # kept through a Redis outage: renewed (or dropped) before any is used
 
     def take(self, give_up: Callable[[], bool] = lambda: False) -> str | None:
         """A lease, waiting while every slot is taken (None once `give_up()` says so)."""
@@ -106,7 +107,12 @@ class InFlightLeases:
 
     def take_more(self, count: int) -> list[str]:
         """Up to `count` leases, without waiting: the spare ones, then as many new ones as the bound
-        leaves room for (one round trip). For a worker that takes several jobs at once."""
+        leaves room for (one round trip). For a worker that takes several jobs at once. Leases kept
+        through a Redis outage are confirmed first: Redis may have lost them (no append-only file, a
+        failover) or let them lapse, and others may hold their slots by now."""
+        if self.unconfirmed:
+            self.renew()
+            self.unconfirmed = False
         with self.lock:
             taken, self.spare = self.spare[:count], self.spare[count:]
             self.in_use.update(taken)
@@ -158,6 +164,7 @@ class InFlightLeases:
         except RedisError as exc:
             with self.lock:
                 count = len(self.spare)
+                self.unconfirmed = True
             log.warning(
                 "in-flight leases kept for the next loop: Redis out of reach", count=count, error=str(exc)
             )
