@@ -11,9 +11,9 @@ every RENEW_SECONDS. Times are Redis' own clock (TIME), one clock for every host
 
 The leases belong to the process, not to one run of RQ's loop: when a Redis error ends the loop (a
 restart, a failover) the leases it could not return are kept for the next loop, which renews them
-before it uses any: those Redis still holds are used, those it lost (or let lapse) are dropped. Leases dropped instead would hold their slots
-until they lapsed, and with every process's leases so stranded the destination got nothing for up to
-LAPSE_SECONDS after a Redis blip of a second.
+before it uses any: those Redis still holds are used, those it lost (or let lapse) are dropped.
+Leases dropped instead would hold their slots until they lapsed, and with every process's leases so
+stranded the destination got nothing for up to LAPSE_SECONDS after a Redis blip of a second.
 """
 
 from __future__ import annotations
