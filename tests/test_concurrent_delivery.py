@@ -237,11 +237,8 @@ async def test_after_a_redis_restart_mid_flight_delivery_resumes_without_waiting
     on the Redis error, its leases cannot be returned. The process keeps them for its next loop, so
     deliveries go on once Redis is back, instead of waiting LAPSE_SECONDS for the stranded leases."""
     receiver = await make_receiver(redis_url=restartable_redis.url)
-    sink.answer = lambda _id, n: (
-        200,
-        {},
-        1.0 if n == 1 else 0.0,
-    )  # the first attempts end while Redis is down
+    # the first attempts end while Redis is down (for 3 s)
+    sink.answer = lambda _id, n: (200, {}, 0.5 if n == 1 else 0.0)
     before = await post_orders(receiver, rsa_key, "BeforeRestart", 4)
     settings = webhook_settings(
         sink, delivery_concurrency=4, merchant_max_in_flight=4, delivery_timeout_seconds=5
@@ -249,7 +246,7 @@ async def test_after_a_redis_restart_mid_flight_delivery_resumes_without_waiting
     workers_on(restartable_redis.url, **settings)
     await wait_for(lambda: sink.open_now == 4, seconds=30, what="every slot in use")
     restartable_redis.kill()
-    await asyncio.sleep(2)
+    await asyncio.sleep(3)
     await asyncio.to_thread(restartable_redis.start)  # the same port and append-only file
     client = redis.Redis.from_url(restartable_redis.url)
     assert client.zcard(RedisKeys().in_flight) == 4  # the slots, still held by the worker's leases

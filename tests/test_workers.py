@@ -28,6 +28,7 @@ from tests.helpers import JWT, card_order, token
 from tests.merchant_handlers import CALLS, DELIVERED
 from tests.processes import ROOT, is_running, run_command, start_command, stop, worker_env
 from tests.sink import SECRET, Sink, log_events, wait_for
+from workers.runner import MAX_RESTART_PAUSE_SECONDS, STEADY_LOOP_SECONDS, restart_pause
 
 EVENTS = ("order", "charge", "refund")
 
@@ -430,3 +431,13 @@ async def test_a_scheduled_retry_the_retry_schedule_lost_is_made_due_and_queued(
     OrderChains(sync_redis, keys).release_stale_heads()
     assert sync_redis.zscore(keys.retry_schedule, update_id) is None
     assert sync_redis.lrange(keys.rq_queue, 0, -1) == [update_id.encode()]
+
+
+def test_the_loops_restart_pause_doubles_while_redis_stays_away_and_starts_over_for_a_new_outage() -> None:
+    pauses = [restart_pause(None, 0.5)]
+    for _ in range(5):  # the loop keeps failing at once: Redis is still away
+        pauses.append(restart_pause(pauses[-1], 0.5))
+    assert pauses == [1.0, 2.0, 4.0, 8.0, MAX_RESTART_PAUSE_SECONDS, MAX_RESTART_PAUSE_SECONDS]
+    # a loop that delivered for a while before the next Redis error: a new outage, a second's pause,
+    # not the longest pause an outage of last week left behind
+    assert restart_pause(MAX_RESTART_PAUSE_SECONDS, STEADY_LOOP_SECONDS + 1) == 1.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable
 
 from redis.exceptions import RedisError
@@ -34,6 +35,8 @@ from workers.maintenance import Maintenance
 from workers.worker import DeliveryWorker, attempt_timeout_seconds, delivery_worker
 
 MAX_RESTART_PAUSE_SECONDS = 10.0
+# A loop that ran this long before a Redis error ended it met a new outage (restart_pause).
+STEADY_LOOP_SECONDS = 60.0
 
 
 def work(settings: Settings, burst: bool, destination: Destination | None = None) -> int:
@@ -69,12 +72,13 @@ def work(settings: Settings, burst: bool, destination: Destination | None = None
         settings=settings.summary(),
         tracing=tracing.status(settings),
     )
-    pause = 1.0
+    pause: float | None = None
     # the process's leases, kept across the loop's restarts (receiver/inflight.py)
     leases = InFlightLeases(context.redis, context.keys.in_flight, context.destination.max_in_flight)
     try:
         while True:
             worker: DeliveryWorker | None = None
+            started = time.monotonic()
             try:  # RQ reaches Redis already in the constructor, and again in its teardown
                 gate = DeliveryGate(context.state, probe_lease_seconds=timeout)
                 worker = delivery_worker(
@@ -85,15 +89,24 @@ def work(settings: Settings, burst: bool, destination: Destination | None = None
                 log.warning("worker cannot reach Redis", error=str(exc))
                 if worker is not None:
                     worker.stop_listening()
+            pause = restart_pause(pause, time.monotonic() - started)
             if (worker is not None and worker.ended_on_purpose) or not pause_before_restart(pause):
                 break
-            pause = min(pause * 2, MAX_RESTART_PAUSE_SECONDS)
     finally:
         leases.stop()
         maintenance.stopping.set()
         tracing.current().shutdown()  # the spans still waiting, sent
         log.info("worker stopped", queue=queue_name)
     return 0
+
+
+def restart_pause(last: float | None, ran_seconds: float) -> float:
+    """The pause before the loop starts again after a Redis error ended it, having run `ran_seconds`:
+    a second the first time, doubling (up to MAX_RESTART_PAUSE_SECONDS) while it keeps failing, and a
+    second again after a loop that ran steadily (a new outage, not the same one still going on)."""
+    if last is None or ran_seconds > STEADY_LOOP_SECONDS:
+        return 1.0
+    return min(last * 2, MAX_RESTART_PAUSE_SECONDS)
 
 
 def pause_before_restart(seconds: float) -> bool:
