@@ -136,7 +136,7 @@ class Maintenance(threading.Thread):
         """Failed jobs that are not dead letters: an attempt that never reported back (its worker died,
         or it raised before recording its outcome) is queued again while its update is its order's
         head; one whose update was delivered meanwhile is removed. Returns how many were queued."""
-        ids = [text(i) for i in self.redis.zrange(self.failed.key, 0, -1)]
+        ids = self.failed.get_job_ids(cleanup=False)  # a read: expired entries are RQ's workers' to clean
         if not ids:
             return 0
         with self.redis.pipeline(transaction=False) as pipe:
