@@ -245,11 +245,11 @@ async def test_after_a_redis_restart_mid_flight_delivery_resumes_without_waiting
     )
     workers_on(restartable_redis.url, **settings)
     await wait_for(lambda: sink.open_now == 4, seconds=30, what="every slot in use")
+    client = redis.Redis.from_url(restartable_redis.url)
+    assert client.zcard(RedisKeys().in_flight) == 4  # every slot held by the worker's leases, kept on disk
     restartable_redis.kill()
     await asyncio.sleep(3)
     await asyncio.to_thread(restartable_redis.start)  # the same port and append-only file
-    client = redis.Redis.from_url(restartable_redis.url)
-    assert client.zcard(RedisKeys().in_flight) == 4  # the slots, still held by the worker's leases
     after = await post_orders(receiver, rsa_key, "AfterRestart", 4)
     await wait_for(
         lambda: {r.headers["webhook-id"] for r in sink.received} >= set(after),
