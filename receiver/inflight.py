@@ -153,14 +153,19 @@ class InFlightLeases:
                 self.spare += spare
             raise
 
-    def end_loop(self) -> None:
-        """The worker's loop ended, its deliveries with it: return every lease held. When Redis is out
-        of reach they are kept (spare, renewed) for the next loop rather than left to lapse."""
+    def return_all(self) -> None:
+        """Return every lease held, in use or not (their deliveries ended); on a Redis error they are
+        kept, spare."""
         with self.lock:
             self.spare += list(self.in_use)
             self.in_use = set()
+        self.return_spare()
+
+    def end_loop(self) -> None:
+        """The worker's loop ended, its deliveries with it: return every lease held. When Redis is out
+        of reach they are kept (spare, renewed) for the next loop rather than left to lapse."""
         try:
-            self.return_spare()
+            self.return_all()
         except RedisError as exc:
             with self.lock:
                 count = len(self.spare)
@@ -192,10 +197,7 @@ class InFlightLeases:
     def stop(self) -> None:
         """Stop renewing and return every lease still held."""
         self.stopping.set()
-        with self.lock:
-            held, self.spare, self.in_use = [*self.spare, *self.in_use], [], set()
-        if held:
-            try:
-                self.redis.zrem(self.key, *held)
-            except RedisError as exc:  # they lapse by themselves
-                log.warning("could not return in-flight leases", error=str(exc))
+        try:
+            self.return_all()
+        except RedisError as exc:  # they lapse by themselves
+            log.warning("could not return in-flight leases", error=str(exc))
