@@ -267,9 +267,10 @@ def serve_env(redis_url: str, port: int, **more: str) -> dict[str, str]:
             **more}  # fmt: skip
 
 
-def worker_env(redis_url: str, **settings: Any) -> dict[str, str]:
+def worker_env(redis_url: str, /, **settings: Any) -> dict[str, str]:
     """This environment without merchant, delivery, queue or proxy settings, plus `settings` (named
-    in lower case) on `redis_url`, with no metrics endpoint unless `settings` ask for one."""
+    in lower case) on `redis_url`, with no metrics endpoint unless `settings` ask for one (a
+    `redis_url` among them points the worker at another Redis)."""
     env = {
         k: v
         for k, v in os.environ.items()

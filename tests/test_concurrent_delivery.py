@@ -9,7 +9,7 @@ import os
 import random
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from rq.serializers import JSONSerializer
 from receiver.inflight import LAPSE_SECONDS
 from receiver.rediskeys import RedisKeys
 from receiver.settings import Settings
-from tests.processes import RedisServer, start_worker, stop, worker_env
+from tests.processes import RedisServer
 from tests.sink import SECRET, Sink, log_events, wait_for
 from tests.test_fanout import ERP_SECRET
 from tests.test_workers import EVENTS, post_order, webhook_settings
@@ -211,26 +211,12 @@ async def test_a_delivery_that_overruns_its_timeout_fails_and_holds_up_no_other(
     )
 
 
-@pytest.fixture
-def workers_on(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """Starts `intergiro-receiver worker` processes on a given Redis; stops them after the test."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(redis_url: str, **settings: Any) -> subprocess.Popen[bytes]:
-        started.append(start_worker(worker_env(redis_url, **settings), tmp_path / "worker.log"))
-        return started[-1]
-
-    yield start
-    for process in started:
-        stop(process)
-
-
 async def test_after_a_redis_restart_mid_flight_delivery_resumes_without_waiting_for_the_leases_to_lapse(
     restartable_redis: RedisServer,
     make_receiver: Any,
     rsa_key: Any,
     sink: Sink,
-    workers_on: Any,
+    workers: Any,
     tmp_path: Path,
 ) -> None:
     """Redis killed while every slot of the destination is held by a delivery in flight: the loop ends
@@ -243,7 +229,7 @@ async def test_after_a_redis_restart_mid_flight_delivery_resumes_without_waiting
     settings = webhook_settings(
         sink, delivery_concurrency=4, merchant_max_in_flight=4, delivery_timeout_seconds=5
     )
-    workers_on(restartable_redis.url, **settings)
+    workers(redis_url=restartable_redis.url, **settings)
     await wait_for(lambda: sink.open_now == 4, seconds=30, what="every slot in use")
     client = redis.Redis.from_url(restartable_redis.url)
     assert client.zcard(RedisKeys().in_flight) == 4  # every slot held by the worker's leases, kept on disk
